@@ -1,0 +1,33 @@
+"""Tensor-level gaze attention: config, layout, routing and the attention op (no Ray, no transformers)."""
+
+from gazeattn.ops.config import GazeConfig
+from gazeattn.ops.gaze import GazeStats, gaze_attention, resolve_backend
+from gazeattn.ops.layout import GazeLayout, Image, RegionTable, TokenKind, Video, VisualSpan, build_layout
+from gazeattn.ops.routing import (
+    budgets,
+    region_descriptors,
+    region_scores,
+    select_regions,
+    top_k_schedule,
+    visible_regions,
+)
+
+__all__ = [
+    "GazeConfig",
+    "GazeLayout",
+    "GazeStats",
+    "Image",
+    "RegionTable",
+    "TokenKind",
+    "Video",
+    "VisualSpan",
+    "budgets",
+    "build_layout",
+    "gaze_attention",
+    "region_descriptors",
+    "region_scores",
+    "resolve_backend",
+    "select_regions",
+    "top_k_schedule",
+    "visible_regions",
+]

@@ -1,0 +1,70 @@
+"""What a gaze attention call reports for metrics (KV savings, routing)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gazeattn.ops.layout import GazeLayout, TokenKind
+
+
+@dataclass(kw_only=True)
+class GazeStats:
+    """Per-query counts of visual KV entries, for text queries (routed ones).
+
+    attended: [B, Hr, Tq] visual entries attended: tokens of the selected regions plus
+              the visible context tokens (the paper's count, e.g. 20 * 36 + 4 * 8).
+    dense:    [B, Tq] visual tokens a dense query at the same position attends.
+    routed:   [B, Tq] bool, True for text queries (the ones that route).
+    selected: [B, Hr, Tq, K] selected region ids, -1 padded (only when asked for).
+    """
+
+    attended: torch.Tensor
+    dense: torch.Tensor
+    routed: torch.Tensor
+    selected: torch.Tensor | None = None
+
+    def attended_mean(self) -> float:
+        """Mean visual entries per routed query (over heads and queries)."""
+        if not bool(self.routed.any()):
+            return 0.0
+        per_query = self.attended.float().mean(1)
+        return float(per_query[self.routed].mean())
+
+    def dense_mean(self) -> float:
+        if not bool(self.routed.any()):
+            return 0.0
+        return float(self.dense.float()[self.routed].mean())
+
+    def savings(self) -> float:
+        """Fraction of the dense visual entries not attended (0.84 = 84% fewer)."""
+        dense = self.dense_mean()
+        return 0.0 if dense == 0 else 1.0 - self.attended_mean() / dense
+
+
+def compute_stats(
+    layout: GazeLayout,
+    q_pos: torch.Tensor,
+    q_kind: torch.Tensor,
+    chosen: torch.Tensor,
+    visible: torch.Tensor,
+    ids: torch.Tensor | None,
+) -> GazeStats:
+    """Counts from the selection: chosen [B, Hr, Tq, R], visible [B, Tq, R]."""
+    size = layout.regions.size.to(chosen.device).to(torch.float32)
+    routed = q_kind == TokenKind.TEXT
+    kinds = layout.kinds.to(chosen.device)
+    positions = torch.arange(layout.length, device=chosen.device)
+    # context tokens of the layout before each query: [B, Tq]
+    ctx_before = ((kinds == TokenKind.CONTEXT)[:, None, :] & (positions[None, None, :] < q_pos[None, :, None])).sum(-1)
+    attended = chosen.to(torch.float32) @ size[:, None, :, None]
+    dense = visible.to(torch.float32) @ size[:, :, None]
+    attended = attended.squeeze(-1) + ctx_before[:, None, :]
+    zero = torch.zeros((), device=chosen.device)
+    return GazeStats(
+        attended=torch.where(routed[:, None], attended, zero),
+        dense=torch.where(routed, dense.squeeze(-1), zero),
+        routed=routed,
+        selected=ids,
+    )

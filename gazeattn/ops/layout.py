@@ -1,0 +1,360 @@
+"""Where the images, frames, context tokens and regions sit in a batch of sequences.
+
+A *span* is one image or one video in a sequence. Its grid is ``t x h x w``
+tokens; frame ``f`` occupies ``h * w`` consecutive positions in raster order
+starting at ``frame_offsets[f]``, and is followed (anywhere later) by its own
+context tokens. A *segment* is one image or one frame: the unit that context
+tokens summarise. A *region* is a ``r_t x r_h x r_w`` block of one span's grid
+(smaller at the edges); regions are numbered per sequence in span order, then
+row-major over (t-block, h-block, w-block).
+
+Positions at or beyond ``layout.length`` are text: a decode step appends text
+tokens without rebuilding the layout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import numpy as np
+import torch
+
+
+class TokenKind(IntEnum):
+    TEXT = 0
+    VISUAL = 1
+    CONTEXT = 2
+    PAD = 3
+
+
+@dataclass(frozen=True)
+class Image:
+    """A part of a sequence spec: one image of ``h x w`` visual tokens."""
+
+    h: int
+    w: int
+
+
+@dataclass(frozen=True)
+class Video:
+    """A part of a sequence spec: ``t`` frames of ``h x w`` visual tokens each."""
+
+    t: int
+    h: int
+    w: int
+
+
+# A sequence spec is a list of parts: an int is that many text tokens.
+Part = int | Image | Video
+
+
+@dataclass(frozen=True, kw_only=True)
+class VisualSpan:
+    """One image (t = 1) or video in one sequence, in token positions."""
+
+    grid: tuple[int, int, int]
+    frame_offsets: tuple[int, ...]
+    context_offsets: tuple[tuple[int, ...], ...]
+    is_video: bool = False
+
+    def __post_init__(self) -> None:
+        t, h, w = self.grid
+        if min(t, h, w) < 1:
+            raise ValueError(f"grid sides must be >= 1, got {self.grid}")
+        if len(self.frame_offsets) != t:
+            raise ValueError(f"{t} frames in the grid but {len(self.frame_offsets)} frame offsets")
+        if len(self.context_offsets) != t:
+            raise ValueError(f"{t} frames in the grid but {len(self.context_offsets)} context lists")
+        for f in range(t):
+            frame_end = self.frame_offsets[f] + h * w
+            if f + 1 < t and self.frame_offsets[f + 1] < frame_end:
+                raise ValueError(f"frame {f + 1} starts inside frame {f}")
+            if any(c < frame_end for c in self.context_offsets[f]):
+                raise ValueError(f"a context token of frame {f} precedes the end of that frame")
+
+    @property
+    def num_visual(self) -> int:
+        return math.prod(self.grid)
+
+    def region_grid(self, region_size: tuple[int, int, int]) -> tuple[int, int, int]:
+        return tuple(-(-g // r) for g, r in zip(self.grid, region_size, strict=True))
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegionTable:
+    """Per-sequence region tables, padded to the batch's largest.
+
+    tokens: [B, R, S] token positions of each region, -1 padded.
+    size:   [B, R] tokens in each region (0 for padding regions).
+    last:   [B, R] last token position; a text query at p sees the region iff last < p
+            (padding regions hold a value no query reaches).
+    box:    [B, R, 7] (span, t0, t1, h0, h1, w0, w1) in grid coordinates, end exclusive.
+    count:  [B] regions in each sequence.
+    """
+
+    tokens: torch.Tensor
+    size: torch.Tensor
+    last: torch.Tensor
+    box: torch.Tensor
+    count: torch.Tensor
+
+    def to(self, device: torch.device | str) -> RegionTable:
+        return RegionTable(**{k: getattr(self, k).to(device) for k in _TABLE_FIELDS})
+
+
+_TABLE_FIELDS = ("tokens", "size", "last", "box", "count")
+_UNREACHABLE = torch.iinfo(torch.int64).max
+
+
+@dataclass(frozen=True, kw_only=True)
+class GazeLayout:
+    """Token kinds, segments and regions of a batch of ``B`` sequences of ``length`` tokens.
+
+    kinds:   [B, T] int8 TokenKind per position.
+    segment: [B, T] int64 segment (image or frame) id of visual and context tokens, else -1.
+    region:  [B, T] int64 region id of visual tokens, else -1.
+    spans:   per sequence, its VisualSpans in order.
+    """
+
+    kinds: torch.Tensor
+    segment: torch.Tensor
+    region: torch.Tensor
+    regions: RegionTable
+    spans: tuple[tuple[VisualSpan, ...], ...]
+    region_size: tuple[int, int, int]
+    _derived: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.kinds.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.kinds.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.kinds.device
+
+    @property
+    def max_regions(self) -> int:
+        return self.regions.tokens.shape[1]
+
+    @property
+    def max_region_tokens(self) -> int:
+        return self.regions.tokens.shape[2]
+
+    def to(self, device: torch.device | str) -> GazeLayout:
+        if self.device == torch.device(device):
+            return self
+        return GazeLayout(
+            kinds=self.kinds.to(device),
+            segment=self.segment.to(device),
+            region=self.region.to(device),
+            regions=self.regions.to(device),
+            spans=self.spans,
+            region_size=self.region_size,
+        )
+
+    def padded(self, total: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """kinds, segment and region extended to ``total`` positions (the extra ones text)."""
+        extra = total - self.length
+        if extra < 0:
+            raise ValueError(f"the layout has {self.length} positions but the keys only {total}")
+        key = ("padded", total)
+        if key not in self._derived:
+            if extra == 0:
+                self._derived[key] = (self.kinds, self.segment, self.region)
+            else:
+                pad = (0, extra)
+                self._derived[key] = (
+                    torch.nn.functional.pad(self.kinds, pad, value=int(TokenKind.TEXT)),
+                    torch.nn.functional.pad(self.segment, pad, value=-1),
+                    torch.nn.functional.pad(self.region, pad, value=-1),
+                )
+        return self._derived[key]
+
+    def dense_index(self, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions of the non-visual, non-padding keys among ``total``: [B, N] and its validity."""
+        key = ("dense_index", total)
+        if key not in self._derived:
+            kinds, _, _ = self.padded(total)
+            keep = (kinds == TokenKind.TEXT) | (kinds == TokenKind.CONTEXT)
+            self._derived[key] = _compact(keep)
+        return self._derived[key]
+
+    @classmethod
+    def from_spans(
+        cls,
+        length: int,
+        spans: list[list[VisualSpan]],
+        *,
+        region_size: tuple[int, int, int],
+        pad_mask: torch.Tensor | None = None,
+    ) -> GazeLayout:
+        """Build from per-sequence spans; ``pad_mask`` [B, T] is True at padding positions."""
+        region_size = tuple(region_size)
+        batch = len(spans)
+        kinds = np.zeros((batch, length), np.int8)
+        segment = np.full((batch, length), -1, np.int64)
+        region = np.full((batch, length), -1, np.int64)
+        per_seq = []
+        for b, seq_spans in enumerate(spans):
+            per_seq.append(_fill_sequence(kinds[b], segment[b], region[b], seq_spans, region_size))
+        if pad_mask is not None:
+            pad = np.asarray(pad_mask.cpu() if torch.is_tensor(pad_mask) else pad_mask, bool)
+            if pad.shape != (batch, length):
+                raise ValueError(f"pad_mask has shape {pad.shape}, expected {(batch, length)}")
+            if (pad & (kinds != TokenKind.TEXT)).any():
+                raise ValueError("a padding position holds a visual or context token")
+            kinds[pad] = TokenKind.PAD
+        return cls(
+            kinds=torch.from_numpy(kinds),
+            segment=torch.from_numpy(segment),
+            region=torch.from_numpy(region),
+            regions=_stack_tables(per_seq, math.prod(region_size)),
+            spans=tuple(tuple(s) for s in spans),
+            region_size=region_size,
+        )
+
+
+def _compact(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of True entries per row, left-aligned and padded with 0: [B, N] and validity."""
+    count = keep.sum(-1)
+    width = int(count.max()) if keep.numel() else 0
+    # A stable sort puts the kept positions first, in order.
+    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[:, :width]
+    valid = torch.arange(width, device=keep.device)[None, :] < count[:, None]
+    return torch.where(valid, order, 0), valid
+
+
+def _fill_sequence(kinds, segment, region, spans, region_size):
+    """Write one sequence's kinds, segment and region ids; return its region rows."""
+    rt, rh, rw = region_size
+    rows = []  # (token positions, box)
+    seg_id = 0
+    for span_id, span in enumerate(spans):
+        t, h, w = span.grid
+        for f in range(t):
+            start = span.frame_offsets[f]
+            if start < 0 or start + h * w > len(kinds):
+                raise ValueError(f"span {span_id} frame {f} lies outside the sequence of {len(kinds)}")
+            frame = slice(start, start + h * w)
+            if (kinds[frame] != TokenKind.TEXT).any():
+                raise ValueError(f"span {span_id} frame {f} overlaps another visual or context token")
+            kinds[frame] = TokenKind.VISUAL
+            segment[frame] = seg_id
+            ctx = np.asarray(span.context_offsets[f], np.int64)
+            if ctx.size:
+                if ctx.min() < 0 or ctx.max() >= len(kinds) or (kinds[ctx] != TokenKind.TEXT).any():
+                    raise ValueError(f"span {span_id} frame {f}: bad or overlapping context positions")
+                kinds[ctx] = TokenKind.CONTEXT
+                segment[ctx] = seg_id
+            seg_id += 1
+        offsets = np.asarray(span.frame_offsets, np.int64)
+        # positions[f, y, x] of every visual token of the span
+        positions = offsets[:, None, None] + np.arange(h)[None, :, None] * w + np.arange(w)[None, None, :]
+        for t0 in range(0, t, rt):
+            for h0 in range(0, h, rh):
+                for w0 in range(0, w, rw):
+                    tok = positions[t0 : t0 + rt, h0 : h0 + rh, w0 : w0 + rw].reshape(-1)
+                    region[tok] = len(rows)
+                    box = (span_id, t0, min(t0 + rt, t), h0, min(h0 + rh, h), w0, min(w0 + rw, w))
+                    rows.append((np.sort(tok), box))
+    return rows
+
+
+def _stack_tables(per_seq, full_region: int) -> RegionTable:
+    batch = len(per_seq)
+    max_r = max((len(rows) for rows in per_seq), default=0)
+    tokens = np.full((batch, max_r, full_region), -1, np.int64)
+    size = np.zeros((batch, max_r), np.int64)
+    last = np.full((batch, max_r), _UNREACHABLE, np.int64)
+    box = np.zeros((batch, max_r, 7), np.int64)
+    for b, rows in enumerate(per_seq):
+        for r, (tok, bx) in enumerate(rows):
+            tokens[b, r, : len(tok)] = tok
+            size[b, r] = len(tok)
+            last[b, r] = tok[-1]
+            box[b, r] = bx
+    return RegionTable(
+        tokens=torch.from_numpy(tokens),
+        size=torch.from_numpy(size),
+        last=torch.from_numpy(last),
+        box=torch.from_numpy(box),
+        count=torch.tensor([len(rows) for rows in per_seq], dtype=torch.int64),
+    )
+
+
+def build_layout(
+    sequences: list[list[Part]],
+    *,
+    region_size: tuple[int, int, int] = (1, 6, 6),
+    num_context_tokens: int = 4,
+    padding_side: str = "right",
+    length: int | None = None,
+) -> GazeLayout:
+    """Lay out sequences given as parts, e.g. ``[5, Image(24, 24), 3, Video(8, 24, 24), 7]``.
+
+    Each image or frame is followed by its ``num_context_tokens`` context tokens.
+    Sequences are padded to ``length`` (default: the longest) on ``padding_side``.
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    laid = [_lay_parts(parts, num_context_tokens) for parts in sequences]
+    longest = max((n for n, _ in laid), default=0)
+    length = longest if length is None else length
+    if length < longest:
+        raise ValueError(f"length {length} is shorter than the longest sequence ({longest})")
+    pad_mask = torch.zeros(len(sequences), length, dtype=torch.bool)
+    spans = []
+    for b, (n, seq_spans) in enumerate(laid):
+        shift = length - n if padding_side == "left" else 0
+        if padding_side == "left":
+            pad_mask[b, :shift] = True
+        else:
+            pad_mask[b, n:] = True
+        spans.append([_shift_span(s, shift) for s in seq_spans])
+    return GazeLayout.from_spans(length, spans, region_size=region_size, pad_mask=pad_mask)
+
+
+def _lay_parts(parts: list[Part], n_ctx: int) -> tuple[int, list[VisualSpan]]:
+    pos = 0
+    spans = []
+    for part in parts:
+        if isinstance(part, int):
+            if part < 0:
+                raise ValueError(f"a text part must be >= 0 tokens, got {part}")
+            pos += part
+            continue
+        if not isinstance(part, Image | Video):
+            raise TypeError(f"a part is an int, Image or Video, got {type(part).__name__}")
+        t = part.t if isinstance(part, Video) else 1
+        frames, contexts = [], []
+        for _ in range(t):
+            frames.append(pos)
+            pos += part.h * part.w
+            contexts.append(tuple(range(pos, pos + n_ctx)))
+            pos += n_ctx
+        spans.append(
+            VisualSpan(
+                grid=(t, part.h, part.w),
+                frame_offsets=tuple(frames),
+                context_offsets=tuple(contexts),
+                is_video=isinstance(part, Video),
+            )
+        )
+    return pos, spans
+
+
+def _shift_span(span: VisualSpan, shift: int) -> VisualSpan:
+    if shift == 0:
+        return span
+    return VisualSpan(
+        grid=span.grid,
+        frame_offsets=tuple(o + shift for o in span.frame_offsets),
+        context_offsets=tuple(tuple(c + shift for c in ctx) for ctx in span.context_offsets),
+        is_video=span.is_video,
+    )

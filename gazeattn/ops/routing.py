@@ -1,0 +1,120 @@
+"""Visual routing shared by every backend: descriptors, scores, budgets and Top-K.
+
+Every backend selects regions through these functions, so all of them pick the
+same set: regions ranked by score, ties broken towards the lower region id.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gazeattn.ops.config import ALL, GazeConfig
+from gazeattn.ops.layout import GazeLayout, TokenKind
+
+# keep_ratio * n is rounded up after removing float noise (0.07 * 100 = 7.000000000000001).
+_CEIL_EPS = 1e-9
+
+
+def region_descriptors(k: torch.Tensor, layout: GazeLayout) -> torch.Tensor:
+    """Mean key of every region: k [B, Hkv, Tk, D] -> [B, Hkv, R, D] in fp32 (0 for padding regions)."""
+    batch, heads, _, dim = k.shape
+    tokens = layout.regions.tokens.to(k.device)
+    _, num_r, width = tokens.shape
+    index = tokens.clamp(min=0).view(batch, 1, num_r * width, 1).expand(batch, heads, -1, dim)
+    # [B, Hkv, R, S, D]
+    gathered = k.gather(2, index).view(batch, heads, num_r, width, dim).float()
+    weight = (tokens >= 0).to(torch.float32)[:, None, :, :, None]
+    size = layout.regions.size.to(k.device).clamp(min=1).to(torch.float32)[:, None, :, None]
+    return (gathered * weight).sum(3) / size
+
+
+def region_scores(q: torch.Tensor, descriptors: torch.Tensor, routing: str) -> torch.Tensor:
+    """Scores s = q . d: q [B, Hq, Tq, D], descriptors [B, Hkv, R, D] -> [B, Hr, Tq, R] fp32.
+
+    ``kv_head`` sums the scores over each KV head's group of query heads (Hr = Hkv);
+    ``query_head`` keeps one score per query head (Hr = Hq).
+    """
+    batch, hq, tq, dim = q.shape
+    hkv = descriptors.shape[1]
+    qf = q.float()
+    if routing == "kv_head":
+        # the sum of a group's dot products is the dot product with the group's summed query
+        qf = qf.view(batch, hkv, hq // hkv, tq, dim).sum(2)
+        return qf @ descriptors.transpose(-1, -2)
+    return qf @ descriptors.repeat_interleave(hq // hkv, dim=1).transpose(-1, -2)
+
+
+def query_positions(tq: int, tk: int, device: torch.device) -> torch.Tensor:
+    """Queries are the last ``tq`` of the ``tk`` key positions."""
+    if tq > tk:
+        raise ValueError(f"{tq} queries but only {tk} keys: queries must be the last keys")
+    return torch.arange(tk - tq, tk, device=device)
+
+
+def visible_regions(layout: GazeLayout, q_pos: torch.Tensor, q_kind: torch.Tensor) -> torch.Tensor:
+    """[B, Tq, R]: regions a query may route to (text queries only; the region lies before it)."""
+    last = layout.regions.last.to(q_pos.device)
+    before = last[:, None, :] < q_pos[None, :, None]
+    return before & (q_kind == TokenKind.TEXT)[:, :, None]
+
+
+def budgets(config: GazeConfig, visible_count: torch.Tensor, top_k: int | None = None) -> torch.Tensor:
+    """K per query from the number of regions it sees (same shape, int64); ``top_k`` overrides."""
+    visible_count = visible_count.to(torch.int64)
+    if top_k is not None:
+        return visible_count.clamp(max=top_k)
+    if config.top_k == ALL:
+        return visible_count
+    if config.top_k is not None:
+        return visible_count.clamp(max=config.top_k)
+    k = torch.ceil(visible_count.to(torch.float64) * config.keep_ratio - _CEIL_EPS).to(torch.int64)
+    return torch.where(visible_count > 0, k.clamp(min=1), 0).minimum(visible_count)
+
+
+def select_regions(
+    scores: torch.Tensor, visible: torch.Tensor, k: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-K regions per query and head.
+
+    scores [B, Hr, Tq, R], visible [B, Tq, R], k [B, Tq] ->
+    ids [B, Hr, Tq, Kmax] (ranked; -1 where a query has fewer than Kmax) and
+    chosen [B, Hr, Tq, R] bool.
+    """
+    masked = scores.masked_fill(~visible[:, None], -math.inf)
+    # a stable descending sort keeps equal scores in id order: ties go to the lower id
+    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
+    k_max = int(k.max()) if k.numel() else 0
+    rank_ok = torch.arange(k_max, device=k.device) < k[:, None, :, None]
+    ids = torch.where(rank_ok, order[..., :k_max], -1)
+    # unused ranks scatter into an extra column that is dropped
+    num_r = scores.shape[-1]
+    target = torch.where(rank_ok, ids, num_r)
+    chosen = torch.zeros(*scores.shape[:-1], num_r + 1, dtype=torch.bool, device=scores.device)
+    chosen = chosen.scatter(-1, target, True)[..., :num_r]
+    return ids, chosen
+
+
+def top_k_schedule(
+    step: int,
+    *,
+    total_regions: int,
+    target: int,
+    warmup_steps: int,
+    kind: str = "linear",
+) -> int:
+    """Progressive Top-K: ``total_regions`` (dense) at step 0, ``target`` from ``warmup_steps`` on."""
+    if kind not in ("linear", "cosine"):
+        raise ValueError(f"schedule kind must be 'linear' or 'cosine', got {kind!r}")
+    if target < 1 or total_regions < 1:
+        raise ValueError("target and total_regions must be >= 1")
+    if warmup_steps < 0:
+        raise ValueError("warmup_steps must be >= 0")
+    target = min(target, total_regions)
+    if step >= warmup_steps:
+        return target
+    frac = max(step, 0) / warmup_steps
+    if kind == "cosine":
+        frac = 0.5 * (1.0 - math.cos(math.pi * frac))
+    return max(target, round(total_regions - frac * (total_regions - target)))
