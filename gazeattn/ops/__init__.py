@@ -2,7 +2,15 @@
 
 from gazeattn.ops.config import GazeConfig
 from gazeattn.ops.gaze import GazeStats, gaze_attention, resolve_backend
-from gazeattn.ops.layout import GazeLayout, Image, RegionTable, TokenKind, Video, VisualSpan, build_layout
+from gazeattn.ops.layout import (
+    GazeLayout,
+    Image,
+    RegionTable,
+    TokenKind,
+    Video,
+    VisualSpan,
+    build_layout,
+)
 from gazeattn.ops.routing import (
     budgets,
     region_descriptors,

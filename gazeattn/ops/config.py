@@ -33,7 +33,9 @@ class GazeConfig:
     def __post_init__(self) -> None:
         region = tuple(self.region_size)
         if len(region) != 3 or any(not isinstance(s, int) or s < 1 for s in region):
-            raise ValueError(f"region_size must be three ints >= 1 as (t, h, w), got {self.region_size!r}")
+            raise ValueError(
+                f"region_size must be three ints >= 1 as (t, h, w), got {self.region_size!r}"
+            )
         object.__setattr__(self, "region_size", region)
         if (self.top_k is None) == (self.keep_ratio is None):
             raise ValueError("give exactly one of top_k or keep_ratio")
@@ -43,7 +45,9 @@ class GazeConfig:
         if self.keep_ratio is not None and not 0.0 < float(self.keep_ratio) <= 1.0:
             raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
         if not isinstance(self.num_context_tokens, int) or self.num_context_tokens < 0:
-            raise ValueError(f"num_context_tokens must be an int >= 0, got {self.num_context_tokens!r}")
+            raise ValueError(
+                f"num_context_tokens must be an int >= 0, got {self.num_context_tokens!r}"
+            )
         if self.routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
         if self.backend not in BACKENDS:

@@ -66,7 +66,9 @@ class VisualSpan:
         if len(self.frame_offsets) != t:
             raise ValueError(f"{t} frames in the grid but {len(self.frame_offsets)} frame offsets")
         if len(self.context_offsets) != t:
-            raise ValueError(f"{t} frames in the grid but {len(self.context_offsets)} context lists")
+            raise ValueError(
+                f"{t} frames in the grid but {len(self.context_offsets)} context lists"
+            )
         for f in range(t):
             frame_end = self.frame_offsets[f] + h * w
             if f + 1 < t and self.frame_offsets[f + 1] < frame_end:
@@ -240,22 +242,30 @@ def _fill_sequence(kinds, segment, region, spans, region_size):
         for f in range(t):
             start = span.frame_offsets[f]
             if start < 0 or start + h * w > len(kinds):
-                raise ValueError(f"span {span_id} frame {f} lies outside the sequence of {len(kinds)}")
+                raise ValueError(
+                    f"span {span_id} frame {f} lies outside the sequence of {len(kinds)}"
+                )
             frame = slice(start, start + h * w)
             if (kinds[frame] != TokenKind.TEXT).any():
-                raise ValueError(f"span {span_id} frame {f} overlaps another visual or context token")
+                raise ValueError(
+                    f"span {span_id} frame {f} overlaps another visual or context token"
+                )
             kinds[frame] = TokenKind.VISUAL
             segment[frame] = seg_id
             ctx = np.asarray(span.context_offsets[f], np.int64)
             if ctx.size:
                 if ctx.min() < 0 or ctx.max() >= len(kinds) or (kinds[ctx] != TokenKind.TEXT).any():
-                    raise ValueError(f"span {span_id} frame {f}: bad or overlapping context positions")
+                    raise ValueError(
+                        f"span {span_id} frame {f}: bad or overlapping context positions"
+                    )
                 kinds[ctx] = TokenKind.CONTEXT
                 segment[ctx] = seg_id
             seg_id += 1
         offsets = np.asarray(span.frame_offsets, np.int64)
         # positions[f, y, x] of every visual token of the span
-        positions = offsets[:, None, None] + np.arange(h)[None, :, None] * w + np.arange(w)[None, None, :]
+        positions = (
+            offsets[:, None, None] + np.arange(h)[None, :, None] * w + np.arange(w)[None, None, :]
+        )
         for t0 in range(0, t, rt):
             for h0 in range(0, h, rh):
                 for w0 in range(0, w, rw):

@@ -60,7 +60,9 @@ def visible_regions(layout: GazeLayout, q_pos: torch.Tensor, q_kind: torch.Tenso
     return before & (q_kind == TokenKind.TEXT)[:, :, None]
 
 
-def budgets(config: GazeConfig, visible_count: torch.Tensor, top_k: int | None = None) -> torch.Tensor:
+def budgets(
+    config: GazeConfig, visible_count: torch.Tensor, top_k: int | None = None
+) -> torch.Tensor:
     """K per query from the number of regions it sees (same shape, int64); ``top_k`` overrides."""
     visible_count = visible_count.to(torch.int64)
     if top_k is not None:

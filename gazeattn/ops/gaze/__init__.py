@@ -65,7 +65,9 @@ def gaze_attention(
         return dense_attention(q, k, v, layout, config, scale=scale)
     if backend == "triton":
         raise NotImplementedError("the triton backend lands with issue #4")
-    kwargs = dict(scale=scale, descriptors=descriptors, top_k=top_k, return_selection=return_selection)
+    kwargs = dict(
+        scale=scale, descriptors=descriptors, top_k=top_k, return_selection=return_selection
+    )
     if can_decode(q, k, layout) and not torch.is_grad_enabled():
         return gaze_decode(q, k, v, layout, config, **kwargs)
     return gaze_attention_reference(q, k, v, layout, config, **kwargs)

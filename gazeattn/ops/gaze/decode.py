@@ -76,7 +76,9 @@ def gaze_decode(
     positions, valid = gather_plan(layout, ids[:, :, 0], tk)
     # row of each gathered key in k viewed as [B * Hkv * Tk, D]
     kv_head = torch.arange(hr, device=q.device) // (hr // hkv)
-    rows = (torch.arange(batch, device=q.device)[:, None, None] * hkv + kv_head[None, :, None]) * tk + positions
+    rows = (
+        torch.arange(batch, device=q.device)[:, None, None] * hkv + kv_head[None, :, None]
+    ) * tk + positions
     m = rows.shape[-1]
     kg = k.reshape(-1, dim).index_select(0, rows.reshape(-1)).view(batch, hr, m, dim)
     vg = v.reshape(-1, dim).index_select(0, rows.reshape(-1)).view(batch, hr, m, dim)

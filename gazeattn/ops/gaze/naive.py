@@ -49,10 +49,16 @@ def gaze_route(
     return q_pos, q_kind, visible, ids, chosen
 
 
-def gaze_mask(layout: GazeLayout, q_pos: torch.Tensor, chosen: torch.Tensor, tk: int) -> torch.Tensor:
+def gaze_mask(
+    layout: GazeLayout, q_pos: torch.Tensor, chosen: torch.Tensor, tk: int
+) -> torch.Tensor:
     """The keys each query may attend: chosen [B, Hr, Tq, R] -> [B, Hr, Tq, Tk] bool."""
     kinds, segment, region = layout.padded(tk)
-    kinds, segment, region = kinds.to(q_pos.device), segment.to(q_pos.device), region.to(q_pos.device)
+    kinds, segment, region = (
+        kinds.to(q_pos.device),
+        segment.to(q_pos.device),
+        region.to(q_pos.device),
+    )
     k_pos = torch.arange(tk, device=q_pos.device)
     causal = k_pos[None, :] <= q_pos[:, None]  # [Tq, Tk]
     key_ok = kinds != TokenKind.PAD  # [B, Tk]
@@ -75,7 +81,11 @@ def gaze_mask(layout: GazeLayout, q_pos: torch.Tensor, chosen: torch.Tensor, tk:
     return torch.where(
         kind == TokenKind.TEXT,
         text_rule,
-        torch.where(kind == TokenKind.CONTEXT, context_rule[:, None], (kind == TokenKind.VISUAL) & base[:, None]),
+        torch.where(
+            kind == TokenKind.CONTEXT,
+            context_rule[:, None],
+            (kind == TokenKind.VISUAL) & base[:, None],
+        ),
     )
 
 

@@ -57,7 +57,9 @@ def compute_stats(
     kinds = layout.kinds.to(chosen.device)
     positions = torch.arange(layout.length, device=chosen.device)
     # context tokens of the layout before each query: [B, Tq]
-    ctx_before = ((kinds == TokenKind.CONTEXT)[:, None, :] & (positions[None, None, :] < q_pos[None, :, None])).sum(-1)
+    ctx_before = (
+        (kinds == TokenKind.CONTEXT)[:, None, :] & (positions[None, None, :] < q_pos[None, :, None])
+    ).sum(-1)
     attended = chosen.to(torch.float32) @ size[:, None, :, None]
     dense = visible.to(torch.float32) @ size[:, :, None]
     attended = attended.squeeze(-1) + ctx_before[:, None, :]

@@ -1,0 +1,149 @@
+"""GazeConfig validation, layout construction and errors, routing helpers, the Top-K schedule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gazeattn.ops import (
+    GazeConfig,
+    GazeLayout,
+    Image,
+    TokenKind,
+    Video,
+    VisualSpan,
+    budgets,
+    build_layout,
+    select_regions,
+    top_k_schedule,
+)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(), "exactly one"),
+        (dict(top_k=3, keep_ratio=0.5), "exactly one"),
+        (dict(top_k=0), "top_k"),
+        (dict(top_k="some"), "top_k"),
+        (dict(keep_ratio=0.0), "keep_ratio"),
+        (dict(keep_ratio=1.5), "keep_ratio"),
+        (dict(top_k=1, region_size=(1, 0, 6)), "region_size"),
+        (dict(top_k=1, region_size=(6, 6)), "region_size"),
+        (dict(top_k=1, num_context_tokens=-1), "num_context_tokens"),
+        (dict(top_k=1, routing="token"), "routing"),
+        (dict(top_k=1, backend="cuda"), "backend"),
+    ],
+    ids=lambda x: str(x) if isinstance(x, str) else None,
+)
+def test_invalid_configs(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GazeConfig(**kwargs)
+
+
+def test_config_round_trip_and_budget():
+    config = GazeConfig(keep_ratio=0.07, region_size=[2, 6, 6], routing="query_head")
+    assert config.region_size == (2, 6, 6) and config.region_tokens == 72
+    assert GazeConfig.from_dict(config.to_dict()) == config
+    # 0.07 * 100 is 7.000000000000001 in floating point: still 7 regions
+    assert config.budget(100) == 7
+    assert config.budget(0) == 0 and config.budget(3) == 1
+    assert GazeConfig(top_k=20).budget(5) == 5
+    assert GazeConfig(top_k="all").budget(17) == 17
+
+
+@pytest.mark.parametrize(
+    "config", [GazeConfig(keep_ratio=0.07), GazeConfig(keep_ratio=0.33), GazeConfig(top_k=4)]
+)
+def test_vector_budgets_equal_scalar(config):
+    counts = torch.arange(0, 300)
+    assert budgets(config, counts).tolist() == [config.budget(n) for n in counts.tolist()]
+
+
+def test_layout_regions_of_ragged_grid():
+    layout = build_layout([[3, Image(7, 9), 2]], num_context_tokens=2)
+    table = layout.regions
+    # 7 x 9 in regions of 6 x 6: 2 x 2 regions, of 36, 18, 6 and 3 tokens
+    assert table.count.tolist() == [4]
+    assert table.size[0].tolist() == [36, 18, 6, 3]
+    assert table.box[0, 3].tolist() == [0, 0, 1, 6, 7, 6, 9]
+    assert (layout.kinds[0, 3 : 3 + 63] == TokenKind.VISUAL).all()
+    assert (layout.kinds[0, 66:68] == TokenKind.CONTEXT).all()
+    # every visual token is in exactly the region the table lists it in
+    for r in range(4):
+        tok = table.tokens[0, r]
+        tok = tok[tok >= 0]
+        assert (layout.region[0, tok] == r).all()
+    assert int((layout.region[0] >= 0).sum()) == 63
+
+
+def test_layout_video_time_grouping():
+    layout = build_layout([[1, Video(3, 6, 6), 1]], region_size=(2, 6, 6), num_context_tokens=1)
+    # frames {0,1} form one region of 72 tokens, frame 2 one of 36
+    assert layout.regions.size[0].tolist() == [72, 36]
+    assert layout.segment[0].max() == 2
+    span = layout.spans[0][0]
+    assert span.is_video and span.frame_offsets == (1, 38, 75)
+    assert layout.regions.last[0].tolist() == [38 + 35, 75 + 35]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_layout_padding(side):
+    layout = build_layout(
+        [[2, Image(2, 2), 1], [1]], region_size=(1, 2, 2), num_context_tokens=1, padding_side=side
+    )
+    assert layout.length == 8
+    pads = (layout.kinds[1] == TokenKind.PAD).nonzero().flatten().tolist()
+    assert pads == ([0, 1, 2, 3, 4, 5, 6] if side == "left" else [1, 2, 3, 4, 5, 6, 7])
+    assert layout.regions.count.tolist() == [1, 0]
+
+
+def test_layout_errors():
+    with pytest.raises(ValueError, match="frames in the grid"):
+        VisualSpan(grid=(2, 2, 2), frame_offsets=(0,), context_offsets=((), ()))
+    with pytest.raises(ValueError, match="inside frame"):
+        VisualSpan(grid=(2, 2, 2), frame_offsets=(0, 2), context_offsets=((), ()))
+    with pytest.raises(ValueError, match="precedes"):
+        VisualSpan(grid=(1, 2, 2), frame_offsets=(3,), context_offsets=((4,),))
+    span = VisualSpan(grid=(1, 2, 2), frame_offsets=(2,), context_offsets=((6,),))
+    with pytest.raises(ValueError, match="outside"):
+        GazeLayout.from_spans(5, [[span]], region_size=(1, 2, 2))
+    with pytest.raises(ValueError, match="overlaps"):
+        GazeLayout.from_spans(12, [[span, span]], region_size=(1, 2, 2))
+    with pytest.raises(ValueError, match="padding position"):
+        GazeLayout.from_spans(
+            8, [[span]], region_size=(1, 2, 2), pad_mask=torch.ones(1, 8, dtype=torch.bool)
+        )
+    with pytest.raises(ValueError, match="shorter"):
+        build_layout([[3, Image(2, 2)]], length=4)
+    with pytest.raises(ValueError, match="padding_side"):
+        build_layout([[3]], padding_side="middle")
+    with pytest.raises(TypeError, match="part"):
+        build_layout([[3, "image"]])
+
+
+def test_select_regions_breaks_ties_to_lower_id():
+    scores = torch.tensor([[[[1.0, 2.0, 2.0, 2.0, 0.5]]]])  # [B=1, H=1, Tq=1, R=5]
+    visible = torch.tensor([[[True, True, False, True, True]]])
+    ids, chosen = select_regions(scores, visible, torch.tensor([[2]]))
+    assert ids.flatten().tolist() == [1, 3]
+    assert chosen.flatten().tolist() == [False, True, False, True, False]
+    ids, chosen = select_regions(scores, visible, torch.tensor([[0]]))
+    assert ids.numel() == 0 and not chosen.any()
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_top_k_schedule(kind):
+    ks = [
+        top_k_schedule(s, total_regions=128, target=20, warmup_steps=10, kind=kind)
+        for s in range(15)
+    ]
+    assert ks[0] == 128
+    assert ks[10:] == [20] * 5
+    assert all(a >= b for a, b in zip(ks, ks[1:], strict=False))
+    assert 20 < ks[5] < 128
+    if kind == "linear":
+        assert ks[5] == 74
+    assert top_k_schedule(0, total_regions=128, target=20, warmup_steps=0) == 20
+    with pytest.raises(ValueError, match="kind"):
+        top_k_schedule(0, total_regions=8, target=2, warmup_steps=4, kind="step")
