@@ -73,6 +73,17 @@ def gaze_attention(
     return gaze_attention_reference(q, k, v, layout, config, **kwargs)
 
 
+def _triton_attention(q, k, v, layout, config, **kwargs):
+    # imported on first use: importing gazeattn stays free of Triton's start-up cost
+    from gazeattn.ops.gaze.decode_triton import gaze_decode_triton
+    from gazeattn.ops.gaze.fused import gaze_attention_triton
+
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if can_decode(q, k, layout) and not needs_grad:
+        return gaze_decode_triton(q, k, v, layout, config, **kwargs)
+    return gaze_attention_triton(q, k, v, layout, config, **kwargs)
+
+
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: GazeLayout) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k and v must be 4-D: q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D]")
