@@ -38,11 +38,39 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _gaze_decode_fwd_kernel(
-    Q, K, V, O_PART, M_PART, L_PART, DENSE_IDX, DENSE_CNT, IDS, ID_CNT, TOKENS,
-    stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-    N_DENSE, K_MAX, R, SPLIT_LEN, scale_log2,
-    HQ: tl.constexpr, HKV: tl.constexpr, HR: tl.constexpr, GR: tl.constexpr, GR_PAD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, S: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    Q,
+    K,
+    V,
+    O_PART,
+    M_PART,
+    L_PART,
+    DENSE_IDX,
+    DENSE_CNT,
+    IDS,
+    ID_CNT,
+    TOKENS,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    N_DENSE,
+    K_MAX,
+    R,
+    SPLIT_LEN,
+    scale_log2,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    HR: tl.constexpr,
+    GR: tl.constexpr,
+    GR_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    S: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    D: tl.constexpr,
     D_PAD: tl.constexpr,
 ):
     split = tl.program_id(0)
@@ -55,7 +83,11 @@ def _gaze_decode_fwd_kernel(
     head = hr * GR + g
     d = tl.arange(0, D_PAD)
     d_ok = d < D
-    q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + d[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(
+        Q + b * stride_qb + head[:, None] * stride_qh + d[None, :],
+        mask=g_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
     q = q.to(tl.float32) * scale_log2
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
@@ -98,9 +130,17 @@ def _gaze_decode_fwd_kernel(
 
 @triton.jit
 def _gaze_decode_merge_kernel(
-    O_PART, M_PART, L_PART, O, stride_ob, stride_oh,
-    HQ: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-    D: tl.constexpr, D_PAD: tl.constexpr,
+    O_PART,
+    M_PART,
+    L_PART,
+    OUT,
+    stride_ob,
+    stride_oh,
+    HQ: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,
 ):
     """Log-sum-exp merge of the chunks of one (sequence, query head); no key gives 0."""
     bh = tl.program_id(0)
@@ -117,7 +157,7 @@ def _gaze_decode_merge_kernel(
     w = tl.exp2(m - m_max)
     den = tl.sum(l_part * w, 0)
     out = tl.sum(acc * w[:, None], 0) / tl.where(den > 0, den, 1.0)
-    tl.store(O + b * stride_ob + head * stride_oh + d, out.to(O.dtype.element_ty), mask=d < D)
+    tl.store(OUT + b * stride_ob + head * stride_oh + d, out.to(OUT.dtype.element_ty), mask=d < D)
 
 
 def _num_splits(batch_heads: int, total: int, block_n: int) -> int:
@@ -153,8 +193,16 @@ def gaze_decode_fwd(
     hkv, hr, k_max = k.shape[1], ids.shape[1], ids.shape[2]
     region_tokens = tokens.shape[2]
     id_cnt = (ids >= 0).sum(-1).to(torch.int32).contiguous()  # [B, Hr]
-    ids = ids.clamp(min=0).to(torch.int32).contiguous() if ids.numel() else torch.zeros(1, dtype=torch.int32, device=q.device)
-    tokens = tokens.contiguous() if tokens.numel() else torch.full((1,), -1, dtype=torch.int32, device=q.device)
+    ids = (
+        ids.clamp(min=0).to(torch.int32).contiguous()
+        if ids.numel()
+        else torch.zeros(1, dtype=torch.int32, device=q.device)
+    )
+    tokens = (
+        tokens.contiguous()
+        if tokens.numel()
+        else torch.full((1,), -1, dtype=torch.int32, device=q.device)
+    )
     total = dense_idx.shape[1] + k_max * region_tokens
     splits = num_splits or _num_splits(batch * hr, total, block_n)
     split_len = triton.cdiv(triton.cdiv(max(total, 1), splits), block_n) * block_n
@@ -164,18 +212,54 @@ def gaze_decode_fwd(
     l_part = torch.empty_like(m_part)
     gr = hq // hr
     _gaze_decode_fwd_kernel[(splits, batch * hr)](
-        q, k, v, o_part, m_part, l_part, dense_idx, dense_cnt, ids, id_cnt, tokens,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        dense_idx.shape[1], max(k_max, 1), tokens.shape[1] if tokens.dim() == 3 else 0,
-        split_len, scale * LOG2E,
-        HQ=hq, HKV=hkv, HR=hr, GR=gr, GR_PAD=triton.next_power_of_2(gr), NUM_SPLITS=splits,
-        S=max(region_tokens, 1), BLOCK_N=block_n, D=dim, D_PAD=d_pad,
+        q,
+        k,
+        v,
+        o_part,
+        m_part,
+        l_part,
+        dense_idx,
+        dense_cnt,
+        ids,
+        id_cnt,
+        tokens,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        dense_idx.shape[1],
+        max(k_max, 1),
+        tokens.shape[1] if tokens.dim() == 3 else 0,
+        split_len,
+        scale * LOG2E,
+        HQ=hq,
+        HKV=hkv,
+        HR=hr,
+        GR=gr,
+        GR_PAD=triton.next_power_of_2(gr),
+        NUM_SPLITS=splits,
+        S=max(region_tokens, 1),
+        BLOCK_N=block_n,
+        D=dim,
+        D_PAD=d_pad,
     )
     out = torch.empty(batch, hq, 1, dim, device=q.device, dtype=q.dtype)
     _gaze_decode_merge_kernel[(batch * hq,)](
-        o_part, m_part, l_part, out, out.stride(0), out.stride(1),
-        HQ=hq, NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), D=dim, D_PAD=d_pad,
+        o_part,
+        m_part,
+        l_part,
+        out,
+        out.stride(0),
+        out.stride(1),
+        HQ=hq,
+        NUM_SPLITS=splits,
+        SPLITS_PAD=triton.next_power_of_2(splits),
+        D=dim,
+        D_PAD=d_pad,
     )
     return out
 

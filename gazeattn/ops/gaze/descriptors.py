@@ -16,9 +16,18 @@ from gazeattn.ops.layout import GazeLayout
 
 @triton.jit
 def _region_mean_fwd_kernel(
-    K, TOKENS, OUT,
-    stride_kb, stride_kh, stride_kt, R,
-    HKV: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    K,
+    TOKENS,
+    OUT,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    R,
+    HKV: tl.constexpr,
+    S: tl.constexpr,
+    S_PAD: tl.constexpr,
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,
 ):
     r = tl.program_id(0)
     bh = tl.program_id(1)
@@ -29,7 +38,9 @@ def _region_mean_fwd_kernel(
     ok = pos >= 0
     d = tl.arange(0, D_PAD)
     d_ok = d < D
-    ptr = K + b * stride_kb + kvh * stride_kh + tl.where(ok, pos, 0)[:, None] * stride_kt + d[None, :]
+    ptr = (
+        K + b * stride_kb + kvh * stride_kh + tl.where(ok, pos, 0)[:, None] * stride_kt + d[None, :]
+    )
     keys = tl.load(ptr, mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     count = tl.sum(ok.to(tl.float32), 0)
     mean = tl.sum(keys, 0) / tl.maximum(count, 1.0)
@@ -49,8 +60,17 @@ def region_descriptors_triton(k: torch.Tensor, layout: GazeLayout) -> torch.Tens
         return out
     k = k if k.stride(-1) == 1 else k.contiguous()
     _region_mean_fwd_kernel[(num_r, batch * hkv)](
-        k, tokens, out, k.stride(0), k.stride(1), k.stride(2), num_r,
-        HKV=hkv, S=width, S_PAD=triton.next_power_of_2(width), D=dim,
+        k,
+        tokens,
+        out,
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        num_r,
+        HKV=hkv,
+        S=width,
+        S_PAD=triton.next_power_of_2(width),
+        D=dim,
         D_PAD=triton.next_power_of_2(dim),
     )
     return out

@@ -112,8 +112,22 @@ def _region_tile(
 
 @triton.jit
 def _softmax_tile(
-    acc, m_i, l_i, q, k_base, v_base, kpos, k_ok, allowed, stride_kt, stride_vt, d, d_ok,
-    scale_log2, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_base,
+    v_base,
+    kpos,
+    k_ok,
+    allowed,
+    stride_kt,
+    stride_vt,
+    d,
+    d_ok,
+    scale_log2,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One online-softmax step over a tile of keys at positions ``kpos``."""
     kv_mask = k_ok[:, None] & d_ok[None, :]
@@ -131,8 +145,23 @@ def _softmax_tile(
 
 @triton.jit
 def _dq_tile(
-    dq, q, do, lse, delta, k_base, v_base, kpos, k_ok, allowed, stride_kt, stride_vt, d, d_ok,
-    scale_log2, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    k_base,
+    v_base,
+    kpos,
+    k_ok,
+    allowed,
+    stride_kt,
+    stride_vt,
+    d,
+    d_ok,
+    scale_log2,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """dq contribution of a tile of keys (before the final multiplication by the scale)."""
     kv_mask = k_ok[:, None] & d_ok[None, :]
@@ -147,8 +176,18 @@ def _dq_tile(
 
 @triton.jit
 def _dkdv_tile(
-    dk, dv, kk, vv, q, do, lse, delta, allowed, scale_log2,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    dk,
+    dv,
+    kk,
+    vv,
+    q,
+    do,
+    lse,
+    delta,
+    allowed,
+    scale_log2,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """dk (before the scale) and dv contributions of a block of query rows to a tile of keys."""
     s = _dot(q, tl.trans(kk), UPCAST, PRECISION) * scale_log2
@@ -162,20 +201,60 @@ def _dkdv_tile(
 
 @triton.jit
 def _gaze_fwd_kernel(
-    Q, K, V, O, LSE,
-    KIND, SEG, DENSE_IDX, DENSE_CNT, LO, HI, CHOSEN, UNION, UNION_CNT, TOKENS,
-    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
-    Tq, Tk, N_DENSE, R, U_MAX, NQB, scale_log2,
-    HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, QUERY_HEAD: tl.constexpr, HR_TOTAL: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-    S: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    Q,
+    K,
+    V,
+    OUT,
+    LSE,
+    KIND,
+    SEG,
+    DENSE_IDX,
+    DENSE_CNT,
+    LO,
+    HI,
+    CHOSEN,
+    UNION,
+    UNION_CNT,
+    TOKENS,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    Tq,
+    Tk,
+    N_DENSE,
+    R,
+    U_MAX,
+    NQB,
+    scale_log2,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    QUERY_HEAD: tl.constexpr,
+    HR_TOTAL: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    S: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
     kvh = bh % HKV
-    qi, head, row_ok, qpos, qkind, qseg = _query_rows(qb, b, kvh, KIND, SEG, Tq, Tk, G, G_PAD, BLOCK_Q)
+    qi, head, row_ok, qpos, qkind, qseg = _query_rows(
+        qb, b, kvh, KIND, SEG, Tq, Tk, G, G_PAD, BLOCK_Q
+    )
     hr = _routing_head(head, kvh, QUERY_HEAD)
     d = tl.arange(0, D_PAD)
     d_ok = d < D
@@ -196,61 +275,167 @@ def _gaze_fwd_kernel(
         k_ok = kpos < hi
         allowed = _causal_tile(kpos, k_ok, KIND, SEG, b, Tk, qpos, qkind, qseg)
         acc, m_i, l_i = _softmax_tile(
-            acc, m_i, l_i, q, k_base, v_base, kpos, k_ok, allowed, stride_kt, stride_vt,
-            d, d_ok, scale_log2, UPCAST, PRECISION,
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_base,
+            v_base,
+            kpos,
+            k_ok,
+            allowed,
+            stride_kt,
+            stride_vt,
+            d,
+            d_ok,
+            scale_log2,
+            UPCAST,
+            PRECISION,
         )
 
     n_dense = tl.load(DENSE_CNT + b * NQB + qb)
     for start in range(0, n_dense, BLOCK_N):
-        kpos, k_ok, allowed = _text_dense_tile(start + offs, n_dense, DENSE_IDX, b, N_DENSE, qpos, qkind)
+        kpos, k_ok, allowed = _text_dense_tile(
+            start + offs, n_dense, DENSE_IDX, b, N_DENSE, qpos, qkind
+        )
         acc, m_i, l_i = _softmax_tile(
-            acc, m_i, l_i, q, k_base, v_base, kpos, k_ok, allowed, stride_kt, stride_vt,
-            d, d_ok, scale_log2, UPCAST, PRECISION,
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_base,
+            v_base,
+            kpos,
+            k_ok,
+            allowed,
+            stride_kt,
+            stride_vt,
+            d,
+            d_ok,
+            scale_log2,
+            UPCAST,
+            PRECISION,
         )
 
     block = (b * HKV + kvh) * NQB + qb
     n_slots = tl.load(UNION_CNT + block) * S
     for start in range(0, n_slots, BLOCK_N):
         kpos, k_ok, allowed = _region_tile(
-            start + offs, n_slots, UNION + block * U_MAX, TOKENS, CHOSEN, b, R, Tq, hr, qi,
-            qkind, S, HR_TOTAL,
+            start + offs,
+            n_slots,
+            UNION + block * U_MAX,
+            TOKENS,
+            CHOSEN,
+            b,
+            R,
+            Tq,
+            hr,
+            qi,
+            qkind,
+            S,
+            HR_TOTAL,
         )
         acc, m_i, l_i = _softmax_tile(
-            acc, m_i, l_i, q, k_base, v_base, kpos, k_ok, allowed, stride_kt, stride_vt,
-            d, d_ok, scale_log2, UPCAST, PRECISION,
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_base,
+            v_base,
+            kpos,
+            k_ok,
+            allowed,
+            stride_kt,
+            stride_vt,
+            d,
+            d_ok,
+            scale_log2,
+            UPCAST,
+            PRECISION,
         )
 
     # rows with no key (padding queries) output 0
     has_key = l_i > 0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
-    o_ptr = O + b * stride_ob + head[:, None] * stride_oh + qi[:, None] * stride_ot + d[None, :]
-    tl.store(o_ptr, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    o_ptr = OUT + b * stride_ob + head[:, None] * stride_oh + qi[:, None] * stride_ot + d[None, :]
+    tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), 0.0)
     tl.store(LSE + (b * HKV * G + head) * Tq + qi, lse, mask=row_ok)
 
 
 @triton.jit
 def _gaze_bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA,
-    KIND, SEG, DENSE_IDX, DENSE_CNT, LO, HI, CHOSEN, UNION, UNION_CNT, TOKENS,
-    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
-    Tq, Tk, N_DENSE, R, U_MAX, NQB, scale, scale_log2,
-    HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, QUERY_HEAD: tl.constexpr, HR_TOTAL: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-    S: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    DQ,
+    LSE,
+    DELTA,
+    KIND,
+    SEG,
+    DENSE_IDX,
+    DENSE_CNT,
+    LO,
+    HI,
+    CHOSEN,
+    UNION,
+    UNION_CNT,
+    TOKENS,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    Tq,
+    Tk,
+    N_DENSE,
+    R,
+    U_MAX,
+    NQB,
+    scale,
+    scale_log2,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    QUERY_HEAD: tl.constexpr,
+    HR_TOTAL: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    S: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
     kvh = bh % HKV
-    qi, head, row_ok, qpos, qkind, qseg = _query_rows(qb, b, kvh, KIND, SEG, Tq, Tk, G, G_PAD, BLOCK_Q)
+    qi, head, row_ok, qpos, qkind, qseg = _query_rows(
+        qb, b, kvh, KIND, SEG, Tq, Tk, G, G_PAD, BLOCK_Q
+    )
     hr = _routing_head(head, kvh, QUERY_HEAD)
     d = tl.arange(0, D_PAD)
     d_ok = d < D
     row_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qt + d[None, :], mask=row_mask, other=0.0)
-    do = tl.load(DO + b * stride_ob + head[:, None] * stride_oh + qi[:, None] * stride_ot + d[None, :], mask=row_mask, other=0.0)
+    q = tl.load(
+        Q + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qt + d[None, :],
+        mask=row_mask,
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b * stride_ob + head[:, None] * stride_oh + qi[:, None] * stride_ot + d[None, :],
+        mask=row_mask,
+        other=0.0,
+    )
     row_index = (b * HKV * G + head) * Tq + qi
     lse = tl.load(LSE + row_index, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + row_index, mask=row_ok, other=0.0)
@@ -266,28 +451,86 @@ def _gaze_bwd_dq_kernel(
         k_ok = kpos < hi
         allowed = _causal_tile(kpos, k_ok, KIND, SEG, b, Tk, qpos, qkind, qseg)
         dq = _dq_tile(
-            dq, q, do, lse, delta, k_base, v_base, kpos, k_ok, allowed, stride_kt, stride_vt,
-            d, d_ok, scale_log2, UPCAST, PRECISION,
+            dq,
+            q,
+            do,
+            lse,
+            delta,
+            k_base,
+            v_base,
+            kpos,
+            k_ok,
+            allowed,
+            stride_kt,
+            stride_vt,
+            d,
+            d_ok,
+            scale_log2,
+            UPCAST,
+            PRECISION,
         )
 
     n_dense = tl.load(DENSE_CNT + b * NQB + qb)
     for start in range(0, n_dense, BLOCK_N):
-        kpos, k_ok, allowed = _text_dense_tile(start + offs, n_dense, DENSE_IDX, b, N_DENSE, qpos, qkind)
+        kpos, k_ok, allowed = _text_dense_tile(
+            start + offs, n_dense, DENSE_IDX, b, N_DENSE, qpos, qkind
+        )
         dq = _dq_tile(
-            dq, q, do, lse, delta, k_base, v_base, kpos, k_ok, allowed, stride_kt, stride_vt,
-            d, d_ok, scale_log2, UPCAST, PRECISION,
+            dq,
+            q,
+            do,
+            lse,
+            delta,
+            k_base,
+            v_base,
+            kpos,
+            k_ok,
+            allowed,
+            stride_kt,
+            stride_vt,
+            d,
+            d_ok,
+            scale_log2,
+            UPCAST,
+            PRECISION,
         )
 
     block = (b * HKV + kvh) * NQB + qb
     n_slots = tl.load(UNION_CNT + block) * S
     for start in range(0, n_slots, BLOCK_N):
         kpos, k_ok, allowed = _region_tile(
-            start + offs, n_slots, UNION + block * U_MAX, TOKENS, CHOSEN, b, R, Tq, hr, qi,
-            qkind, S, HR_TOTAL,
+            start + offs,
+            n_slots,
+            UNION + block * U_MAX,
+            TOKENS,
+            CHOSEN,
+            b,
+            R,
+            Tq,
+            hr,
+            qi,
+            qkind,
+            S,
+            HR_TOTAL,
         )
         dq = _dq_tile(
-            dq, q, do, lse, delta, k_base, v_base, kpos, k_ok, allowed, stride_kt, stride_vt,
-            d, d_ok, scale_log2, UPCAST, PRECISION,
+            dq,
+            q,
+            do,
+            lse,
+            delta,
+            k_base,
+            v_base,
+            kpos,
+            k_ok,
+            allowed,
+            stride_kt,
+            stride_vt,
+            d,
+            d_ok,
+            scale_log2,
+            UPCAST,
+            PRECISION,
         )
 
     dq_ptr = DQ + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qt + d[None, :]
@@ -296,13 +539,43 @@ def _gaze_bwd_dq_kernel(
 
 @triton.jit
 def _gaze_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, KIND, SEG, ROW_FLAGS,
-    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
-    Tq, Tk, NQB, scale, scale_log2,
-    HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    DK,
+    DV,
+    LSE,
+    DELTA,
+    KIND,
+    SEG,
+    ROW_FLAGS,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    Tq,
+    Tk,
+    NQB,
+    scale,
+    scale_log2,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """dk, dv of a block of keys in natural order from every non-routed rule (loops 1 and 2)."""
     kb = tl.program_id(0)
@@ -314,8 +587,16 @@ def _gaze_bwd_dkdv_kernel(
     d = tl.arange(0, D_PAD)
     d_ok = d < D
     kv_mask = k_ok[:, None] & d_ok[None, :]
-    kk = tl.load(K + b * stride_kb + kvh * stride_kh + kpos[:, None] * stride_kt + d[None, :], mask=kv_mask, other=0.0)
-    vv = tl.load(V + b * stride_vb + kvh * stride_vh + kpos[:, None] * stride_vt + d[None, :], mask=kv_mask, other=0.0)
+    kk = tl.load(
+        K + b * stride_kb + kvh * stride_kh + kpos[:, None] * stride_kt + d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )
+    vv = tl.load(
+        V + b * stride_vb + kvh * stride_vh + kpos[:, None] * stride_vt + d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )
     kkind = tl.load(KIND + b * Tk + kpos, mask=k_ok, other=3)
     # text rows reach this block only through its text and context keys
     dense_key = k_ok & ((kkind == 0) | (kkind == 2))
@@ -327,17 +608,39 @@ def _gaze_bwd_dkdv_kernel(
         flags = tl.load(ROW_FLAGS + b * NQB + qb)
         # bit 0: the block has visual or context rows; bit 1: text rows
         if ((flags & 1) != 0) | (((flags & 2) != 0) & (any_dense != 0)):
-            qi, head, row_ok, qpos, qkind, qseg = _query_rows(qb, b, kvh, KIND, SEG, Tq, Tk, G, G_PAD, BLOCK_Q)
+            qi, head, row_ok, qpos, qkind, qseg = _query_rows(
+                qb, b, kvh, KIND, SEG, Tq, Tk, G, G_PAD, BLOCK_Q
+            )
             allowed = _causal_tile(kpos, k_ok, KIND, SEG, b, Tk, qpos, qkind, qseg)
-            text_rule = (qkind == 0)[:, None] & dense_key[None, :] & (kpos[None, :] <= qpos[:, None])
+            text_rule = (
+                (qkind == 0)[:, None] & dense_key[None, :] & (kpos[None, :] <= qpos[:, None])
+            )
             allowed = allowed | text_rule
             row_mask = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qt + d[None, :], mask=row_mask, other=0.0)
-            do = tl.load(DO + b * stride_ob + head[:, None] * stride_oh + qi[:, None] * stride_ot + d[None, :], mask=row_mask, other=0.0)
+            q = tl.load(
+                Q
+                + b * stride_qb
+                + head[:, None] * stride_qh
+                + qi[:, None] * stride_qt
+                + d[None, :],
+                mask=row_mask,
+                other=0.0,
+            )
+            do = tl.load(
+                DO
+                + b * stride_ob
+                + head[:, None] * stride_oh
+                + qi[:, None] * stride_ot
+                + d[None, :],
+                mask=row_mask,
+                other=0.0,
+            )
             row_index = (b * HKV * G + head) * Tq + qi
             lse = tl.load(LSE + row_index, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + row_index, mask=row_ok, other=0.0)
-            dk, dv = _dkdv_tile(dk, dv, kk, vv, q, do, lse, delta, allowed, scale_log2, UPCAST, PRECISION)
+            dk, dv = _dkdv_tile(
+                dk, dv, kk, vv, q, do, lse, delta, allowed, scale_log2, UPCAST, PRECISION
+            )
     out = (b * HKV + kvh) * Tk + kpos
     tl.store(DK + out[:, None] * D + d[None, :], dk * scale, mask=kv_mask)
     tl.store(DV + out[:, None] * D + d[None, :], dv, mask=kv_mask)
@@ -345,13 +648,50 @@ def _gaze_bwd_dkdv_kernel(
 
 @triton.jit
 def _gaze_bwd_region_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, KIND, SEG, CHOSEN, INV, INV_CNT, TOKENS,
-    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
-    Tq, Tk, R, INV_MAX, scale, scale_log2,
-    HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, QUERY_HEAD: tl.constexpr, HR_TOTAL: tl.constexpr,
-    BLOCK_Q: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-    S: tl.constexpr, S_PAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    DK,
+    DV,
+    LSE,
+    DELTA,
+    KIND,
+    SEG,
+    CHOSEN,
+    INV,
+    INV_CNT,
+    TOKENS,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    Tq,
+    Tk,
+    R,
+    INV_MAX,
+    scale,
+    scale_log2,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    QUERY_HEAD: tl.constexpr,
+    HR_TOTAL: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    S: tl.constexpr,
+    S_PAD: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """dk, dv of one region's tokens from the text rows that selected it (loop 3), added to
     the non-routed part already in DK/DV."""
@@ -368,25 +708,53 @@ def _gaze_bwd_region_kernel(
         d = tl.arange(0, D_PAD)
         d_ok = d < D
         kv_mask = k_ok[:, None] & d_ok[None, :]
-        kk = tl.load(K + b * stride_kb + kvh * stride_kh + kpos[:, None] * stride_kt + d[None, :], mask=kv_mask, other=0.0)
-        vv = tl.load(V + b * stride_vb + kvh * stride_vh + kpos[:, None] * stride_vt + d[None, :], mask=kv_mask, other=0.0)
+        kk = tl.load(
+            K + b * stride_kb + kvh * stride_kh + kpos[:, None] * stride_kt + d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )
+        vv = tl.load(
+            V + b * stride_vb + kvh * stride_vh + kpos[:, None] * stride_vt + d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )
         dk = tl.zeros([S_PAD, D_PAD], tl.float32)
         dv = tl.zeros([S_PAD, D_PAD], tl.float32)
         inv = INV + ((b * HKV + kvh) * R + r) * INV_MAX
         for i in range(0, n_blocks):
             qb = tl.load(inv + i)
-            qi, head, row_ok, qpos, qkind, qseg = _query_rows(qb, b, kvh, KIND, SEG, Tq, Tk, G, G_PAD, BLOCK_Q)
+            qi, head, row_ok, qpos, qkind, qseg = _query_rows(
+                qb, b, kvh, KIND, SEG, Tq, Tk, G, G_PAD, BLOCK_Q
+            )
             hr = _routing_head(head, kvh, QUERY_HEAD)
             row_t = qkind == 0
             picked = tl.load(CHOSEN + ((b * HR_TOTAL + hr) * Tq + qi) * R + r, mask=row_t, other=0)
             allowed = ((picked != 0) & row_t)[:, None] & k_ok[None, :]
             row_mask = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qt + d[None, :], mask=row_mask, other=0.0)
-            do = tl.load(DO + b * stride_ob + head[:, None] * stride_oh + qi[:, None] * stride_ot + d[None, :], mask=row_mask, other=0.0)
+            q = tl.load(
+                Q
+                + b * stride_qb
+                + head[:, None] * stride_qh
+                + qi[:, None] * stride_qt
+                + d[None, :],
+                mask=row_mask,
+                other=0.0,
+            )
+            do = tl.load(
+                DO
+                + b * stride_ob
+                + head[:, None] * stride_oh
+                + qi[:, None] * stride_ot
+                + d[None, :],
+                mask=row_mask,
+                other=0.0,
+            )
             row_index = (b * HKV * G + head) * Tq + qi
             lse = tl.load(LSE + row_index, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + row_index, mask=row_ok, other=0.0)
-            dk, dv = _dkdv_tile(dk, dv, kk, vv, q, do, lse, delta, allowed, scale_log2, UPCAST, PRECISION)
+            dk, dv = _dkdv_tile(
+                dk, dv, kk, vv, q, do, lse, delta, allowed, scale_log2, UPCAST, PRECISION
+            )
         out = (b * HKV + kvh) * Tk + kpos
         dk_ptr = DK + out[:, None] * D + d[None, :]
         dv_ptr = DV + out[:, None] * D + d[None, :]
@@ -474,7 +842,9 @@ def build_plan(
     # first position of every segment: context rows start their keys there
     n_seg = int(segment.max()) + 2 if segment.numel() else 1
     seg_start = torch.full((batch, n_seg), tk, device=device, dtype=torch.int64)
-    seg_start = seg_start.scatter_reduce(1, segment + 1, torch.arange(tk, device=device).expand(batch, tk), "amin")
+    seg_start = seg_start.scatter_reduce(
+        1, segment + 1, torch.arange(tk, device=device).expand(batch, tk), "amin"
+    )
     row_lo = torch.where(visual, 0, torch.where(context, seg_start.gather(1, q_seg + 1), tk))
     row_hi = torch.where(visual | context, q_pos + 1, 0)
     lo = torch.nn.functional.pad(row_lo, (0, pad_q), value=tk).view(batch, nqb, block_q).amin(-1)
@@ -485,7 +855,9 @@ def build_plan(
     dense_idx, dense_ok = layout.dense_index(tk)
     dense_idx, dense_ok = dense_idx.to(device), dense_ok.to(device)
     text_last = torch.where(text, q_pos, -1)
-    text_last = torch.nn.functional.pad(text_last, (0, pad_q), value=-1).view(batch, nqb, block_q).amax(-1)
+    text_last = (
+        torch.nn.functional.pad(text_last, (0, pad_q), value=-1).view(batch, nqb, block_q).amax(-1)
+    )
     sorted_pos = torch.where(dense_ok, dense_idx, tk + 1).contiguous()
     dense_cnt = torch.searchsorted(sorted_pos, text_last.contiguous(), right=True)
     dense_cnt = torch.where(text_last >= 0, dense_cnt, 0)
@@ -537,8 +909,15 @@ class _Launch:
 
     def consts(self, hkv: int, dim: int) -> dict:
         return dict(
-            HKV=hkv, G=self.g, G_PAD=self.g_pad, BLOCK_Q=self.block_q, D=dim, D_PAD=self.d_pad,
-            UPCAST=self.upcast, PRECISION=self.precision, num_warps=self.num_warps,
+            HKV=hkv,
+            G=self.g,
+            G_PAD=self.g_pad,
+            BLOCK_Q=self.block_q,
+            D=dim,
+            D_PAD=self.d_pad,
+            UPCAST=self.upcast,
+            PRECISION=self.precision,
+            num_warps=self.num_warps,
         )
 
 
@@ -575,13 +954,34 @@ def gaze_fwd(
     lse = torch.empty(batch, hq, tq, device=q.device, dtype=torch.float32)
     nqb = plan.dense_cnt.shape[1]
     _gaze_fwd_kernel[(nqb, batch * hkv)](
-        q, k, v, out, lse,
-        plan.kinds, plan.segment, plan.dense_idx, plan.dense_cnt, plan.lo, plan.hi,
-        plan.chosen, plan.union, plan.union_cnt, plan.tokens,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        plan.kinds,
+        plan.segment,
+        plan.dense_idx,
+        plan.dense_cnt,
+        plan.lo,
+        plan.hi,
+        plan.chosen,
+        plan.union,
+        plan.union_cnt,
+        plan.tokens,
         *_strides(q, k, v, out),
-        tq, tk, plan.dense_idx.shape[-1], plan.num_regions,
-        plan.union.shape[-1], nqb, scale * LOG2E,
-        QUERY_HEAD=plan.query_head, HR_TOTAL=plan.heads, BLOCK_N=lc.block_n, S=lc.s, **lc.consts(hkv, dim),
+        tq,
+        tk,
+        plan.dense_idx.shape[-1],
+        plan.num_regions,
+        plan.union.shape[-1],
+        nqb,
+        scale * LOG2E,
+        QUERY_HEAD=plan.query_head,
+        HR_TOTAL=plan.heads,
+        BLOCK_N=lc.block_n,
+        S=lc.s,
+        **lc.consts(hkv, dim),
     )
     return out, lse
 
@@ -607,28 +1007,88 @@ def gaze_bwd(
     consts = lc.consts(hkv, dim)
     dq = torch.empty_like(q)
     _gaze_bwd_dq_kernel[(nqb, batch * hkv)](
-        q, k, v, do, dq, lse, delta,
-        plan.kinds, plan.segment, plan.dense_idx, plan.dense_cnt, plan.lo, plan.hi,
-        plan.chosen, plan.union, plan.union_cnt, plan.tokens,
+        q,
+        k,
+        v,
+        do,
+        dq,
+        lse,
+        delta,
+        plan.kinds,
+        plan.segment,
+        plan.dense_idx,
+        plan.dense_cnt,
+        plan.lo,
+        plan.hi,
+        plan.chosen,
+        plan.union,
+        plan.union_cnt,
+        plan.tokens,
         *_strides(q, k, v, do),
-        tq, tk, plan.dense_idx.shape[-1], num_r, plan.union.shape[-1], nqb, scale, scale * LOG2E,
-        QUERY_HEAD=plan.query_head, HR_TOTAL=plan.heads, BLOCK_N=lc.block_n, S=lc.s, **consts,
+        tq,
+        tk,
+        plan.dense_idx.shape[-1],
+        num_r,
+        plan.union.shape[-1],
+        nqb,
+        scale,
+        scale * LOG2E,
+        QUERY_HEAD=plan.query_head,
+        HR_TOTAL=plan.heads,
+        BLOCK_N=lc.block_n,
+        S=lc.s,
+        **consts,
     )
     dk = torch.empty(batch, hkv, tk, dim, device=k.device, dtype=torch.float32)
     dv = torch.empty_like(dk)
     _gaze_bwd_dkdv_kernel[(triton.cdiv(tk, lc.block_n), batch * hkv)](
-        q, k, v, do, dk, dv, lse, delta, plan.kinds, plan.segment, plan.row_flags,
+        q,
+        k,
+        v,
+        do,
+        dk,
+        dv,
+        lse,
+        delta,
+        plan.kinds,
+        plan.segment,
+        plan.row_flags,
         *_strides(q, k, v, do),
-        tq, tk, nqb, scale, scale * LOG2E,
-        BLOCK_N=lc.block_n, **consts,
+        tq,
+        tk,
+        nqb,
+        scale,
+        scale * LOG2E,
+        BLOCK_N=lc.block_n,
+        **consts,
     )
     if num_r:
         _gaze_bwd_region_kernel[(num_r, batch * hkv)](
-            q, k, v, do, dk, dv, lse, delta, plan.kinds, plan.segment, plan.chosen,
-            plan.inverse, plan.inverse_cnt, plan.tokens,
+            q,
+            k,
+            v,
+            do,
+            dk,
+            dv,
+            lse,
+            delta,
+            plan.kinds,
+            plan.segment,
+            plan.chosen,
+            plan.inverse,
+            plan.inverse_cnt,
+            plan.tokens,
             *_strides(q, k, v, do),
-            tq, tk, num_r, plan.inverse.shape[-1], scale, scale * LOG2E,
-            QUERY_HEAD=plan.query_head, HR_TOTAL=plan.heads, S=lc.s, S_PAD=max(triton.next_power_of_2(lc.s), 16),
+            tq,
+            tk,
+            num_r,
+            plan.inverse.shape[-1],
+            scale,
+            scale * LOG2E,
+            QUERY_HEAD=plan.query_head,
+            HR_TOTAL=plan.heads,
+            S=lc.s,
+            S_PAD=max(triton.next_power_of_2(lc.s), 16),
             **consts,
         )
     return dq, dk.to(k.dtype), dv.to(v.dtype)
@@ -694,5 +1154,3 @@ def gaze_attention_triton(
     out = GazeAttentionFunction.apply(q, k, v, plan, lc, scale)
     stats = compute_stats(layout, q_pos, q_kind, chosen, visible, ids if return_selection else None)
     return out, stats
-
-
