@@ -63,11 +63,11 @@ def gaze_attention(
     backend = resolve_backend(config, q.device)
     if backend == "dense":
         return dense_attention(q, k, v, layout, config, scale=scale)
-    if backend == "triton":
-        raise NotImplementedError("the triton backend lands with issue #4")
     kwargs = dict(
         scale=scale, descriptors=descriptors, top_k=top_k, return_selection=return_selection
     )
+    if backend == "triton":
+        return _triton_attention(q, k, v, layout, config, **kwargs)
     if can_decode(q, k, layout) and not torch.is_grad_enabled():
         return gaze_decode(q, k, v, layout, config, **kwargs)
     return gaze_attention_reference(q, k, v, layout, config, **kwargs)
