@@ -15,6 +15,7 @@ so a group of 2 is not padded to 16 rows as a ``tl.dot`` would need.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -160,12 +161,19 @@ def _gaze_decode_merge_kernel(
     tl.store(OUT + b * stride_ob + head * stride_oh + d, out.to(OUT.dtype.element_ty), mask=d < D)
 
 
-def _num_splits(batch_heads: int, total: int, block_n: int) -> int:
+@functools.cache
+def _target_programs(device_index: int | None) -> int:
+    if device_index is None or os.environ.get("TRITON_INTERPRET") == "1":
+        return 4
+    return 2 * torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_splits(batch_heads: int, total: int, block_n: int, device: torch.device) -> int:
     """Chunks per (sequence, head): enough programs to fill the GPU, at least a block each."""
-    if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
-        target = 4
-    else:
-        target = 2 * torch.cuda.get_device_properties(0).multi_processor_count
+    index = None
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+    target = _target_programs(index)
     wanted = triton.cdiv(target, max(batch_heads, 1))
     return max(1, min(wanted, triton.cdiv(total, block_n), 64))
 
@@ -204,7 +212,7 @@ def gaze_decode_fwd(
         else torch.full((1,), -1, dtype=torch.int32, device=q.device)
     )
     total = dense_idx.shape[1] + k_max * region_tokens
-    splits = num_splits or _num_splits(batch * hr, total, block_n)
+    splits = num_splits or _num_splits(batch * hr, total, block_n, q.device)
     split_len = triton.cdiv(triton.cdiv(max(total, 1), splits), block_n) * block_n
     d_pad = triton.next_power_of_2(dim)
     o_part = torch.empty(batch, hq, splits, d_pad, device=q.device, dtype=torch.float32)
