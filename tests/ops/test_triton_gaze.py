@@ -14,7 +14,7 @@ import torch
 
 from gazeattn.ops import GazeConfig, Image, Video, build_layout, gaze_attention
 from gazeattn.ops.gaze import resolve_backend
-from gazeattn.ops.gaze.fused import gaze_attention_triton
+from gazeattn.ops.gaze.fused import _launch_config, build_plan, gaze_attention_triton
 from gazeattn.ops.gaze.naive import gaze_attention_reference
 
 # (atol, rtol) of the output and of the gradients against the fp32 reference. fp32 is
@@ -32,9 +32,21 @@ CASES = {
     "ragged-7x9-4x4": ([[2, Image(7, 9), 5]], (1, 4, 4), 1, "right"),
     "video-6x6x2": ([[4, Video(3, 6, 6), 3]], (2, 6, 6), 2, "right"),
     "frames-ragged-4x4": ([[1, Video(2, 5, 7), 2, Image(4, 9), 3]], (1, 4, 4), 3, "right"),
-    "batch-left-pad": ([[2, Image(4, 4), 6], [5, Image(4, 4), 1, Image(3, 5), 2]], (1, 2, 2), 1, "left"),
-    "batch-right-pad": ([[3, Image(5, 5), 4], [1, Image(4, 6), 9, Image(2, 3), 6]], (1, 4, 4), 2, "right"),
+    "batch-left-pad": (
+        [[2, Image(4, 4), 6], [5, Image(4, 4), 1, Image(3, 5), 2]],
+        (1, 2, 2),
+        1,
+        "left",
+    ),
+    "batch-right-pad": (
+        [[3, Image(5, 5), 4], [1, Image(4, 6), 9, Image(2, 3), 6]],
+        (1, 4, 4),
+        2,
+        "right",
+    ),
     "text-only": ([[37], [21]], (1, 6, 6), 4, "right"),
+    # long enough for blocks of visual rows that see whole unmasked tiles after left padding
+    "left-pad-16x16": ([[2, Image(16, 16), 3], [41, Image(16, 16), 5]], (1, 6, 6), 4, "left"),
 }
 GQA = [(4, 4), (4, 2), (4, 1), (7, 1)]
 
@@ -59,7 +71,9 @@ def _inputs(layout, hq, hkv, dim, dtype, seed, tq=None):
     return q, k, v
 
 
-def check_against_reference(layout, config, hq, hkv, *, dim=32, dtype=torch.float32, seed=0, tq=None):
+def check_against_reference(
+    layout, config, hq, hkv, *, dim=32, dtype=torch.float32, seed=0, tq=None
+):
     """Triton output, stats and gradients of q, k, v against the fp32 reference."""
     q, k, v = _inputs(layout, hq, hkv, dim, dtype, seed, tq)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -77,7 +91,9 @@ def check_against_reference(layout, config, hq, hkv, *, dim=32, dtype=torch.floa
     atol, rtol = TOL[dtype]["grad"]
     for name, g, e in zip("qkv", got, expect, strict=True):
         assert g.dtype == dtype and not g.isnan().any(), f"d{name} has NaN or the wrong dtype"
-        torch.testing.assert_close(g.float(), e, atol=atol, rtol=rtol, msg=lambda m, n=name: f"d{n}: {m}")
+        torch.testing.assert_close(
+            g.float(), e, atol=atol, rtol=rtol, msg=lambda m, n=name: f"d{n}: {m}"
+        )
     return out
 
 
@@ -104,6 +120,25 @@ def test_gqa_groups(hq, hkv, routing):
 def test_dtypes_and_head_dims(dtype, dim):
     case_id = "two-images-6x6"
     check_against_reference(_layout(case_id), _config(case_id), 4, 2, dim=dim, dtype=dtype, seed=5)
+
+
+@pytest.mark.parametrize("hq,hkv", [(1, 1), (4, 2)], ids=["gqa1", "gqa2"])
+def test_unmasked_tiles_after_left_padding(hq, hkv):
+    """Blocks of visual rows take the unmasked fast path over whole tiles; padding stays out."""
+    case_id = "left-pad-16x16"
+    layout = _layout(case_id)
+    config = _config(case_id)
+    lc = _launch_config(torch.empty(1, hq, 1, 32), hkv, layout.max_region_tokens)
+    q_pos = torch.arange(layout.length)
+    chosen = torch.zeros(2, hkv, layout.length, layout.max_regions, dtype=torch.bool)
+    plan = build_plan(layout, chosen, layout.length, layout.length, hkv, lc.block_q, lc.block_n)
+    whole = plan.full_hi > plan.full_lo
+    assert whole.any()
+    # no whole tile reaches back into the left padding or past a block's first query
+    first_pad_free = (layout.kinds == 3).sum(1)  # left padding only
+    assert (plan.full_lo[whole] >= first_pad_free[:, None].expand_as(whole)[whole]).all()
+    assert (plan.full_hi[whole] <= q_pos[:: lc.block_q][None].expand_as(whole)[whole] + 1).all()
+    check_against_reference(layout, config, hq, hkv, seed=11)
 
 
 def test_chunked_prefill_queries_are_the_last_keys():
@@ -138,7 +173,9 @@ def test_schedule_top_k_override():
     q, k, v = _inputs(layout, 2, 2, 32, torch.float32, seed=4)
     config = _config(case_id)
     out, stats = gaze_attention_triton(q, k, v, layout, config, top_k=1, return_selection=True)
-    ref, ref_stats = gaze_attention_reference(q, k, v, layout, config, top_k=1, return_selection=True)
+    ref, ref_stats = gaze_attention_reference(
+        q, k, v, layout, config, top_k=1, return_selection=True
+    )
     assert torch.equal(stats.selected, ref_stats.selected)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
@@ -146,7 +183,9 @@ def test_schedule_top_k_override():
 def test_backend_dispatch_and_no_silent_fallback(monkeypatch):
     case_id = "ragged-7x9-4x4"
     layout = _layout(case_id)
-    config = GazeConfig(region_size=(1, 4, 4), keep_ratio=0.3, num_context_tokens=1, backend="triton")
+    config = GazeConfig(
+        region_size=(1, 4, 4), keep_ratio=0.3, num_context_tokens=1, backend="triton"
+    )
     q, k, v = _inputs(layout, 2, 1, 32, torch.float32, seed=6)
     out, _ = gaze_attention(q, k, v, layout, config)
     ref, _ = gaze_attention_reference(q, k, v, layout, config)
@@ -162,14 +201,21 @@ def test_backend_dispatch_and_no_silent_fallback(monkeypatch):
     "case_id,gqa,routing,dtype",
     list(
         itertools.product(
-            list(CASES), GQA, ["kv_head", "query_head"], [torch.float32, torch.float16, torch.bfloat16]
+            list(CASES),
+            GQA,
+            ["kv_head", "query_head"],
+            [torch.float32, torch.float16, torch.bfloat16],
         )
     ),
-    ids=lambda x: str(x).removeprefix("torch.") if not isinstance(x, tuple) else f"gqa{x[0] // x[1]}",
+    ids=lambda x: (
+        str(x).removeprefix("torch.") if not isinstance(x, tuple) else f"gqa{x[0] // x[1]}"
+    ),
 )
 def test_sweep(case_id, gqa, routing, dtype):
     hq, hkv = gqa
-    check_against_reference(_layout(case_id), _config(case_id, routing), hq, hkv, dtype=dtype, seed=hq + hkv)
+    check_against_reference(
+        _layout(case_id), _config(case_id, routing), hq, hkv, dtype=dtype, seed=hq + hkv
+    )
 
 
 @pytest.mark.slow
@@ -189,7 +235,9 @@ def test_gpu_matches_reference(dtype, routing):
     config = GazeConfig(keep_ratio=0.16, routing=routing)
     gen = torch.Generator(device="cuda").manual_seed(0)
     b, t = layout.batch_size, layout.length
-    q, k, v = (torch.randn(b, h, t, 128, generator=gen, device="cuda").to(dtype) for h in (32, 8, 8))
+    q, k, v = (
+        torch.randn(b, h, t, 128, generator=gen, device="cuda").to(dtype) for h in (32, 8, 8)
+    )
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     ref_leaves = [x.float().requires_grad_() for x in (q, k, v)]
     out, _ = gaze_attention_triton(*leaves, layout, config)

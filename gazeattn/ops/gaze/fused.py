@@ -38,6 +38,10 @@ LOG2E = 1.4426950408889634
 _TEXT, _VISUAL, _CONTEXT, _PAD = (int(k) for k in TokenKind)
 
 
+# The kernels keep their argument lists compact (as Triton code usually does).
+# fmt: off
+
+
 @triton.jit
 def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     # the interpreter stores bf16 as uint16 and tl.dot on it returns garbage
@@ -47,10 +51,10 @@ def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _query_rows(
-    qb, b, kvh, KIND, SEG, Tq, Tk, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr
-):
-    """Rows of a query block: query index, query head, position, kind and segment."""
+def _query_rows(qb, b, kvh, KIND, SEG, Tq, Tk, G: tl.constexpr, G_PAD: tl.constexpr,
+                BLOCK_Q: tl.constexpr):
+    """Rows of a query block (positions x the group's heads): query index, query head,
+    validity, position, kind (padding rows read as PAD) and segment."""
     rows = tl.arange(0, BLOCK_Q * G_PAD)
     qi = qb * BLOCK_Q + rows // G_PAD
     g = rows % G_PAD
@@ -59,9 +63,20 @@ def _query_rows(
     head = kvh * G + g
     qkind = tl.load(KIND + b * Tk + qpos, mask=row_ok, other=3)
     qseg = tl.load(SEG + b * Tk + qpos, mask=row_ok, other=-1)
-    # padding rows and padding queries attend nothing
-    qkind = tl.where(row_ok, qkind, 3)
     return qi, head, row_ok, qpos, qkind, qseg
+
+
+@triton.jit
+def _load_rows(Q, DO, LSE, DELTA, b, head, qi, row_ok, d, d_ok, Tq, stride_qb, stride_qh,
+               stride_qt, stride_ob, stride_oh, stride_ot, HQ: tl.constexpr):
+    """q, do, lse and delta of a block's rows (for the backward kernels)."""
+    mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qt + d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * stride_ob + head[:, None] * stride_oh + qi[:, None] * stride_ot + d[None, :], mask=mask, other=0.0)
+    row = (b * HQ + head) * Tq + qi
+    lse = tl.load(LSE + row, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
+    return q, do, lse, delta
 
 
 @triton.jit
@@ -74,19 +89,19 @@ def _routing_head(head, kvh, QUERY_HEAD: tl.constexpr):
 
 @triton.jit
 def _causal_tile(kpos, k_ok, KIND, SEG, b, Tk, qpos, qkind, qseg):
-    """Mask of visual and context rows over a tile of keys in natural order."""
+    """Mask of the visual and context rows over keys in natural order: visual rows see every
+    earlier non-padding key, context rows the earlier keys of their own image or frame."""
     kkind = tl.load(KIND + b * Tk + kpos, mask=k_ok, other=3)
     kseg = tl.load(SEG + b * Tk + kpos, mask=k_ok, other=-2)
     key_ok = k_ok & (kkind != 3)
-    in_segment = (kkind == 1) | (kkind == 2)
-    own = (kseg[None, :] == qseg[:, None]) & in_segment[None, :]
+    own = (kseg[None, :] == qseg[:, None]) & ((kkind == 1) | (kkind == 2))[None, :]
     rule = (qkind == 1)[:, None] | ((qkind == 2)[:, None] & own)
     return rule & key_ok[None, :] & (kpos[None, :] <= qpos[:, None])
 
 
 @triton.jit
 def _text_dense_tile(j, n_dense, DENSE_IDX, b, N_DENSE, qpos, qkind):
-    """Keys j of the compacted text/context index and the text rows' mask over them."""
+    """Keys j of the compacted text/context index and the text rows' causal mask over them."""
     j_ok = j < n_dense
     kpos = tl.load(DENSE_IDX + b * N_DENSE + j, mask=j_ok, other=0)
     allowed = (qkind == 0)[:, None] & j_ok[None, :] & (kpos[None, :] <= qpos[:, None])
@@ -94,47 +109,36 @@ def _text_dense_tile(j, n_dense, DENSE_IDX, b, N_DENSE, qpos, qkind):
 
 
 @triton.jit
-def _region_tile(
-    j, n_slots, UNION, TOKENS, CHOSEN, b, R, Tq, hr, qi, qkind, S: tl.constexpr, HR_TOTAL
-):
-    """Tokens of the block's selected regions (slot j = region j // S, token j % S) and the mask
-    of each text row: the token's region is one that row selected."""
+def _region_tile(j, n_slots, UNION, TOKENS, CHOSEN, b, R, Tq, hr, qi, qkind, S: tl.constexpr,
+                 HR_TOTAL: tl.constexpr):
+    """Tokens of the block's selected regions (slot j = token j % S of region UNION[j // S])
+    and the text rows' mask: the token's region is one that row (head) selected."""
     j_ok = j < n_slots
     reg = tl.load(UNION + j // S, mask=j_ok, other=0)
     kpos = tl.load(TOKENS + (b * R + reg) * S + j % S, mask=j_ok, other=-1)
     k_ok = j_ok & (kpos >= 0)
     kpos = tl.where(k_ok, kpos, 0)
     row_t = qkind == 0
-    chosen_ptr = CHOSEN + ((b * HR_TOTAL + hr[:, None]) * Tq + qi[:, None]) * R + reg[None, :]
-    picked = tl.load(chosen_ptr, mask=row_t[:, None] & k_ok[None, :], other=0)
+    chosen = CHOSEN + ((b * HR_TOTAL + hr[:, None]) * Tq + qi[:, None]) * R + reg[None, :]
+    picked = tl.load(chosen, mask=row_t[:, None] & k_ok[None, :], other=0)
     return kpos, k_ok, (picked != 0) & row_t[:, None] & k_ok[None, :]
 
 
 @triton.jit
-def _softmax_tile(
-    acc,
-    m_i,
-    l_i,
-    q,
-    k_base,
-    v_base,
-    kpos,
-    k_ok,
-    allowed,
-    stride_kt,
-    stride_vt,
-    d,
-    d_ok,
-    scale_log2,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """One online-softmax step over a tile of keys at positions ``kpos``."""
-    kv_mask = k_ok[:, None] & d_ok[None, :]
-    kk = tl.load(k_base + kpos[:, None] * stride_kt + d[None, :], mask=kv_mask, other=0.0)
-    vv = tl.load(v_base + kpos[:, None] * stride_vt + d[None, :], mask=kv_mask, other=0.0)
+def _load_keys(k_base, v_base, kpos, k_ok, stride_kt, stride_vt, d, d_ok):
+    mask = k_ok[:, None] & d_ok[None, :]
+    kk = tl.load(k_base + kpos[:, None] * stride_kt + d[None, :], mask=mask, other=0.0)
+    vv = tl.load(v_base + kpos[:, None] * stride_vt + d[None, :], mask=mask, other=0.0)
+    return kk, vv
+
+
+@triton.jit
+def _softmax_tile(acc, m_i, l_i, q, kk, vv, allowed, scale_log2, MASKED: tl.constexpr,
+                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """One online-softmax step over a tile of keys (unmasked tiles skip the select)."""
     s = _dot(q, tl.trans(kk), UPCAST, PRECISION) * scale_log2
-    s = tl.where(allowed, s, float("-inf"))
+    if MASKED:
+        s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
@@ -144,440 +148,184 @@ def _softmax_tile(
 
 
 @triton.jit
-def _dq_tile(
-    dq,
-    q,
-    do,
-    lse,
-    delta,
-    k_base,
-    v_base,
-    kpos,
-    k_ok,
-    allowed,
-    stride_kt,
-    stride_vt,
-    d,
-    d_ok,
-    scale_log2,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+def _probs(q, kk, lse, allowed, scale_log2, MASKED: tl.constexpr, UPCAST: tl.constexpr,
+           PRECISION: tl.constexpr):
+    """Recomputed probabilities of a tile from the saved log-sum-exp (log2 domain)."""
+    p = tl.exp2(_dot(q, tl.trans(kk), UPCAST, PRECISION) * scale_log2 - lse[:, None])
+    if MASKED:
+        p = tl.where(allowed, p, 0.0)
+    return p
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse, delta, kk, vv, allowed, scale_log2, MASKED: tl.constexpr,
+             UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """dq contribution of a tile of keys (before the final multiplication by the scale)."""
-    kv_mask = k_ok[:, None] & d_ok[None, :]
-    kk = tl.load(k_base + kpos[:, None] * stride_kt + d[None, :], mask=kv_mask, other=0.0)
-    vv = tl.load(v_base + kpos[:, None] * stride_vt + d[None, :], mask=kv_mask, other=0.0)
-    s = _dot(q, tl.trans(kk), UPCAST, PRECISION) * scale_log2
-    p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
-    dp = _dot(do, tl.trans(vv), UPCAST, PRECISION)
-    ds = p * (dp - delta[:, None])
+    p = _probs(q, kk, lse, allowed, scale_log2, MASKED, UPCAST, PRECISION)
+    ds = p * (_dot(do, tl.trans(vv), UPCAST, PRECISION) - delta[:, None])
     return dq + _dot(ds.to(kk.dtype), kk, UPCAST, PRECISION)
 
 
 @triton.jit
-def _dkdv_tile(
-    dk,
-    dv,
-    kk,
-    vv,
-    q,
-    do,
-    lse,
-    delta,
-    allowed,
-    scale_log2,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """dk (before the scale) and dv contributions of a block of query rows to a tile of keys."""
-    s = _dot(q, tl.trans(kk), UPCAST, PRECISION) * scale_log2
-    p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
+def _dkdv_tile(dk, dv, kk, vv, q, do, lse, delta, allowed, scale_log2, MASKED: tl.constexpr,
+               UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """dk (before the scale) and dv contributions of a block of rows to a tile of keys."""
+    p = _probs(q, kk, lse, allowed, scale_log2, MASKED, UPCAST, PRECISION)
     dv = dv + _dot(tl.trans(p.to(do.dtype)), do, UPCAST, PRECISION)
-    dp = _dot(do, tl.trans(vv), UPCAST, PRECISION)
-    ds = p * (dp - delta[:, None])
+    ds = p * (_dot(do, tl.trans(vv), UPCAST, PRECISION) - delta[:, None])
     dk = dk + _dot(tl.trans(ds.to(q.dtype)), q, UPCAST, PRECISION)
     return dk, dv
 
 
 @triton.jit
 def _gaze_fwd_kernel(
-    Q,
-    K,
-    V,
-    OUT,
-    LSE,
-    KIND,
-    SEG,
-    DENSE_IDX,
-    DENSE_CNT,
-    LO,
-    HI,
-    CHOSEN,
-    UNION,
-    UNION_CNT,
-    TOKENS,
-    stride_qb,
-    stride_qh,
-    stride_qt,
-    stride_kb,
-    stride_kh,
-    stride_kt,
-    stride_vb,
-    stride_vh,
-    stride_vt,
-    stride_ob,
-    stride_oh,
-    stride_ot,
-    Tq,
-    Tk,
-    N_DENSE,
-    R,
-    U_MAX,
-    NQB,
-    scale_log2,
-    HKV: tl.constexpr,
-    G: tl.constexpr,
-    G_PAD: tl.constexpr,
-    QUERY_HEAD: tl.constexpr,
-    HR_TOTAL: tl.constexpr,
-    BLOCK_Q: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    D: tl.constexpr,
-    D_PAD: tl.constexpr,
-    S: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    Q, K, V, OUT, LSE,
+    KIND, SEG, DENSE_IDX, DENSE_CNT, LO, FULL_LO, FULL_HI, HI, CHOSEN, UNION, UNION_CNT, TOKENS,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+    Tq, Tk, N_DENSE, R, U_MAX, NQB, scale_log2,
+    HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, QUERY_HEAD: tl.constexpr,
+    HR_TOTAL: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    D_PAD: tl.constexpr, S: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
     kvh = bh % HKV
-    qi, head, row_ok, qpos, qkind, qseg = _query_rows(
-        qb, b, kvh, KIND, SEG, Tq, Tk, G, G_PAD, BLOCK_Q
-    )
-    hr = _routing_head(head, kvh, QUERY_HEAD)
-    d = tl.arange(0, D_PAD)
-    d_ok = d < D
-    q_ptr = Q + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qt + d[None, :]
-    q = tl.load(q_ptr, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    k_base = K + b * stride_kb + kvh * stride_kh
-    v_base = V + b * stride_vb + kvh * stride_vh
-    offs = tl.arange(0, BLOCK_N)
-
-    m_i = tl.full([BLOCK_Q * G_PAD], -1e30, tl.float32)
-    l_i = tl.zeros([BLOCK_Q * G_PAD], tl.float32)
-    acc = tl.zeros([BLOCK_Q * G_PAD, D_PAD], tl.float32)
-
-    lo = tl.load(LO + b * NQB + qb)
-    hi = tl.load(HI + b * NQB + qb)
-    for start in range(lo, hi, BLOCK_N):
-        kpos = start + offs
-        k_ok = kpos < hi
-        allowed = _causal_tile(kpos, k_ok, KIND, SEG, b, Tk, qpos, qkind, qseg)
-        acc, m_i, l_i = _softmax_tile(
-            acc,
-            m_i,
-            l_i,
-            q,
-            k_base,
-            v_base,
-            kpos,
-            k_ok,
-            allowed,
-            stride_kt,
-            stride_vt,
-            d,
-            d_ok,
-            scale_log2,
-            UPCAST,
-            PRECISION,
-        )
-
-    n_dense = tl.load(DENSE_CNT + b * NQB + qb)
-    for start in range(0, n_dense, BLOCK_N):
-        kpos, k_ok, allowed = _text_dense_tile(
-            start + offs, n_dense, DENSE_IDX, b, N_DENSE, qpos, qkind
-        )
-        acc, m_i, l_i = _softmax_tile(
-            acc,
-            m_i,
-            l_i,
-            q,
-            k_base,
-            v_base,
-            kpos,
-            k_ok,
-            allowed,
-            stride_kt,
-            stride_vt,
-            d,
-            d_ok,
-            scale_log2,
-            UPCAST,
-            PRECISION,
-        )
-
-    block = (b * HKV + kvh) * NQB + qb
-    n_slots = tl.load(UNION_CNT + block) * S
-    for start in range(0, n_slots, BLOCK_N):
-        kpos, k_ok, allowed = _region_tile(
-            start + offs,
-            n_slots,
-            UNION + block * U_MAX,
-            TOKENS,
-            CHOSEN,
-            b,
-            R,
-            Tq,
-            hr,
-            qi,
-            qkind,
-            S,
-            HR_TOTAL,
-        )
-        acc, m_i, l_i = _softmax_tile(
-            acc,
-            m_i,
-            l_i,
-            q,
-            k_base,
-            v_base,
-            kpos,
-            k_ok,
-            allowed,
-            stride_kt,
-            stride_vt,
-            d,
-            d_ok,
-            scale_log2,
-            UPCAST,
-            PRECISION,
-        )
-
-    # rows with no key (padding queries) output 0
-    has_key = l_i > 0
-    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
-    o_ptr = OUT + b * stride_ob + head[:, None] * stride_oh + qi[:, None] * stride_ot + d[None, :]
-    tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), 0.0)
-    tl.store(LSE + (b * HKV * G + head) * Tq + qi, lse, mask=row_ok)
-
-
-@triton.jit
-def _gaze_bwd_dq_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    DQ,
-    LSE,
-    DELTA,
-    KIND,
-    SEG,
-    DENSE_IDX,
-    DENSE_CNT,
-    LO,
-    HI,
-    CHOSEN,
-    UNION,
-    UNION_CNT,
-    TOKENS,
-    stride_qb,
-    stride_qh,
-    stride_qt,
-    stride_kb,
-    stride_kh,
-    stride_kt,
-    stride_vb,
-    stride_vh,
-    stride_vt,
-    stride_ob,
-    stride_oh,
-    stride_ot,
-    Tq,
-    Tk,
-    N_DENSE,
-    R,
-    U_MAX,
-    NQB,
-    scale,
-    scale_log2,
-    HKV: tl.constexpr,
-    G: tl.constexpr,
-    G_PAD: tl.constexpr,
-    QUERY_HEAD: tl.constexpr,
-    HR_TOTAL: tl.constexpr,
-    BLOCK_Q: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    D: tl.constexpr,
-    D_PAD: tl.constexpr,
-    S: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    qb = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HKV
-    kvh = bh % HKV
-    qi, head, row_ok, qpos, qkind, qseg = _query_rows(
-        qb, b, kvh, KIND, SEG, Tq, Tk, G, G_PAD, BLOCK_Q
-    )
+    qi, head, row_ok, qpos, qkind, qseg = _query_rows(qb, b, kvh, KIND, SEG, Tq, Tk, G, G_PAD, BLOCK_Q)
     hr = _routing_head(head, kvh, QUERY_HEAD)
     d = tl.arange(0, D_PAD)
     d_ok = d < D
     row_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(
-        Q + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qt + d[None, :],
-        mask=row_mask,
-        other=0.0,
-    )
-    do = tl.load(
-        DO + b * stride_ob + head[:, None] * stride_oh + qi[:, None] * stride_ot + d[None, :],
-        mask=row_mask,
-        other=0.0,
-    )
-    row_index = (b * HKV * G + head) * Tq + qi
-    lse = tl.load(LSE + row_index, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + row_index, mask=row_ok, other=0.0)
+    q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qt + d[None, :], mask=row_mask, other=0.0)
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+    offs = tl.arange(0, BLOCK_N)
+    m_i = tl.full([BLOCK_Q * G_PAD], -1e30, tl.float32)
+    l_i = tl.zeros([BLOCK_Q * G_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_Q * G_PAD, D_PAD], tl.float32)
+
+    # 1. visual and context rows over [lo, hi): masked, then a stretch every row sees
+    #    in full (blocks of visual rows only, below their first query), then masked again
+    lo = tl.load(LO + b * NQB + qb)
+    full_lo = tl.load(FULL_LO + b * NQB + qb)
+    full_hi = tl.load(FULL_HI + b * NQB + qb)
+    hi = tl.load(HI + b * NQB + qb)
+    for start in range(lo, full_lo, BLOCK_N):
+        kpos = start + offs
+        k_ok = kpos < full_lo
+        allowed = _causal_tile(kpos, k_ok, KIND, SEG, b, Tk, qpos, qkind, qseg)
+        kk, vv = _load_keys(k_base, v_base, kpos, k_ok, stride_kt, stride_vt, d, d_ok)
+        acc, m_i, l_i = _softmax_tile(acc, m_i, l_i, q, kk, vv, allowed, scale_log2, True, UPCAST, PRECISION)
+    for start in range(full_lo, full_hi, BLOCK_N):
+        kpos = start + offs
+        kk, vv = _load_keys(k_base, v_base, kpos, kpos < full_hi, stride_kt, stride_vt, d, d_ok)
+        acc, m_i, l_i = _softmax_tile(acc, m_i, l_i, q, kk, vv, None, scale_log2, False, UPCAST, PRECISION)
+    for start in range(full_hi, hi, BLOCK_N):
+        kpos = start + offs
+        k_ok = kpos < hi
+        allowed = _causal_tile(kpos, k_ok, KIND, SEG, b, Tk, qpos, qkind, qseg)
+        kk, vv = _load_keys(k_base, v_base, kpos, k_ok, stride_kt, stride_vt, d, d_ok)
+        acc, m_i, l_i = _softmax_tile(acc, m_i, l_i, q, kk, vv, allowed, scale_log2, True, UPCAST, PRECISION)
+
+    # 2. text rows over the earlier text and context keys
+    n_dense = tl.load(DENSE_CNT + b * NQB + qb)
+    for start in range(0, n_dense, BLOCK_N):
+        kpos, k_ok, allowed = _text_dense_tile(start + offs, n_dense, DENSE_IDX, b, N_DENSE, qpos, qkind)
+        kk, vv = _load_keys(k_base, v_base, kpos, k_ok, stride_kt, stride_vt, d, d_ok)
+        acc, m_i, l_i = _softmax_tile(acc, m_i, l_i, q, kk, vv, allowed, scale_log2, True, UPCAST, PRECISION)
+
+    # 3. text rows over the visual tokens of their selected regions
+    block = (b * HKV + kvh) * NQB + qb
+    n_slots = tl.load(UNION_CNT + block) * S
+    for start in range(0, n_slots, BLOCK_N):
+        kpos, k_ok, allowed = _region_tile(start + offs, n_slots, UNION + block * U_MAX, TOKENS, CHOSEN, b, R, Tq, hr, qi, qkind, S, HR_TOTAL)
+        kk, vv = _load_keys(k_base, v_base, kpos, k_ok, stride_kt, stride_vt, d, d_ok)
+        acc, m_i, l_i = _softmax_tile(acc, m_i, l_i, q, kk, vv, allowed, scale_log2, True, UPCAST, PRECISION)
+
+    # rows with no key (padding queries) output 0
+    has_key = l_i > 0
+    l_safe = tl.where(has_key, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    tl.store(OUT + b * stride_ob + head[:, None] * stride_oh + qi[:, None] * stride_ot + d[None, :], out.to(OUT.dtype.element_ty), mask=row_mask)
+    tl.store(LSE + (b * HKV * G + head) * Tq + qi, tl.where(has_key, m_i + tl.log2(l_safe), 0.0), mask=row_ok)
+
+
+@triton.jit
+def _gaze_bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA,
+    KIND, SEG, DENSE_IDX, DENSE_CNT, LO, FULL_LO, FULL_HI, HI, CHOSEN, UNION, UNION_CNT, TOKENS,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+    Tq, Tk, N_DENSE, R, U_MAX, NQB, scale, scale_log2,
+    HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, QUERY_HEAD: tl.constexpr,
+    HR_TOTAL: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    D_PAD: tl.constexpr, S: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dq of a query block: the forward's three loops, recomputing p from the log-sum-exp."""
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HKV
+    kvh = bh % HKV
+    qi, head, row_ok, qpos, qkind, qseg = _query_rows(qb, b, kvh, KIND, SEG, Tq, Tk, G, G_PAD, BLOCK_Q)
+    hr = _routing_head(head, kvh, QUERY_HEAD)
+    d = tl.arange(0, D_PAD)
+    d_ok = d < D
+    q, do, lse, delta = _load_rows(Q, DO, LSE, DELTA, b, head, qi, row_ok, d, d_ok, Tq, stride_qb, stride_qh, stride_qt, stride_ob, stride_oh, stride_ot, HKV * G)
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
     offs = tl.arange(0, BLOCK_N)
     dq = tl.zeros([BLOCK_Q * G_PAD, D_PAD], tl.float32)
 
     lo = tl.load(LO + b * NQB + qb)
+    full_lo = tl.load(FULL_LO + b * NQB + qb)
+    full_hi = tl.load(FULL_HI + b * NQB + qb)
     hi = tl.load(HI + b * NQB + qb)
-    for start in range(lo, hi, BLOCK_N):
+    for start in range(lo, full_lo, BLOCK_N):
+        kpos = start + offs
+        k_ok = kpos < full_lo
+        allowed = _causal_tile(kpos, k_ok, KIND, SEG, b, Tk, qpos, qkind, qseg)
+        kk, vv = _load_keys(k_base, v_base, kpos, k_ok, stride_kt, stride_vt, d, d_ok)
+        dq = _dq_tile(dq, q, do, lse, delta, kk, vv, allowed, scale_log2, True, UPCAST, PRECISION)
+    for start in range(full_lo, full_hi, BLOCK_N):
+        kpos = start + offs
+        kk, vv = _load_keys(k_base, v_base, kpos, kpos < full_hi, stride_kt, stride_vt, d, d_ok)
+        dq = _dq_tile(dq, q, do, lse, delta, kk, vv, None, scale_log2, False, UPCAST, PRECISION)
+    for start in range(full_hi, hi, BLOCK_N):
         kpos = start + offs
         k_ok = kpos < hi
         allowed = _causal_tile(kpos, k_ok, KIND, SEG, b, Tk, qpos, qkind, qseg)
-        dq = _dq_tile(
-            dq,
-            q,
-            do,
-            lse,
-            delta,
-            k_base,
-            v_base,
-            kpos,
-            k_ok,
-            allowed,
-            stride_kt,
-            stride_vt,
-            d,
-            d_ok,
-            scale_log2,
-            UPCAST,
-            PRECISION,
-        )
+        kk, vv = _load_keys(k_base, v_base, kpos, k_ok, stride_kt, stride_vt, d, d_ok)
+        dq = _dq_tile(dq, q, do, lse, delta, kk, vv, allowed, scale_log2, True, UPCAST, PRECISION)
 
     n_dense = tl.load(DENSE_CNT + b * NQB + qb)
     for start in range(0, n_dense, BLOCK_N):
-        kpos, k_ok, allowed = _text_dense_tile(
-            start + offs, n_dense, DENSE_IDX, b, N_DENSE, qpos, qkind
-        )
-        dq = _dq_tile(
-            dq,
-            q,
-            do,
-            lse,
-            delta,
-            k_base,
-            v_base,
-            kpos,
-            k_ok,
-            allowed,
-            stride_kt,
-            stride_vt,
-            d,
-            d_ok,
-            scale_log2,
-            UPCAST,
-            PRECISION,
-        )
+        kpos, k_ok, allowed = _text_dense_tile(start + offs, n_dense, DENSE_IDX, b, N_DENSE, qpos, qkind)
+        kk, vv = _load_keys(k_base, v_base, kpos, k_ok, stride_kt, stride_vt, d, d_ok)
+        dq = _dq_tile(dq, q, do, lse, delta, kk, vv, allowed, scale_log2, True, UPCAST, PRECISION)
 
     block = (b * HKV + kvh) * NQB + qb
     n_slots = tl.load(UNION_CNT + block) * S
     for start in range(0, n_slots, BLOCK_N):
-        kpos, k_ok, allowed = _region_tile(
-            start + offs,
-            n_slots,
-            UNION + block * U_MAX,
-            TOKENS,
-            CHOSEN,
-            b,
-            R,
-            Tq,
-            hr,
-            qi,
-            qkind,
-            S,
-            HR_TOTAL,
-        )
-        dq = _dq_tile(
-            dq,
-            q,
-            do,
-            lse,
-            delta,
-            k_base,
-            v_base,
-            kpos,
-            k_ok,
-            allowed,
-            stride_kt,
-            stride_vt,
-            d,
-            d_ok,
-            scale_log2,
-            UPCAST,
-            PRECISION,
-        )
+        kpos, k_ok, allowed = _region_tile(start + offs, n_slots, UNION + block * U_MAX, TOKENS, CHOSEN, b, R, Tq, hr, qi, qkind, S, HR_TOTAL)
+        kk, vv = _load_keys(k_base, v_base, kpos, k_ok, stride_kt, stride_vt, d, d_ok)
+        dq = _dq_tile(dq, q, do, lse, delta, kk, vv, allowed, scale_log2, True, UPCAST, PRECISION)
 
     dq_ptr = DQ + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qt + d[None, :]
-    tl.store(dq_ptr, (dq * scale).to(DQ.dtype.element_ty), mask=row_mask)
+    tl.store(dq_ptr, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
 def _gaze_bwd_dkdv_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    DK,
-    DV,
-    LSE,
-    DELTA,
-    KIND,
-    SEG,
-    ROW_FLAGS,
-    stride_qb,
-    stride_qh,
-    stride_qt,
-    stride_kb,
-    stride_kh,
-    stride_kt,
-    stride_vb,
-    stride_vh,
-    stride_vt,
-    stride_ob,
-    stride_oh,
-    stride_ot,
-    Tq,
-    Tk,
-    NQB,
-    scale,
-    scale_log2,
-    HKV: tl.constexpr,
-    G: tl.constexpr,
-    G_PAD: tl.constexpr,
-    BLOCK_Q: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    D: tl.constexpr,
-    D_PAD: tl.constexpr,
-    UPCAST: tl.constexpr,
+    Q, K, V, DO, DK, DV, LSE, DELTA, KIND, SEG, ROW_FLAGS,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+    Tq, Tk, NQB, scale, scale_log2,
+    HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """dk, dv of a block of keys in natural order from every non-routed rule (loops 1 and 2)."""
+    """dk, dv of a block of keys in natural order from the non-routed rules (loops 1 and 2)."""
     kb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
@@ -586,115 +334,47 @@ def _gaze_bwd_dkdv_kernel(
     k_ok = kpos < Tk
     d = tl.arange(0, D_PAD)
     d_ok = d < D
-    kv_mask = k_ok[:, None] & d_ok[None, :]
-    kk = tl.load(
-        K + b * stride_kb + kvh * stride_kh + kpos[:, None] * stride_kt + d[None, :],
-        mask=kv_mask,
-        other=0.0,
-    )
-    vv = tl.load(
-        V + b * stride_vb + kvh * stride_vh + kpos[:, None] * stride_vt + d[None, :],
-        mask=kv_mask,
-        other=0.0,
-    )
+    kk, vv = _load_keys(K + b * stride_kb + kvh * stride_kh, V + b * stride_vb + kvh * stride_vh, kpos, k_ok, stride_kt, stride_vt, d, d_ok)
     kkind = tl.load(KIND + b * Tk + kpos, mask=k_ok, other=3)
     # text rows reach this block only through its text and context keys
     dense_key = k_ok & ((kkind == 0) | (kkind == 2))
     any_dense = tl.max(dense_key.to(tl.int32), 0)
+    # a full block without padding keys is seen whole by a block of visual rows after it
+    clean_keys = tl.min((k_ok & (kkind != 3)).to(tl.int32), 0)
     dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     first = tl.maximum(kb * BLOCK_N - (Tk - Tq), 0) // BLOCK_Q
     for qb in range(first, NQB):
+        # bit 0: visual or context rows; bit 1: text rows; bit 2: visual rows only
         flags = tl.load(ROW_FLAGS + b * NQB + qb)
-        # bit 0: the block has visual or context rows; bit 1: text rows
         if ((flags & 1) != 0) | (((flags & 2) != 0) & (any_dense != 0)):
-            qi, head, row_ok, qpos, qkind, qseg = _query_rows(
-                qb, b, kvh, KIND, SEG, Tq, Tk, G, G_PAD, BLOCK_Q
-            )
-            allowed = _causal_tile(kpos, k_ok, KIND, SEG, b, Tk, qpos, qkind, qseg)
-            text_rule = (
-                (qkind == 0)[:, None] & dense_key[None, :] & (kpos[None, :] <= qpos[:, None])
-            )
-            allowed = allowed | text_rule
-            row_mask = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(
-                Q
-                + b * stride_qb
-                + head[:, None] * stride_qh
-                + qi[:, None] * stride_qt
-                + d[None, :],
-                mask=row_mask,
-                other=0.0,
-            )
-            do = tl.load(
-                DO
-                + b * stride_ob
-                + head[:, None] * stride_oh
-                + qi[:, None] * stride_ot
-                + d[None, :],
-                mask=row_mask,
-                other=0.0,
-            )
-            row_index = (b * HKV * G + head) * Tq + qi
-            lse = tl.load(LSE + row_index, mask=row_ok, other=0.0)
-            delta = tl.load(DELTA + row_index, mask=row_ok, other=0.0)
-            dk, dv = _dkdv_tile(
-                dk, dv, kk, vv, q, do, lse, delta, allowed, scale_log2, UPCAST, PRECISION
-            )
-    out = (b * HKV + kvh) * Tk + kpos
-    tl.store(DK + out[:, None] * D + d[None, :], dk * scale, mask=kv_mask)
-    tl.store(DV + out[:, None] * D + d[None, :], dv, mask=kv_mask)
+            qi, head, row_ok, qpos, qkind, qseg = _query_rows(qb, b, kvh, KIND, SEG, Tq, Tk, G, G_PAD, BLOCK_Q)
+            q, do, lse, delta = _load_rows(Q, DO, LSE, DELTA, b, head, qi, row_ok, d, d_ok, Tq, stride_qb, stride_qh, stride_qt, stride_ob, stride_oh, stride_ot, HKV * G)
+            whole = ((flags & 4) != 0) & (clean_keys != 0) & (kb * BLOCK_N + BLOCK_N - 1 <= Tk - Tq + qb * BLOCK_Q)
+            if whole:
+                dk, dv = _dkdv_tile(dk, dv, kk, vv, q, do, lse, delta, None, scale_log2, False, UPCAST, PRECISION)
+            else:
+                allowed = _causal_tile(kpos, k_ok, KIND, SEG, b, Tk, qpos, qkind, qseg)
+                allowed = allowed | ((qkind == 0)[:, None] & dense_key[None, :] & (kpos[None, :] <= qpos[:, None]))
+                dk, dv = _dkdv_tile(dk, dv, kk, vv, q, do, lse, delta, allowed, scale_log2, True, UPCAST, PRECISION)
+    out = ((b * HKV + kvh) * Tk + kpos)[:, None] * D + d[None, :]
+    mask = k_ok[:, None] & d_ok[None, :]
+    tl.store(DK + out, dk * scale, mask=mask)
+    tl.store(DV + out, dv, mask=mask)
 
 
 @triton.jit
 def _gaze_bwd_region_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    DK,
-    DV,
-    LSE,
-    DELTA,
-    KIND,
-    SEG,
-    CHOSEN,
-    INV,
-    INV_CNT,
-    TOKENS,
-    stride_qb,
-    stride_qh,
-    stride_qt,
-    stride_kb,
-    stride_kh,
-    stride_kt,
-    stride_vb,
-    stride_vh,
-    stride_vt,
-    stride_ob,
-    stride_oh,
-    stride_ot,
-    Tq,
-    Tk,
-    R,
-    INV_MAX,
-    scale,
-    scale_log2,
-    HKV: tl.constexpr,
-    G: tl.constexpr,
-    G_PAD: tl.constexpr,
-    QUERY_HEAD: tl.constexpr,
-    HR_TOTAL: tl.constexpr,
-    BLOCK_Q: tl.constexpr,
-    D: tl.constexpr,
-    D_PAD: tl.constexpr,
-    S: tl.constexpr,
-    S_PAD: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    Q, K, V, DO, DK, DV, LSE, DELTA, KIND, SEG, CHOSEN, INV, INV_CNT, TOKENS,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+    Tq, Tk, R, INV_MAX, scale, scale_log2,
+    HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, QUERY_HEAD: tl.constexpr,
+    HR_TOTAL: tl.constexpr, BLOCK_Q: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    S: tl.constexpr, S_PAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dk, dv of one region's tokens from the text rows that selected it (loop 3), added to
-    the non-routed part already in DK/DV."""
+    the non-routed part already in DK/DV (a token belongs to one region: no atomics)."""
     r = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
@@ -707,59 +387,26 @@ def _gaze_bwd_region_kernel(
         kpos = tl.where(k_ok, kpos, 0)
         d = tl.arange(0, D_PAD)
         d_ok = d < D
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        kk = tl.load(
-            K + b * stride_kb + kvh * stride_kh + kpos[:, None] * stride_kt + d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
-        vv = tl.load(
-            V + b * stride_vb + kvh * stride_vh + kpos[:, None] * stride_vt + d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
+        kk, vv = _load_keys(K + b * stride_kb + kvh * stride_kh, V + b * stride_vb + kvh * stride_vh, kpos, k_ok, stride_kt, stride_vt, d, d_ok)
         dk = tl.zeros([S_PAD, D_PAD], tl.float32)
         dv = tl.zeros([S_PAD, D_PAD], tl.float32)
         inv = INV + ((b * HKV + kvh) * R + r) * INV_MAX
         for i in range(0, n_blocks):
             qb = tl.load(inv + i)
-            qi, head, row_ok, qpos, qkind, qseg = _query_rows(
-                qb, b, kvh, KIND, SEG, Tq, Tk, G, G_PAD, BLOCK_Q
-            )
+            qi, head, row_ok, qpos, qkind, qseg = _query_rows(qb, b, kvh, KIND, SEG, Tq, Tk, G, G_PAD, BLOCK_Q)
             hr = _routing_head(head, kvh, QUERY_HEAD)
             row_t = qkind == 0
             picked = tl.load(CHOSEN + ((b * HR_TOTAL + hr) * Tq + qi) * R + r, mask=row_t, other=0)
             allowed = ((picked != 0) & row_t)[:, None] & k_ok[None, :]
-            row_mask = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(
-                Q
-                + b * stride_qb
-                + head[:, None] * stride_qh
-                + qi[:, None] * stride_qt
-                + d[None, :],
-                mask=row_mask,
-                other=0.0,
-            )
-            do = tl.load(
-                DO
-                + b * stride_ob
-                + head[:, None] * stride_oh
-                + qi[:, None] * stride_ot
-                + d[None, :],
-                mask=row_mask,
-                other=0.0,
-            )
-            row_index = (b * HKV * G + head) * Tq + qi
-            lse = tl.load(LSE + row_index, mask=row_ok, other=0.0)
-            delta = tl.load(DELTA + row_index, mask=row_ok, other=0.0)
-            dk, dv = _dkdv_tile(
-                dk, dv, kk, vv, q, do, lse, delta, allowed, scale_log2, UPCAST, PRECISION
-            )
-        out = (b * HKV + kvh) * Tk + kpos
-        dk_ptr = DK + out[:, None] * D + d[None, :]
-        dv_ptr = DV + out[:, None] * D + d[None, :]
-        tl.store(dk_ptr, tl.load(dk_ptr, mask=kv_mask, other=0.0) + dk * scale, mask=kv_mask)
-        tl.store(dv_ptr, tl.load(dv_ptr, mask=kv_mask, other=0.0) + dv, mask=kv_mask)
+            q, do, lse, delta = _load_rows(Q, DO, LSE, DELTA, b, head, qi, row_ok, d, d_ok, Tq, stride_qb, stride_qh, stride_qt, stride_ob, stride_oh, stride_ot, HKV * G)
+            dk, dv = _dkdv_tile(dk, dv, kk, vv, q, do, lse, delta, allowed, scale_log2, True, UPCAST, PRECISION)
+        out = ((b * HKV + kvh) * Tk + kpos)[:, None] * D + d[None, :]
+        mask = k_ok[:, None] & d_ok[None, :]
+        tl.store(DK + out, tl.load(DK + out, mask=mask, other=0.0) + dk * scale, mask=mask)
+        tl.store(DV + out, tl.load(DV + out, mask=mask, other=0.0) + dv, mask=mask)
+
+
+# fmt: on
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -770,8 +417,9 @@ class GazePlan:
     kinds, segment: [B, Tk] int32 metadata of every key position.
     dense_idx:      [B, N] int32 text/context key positions (compacted).
     dense_cnt:      [B, NQB] dense keys up to each block's last text query (0 without text rows).
-    lo, hi:         [B, NQB] contiguous key range of each block's visual and context rows.
-    row_flags:      [B, NQB] bit 0: visual/context rows, bit 1: text rows.
+    lo, hi:         [B, NQB] contiguous key range of each block's visual and context rows;
+    full_lo/hi:     the part of it that needs no mask (see ``_causal_ranges``).
+    row_flags:      [B, NQB] bit 0: visual/context rows, bit 1: text rows, 2: visual only.
     chosen:         [B, Hr, Tq, R] uint8, 1 where a query (head) selected a region.
     union:          [B, Hkv, NQB, U] region ids selected by any row of a block; union_cnt.
     inverse:        [B, Hkv, R, W] query blocks that selected a region; inverse_cnt.
@@ -783,6 +431,8 @@ class GazePlan:
     dense_idx: torch.Tensor
     dense_cnt: torch.Tensor
     lo: torch.Tensor
+    full_lo: torch.Tensor
+    full_hi: torch.Tensor
     hi: torch.Tensor
     row_flags: torch.Tensor
     chosen: torch.Tensor
@@ -828,59 +478,56 @@ def build_plan(
     tk: int,
     hkv: int,
     block_q: int,
+    block_n: int,
 ) -> GazePlan:
     """Block tables for queries that are the last ``tq`` of ``tk`` keys; chosen [B, Hr, Tq, R]."""
     device = chosen.device
     kinds, segment, _ = (t.to(device) for t in layout.padded(tk))
     batch = kinds.shape[0]
     nqb = triton.cdiv(tq, block_q)
-    pad_q = nqb * block_q - tq
     q_pos = torch.arange(tk - tq, tk, device=device)
-    q_kind, q_seg = kinds[:, q_pos].long(), segment[:, q_pos]
+    q_kind = kinds[:, q_pos].long()
     visual, context, text = (q_kind == k for k in (_VISUAL, _CONTEXT, _TEXT))
 
-    # first position of every segment: context rows start their keys there
-    n_seg = int(segment.max()) + 2 if segment.numel() else 1
-    seg_start = torch.full((batch, n_seg), tk, device=device, dtype=torch.int64)
-    seg_start = seg_start.scatter_reduce(
-        1, segment + 1, torch.arange(tk, device=device).expand(batch, tk), "amin"
-    )
-    row_lo = torch.where(visual, 0, torch.where(context, seg_start.gather(1, q_seg + 1), tk))
-    row_hi = torch.where(visual | context, q_pos + 1, 0)
-    lo = torch.nn.functional.pad(row_lo, (0, pad_q), value=tk).view(batch, nqb, block_q).amin(-1)
-    hi = torch.nn.functional.pad(row_hi, (0, pad_q), value=0).view(batch, nqb, block_q).amax(-1)
-    lo = torch.where(hi > lo, lo, 0)
-    hi = torch.where(hi > lo, hi, 0)
+    def per_block(rows, fill, reduce):
+        # [B, Tq] -> [B, NQB]: reduce each block's rows (padding rows read as ``fill``)
+        padded = torch.nn.functional.pad(rows, (0, nqb * block_q - tq), value=fill)
+        return reduce(padded.view(batch, nqb, block_q), -1)
 
-    dense_idx, dense_ok = layout.dense_index(tk)
-    dense_idx, dense_ok = dense_idx.to(device), dense_ok.to(device)
-    text_last = torch.where(text, q_pos, -1)
-    text_last = (
-        torch.nn.functional.pad(text_last, (0, pad_q), value=-1).view(batch, nqb, block_q).amax(-1)
+    lo, full_lo, full_hi, hi = _causal_ranges(
+        kinds, segment, q_pos, visual, context, per_block, block_q, block_n
     )
+    dense_idx, dense_ok = (t.to(device) for t in layout.dense_index(tk))
+    text_last = per_block(torch.where(text, q_pos, -1), -1, torch.amax)
     sorted_pos = torch.where(dense_ok, dense_idx, tk + 1).contiguous()
     dense_cnt = torch.searchsorted(sorted_pos, text_last.contiguous(), right=True)
     dense_cnt = torch.where(text_last >= 0, dense_cnt, 0)
-
-    def per_block(flag):
-        return torch.nn.functional.pad(flag, (0, pad_q)).view(batch, nqb, block_q).any(-1)
-
-    row_flags = per_block(visual | context).int() + 2 * per_block(text).int()
+    row_flags = (
+        per_block(visual | context, False, torch.any).int()
+        + 2 * per_block(text, False, torch.any).int()
+        + 4 * per_block(visual, True, torch.all).int()
+    )
 
     hr, num_r = chosen.shape[1], chosen.shape[3]
-    padded = torch.nn.functional.pad(chosen, (0, 0, 0, pad_q))
+    padded = torch.nn.functional.pad(chosen, (0, 0, 0, nqb * block_q - tq))
     # [B, Hkv, Hr / Hkv, NQB, BLOCK_Q, R] -> regions any row of a block selected
     union = padded.view(batch, hkv, hr // hkv, nqb, block_q, num_r).any(4).any(2)
     union_ids, union_cnt = _compact(union)
     inverse, inverse_cnt = _compact(union.transpose(-1, -2))
+
+    def int32(t):
+        return t.to(torch.int32).contiguous()
+
     return GazePlan(
-        kinds=kinds.to(torch.int32).contiguous(),
-        segment=segment.to(torch.int32).contiguous(),
-        dense_idx=_nonempty(dense_idx.to(torch.int32)),
-        dense_cnt=dense_cnt.to(torch.int32).contiguous(),
-        lo=lo.to(torch.int32).contiguous(),
-        hi=hi.to(torch.int32).contiguous(),
-        row_flags=row_flags.to(torch.int32).contiguous(),
+        kinds=int32(kinds),
+        segment=int32(segment),
+        dense_idx=_nonempty(int32(dense_idx)),
+        dense_cnt=int32(dense_cnt),
+        lo=int32(lo),
+        full_lo=int32(full_lo),
+        full_hi=int32(full_hi),
+        hi=int32(hi),
+        row_flags=int32(row_flags),
         chosen=_nonempty(chosen.to(torch.uint8)),
         union=union_ids,
         union_cnt=union_cnt,
@@ -891,6 +538,37 @@ def build_plan(
         region_tokens=layout.max_region_tokens,
         heads=hr,
     )
+
+
+def _causal_ranges(kinds, segment, q_pos, visual, context, per_block, block_q, block_n):
+    """[B, NQB] key ranges of the visual and context rows: all of [lo, hi) may be seen, and
+    [full_lo, full_hi) (whole tiles, no padding key, below the block's first query) is seen
+    by every row of a block of visual rows only, so those tiles need no mask."""
+    batch, tk = kinds.shape
+    device = kinds.device
+    positions = torch.arange(tk, device=device)
+    # first position of every segment: context rows start their keys there
+    n_seg = int(segment.max()) + 2
+    seg_start = torch.full((batch, n_seg), tk, device=device, dtype=torch.int64)
+    seg_start = seg_start.scatter_reduce(1, segment + 1, positions.expand(batch, tk), "amin")
+    q_seg = segment[:, q_pos]
+    row_lo = torch.where(visual, 0, torch.where(context, seg_start.gather(1, q_seg + 1), tk))
+    row_hi = torch.where(visual | context, q_pos + 1, 0)
+    lo = per_block(row_lo, tk, torch.amin)
+    hi = per_block(row_hi, 0, torch.amax)
+    empty = hi <= lo
+    lo, hi = lo.masked_fill(empty, 0), hi.masked_fill(empty, 0)
+
+    nqb = lo.shape[1]
+    first_q = q_pos[0] + torch.arange(nqb, device=device) * block_q  # [NQB]
+    pad = kinds == _PAD
+    last_pad = torch.cummax(torch.where(pad, positions, -1), dim=1).values  # [B, Tk]
+    start = last_pad[:, first_q] + 1
+    tiles = (first_q + 1 - start).clamp(min=0) // block_n
+    whole = per_block(visual, True, torch.all) & (tiles > 0) & ~empty
+    full_lo = torch.where(whole, start, hi)
+    full_hi = torch.where(whole, start + tiles * block_n, hi)
+    return lo, full_lo, full_hi, hi
 
 
 @dataclass(frozen=True)
@@ -944,6 +622,14 @@ def _strides(*tensors: torch.Tensor) -> list[int]:
     return [s for t in tensors for s in t.stride()[:3]]
 
 
+def _routing_args(plan: GazePlan) -> tuple:
+    """The block tables the forward and dq kernels read, in their argument order."""
+    return (
+        plan.kinds, plan.segment, plan.dense_idx, plan.dense_cnt, plan.lo, plan.full_lo,
+        plan.full_hi, plan.hi, plan.chosen, plan.union, plan.union_cnt, plan.tokens,
+    )  # fmt: skip
+
+
 def gaze_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: GazePlan, lc: _Launch, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -954,35 +640,11 @@ def gaze_fwd(
     lse = torch.empty(batch, hq, tq, device=q.device, dtype=torch.float32)
     nqb = plan.dense_cnt.shape[1]
     _gaze_fwd_kernel[(nqb, batch * hkv)](
-        q,
-        k,
-        v,
-        out,
-        lse,
-        plan.kinds,
-        plan.segment,
-        plan.dense_idx,
-        plan.dense_cnt,
-        plan.lo,
-        plan.hi,
-        plan.chosen,
-        plan.union,
-        plan.union_cnt,
-        plan.tokens,
-        *_strides(q, k, v, out),
-        tq,
-        tk,
-        plan.dense_idx.shape[-1],
-        plan.num_regions,
-        plan.union.shape[-1],
-        nqb,
-        scale * LOG2E,
-        QUERY_HEAD=plan.query_head,
-        HR_TOTAL=plan.heads,
-        BLOCK_N=lc.block_n,
-        S=lc.s,
-        **lc.consts(hkv, dim),
-    )
+        q, k, v, out, lse, *_routing_args(plan), *_strides(q, k, v, out),
+        tq, tk, plan.dense_idx.shape[-1], plan.num_regions, plan.union.shape[-1], nqb,
+        scale * LOG2E, QUERY_HEAD=plan.query_head, HR_TOTAL=plan.heads, BLOCK_N=lc.block_n,
+        S=lc.s, **lc.consts(hkv, dim),
+    )  # fmt: skip
     return out, lse
 
 
@@ -998,99 +660,36 @@ def gaze_bwd(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients dq [B, Hq, Tq, D], dk/dv [B, Hkv, Tk, D] from the output gradient do."""
-    batch, hq, tq, dim = q.shape
+    batch, _, tq, dim = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     nqb = plan.dense_cnt.shape[1]
     num_r = plan.num_regions
     do = do.contiguous()
     delta = (do.float() * out.float()).sum(-1).contiguous()  # [B, Hq, Tq]
     consts = lc.consts(hkv, dim)
+    strides = _strides(q, k, v, do)
     dq = torch.empty_like(q)
     _gaze_bwd_dq_kernel[(nqb, batch * hkv)](
-        q,
-        k,
-        v,
-        do,
-        dq,
-        lse,
-        delta,
-        plan.kinds,
-        plan.segment,
-        plan.dense_idx,
-        plan.dense_cnt,
-        plan.lo,
-        plan.hi,
-        plan.chosen,
-        plan.union,
-        plan.union_cnt,
-        plan.tokens,
-        *_strides(q, k, v, do),
-        tq,
-        tk,
-        plan.dense_idx.shape[-1],
-        num_r,
-        plan.union.shape[-1],
-        nqb,
-        scale,
-        scale * LOG2E,
-        QUERY_HEAD=plan.query_head,
-        HR_TOTAL=plan.heads,
-        BLOCK_N=lc.block_n,
-        S=lc.s,
-        **consts,
-    )
+        q, k, v, do, dq, lse, delta, *_routing_args(plan), *strides,
+        tq, tk, plan.dense_idx.shape[-1], num_r, plan.union.shape[-1], nqb, scale,
+        scale * LOG2E, QUERY_HEAD=plan.query_head, HR_TOTAL=plan.heads, BLOCK_N=lc.block_n,
+        S=lc.s, **consts,
+    )  # fmt: skip
+    # [B, Hkv, Tk, D] fp32: the key-block kernel stores, the region kernel adds
     dk = torch.empty(batch, hkv, tk, dim, device=k.device, dtype=torch.float32)
     dv = torch.empty_like(dk)
     _gaze_bwd_dkdv_kernel[(triton.cdiv(tk, lc.block_n), batch * hkv)](
-        q,
-        k,
-        v,
-        do,
-        dk,
-        dv,
-        lse,
-        delta,
-        plan.kinds,
-        plan.segment,
-        plan.row_flags,
-        *_strides(q, k, v, do),
-        tq,
-        tk,
-        nqb,
-        scale,
-        scale * LOG2E,
-        BLOCK_N=lc.block_n,
-        **consts,
-    )
+        q, k, v, do, dk, dv, lse, delta, plan.kinds, plan.segment, plan.row_flags, *strides,
+        tq, tk, nqb, scale, scale * LOG2E, BLOCK_N=lc.block_n, **consts,
+    )  # fmt: skip
     if num_r:
         _gaze_bwd_region_kernel[(num_r, batch * hkv)](
-            q,
-            k,
-            v,
-            do,
-            dk,
-            dv,
-            lse,
-            delta,
-            plan.kinds,
-            plan.segment,
-            plan.chosen,
-            plan.inverse,
-            plan.inverse_cnt,
-            plan.tokens,
-            *_strides(q, k, v, do),
-            tq,
-            tk,
-            num_r,
-            plan.inverse.shape[-1],
-            scale,
-            scale * LOG2E,
-            QUERY_HEAD=plan.query_head,
-            HR_TOTAL=plan.heads,
-            S=lc.s,
-            S_PAD=max(triton.next_power_of_2(lc.s), 16),
-            **consts,
-        )
+            q, k, v, do, dk, dv, lse, delta, plan.kinds, plan.segment, plan.chosen,
+            plan.inverse, plan.inverse_cnt, plan.tokens, *strides,
+            tq, tk, num_r, plan.inverse.shape[-1], scale, scale * LOG2E,
+            QUERY_HEAD=plan.query_head, HR_TOTAL=plan.heads, S=lc.s,
+            S_PAD=max(triton.next_power_of_2(lc.s), 16), **consts,
+        )  # fmt: skip
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -1150,7 +749,7 @@ def gaze_attention_triton(
         q.detach(), k.detach(), layout, config, descriptors=descriptors, top_k=top_k
     )
     lc = _launch_config(q, hkv, layout.max_region_tokens)
-    plan = build_plan(layout, chosen, tq, tk, hkv, lc.block_q)
+    plan = build_plan(layout, chosen, tq, tk, hkv, lc.block_q, lc.block_n)
     out = GazeAttentionFunction.apply(q, k, v, plan, lc, scale)
     stats = compute_stats(layout, q_pos, q_kind, chosen, visible, ids if return_selection else None)
     return out, stats
