@@ -42,7 +42,9 @@ def _check_decode(layout, config, hq, hkv, *, extra=0, dim=32, dtype=torch.float
     full, full_stats = gaze_attention_reference(
         q.float(), k.float(), v.float(), layout, config, return_selection=True
     )
-    step, stats = gaze_decode_triton(q[:, :, -1:], k, v, layout, config, return_selection=True, **kw)
+    step, stats = gaze_decode_triton(
+        q[:, :, -1:], k, v, layout, config, return_selection=True, **kw
+    )
     assert step.dtype == dtype
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(step.float(), full[:, :, -1:], atol=atol, rtol=rtol)
@@ -103,9 +105,7 @@ def test_decode_through_gaze_attention():
         step, stats = gaze_attention(q[:, :, -1:], k, v, layout, config)
     ref, ref_stats = gaze_attention_reference(q, k, v, layout, config)
     torch.testing.assert_close(step, ref[:, :, -1:], atol=2e-5, rtol=2e-5)
-    assert stats.attended_mean() == pytest.approx(
-        ref_stats.attended[..., -1].float().mean().item()
-    )
+    assert stats.attended_mean() == pytest.approx(ref_stats.attended[..., -1].float().mean().item())
 
 
 def test_text_only_batch():
@@ -115,9 +115,7 @@ def test_text_only_batch():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize(
-    "region", [(1, 6, 6), (1, 4, 4), (2, 6, 6)], ids=["6x6", "4x4", "6x6x2"]
-)
+@pytest.mark.parametrize("region", [(1, 6, 6), (1, 4, 4), (2, 6, 6)], ids=["6x6", "4x4", "6x6x2"])
 def test_region_descriptors(region, dtype):
     layout = build_layout(
         [[3, Image(7, 9), 2, Video(3, 6, 8), 1], [1, Image(13, 5), 2]],
@@ -133,9 +131,7 @@ def test_region_descriptors(region, dtype):
 @pytest.mark.slow
 @pytest.mark.parametrize("routing", ["kv_head", "query_head"])
 def test_qwen3_like_heads(routing):
-    layout = build_layout(
-        [[30, Video(4, 24, 24), 17], [5, Image(24, 24), 60]], padding_side="left"
-    )
+    layout = build_layout([[30, Video(4, 24, 24), 17], [5, Image(24, 24), 60]], padding_side="left")
     config = GazeConfig(keep_ratio=0.16, routing=routing)
     _check_decode(layout, config, 32, 8, dim=128, dtype=torch.float16, seed=4)
 
@@ -149,7 +145,9 @@ def test_gpu_decode(dtype, routing):
     config = GazeConfig(keep_ratio=0.16, routing=routing)
     gen = torch.Generator(device="cuda").manual_seed(0)
     t = layout.length
-    q, k, v = (torch.randn(3, h, t, 128, generator=gen, device="cuda").to(dtype) for h in (32, 8, 8))
+    q, k, v = (
+        torch.randn(3, h, t, 128, generator=gen, device="cuda").to(dtype) for h in (32, 8, 8)
+    )
     full, _ = gaze_attention_reference(q[:, :, -1:].float(), k.float(), v.float(), layout, config)
     step, _ = gaze_decode_triton(q[:, :, -1:], k, v, layout, config)
     atol, rtol = TOL[dtype]

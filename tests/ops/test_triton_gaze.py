@@ -201,10 +201,11 @@ def test_backend_dispatch_and_no_silent_fallback(monkeypatch):
     "case_id,gqa,routing,dtype",
     list(
         itertools.product(
-            list(CASES),
+            # fp32 and the long left-padded case are swept in the default tests already
+            [c for c in CASES if c != "left-pad-16x16"],
             GQA,
             ["kv_head", "query_head"],
-            [torch.float32, torch.float16, torch.bfloat16],
+            [torch.float16, torch.bfloat16],
         )
     ),
     ids=lambda x: (

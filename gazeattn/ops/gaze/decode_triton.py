@@ -76,7 +76,8 @@ def _gaze_decode_fwd_kernel(
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // HR
+    # int64: batch offsets (b * stride) pass 2**31 on long multi-frame batches
+    b = (bh // HR).to(tl.int64)
     hr = bh % HR
     kvh = hr // (HR // HKV)
     g = tl.arange(0, GR_PAD)
@@ -145,7 +146,8 @@ def _gaze_decode_merge_kernel(
 ):
     """Log-sum-exp merge of the chunks of one (sequence, query head); no key gives 0."""
     bh = tl.program_id(0)
-    b = bh // HQ
+    # int64: batch offsets (b * stride) pass 2**31 on long multi-frame batches
+    b = (bh // HQ).to(tl.int64)
     head = bh % HQ
     sp = tl.arange(0, SPLITS_PAD)
     sp_ok = sp < NUM_SPLITS

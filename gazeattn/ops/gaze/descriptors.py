@@ -31,7 +31,8 @@ def _region_mean_fwd_kernel(
 ):
     r = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // HKV
+    # int64: batch offsets (b * stride) pass 2**31 on long multi-frame batches
+    b = (bh // HKV).to(tl.int64)
     kvh = bh % HKV
     s = tl.arange(0, S_PAD)
     pos = tl.load(TOKENS + (b * R + r) * S + s, mask=s < S, other=-1)

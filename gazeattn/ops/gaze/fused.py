@@ -190,7 +190,8 @@ def _gaze_fwd_kernel(
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // HKV
+    # int64: batch offsets (b * stride) pass 2**31 on long multi-frame batches
+    b = (bh // HKV).to(tl.int64)
     kvh = bh % HKV
     qi, head, row_ok, qpos, qkind, qseg = _query_rows(qb, b, kvh, KIND, SEG, Tq, Tk, G, G_PAD, BLOCK_Q)
     hr = _routing_head(head, kvh, QUERY_HEAD)
@@ -265,7 +266,8 @@ def _gaze_bwd_dq_kernel(
     """dq of a query block: the forward's three loops, recomputing p from the log-sum-exp."""
     qb = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // HKV
+    # int64: batch offsets (b * stride) pass 2**31 on long multi-frame batches
+    b = (bh // HKV).to(tl.int64)
     kvh = bh % HKV
     qi, head, row_ok, qpos, qkind, qseg = _query_rows(qb, b, kvh, KIND, SEG, Tq, Tk, G, G_PAD, BLOCK_Q)
     hr = _routing_head(head, kvh, QUERY_HEAD)
@@ -328,7 +330,8 @@ def _gaze_bwd_dkdv_kernel(
     """dk, dv of a block of keys in natural order from the non-routed rules (loops 1 and 2)."""
     kb = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // HKV
+    # int64: batch offsets (b * stride) pass 2**31 on long multi-frame batches
+    b = (bh // HKV).to(tl.int64)
     kvh = bh % HKV
     kpos = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     k_ok = kpos < Tk
@@ -377,7 +380,8 @@ def _gaze_bwd_region_kernel(
     the non-routed part already in DK/DV (a token belongs to one region: no atomics)."""
     r = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // HKV
+    # int64: batch offsets (b * stride) pass 2**31 on long multi-frame batches
+    b = (bh // HKV).to(tl.int64)
     kvh = bh % HKV
     n_blocks = tl.load(INV_CNT + (b * HKV + kvh) * R + r)
     if n_blocks > 0:
