@@ -191,7 +191,7 @@ def gaze_decode_fwd(
     scale: float,
     *,
     num_splits: int | None = None,
-    block_n: int = 64,
+    block_n: int | None = None,
 ) -> torch.Tensor:
     """Host wrapper of the split-K decode.
 
@@ -214,6 +214,10 @@ def gaze_decode_fwd(
         else torch.full((1,), -1, dtype=torch.int32, device=q.device)
     )
     total = dense_idx.shape[1] + k_max * region_tokens
+    if block_n is None:
+        # the interpreter pays per loop step; on a GPU the [rows, block, D] broadcast
+        # product lives in registers (untuned: no GPU has run this yet)
+        block_n = 64 if os.environ.get("TRITON_INTERPRET") == "1" else 32
     splits = num_splits or _num_splits(batch * hr, total, block_n, q.device)
     split_len = triton.cdiv(triton.cdiv(max(total, 1), splits), block_n) * block_n
     d_pad = triton.next_power_of_2(dim)
