@@ -196,6 +196,13 @@ def test_backend_dispatch_and_no_silent_fallback(monkeypatch):
         gaze_attention(q, k, v, layout, config)
 
 
+def test_mixed_dtypes_are_rejected():
+    layout = _layout("ragged-7x9-4x4")
+    q, k, v = _inputs(layout, 2, 1, 32, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="share a dtype"):
+        gaze_attention_triton(q.half(), k, v, layout, _config("ragged-7x9-4x4"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "case_id,gqa,routing,dtype",

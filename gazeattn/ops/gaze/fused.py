@@ -743,6 +743,8 @@ def gaze_attention_triton(
     Returns:
         out [B, Hq, Tq, D] in q's dtype, and GazeStats.
     """
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     layout = layout.to(q.device)
     # out and dq share q's strides; k and v are read through theirs
