@@ -63,14 +63,25 @@ def gaze_attention(
     backend = resolve_backend(config, q.device)
     if backend == "dense":
         return dense_attention(q, k, v, layout, config, scale=scale)
-    if backend == "triton":
-        raise NotImplementedError("the triton backend lands with issue #4")
     kwargs = dict(
         scale=scale, descriptors=descriptors, top_k=top_k, return_selection=return_selection
     )
+    if backend == "triton":
+        return _triton_attention(q, k, v, layout, config, **kwargs)
     if can_decode(q, k, layout) and not torch.is_grad_enabled():
         return gaze_decode(q, k, v, layout, config, **kwargs)
     return gaze_attention_reference(q, k, v, layout, config, **kwargs)
+
+
+def _triton_attention(q, k, v, layout, config, **kwargs):
+    # imported on first use: importing gazeattn stays free of Triton's start-up cost
+    from gazeattn.ops.gaze.decode_triton import gaze_decode_triton
+    from gazeattn.ops.gaze.fused import gaze_attention_triton
+
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if can_decode(q, k, layout) and not needs_grad:
+        return gaze_decode_triton(q, k, v, layout, config, **kwargs)
+    return gaze_attention_triton(q, k, v, layout, config, **kwargs)
 
 
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: GazeLayout) -> None:

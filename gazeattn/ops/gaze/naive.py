@@ -73,6 +73,8 @@ def gaze_mask(
     # a visual key is kept when its region was chosen; text and context keys always
     batch, hr, tq, _ = chosen.shape
     key_region = region.clamp(min=0)[:, None, None, :].expand(batch, hr, tq, tk)
+    # a batch without images has no regions (and no visual keys) to gather from
+    chosen = chosen if chosen.shape[-1] else chosen.new_zeros(batch, hr, tq, 1)
     region_chosen = chosen.gather(-1, key_region)  # [B, Hr, Tq, Tk]
     key_visual = (kinds == TokenKind.VISUAL)[:, None, None, :]
     text_rule = base[:, None] & (~key_visual | region_chosen)
