@@ -26,7 +26,12 @@ def test_defaults_and_nesting():
     cfg = from_dict(Outer, {"inner": {"size": [3, 4], "rate": 1}, "steps": 7})
     assert cfg.inner.size == (3, 4) and cfg.inner.rate == 1.0 and isinstance(cfg.inner.rate, float)
     assert from_dict(Outer, to_dict(cfg)) == cfg
-    assert flatten(to_dict(cfg)) == {"inner.size": [3, 4], "inner.rate": 1.0, "inner.name": None, "steps": 7}
+    assert flatten(to_dict(cfg)) == {
+        "inner.size": [3, 4],
+        "inner.rate": 1.0,
+        "inner.name": None,
+        "steps": 7,
+    }
 
 
 def test_unknown_keys_fail_with_their_path():

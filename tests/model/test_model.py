@@ -1,0 +1,222 @@
+"""The gaze model against stock transformers, cached decoding, save/load and conversion."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlavaForConditionalGeneration
+
+from gazeattn.generation import GazeCache
+from gazeattn.model import (
+    GazeLlavaForConditionalGeneration,
+    load_model,
+    set_gaze_budget,
+    set_gaze_top_k,
+)
+from gazeattn.ops import GazeConfig
+from tests.model.conftest import image_chat, random_image, video_chat
+
+FP32 = dict(atol=1e-5, rtol=1e-5)
+
+
+def _stock_inputs(batch):
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+
+
+@pytest.mark.parametrize("backend", ["dense", "reference"])
+def test_all_regions_without_context_equals_stock_llava(stock_dir, backend):
+    stock, _ = load_model(stock_dir)
+    assert type(stock) is LlavaForConditionalGeneration
+    gaze = GazeConfig(top_k="all", num_context_tokens=0, backend=backend)
+    model, processor = load_model(stock_dir, gaze=gaze)
+    assert isinstance(model, GazeLlavaForConditionalGeneration)
+    samples = [
+        processor.encode_sample(image_chat(n_images=2), images=[random_image(0), random_image(1)]),
+        processor.encode_sample(
+            video_chat(), videos=[[random_image(2), random_image(3), random_image(4)]]
+        ),
+    ]
+    batch = processor.collate(samples, padding_side="right")
+    with torch.no_grad():
+        expect = stock(**_stock_inputs(batch)).logits
+        got = model(**batch).logits
+    valid = batch["attention_mask"].bool()
+    if backend == "dense":
+        torch.testing.assert_close(got[valid], expect[valid], atol=1e-6, rtol=1e-6)
+    else:
+        torch.testing.assert_close(got[valid], expect[valid], **FP32)
+
+
+def _extend(processor, sample, tokens):
+    parts = [list(p) for p in sample["parts"]]
+    if parts[-1][0] == "text":
+        parts[-1][1] += len(tokens)
+    else:
+        parts.append(["text", len(tokens)])
+    ids = list(sample["input_ids"]) + tokens
+    return {**sample, "input_ids": torch.tensor(ids).numpy(), "labels": None, "parts": parts}
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_cached_decode_equals_full_forward(gaze_dir, kind):
+    model, processor = load_model(gaze_dir)
+    if kind == "image":
+        sample = processor.encode_sample(
+            image_chat(answer=None, n_images=2),
+            images=[random_image(5), random_image(6)],
+            add_generation_prompt=True,
+        )
+    else:
+        frames = [random_image(s) for s in range(7, 11)]
+        sample = processor.encode_sample(video_chat(), videos=[frames], add_generation_prompt=True)
+    batch = processor.collate([sample])
+    batch.pop("labels")
+    cache = GazeCache()
+    tokens = []
+    with torch.no_grad():
+        out = model(**batch, cache=cache, use_cache=True)
+        for _ in range(5):
+            tokens.append(int(out.logits[0, -1].argmax()))
+            full_batch = processor.collate([_extend(processor, sample, tokens)])
+            full_batch.pop("labels")
+            full = model(**full_batch).logits[0, -1]
+            mask = torch.ones(1, len(sample["input_ids"]) + len(tokens), dtype=torch.long)
+            out = model(
+                input_ids=torch.tensor([[tokens[-1]]]),
+                attention_mask=mask,
+                cache=cache,
+                use_cache=True,
+                gaze_layout=batch["gaze_layout"],
+            )
+            torch.testing.assert_close(out.logits[0, -1], full, **FP32)
+    assert (
+        cache.gaze_state is not None
+        and len(cache.gaze_state.descriptors) == model.config.text_config.num_hidden_layers
+    )
+
+
+def test_left_and_right_padding_match_single_sequences(gaze_dir):
+    model, processor = load_model(gaze_dir)
+    samples = [
+        processor.encode_sample(image_chat(), images=[random_image(1)]),
+        processor.encode_sample(
+            image_chat("a much longer question about the shapes in the picture", "blue", 2),
+            images=[random_image(2), random_image(3)],
+        ),
+    ]
+    with torch.no_grad():
+        singles = [model(**processor.collate([s])).logits[0] for s in samples]
+        for side in ("left", "right"):
+            batch = processor.collate(samples, padding_side=side)
+            logits = model(**batch).logits
+            for b, single in enumerate(singles):
+                n = single.shape[0]
+                rows = logits[b, -n:] if side == "left" else logits[b, :n]
+                torch.testing.assert_close(rows, single, **FP32)
+
+
+def test_save_load_round_trip(gaze_dir, tmp_path):
+    model, processor = load_model(gaze_dir)
+    with torch.no_grad():
+        model.gaze_context.weight.add_(0.5)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    again, processor2 = load_model(tmp_path)
+    assert again.gaze_config == model.gaze_config == processor2.gaze_config
+    sample = processor.encode_sample(image_chat(), images=[random_image(4)])
+    assert (
+        processor2.encode_sample(image_chat(), images=[random_image(4)])["input_ids"]
+        == sample["input_ids"]
+    ).all()
+    batch = processor.collate([sample])
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, model(**batch).logits, atol=0, rtol=0)
+
+
+def test_context_tokens_change_the_answer_and_are_trained(gaze_dir):
+    model, processor = load_model(gaze_dir)
+    batch = processor.collate([processor.encode_sample(image_chat(), images=[random_image(8)])])
+    out = model(**batch)
+    out.loss.backward()
+    grad = model.gaze_context.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    with torch.no_grad():
+        before = model(**batch).logits
+        model.gaze_context.weight.mul_(-3.0)
+        after = model(**batch).logits
+    assert not torch.allclose(before, after)
+
+
+def test_routing_report_counts(gaze_dir):
+    model, processor = load_model(gaze_dir, gaze=GazeConfig(top_k=1, num_context_tokens=4))
+    sample = processor.encode_sample(
+        image_chat(answer=None, n_images=2),
+        images=[random_image(1), random_image(2)],
+        add_generation_prompt=True,
+    )
+    batch = processor.collate([sample])
+    batch.pop("labels")
+    with torch.no_grad():
+        out = model(**batch, gaze_report=True, gaze_selection=True)
+    assert sorted(out.gaze_report) == [0, 1]
+    # the 96 px image at patch 8 is a 12 x 12 grid: 4 regions of 36 per image, 8 in all
+    for report in out.gaze_report.values():
+        assert report.dense_mean > 0
+        sel = report.selected[0, :, -1]  # [Hr, K] for the last query
+        assert sel.shape[-1] == 1 and (sel >= 0).all() and (sel < 8).all()
+    set_gaze_top_k(model, 3)
+    with torch.no_grad():
+        out3 = model(**batch, gaze_report=True)
+    set_gaze_top_k(model, None)
+    with torch.no_grad():
+        out1 = model(**batch, gaze_report=True)
+    for layer in (0, 1):
+        assert out1.gaze_report[layer].attended_mean < out3.gaze_report[layer].attended_mean
+
+
+def test_last_query_entries(gaze_dir):
+    model, processor = load_model(gaze_dir, gaze=GazeConfig(top_k=1, num_context_tokens=4))
+    sample = processor.encode_sample(
+        image_chat(answer=None, n_images=2),
+        images=[random_image(1), random_image(2)],
+        add_generation_prompt=True,
+    )
+    batch = processor.collate([sample])
+    batch.pop("labels")
+    cache = GazeCache()
+    with torch.no_grad():
+        model(**batch, cache=cache, use_cache=True)
+    with torch.no_grad():
+        model(
+            input_ids=torch.tensor([[5]]),
+            attention_mask=torch.ones(1, len(sample["input_ids"]) + 1, dtype=torch.long),
+            cache=cache,
+            use_cache=True,
+            gaze_layout=batch["gaze_layout"],
+            gaze_report=True,
+        )
+    # a decode query: one region of 36 plus the 2 x 4 context tokens, of 288 dense entries
+    for stats in cache.gaze_state.stats.values():
+        assert stats.attended[0, :, -1].tolist() == [36 + 8] * stats.attended.shape[1]
+        assert stats.dense[0, -1] == 288
+
+
+def test_budget_can_be_replaced(gaze_dir):
+    model, _ = load_model(gaze_dir)
+    set_gaze_budget(model, keep_ratio=1.0)
+    assert model.gaze_config.keep_ratio == 1.0 and model.gaze_config.top_k is None
+    with pytest.raises(TypeError, match="not a gaze model"):
+        set_gaze_top_k(torch.nn.Linear(2, 2), 3)
+
+
+def test_gaze_model_requires_its_layout(gaze_dir):
+    model, processor = load_model(gaze_dir)
+    batch = processor.collate([processor.encode_sample(image_chat(), images=[random_image(1)])])
+    batch.pop("gaze_layout")
+    with pytest.raises(ValueError, match="gaze_layout"):
+        model(**batch)
+
+
+def test_context_token_count_cannot_change_at_load(gaze_dir):
+    with pytest.raises(ValueError, match="context tokens"):
+        load_model(gaze_dir, gaze=GazeConfig(top_k=2, num_context_tokens=2))
