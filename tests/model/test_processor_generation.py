@@ -166,25 +166,24 @@ def test_stream_yields_the_text(gaze):
     assert "".join(pieces) == result.text
 
 
-def test_sampling_is_seeded(gaze):
-    model, processor = gaze
-    make = lambda seed: GenerationRequest(
+def _sampled(seed: int, temperature: float = 1.5) -> GenerationRequest:
+    return GenerationRequest(
         messages=image_chat(answer=None),
         images=[random_image(3)],
         max_new_tokens=8,
-        temperature=1.5,
+        temperature=temperature,
         top_p=0.9,
         seed=seed,
-    )  # noqa: E731
-    a, b = (generate_batch(model, processor, [make(7)])[0] for _ in range(2))
+    )
+
+
+def test_sampling_is_seeded(gaze):
+    model, processor = gaze
+    a, b = (generate_batch(model, processor, [_sampled(7)])[0] for _ in range(2))
     assert a.token_ids == b.token_ids
+    greedy = generate_batch(model, processor, [_sampled(7, temperature=0.0)])[0].token_ids
+    others = [generate_batch(model, processor, [_sampled(s)])[0].token_ids for s in range(3)]
+    assert any(tokens != greedy for tokens in others)
+    bad = GenerationRequest(messages=image_chat(answer=None), images=[random_image(3)], top_p=0)
     with pytest.raises(ValueError, match="top_p"):
-        generate_batch(
-            model,
-            processor,
-            [
-                GenerationRequest(
-                    messages=image_chat(answer=None), images=[random_image(3)], top_p=0
-                )
-            ],
-        )
+        generate_batch(model, processor, [bad])
