@@ -13,8 +13,10 @@ from gazeattn.ops.layout import (
 )
 from gazeattn.ops.routing import (
     budgets,
+    keep_ratio_schedule,
     region_descriptors,
     region_scores,
+    schedule_progress,
     select_regions,
     top_k_schedule,
     visible_regions,
@@ -31,10 +33,12 @@ __all__ = [
     "VisualSpan",
     "budgets",
     "build_layout",
+    "keep_ratio_schedule",
     "gaze_attention",
     "region_descriptors",
     "region_scores",
     "resolve_backend",
+    "schedule_progress",
     "select_regions",
     "top_k_schedule",
     "visible_regions",

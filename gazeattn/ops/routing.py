@@ -98,6 +98,18 @@ def select_regions(
     return ids, chosen
 
 
+def schedule_progress(step: int, *, warmup_steps: int, kind: str = "linear") -> float:
+    """How far the progressive schedule is, 0 (dense) at step 0 to 1 (target) at ``warmup_steps``."""
+    if kind not in ("linear", "cosine"):
+        raise ValueError(f"schedule kind must be 'linear' or 'cosine', got {kind!r}")
+    if warmup_steps < 0:
+        raise ValueError("warmup_steps must be >= 0")
+    if step >= warmup_steps:
+        return 1.0
+    frac = max(step, 0) / warmup_steps
+    return 0.5 * (1.0 - math.cos(math.pi * frac)) if kind == "cosine" else frac
+
+
 def top_k_schedule(
     step: int,
     *,
@@ -107,16 +119,16 @@ def top_k_schedule(
     kind: str = "linear",
 ) -> int:
     """Progressive Top-K: ``total_regions`` (dense) at step 0, ``target`` from ``warmup_steps`` on."""
-    if kind not in ("linear", "cosine"):
-        raise ValueError(f"schedule kind must be 'linear' or 'cosine', got {kind!r}")
     if target < 1 or total_regions < 1:
         raise ValueError("target and total_regions must be >= 1")
-    if warmup_steps < 0:
-        raise ValueError("warmup_steps must be >= 0")
     target = min(target, total_regions)
-    if step >= warmup_steps:
-        return target
-    frac = max(step, 0) / warmup_steps
-    if kind == "cosine":
-        frac = 0.5 * (1.0 - math.cos(math.pi * frac))
+    frac = schedule_progress(step, warmup_steps=warmup_steps, kind=kind)
     return max(target, round(total_regions - frac * (total_regions - target)))
+
+
+def keep_ratio_schedule(
+    step: int, *, target: float, warmup_steps: int, kind: str = "linear"
+) -> float:
+    """Progressive keep ratio: 1.0 (dense) at step 0, ``target`` from ``warmup_steps`` on."""
+    frac = schedule_progress(step, warmup_steps=warmup_steps, kind=kind)
+    return 1.0 - frac * (1.0 - target)

@@ -147,3 +147,11 @@ def test_top_k_schedule(kind):
     assert top_k_schedule(0, total_regions=128, target=20, warmup_steps=0) == 20
     with pytest.raises(ValueError, match="kind"):
         top_k_schedule(0, total_regions=8, target=2, warmup_steps=4, kind="step")
+
+
+def test_keep_ratio_schedule():
+    from gazeattn.ops import keep_ratio_schedule
+
+    ratios = [keep_ratio_schedule(s, target=0.2, warmup_steps=4) for s in range(6)]
+    assert ratios == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2, 0.2])
+    assert keep_ratio_schedule(2, target=0.2, warmup_steps=4, kind="cosine") == pytest.approx(0.6)
