@@ -1,0 +1,62 @@
+"""MLflow tracking against a real server: run reuse, params, buffering while the server is down."""
+
+from __future__ import annotations
+
+import logging
+
+from mlflow.tracking import MlflowClient
+
+from tests.servers import MlflowServer
+from training.tracking import Tracker, resolve_run, resolve_tracking_uri
+
+
+def test_resolve_run_reuses_the_run_of_a_name(mlflow_server):
+    first = resolve_run(mlflow_server.uri, "exp-reuse", "run-a")
+    again = resolve_run(mlflow_server.uri, "exp-reuse", "run-a")
+    other = resolve_run(mlflow_server.uri, "exp-reuse", "run-b")
+    assert first == again != other
+
+
+def test_tracker_logs_params_and_metrics(mlflow_server):
+    run_id = resolve_run(mlflow_server.uri, "exp-log", "run")
+    tracker = Tracker(mlflow_server.uri, run_id)
+    tracker.log_params({"model.attn": "gaze", "train.max_steps": 3})
+    # logging the same params again (a resumed run) is not an error
+    tracker.log_params({"model.attn": "gaze"})
+    for step in range(3):
+        tracker.log_metrics({"loss": 1.0 / (step + 1), "kv_savings_pct": 75.0}, step)
+    tracker.close()
+    client = MlflowClient(mlflow_server.uri)
+    run = client.get_run(run_id)
+    assert run.data.params["model.attn"] == "gaze"
+    assert [m.value for m in client.get_metric_history(run_id, "loss")] == [1.0, 0.5, 1.0 / 3]
+
+
+def test_tracker_buffers_while_the_server_is_down(tmp_path, caplog):
+    server = MlflowServer(tmp_path / "srv").start()
+    run_id = resolve_run(server.uri, "exp-down", "run")
+    tracker = Tracker(server.uri, run_id)
+    tracker.log_metrics({"loss": 3.0}, 0)
+    server.stop()
+    with caplog.at_level(logging.WARNING, logger="training.tracking"):
+        tracker.log_metrics({"loss": 2.0}, 1)
+        tracker.log_metrics({"loss": 1.0}, 2)
+    assert sum("unreachable" in r.message for r in caplog.records) == 1
+    assert len(tracker._buffer) == 2
+    # the same store comes back on the same port: the buffered metrics arrive
+    restarted = MlflowServer(tmp_path / "srv", port=server.port).start()
+    try:
+        tracker.flush()
+        assert len(tracker._buffer) == 0
+        history = MlflowClient(server.uri).get_metric_history(run_id, "loss")
+        assert sorted(m.step for m in history) == [0, 1, 2]
+    finally:
+        restarted.stop()
+
+
+def test_default_tracking_uri_is_the_local_sqlite_store(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(None, tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    assert resolve_tracking_uri(None) == "http://127.0.0.1:1"
+    assert resolve_tracking_uri("sqlite:///x.db") == "sqlite:///x.db"
