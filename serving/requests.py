@@ -45,7 +45,8 @@ def check_options(body: ChatCompletionRequest, settings: ServeSettings, model_na
     stops = body.stop_list()
     if len(stops) > MAX_STOP or any(not s for s in stops):
         raise BadRequest(f"stop takes at most {MAX_STOP} non-empty strings", param="stop")
-    max_new = body.max_completion_tokens or body.max_tokens or settings.default_max_tokens
+    default = min(settings.default_max_tokens, settings.max_tokens_limit)
+    max_new = body.max_completion_tokens or body.max_tokens or default
     if max_new > settings.max_tokens_limit:
         raise BadRequest(
             f"max_tokens={max_new} exceeds this server's limit of {settings.max_tokens_limit}",
