@@ -106,16 +106,23 @@ def parse_body(raw: bytes) -> ChatCompletionRequest:
         raise Unprocessable.from_validation(err) from None
 
 
+MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+
+
 def resolve_model(uri: str) -> Path:
-    """A local directory as is; an MLflow URI (models:/, runs:/, ...) downloaded first."""
-    if uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
+    """A local directory as is; an MLflow URI (models:/, runs:/, ...) downloaded first.
+
+    A logged gaze model keeps its Hugging Face export at ``artifacts/model_dir`` of the
+    download (``training.export``); a plain directory of artifacts is accepted too.
+    """
+    if uri.startswith(MLFLOW_SCHEMES):
         import mlflow
 
         root = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-        found = sorted(p.parent for p in root.rglob("config.json"))
-        if not found:
-            raise FileNotFoundError(f"no model config.json in the artifacts of {uri}")
-        return found[0]
+        for candidate in (root / "artifacts" / "model_dir", root / "model_dir", root):
+            if (candidate / "config.json").is_file():
+                return candidate
+        raise FileNotFoundError(f"no model directory (config.json) in the download of {uri}")
     path = Path(uri)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{uri} is not a model directory (no config.json)")
@@ -147,7 +154,11 @@ class GazeChat:
             path, gaze=gaze_config(path, self.settings.gaze), device=self.settings.device
         )
         self.model.eval()
-        self.model_name = self.settings.model_name or path.name
+        # an MLflow model is named by its URI, a directory by its name
+        mlflow_uri = self.settings.model.startswith(MLFLOW_SCHEMES)
+        self.model_name = self.settings.model_name or (
+            self.settings.model if mlflow_uri else path.name
+        )
         self.num_layers = self.model.config.text_config.num_hidden_layers
         self.eos_id = self.processor.tokenizer.eos_token_id
         # read here, in the replica, so the key never travels in the application's config
