@@ -207,3 +207,21 @@ def test_a_failing_request_does_not_fail_its_batch(model_dir):
     assert batch_size == 1 and 1 <= result.completion_tokens <= 3
     (alone,) = generate_batch(model, processor, [item(3).generation])
     assert result.token_ids == alone.token_ids
+
+
+@pytest.mark.slow  # the sqlite store's migrations take tens of seconds
+def test_mlflow_uri_resolves_to_the_model_directory(model_dir, tmp_path, monkeypatch):
+    import mlflow
+
+    from serving.app import resolve_model
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    experiment = client.create_experiment("serve", artifact_location=str(tmp_path / "artifacts"))
+    run = client.create_run(experiment)
+    client.log_artifacts(run.info.run_id, str(model_dir), "export/model")
+    client.set_terminated(run.info.run_id)
+    path = resolve_model(f"runs:/{run.info.run_id}/export")
+    assert path.name == "model" and (path / "config.json").is_file()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        resolve_model(str(tmp_path))
