@@ -31,6 +31,7 @@ from ray.serve import Application
 from gazeattn.generation import GenerationResult, generate_batch, stream_generate
 from gazeattn.model import load_model
 from gazeattn.ops import GazeConfig
+from gazeattn.processing import ProcessorInputError
 from serving.errors import (
     BadRequest,
     RequestError,
@@ -64,6 +65,11 @@ api = FastAPI(title="gazeattn", docs_url=None, redoc_url=None, openapi_url=None)
 @api.exception_handler(RequestError)
 async def _request_error(_: Request, err: RequestError) -> JSONResponse:
     return err.response()
+
+
+@api.exception_handler(ProcessorInputError)
+async def _processor_error(_: Request, err: ProcessorInputError) -> JSONResponse:
+    return error_response(400, str(err), "invalid_request_error")
 
 
 @api.exception_handler(RequestValidationError)
@@ -191,7 +197,10 @@ class GazeChat:
             return StreamingResponse(
                 self.stream(prepared, include_usage), media_type="text/event-stream"
             )
-        result, batch_size = await self.generate(prepared)
+        outcome = await self.generate(prepared)
+        if isinstance(outcome, Exception):
+            raise outcome
+        result, batch_size = outcome
         completion = ChatCompletion(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
@@ -213,12 +222,9 @@ class GazeChat:
     # ---- decoding
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def generate(self, items: list[Prepared]) -> list[tuple[GenerationResult, int]]:
-        outcomes = await asyncio.to_thread(self.generate_sync, items)
-        for outcome in outcomes:
-            if isinstance(outcome, Exception):
-                raise outcome
-        return outcomes
+    async def generate(self, items: list[Prepared]) -> list:
+        """Per request (GenerationResult, batch size), or the exception that request raised."""
+        return await asyncio.to_thread(self.generate_sync, items)
 
     def generate_sync(self, items: list[Prepared]) -> list:
         """One generate_batch call per routing layer asked for (requests without gaze join any)."""
@@ -235,17 +241,39 @@ class GazeChat:
         for layer, members in groups.items():
             requests = [items[i].generation for i in members]
             routing = any(items[i].gaze for i in members)
-            with self.lock:
-                results = generate_batch(
-                    self.model,
-                    self.processor,
-                    requests,
-                    return_routing=routing,
-                    routing_layer=layer,
-                )
+            try:
+                with self.lock:
+                    results = generate_batch(
+                        self.model,
+                        self.processor,
+                        requests,
+                        return_routing=routing,
+                        routing_layer=layer,
+                    )
+            except ValueError:
+                if len(members) == 1:
+                    raise
+                # find the request at fault: the others still get their answers
+                for i in members:
+                    outcomes[i] = self.generate_one(items[i], routing, layer)
+                continue
             for i, result in zip(members, results, strict=True):
                 outcomes[i] = (result, len(members))
         return outcomes
+
+    def generate_one(self, item: Prepared, routing: bool, layer: int):
+        try:
+            with self.lock:
+                (result,) = generate_batch(
+                    self.model,
+                    self.processor,
+                    [item.generation],
+                    return_routing=routing,
+                    routing_layer=layer,
+                )
+            return result, 1
+        except ValueError as err:
+            return err
 
     async def stream(self, prepared: Prepared, include_usage: bool) -> AsyncIterator[str]:
         """Server-sent events in the OpenAI chunk format, ending with ``data: [DONE]``."""

@@ -119,6 +119,14 @@ def prepare(
             param="messages",
             code="context_length_exceeded",
         )
+    context = processor.settings.max_length
+    if prompt_tokens + max_new > context:
+        raise BadRequest(
+            f"{prompt_tokens} prompt tokens + max_tokens={max_new} exceed the model's context "
+            f"of {context} tokens",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
     return Prepared(generation=generation, gaze=body.gaze, layer=layer, prompt_tokens=prompt_tokens)
 
 

@@ -175,3 +175,53 @@ def test_placeholder_tokens_are_never_generated(model_dir):
     (result,) = generate_batch(model, processor, [request])
     assert banned not in result.token_ids
     assert result.completion_tokens == 4 or result.finish_reason == "stop"
+
+
+def test_a_failing_request_does_not_fail_its_batch(model_dir):
+    """generate_sync (the body of the batch) retries one by one when a batch raises."""
+    import threading
+    from functools import partial
+    from types import SimpleNamespace
+
+    from serving.app import GazeChat
+    from serving.requests import Prepared
+
+    model, processor = load_model(model_dir)
+    cls = GazeChat.func_or_class
+    replica = SimpleNamespace(
+        model=model,
+        processor=processor,
+        lock=threading.Lock(),
+        num_layers=2,
+        settings=ServeSettings(model=str(model_dir)),
+    )
+    replica.generate_one = partial(cls.generate_one, replica)
+
+    def item(max_new: int) -> Prepared:
+        request = GenerationRequest(messages=user(), max_new_tokens=max_new)
+        return Prepared(generation=request, gaze=False, layer=-1, prompt_tokens=0)
+
+    good, bad = cls.generate_sync(replica, [item(3), item(0)])
+    assert isinstance(bad, ValueError) and "max_new_tokens" in str(bad)
+    result, batch_size = good
+    assert batch_size == 1 and 1 <= result.completion_tokens <= 3
+    (alone,) = generate_batch(model, processor, [item(3).generation])
+    assert result.token_ids == alone.token_ids
+
+
+@pytest.mark.slow  # the sqlite store's migrations take tens of seconds
+def test_mlflow_uri_resolves_to_the_model_directory(model_dir, tmp_path, monkeypatch):
+    import mlflow
+
+    from serving.app import resolve_model
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    experiment = client.create_experiment("serve", artifact_location=str(tmp_path / "artifacts"))
+    run = client.create_run(experiment)
+    client.log_artifacts(run.info.run_id, str(model_dir), "export/model")
+    client.set_terminated(run.info.run_id)
+    path = resolve_model(f"runs:/{run.info.run_id}/export")
+    assert path.name == "model" and (path / "config.json").is_file()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        resolve_model(str(tmp_path))
