@@ -128,7 +128,11 @@ def resolve_model(uri: str) -> Path:
         for candidate in (root / "artifacts" / "model_dir", root / "model_dir", root):
             if (candidate / "config.json").is_file():
                 return candidate
-        raise FileNotFoundError(f"no model directory (config.json) in the download of {uri}")
+        # otherwise the shallowest directory holding a config.json
+        found = sorted((p.parent for p in root.rglob("config.json")), key=lambda p: len(p.parts))
+        if not found:
+            raise FileNotFoundError(f"no model directory (config.json) in the download of {uri}")
+        return found[0]
     path = Path(uri)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{uri} is not a model directory (no config.json)")
