@@ -106,6 +106,14 @@ def parse_body(raw: bytes) -> ChatCompletionRequest:
         raise BadRequest(f"the body is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise BadRequest("the body must be a JSON object")
+    # "\ud800" alone is valid JSON but not text: the tokenizer would fail on it (a 500)
+    if b"\\ud" in raw.lower():
+        try:
+            json.dumps(data, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise BadRequest(
+                "the body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff)"
+            ) from None
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as err:

@@ -10,7 +10,7 @@ from gazeattn.generation import GenerationRequest, generate_batch
 from gazeattn.model import load_model
 from gazeattn.tiny import build_tiny
 from serving.app import parse_body
-from serving.errors import Unprocessable
+from serving.errors import BadRequest, Unprocessable
 
 
 def body(**kw) -> bytes:
@@ -27,6 +27,14 @@ def test_seed_outside_the_generator_range_is_422(seed):
 @pytest.mark.parametrize("seed", [0, 2**64 - 1, -(2**63)], ids=["0", "2^64-1", "-2^63"])
 def test_seed_inside_the_generator_range_decodes(seed):
     assert parse_body(body(seed=seed)).seed == seed
+
+
+def test_a_lone_surrogate_is_a_400_and_a_pair_is_text():
+    lone = b'{"model": "m", "messages": [{"role": "user", "content": "hi \\ud800"}]}'
+    with pytest.raises(BadRequest, match="surrogate"):
+        parse_body(lone)
+    pair = lone.replace(b"\\ud800", b"\\ud83d\\ude00")
+    assert parse_body(pair).messages[0].content == "hi \U0001f600"
 
 
 @pytest.fixture(scope="module")
