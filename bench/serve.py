@@ -1,22 +1,18 @@
-"""Ray Serve end to end: gaze vs dense decoding of the same model, at concurrency 1, 4 and 16.
+"""Serving benchmark: gaze vs dense decoding behind the same Ray Serve app, in one run.
 
-A tiny LLaVA-architecture gaze model with a long visual context (a video of 8
-frames x 576 visual tokens + 4 context tokens each, 384 px at patch 16) is served
-by ``serving.app`` on 127.0.0.1, once with its gaze routing and once as its dense
-twin (``top_k: all``, dense backend: the same weights). Clients post
-OpenAI chat requests carrying the 8 frames (the ``video_frames`` extension) and
-ask for a fixed number of tokens. Per concurrency level: completion tokens/s over
-the level's wall time, and p50/p99 request latency; then the gaze/dense ratios.
-Writes bench/results/serve.json.
+A tiny-but-long-context gaze model (8 video frames of 18 x 18 visual tokens at the
+defaults, 4 context tokens each) is served twice on 127.0.0.1: as saved (gaze,
+keep ratio 0.16) and with the dense backend over every visual entry. Clients send
+the same video + question at concurrency 1, 4 and 16 (greedy, a fixed number of
+new tokens) through the official openai client. Prints completion tokens/s and
+p50/p99 latency per mode and the gaze/dense ratios; writes bench/results/serve.json.
 
-Run: python bench/serve.py [--frames 8] [--max-tokens 16] [--requests 4] [--levels 1 4 16]
+Run: PYTHONPATH=. python bench/serve.py [--frames 8] [--image-size 144] [--tokens 16]
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import os
 import statistics
 import sys
@@ -25,159 +21,126 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import numpy as np
-from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import write_results  # noqa: E402
 from gazeattn.ops import GazeConfig  # noqa: E402
 from gazeattn.tiny import build_tiny  # noqa: E402
+from serving.settings import GazeOverride, ServeSettings  # noqa: E402
+from tests.serve.harness import data_url, image_bytes, local_serve  # noqa: E402
 
-SIZE = dict(image_size=384, patch_size=16, hidden=256, layers=2, heads=4, kv_heads=2)
-VARIANTS = {
-    "gaze": None,  # the checkpoint's own routing (keep_ratio from --keep)
-    "dense": {"top_k": "all", "backend": "dense"},
-}
+MODES = {"gaze": None, "dense": GazeOverride(backend="dense", top_k="all")}
 
 
-def frame_urls(frames: int, side: int = 96) -> list[str]:
-    """Small random JPEG frames as data URLs (the processor resizes them to 384 px)."""
-    rng = np.random.default_rng(0)
-    urls = []
-    for _ in range(frames):
-        buffer = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(
-            buffer, format="JPEG"
+def build_model(out: Path, args) -> Path:
+    return build_tiny(
+        out,
+        gaze_config=GazeConfig(keep_ratio=args.keep),
+        image_size=args.image_size,
+        patch_size=8,
+        hidden=args.hidden,
+        layers=args.layers,
+        heads=8,
+        kv_heads=2,
+    )
+
+
+def video_messages(frames: int, size: int) -> list[dict]:
+    urls = [{"url": data_url(image_bytes(i, size=(size, size)))} for i in range(frames)]
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "video_frames", "video_frames": urls},
+                {"type": "text", "text": "which frame has the red circle?"},
+            ],
+        }
+    ]
+
+
+def run_level(base: str, messages, concurrency: int, requests: int, tokens: int) -> dict:
+    import openai
+
+    client = openai.OpenAI(base_url=base, api_key="-", max_retries=0, timeout=600)
+
+    def one(_):
+        start = time.perf_counter()
+        out = client.chat.completions.create(
+            model="bench", messages=messages, max_tokens=tokens, temperature=0
         )
-        urls.append("data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode())
-    return urls
+        return time.perf_counter() - start, out.usage.completion_tokens
 
-
-def request_body(urls: list[str], max_tokens: int, i: int) -> dict:
-    video = {"type": "video_frames", "video_frames": [{"url": u} for u in urls]}
-    text = {"type": "text", "text": f"describe the video, part {i % 7}"}
-    return {
-        "model": "bench",
-        "messages": [{"role": "user", "content": [video, text]}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-    }
-
-
-def run_level(url: str, bodies: list[dict], concurrency: int) -> dict:
-    """Send ``bodies`` from ``concurrency`` client threads; latencies, tokens/s and batch sizes."""
-
-    def one(body: dict) -> tuple[float, int, int]:
-        start = time.perf_counter()
-        resp = client.post(f"{url}/v1/chat/completions", json=body)
-        elapsed = time.perf_counter() - start
-        resp.raise_for_status()
-        batch = int(resp.headers.get("x-batch-size", "1"))
-        return elapsed, resp.json()["usage"]["completion_tokens"], batch
-
-    limits = httpx.Limits(max_connections=concurrency)
-    with httpx.Client(timeout=600, limits=limits) as client:
-        start = time.perf_counter()
-        with ThreadPoolExecutor(concurrency) as pool:
-            rows = list(pool.map(one, bodies))
-        wall = time.perf_counter() - start
-    latencies = sorted(r[0] for r in rows)
-    tokens = sum(r[1] for r in rows)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(one, range(requests)))
+    wall = time.perf_counter() - start
+    latencies = sorted(r[0] for r in results)
+    generated = sum(r[1] for r in results)
     return {
         "concurrency": concurrency,
-        "requests": len(rows),
-        "completion_tokens": tokens,
-        "wall_s": wall,
-        "tokens_per_s": tokens / wall,
+        "requests": requests,
+        "completion_tokens": generated,
+        "tokens_per_s": generated / wall,
         "p50_s": statistics.median(latencies),
         "p99_s": float(np.percentile(latencies, 99)),
-        "mean_batch_size": statistics.mean(r[2] for r in rows),
+        "wall_s": wall,
     }
-
-
-def bench_variant(url: str, model_dir: Path, override, args, urls) -> list[dict]:
-    from ray import serve
-
-    from serving.app import app
-    from serving.settings import ServeSettings
-
-    settings = ServeSettings(
-        model=str(model_dir),
-        model_name="bench",
-        gaze=override,
-        max_images=max(16, args.frames),
-        max_batch_size=max(args.levels),
-        batch_wait_timeout_s=0.05,
-        # no API key in the benchmark, whatever the caller's environment holds
-        api_key_env="GAZEATTN_BENCH_NO_KEY",
-    )
-    deployment = {
-        "num_replicas": 1,
-        "max_ongoing_requests": 2 * max(args.levels),
-        "ray_actor_options": {"num_cpus": 1},
-    }
-    serve.run(app(settings, **deployment), name="bench", route_prefix="/")
-    # warm-up: the first request pays for lazy initialisation
-    run_level(url, [request_body(urls, 2, 0)], 1)
-    rows = []
-    for level in args.levels:
-        count = max(args.requests, level)
-        bodies = [request_body(urls, args.max_tokens, i) for i in range(count)]
-        row = run_level(url, bodies, level)
-        print(
-            f"  c={level:<3} {row['tokens_per_s']:8.2f} tok/s  p50 {row['p50_s']:7.2f} s  "
-            f"p99 {row['p99_s']:7.2f} s  mean batch {row['mean_batch_size']:.1f}",
-            flush=True,
-        )
-        rows.append(row)
-    serve.delete("bench")
-    return rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--frames", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=4, help="requests per level (>= c)")
-    parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--keep", type=float, default=0.16, help="gaze keep ratio")
-    parser.add_argument("--hidden", type=int, default=SIZE["hidden"])
-    parser.add_argument("--layers", type=int, default=SIZE["layers"])
+    parser.add_argument("--image-size", type=int, default=144, help="pixels; patch 8")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--keep", type=float, default=0.16)
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--rounds", type=int, default=2, help="requests per client")
+    parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
     args = parser.parse_args()
 
-    import ray
     from ray import serve
 
-    from tests.servers import free_port
+    from serving.app import app
 
-    size = {**SIZE, "hidden": args.hidden, "layers": args.layers}
-    urls = frame_urls(args.frames)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
-    )
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = build_tiny(
-            Path(tmp) / "bench", gaze_config=GazeConfig(keep_ratio=args.keep), **size
-        )
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        try:
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
-            for name, override in VARIANTS.items():
-                print(f"{name}:", flush=True)
-                results[name] = bench_variant(url, model_dir, override, args, urls)
-        finally:
-            serve.shutdown()
-            ray.shutdown()
+    messages = video_messages(args.frames, args.image_size)
+    results: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp, local_serve(num_cpus=args.cpus) as url:
+        model_dir = build_model(Path(tmp) / "model", args)
+        for mode, override in MODES.items():
+            settings = ServeSettings(
+                model=str(model_dir),
+                model_name="bench",
+                gaze=override,
+                max_batch_size=max(args.concurrency),
+                max_images=args.frames,
+                batch_wait_timeout_s=0.02,
+            )
+            options = dict(
+                num_replicas=1,
+                max_ongoing_requests=2 * max(args.concurrency),
+                ray_actor_options={"num_cpus": args.cpus},
+            )
+            # one mode at a time, so the two never share the CPU
+            serve.run(app(settings, **options), name=mode, route_prefix=f"/{mode}")
+            base = f"{url}/{mode}/v1"
+            run_level(base, messages, 1, 1, args.tokens)  # warm-up
+            results[mode] = [
+                run_level(base, messages, c, c * args.rounds, args.tokens) for c in args.concurrency
+            ]
+            serve.delete(mode)
 
+    print(f"{'mode':6} {'conc':>4} {'tok/s':>8} {'p50 s':>7} {'p99 s':>7}")
+    for mode, rows in results.items():
+        for r in rows:
+            print(
+                f"{mode:6} {r['concurrency']:>4} {r['tokens_per_s']:>8.1f} "
+                f"{r['p50_s']:>7.2f} {r['p99_s']:>7.2f}"
+            )
     ratios = []
-    print(f"{'c':>3} {'tok/s gaze/dense':>17} {'p50 dense/gaze':>15} {'p99 dense/gaze':>15}")
     for gaze, dense in zip(results["gaze"], results["dense"], strict=True):
         ratio = {
             "concurrency": gaze["concurrency"],
@@ -187,22 +150,17 @@ def main() -> None:
         }
         ratios.append(ratio)
         print(
-            f"{ratio['concurrency']:>3} {ratio['tokens_per_s_gaze_over_dense']:>17.2f} "
-            f"{ratio['p50_dense_over_gaze']:>15.2f} {ratio['p99_dense_over_gaze']:>15.2f}"
+            f"concurrency {ratio['concurrency']:>2}: gaze/dense tokens/s "
+            f"{ratio['tokens_per_s_gaze_over_dense']:.2f}x, dense/gaze p50 "
+            f"{ratio['p50_dense_over_gaze']:.2f}x, p99 {ratio['p99_dense_over_gaze']:.2f}x"
         )
-    scaling = results["gaze"][-1]["tokens_per_s"] / results["gaze"][0]["tokens_per_s"]
-    print(f"gaze tokens/s at c={args.levels[-1]} over c={args.levels[0]}: {scaling:.2f}x")
+    grid = args.image_size // 8
     path = write_results(
         "serve",
         {
-            "frames": args.frames,
-            "visual_tokens_per_frame": (SIZE["image_size"] // SIZE["patch_size"]) ** 2,
-            "keep_ratio": args.keep,
-            "max_tokens": args.max_tokens,
-            "model": size,
-            "rows": results,
+            "config": {**vars(args), "visual_tokens": args.frames * grid * grid},
+            "results": results,
             "ratios": ratios,
-            "gaze_throughput_scaling": scaling,
         },
     )
     print(f"wrote {path}")

@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
@@ -72,11 +71,6 @@ async def _processor_error(_: Request, err: ProcessorInputError) -> JSONResponse
     return error_response(400, str(err), "invalid_request_error")
 
 
-@api.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
-    return error_response(422, str(err.errors()[:5]), "invalid_request_error")
-
-
 def usage(result: GenerationResult) -> Usage:
     return Usage(
         prompt_tokens=result.prompt_tokens,
@@ -102,7 +96,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 def parse_body(raw: bytes) -> ChatCompletionRequest:
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise BadRequest(f"the body is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise BadRequest("the body must be a JSON object")

@@ -145,6 +145,8 @@ def test_body_parsing_errors():
 
     with pytest.raises(BadRequest, match="not valid JSON"):
         parse_body(b"{")
+    with pytest.raises(BadRequest, match="not valid JSON"):
+        parse_body(b"[" * 100_000)
     with pytest.raises(Unprocessable, match="messages"):
         parse_body(b'{"model": "m"}')
     assert parse_body(b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "x": 1}')
