@@ -16,7 +16,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from gazeattn.typed_config import flatten, to_dict
 from training.config import REPO, FinetuneConfig
 from training.loop import EXPORT_SUBDIR, train_loop
-from training.tracking import Tracker, resolve_run, resolve_tracking_uri
+from training.tracking import TRACKING_ERRORS, Tracker, resolve_run, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,15 @@ def run_finetune(cfg: FinetuneConfig, *, crash: dict | None = None) -> FinetuneR
     uri = run_id = None
     if cfg.mlflow.enabled:
         uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
-        run_id = _start_tracking(cfg, uri)
+        try:
+            run_id = _start_tracking(cfg, uri)
+        except TRACKING_ERRORS as err:  # tracking must not stop training
+            log.warning("MLflow at %s is unreachable (%s): training without tracking", uri, err)
+            print(
+                f"[finetune] WARNING: MLflow at {uri} is unreachable; training without tracking",
+                flush=True,
+            )
+            uri = None
 
     loop_config = {
         "config": to_dict(cfg),
@@ -130,10 +138,16 @@ def run_finetune(cfg: FinetuneConfig, *, crash: dict | None = None) -> FinetuneR
         )
     export_dir = _copy_export(cfg, root, result.checkpoint)
     registered = None
-    if cfg.mlflow.enabled:
+    if run_id is not None:
         from training.export import log_model
 
-        registered = log_model(uri, run_id, export_dir, cfg.mlflow.registered_model_name)
+        try:
+            registered = log_model(uri, run_id, export_dir, cfg.mlflow.registered_model_name)
+        except TRACKING_ERRORS as err:  # the export on disk is the result; MLflow holds a copy
+            print(
+                f"[finetune] WARNING: could not log the model to MLflow ({err}); it is at {export_dir}",
+                flush=True,
+            )
     return FinetuneResult(
         export_dir=export_dir,
         metrics=result.metrics,
