@@ -4,6 +4,8 @@ import os
 
 # Must precede the import of any module that defines @triton.jit kernels.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# local Ray clusters started by tests do not use token authentication
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -16,13 +16,16 @@ from pathlib import Path
 
 import mlflow
 from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 
 RUN_NAME_TAG = "gazeattn.run_name"
+# what an unreachable or failing server raises (requests' errors are OSErrors)
+TRACKING_ERRORS = (MlflowException, OSError)
 # A dead server must not stall a training step for minutes of retries.
-CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 
 
 def resolve_tracking_uri(uri: str | None, base_dir: str | Path = ".") -> str:
@@ -33,10 +36,16 @@ def resolve_tracking_uri(uri: str | None, base_dir: str | Path = ".") -> str:
     return f"sqlite:///{Path(base_dir).resolve() / 'mlflow.db'}"
 
 
+def _fail_fast() -> None:
+    for key, value in CLIENT_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 def resolve_run(
     uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None
 ) -> str:
     """The id of the MLflow run for ``run_name`` in ``experiment``, created on first use."""
+    _fail_fast()
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
@@ -57,8 +66,7 @@ class Tracker:
     def __init__(
         self, uri: str, run_id: str, *, system_metrics: bool = False, max_buffer: int = 10_000
     ):
-        for key, value in CLIENT_ENV.items():
-            os.environ.setdefault(key, value)
+        _fail_fast()
         self.uri = uri
         self.run_id = run_id
         self.client = MlflowClient(uri)
@@ -72,7 +80,7 @@ class Tracker:
         try:
             mlflow.set_tracking_uri(self.uri)
             self._active = mlflow.start_run(run_id=self.run_id, log_system_metrics=True)
-        except Exception as err:  # noqa: BLE001 - tracking must not stop training
+        except TRACKING_ERRORS as err:  # tracking must not stop training
             self._warn(err)
 
     def _warn(self, err: Exception) -> None:
@@ -104,7 +112,7 @@ class Tracker:
             batch = [self._buffer[i] for i in range(min(1000, len(self._buffer)))]
             try:
                 self.client.log_batch(self.run_id, metrics=batch)
-            except Exception as err:  # noqa: BLE001 - tracking must not stop training
+            except TRACKING_ERRORS as err:  # tracking must not stop training
                 self._warn(err)
                 return
             for _ in batch:
@@ -118,20 +126,20 @@ class Tracker:
             items = [p for p in items if p.key not in existing]
             for i in range(0, len(items), 100):
                 self.client.log_batch(self.run_id, params=items[i : i + 100])
-        except Exception as err:  # noqa: BLE001 - tracking must not stop training
+        except TRACKING_ERRORS as err:  # tracking must not stop training
             self._warn(err)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         try:
             for k, v in tags.items():
                 self.client.set_tag(self.run_id, k, v)
-        except Exception as err:  # noqa: BLE001
+        except TRACKING_ERRORS as err:
             self._warn(err)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         try:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
-        except Exception as err:  # noqa: BLE001
+        except TRACKING_ERRORS as err:
             self._warn(err)
 
     def close(self) -> None:
@@ -139,6 +147,6 @@ class Tracker:
         if self._active is not None:
             try:
                 mlflow.end_run()
-            except Exception as err:  # noqa: BLE001
+            except TRACKING_ERRORS as err:
                 self._warn(err)
             self._active = None

@@ -1,0 +1,60 @@
+"""Every shipped config loads, and every path the manifests name exists in the repository."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from training.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+JOB_CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml"))
+ALL_YAML = sorted(
+    p for p in REPO.rglob("*.yaml") if ".venv" not in p.parts and "outputs" not in p.parts
+)
+
+
+@pytest.mark.parametrize("path", JOB_CONFIGS, ids=lambda p: p.name)
+def test_job_configs_load(path):
+    config = load_config(path)
+    ds = REPO / config.train.deepspeed_config
+    assert ds.exists(), f"{path.name} names a missing DeepSpeed config {ds}"
+    json.loads(ds.read_text())
+
+
+@pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_yaml_parses(path):
+    docs = list(yaml.safe_load_all(path.read_text()))
+    assert docs and all(d is not None for d in docs)
+
+
+def _entrypoints() -> list[tuple[str, str]]:
+    found = []
+    for path in (REPO / "infra").rglob("*.yaml"):
+        for doc in yaml.safe_load_all(path.read_text()):
+            entry = (doc or {}).get("spec", {}).get("entrypoint") if isinstance(doc, dict) else None
+            if entry:
+                found.append((path.name, entry))
+    return found
+
+
+@pytest.mark.parametrize("manifest,entrypoint", _entrypoints())
+def test_manifest_entrypoints_exist(manifest, entrypoint):
+    words = shlex.split(entrypoint)
+    for word in words:
+        if re.fullmatch(r"(jobs|configs)/[\w./-]+", word):
+            assert (REPO / word).exists(), f"{manifest}: {word} does not exist"
+    config = words[words.index("--config") + 1] if "--config" in words else None
+    if config:
+        load_config(REPO / config)
+
+
+def test_dockerfile_copies_what_exists():
+    text = (REPO / "infra" / "docker" / "Dockerfile").read_text()
+    for src in re.findall(r"^COPY --chown=\S+ (\S+)", text, re.MULTILINE):
+        assert (REPO / src).exists(), f"the Dockerfile copies a missing {src}"

@@ -1,0 +1,191 @@
+"""Fine-tuning end to end on a local Ray: 2 ZeRO-3 workers, a real MLflow server, stop/resume,
+a worker process killed mid-run, export and reload, the MLflow server going away mid-run."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+
+from gazeattn.model import load_model
+from tests.servers import MlflowServer, free_port
+from training.config import load_config
+from training.trainer import run_finetune
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def _config(tmp_path, name, **sets):
+    overrides = {
+        "run.name": name,
+        "run.storage_path": str(tmp_path / "ray"),
+        "data.synthetic_dir": str(tmp_path / "data"),
+        "data.synthetic.n_train": 24,
+        "data.synthetic.n_test": 4,
+        "data.progress_bars": False,
+        "train.micro_batch_size": 2,
+        "top_k_schedule.warmup_steps": 2,
+        "mlflow.experiment": "tests",
+        "mlflow.system_metrics": False,
+        **sets,
+    }
+    return load_config("configs/demo.yaml", [f"{k}={v}" for k, v in overrides.items()])
+
+
+def _fixed_batch(path, seed=0):
+    model, processor = load_model(path)
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image"},
+                {"type": "text", "text": "What color is the circle in the top left?"},
+            ],
+        },
+        {"role": "assistant", "content": "red"},
+    ]
+    return model, processor.collate([processor.encode_sample(messages, images=[image])])
+
+
+def test_stop_resume_crash_recovery_export_and_tracking(local_ray, tmp_path, mlflow_server):
+    name = "resume-crash"
+    cfg = _config(
+        tmp_path,
+        name,
+        **{
+            "mlflow.tracking_uri": mlflow_server.uri,
+            "train.max_steps": 6,
+            "train.checkpoint_every": 2,
+            "train.stop_after": 2,
+        },
+    )
+    first = run_finetune(cfg)
+    assert first.metrics["step"] == 2 and first.registered_model is None
+
+    # the rerun resumes at step 2; rank 1's process dies at step 3 and Ray restarts the group
+    cfg.train.stop_after = None
+    marker = tmp_path / "crashed"
+    second = run_finetune(cfg, crash={"rank": 1, "step": 3, "marker": str(marker)})
+    assert marker.exists(), "the worker process was not killed"
+    assert second.metrics["step"] == 6
+    assert second.mlflow_run_id == first.mlflow_run_id
+
+    client = MlflowClient(mlflow_server.uri)
+    history = client.get_metric_history(second.mlflow_run_id, "loss")
+    assert {m.step for m in history} == {1, 2, 3, 4, 5, 6}
+    run = client.get_run(second.mlflow_run_id)
+    for key in (
+        "kv_savings_pct",
+        "visual_attended",
+        "visual_dense",
+        "routing_entropy",
+        "top_k",
+        "tokens_per_s",
+        "lr",
+        "kv_savings_pct.layer_0",
+    ):
+        assert key in run.data.metrics, key
+    assert run.data.params["model.attn"] == "gaze" and "git_commit" in run.data.params
+    versions = client.search_model_versions("name='gazeattn-demo'")
+    assert versions and versions[0].run_id == second.mlflow_run_id
+
+    # the export loads, and its weights are the consolidated ZeRO-3 checkpoint's
+    model, processor = load_model(second.export_dir)
+    assert model.gaze_config.keep_ratio == 0.25
+    init, batch = _fixed_batch(tmp_path / "ray" / name / "gaze-init")
+    with torch.no_grad():
+        before = init(**batch).loss
+        after = model(**batch).loss
+    assert after < before, f"loss did not fall: {before} -> {after}"
+
+
+def test_export_equals_the_zero_checkpoint(local_ray, tmp_path):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    cfg = _config(
+        tmp_path,
+        "export",
+        **{"mlflow.enabled": False, "train.max_steps": 2, "train.checkpoint_every": 2},
+    )
+    result = run_finetune(cfg)
+    model, processor = load_model(result.export_dir)
+    ckpt = sorted((tmp_path / "ray" / "export").glob("checkpoint_*"))[-1]
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="zero")
+    reference, _ = load_model(result.export_dir)
+    reference.load_state_dict(state, strict=False)
+    _, batch = _fixed_batch(result.export_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, atol=0, rtol=0)
+
+
+def test_dense_baseline_lands_beside_gaze_and_survives_mlflow_going_down(local_ray, tmp_path):
+    server = MlflowServer(tmp_path / "mlflow").start()
+    try:
+        dense = run_finetune(
+            _config(
+                tmp_path,
+                "dense",
+                **{"model.attn": "dense", "mlflow.tracking_uri": server.uri, "train.max_steps": 2},
+            )
+        )
+        client = MlflowClient(server.uri)
+        dense_metrics = client.get_run(dense.mlflow_run_id).data.metrics
+        assert dense_metrics["kv_savings_pct"] <= 0.0
+
+        # the gaze run loses its server after its first metrics arrive, and still finishes
+        cfg = _config(
+            tmp_path,
+            "gaze",
+            **{
+                "mlflow.tracking_uri": server.uri,
+                "train.max_steps": 8,
+                "mlflow.registered_model_name": "null",
+            },
+        )
+        outcome = {}
+        thread = threading.Thread(target=lambda: outcome.update(result=run_finetune(cfg)))
+        thread.start()
+        deadline = time.monotonic() + 300
+        run_id = None
+        while time.monotonic() < deadline and thread.is_alive():
+            runs = client.search_runs(
+                [client.get_experiment_by_name("tests").experiment_id],
+                "tags.`gazeattn.run_name` = 'gaze'",
+            )
+            if runs and client.get_metric_history(runs[0].info.run_id, "loss"):
+                run_id = runs[0].info.run_id
+                break
+            time.sleep(1)
+        gaze_keys = set(client.get_run(run_id).data.metrics)
+        server.stop()
+        thread.join(600)
+        assert not thread.is_alive() and outcome["result"].metrics["step"] == 8
+        assert outcome["result"].export_dir.joinpath("config.json").exists()
+        # the dense twin and the gaze run report the same metric names
+        assert {"loss", "kv_savings_pct", "visual_attended", "visual_dense"} <= gaze_keys & set(
+            dense_metrics
+        )
+    finally:
+        server.stop()
+
+
+def test_unreachable_mlflow_at_start_still_trains(local_ray, tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    result = run_finetune(
+        _config(tmp_path, "no-mlflow", **{"mlflow.tracking_uri": uri, "train.max_steps": 1})
+    )
+    assert result.metrics["step"] == 1 and result.mlflow_run_id is None
