@@ -127,7 +127,7 @@ def resolve_model(uri: str) -> Path:
         import mlflow
 
         root = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-        for candidate in (root / "artifacts" / "model_dir", root / "model_dir", root):
+        for candidate in (_pyfunc_artifact(root), root / "model_dir", root):
             if (candidate / "config.json").is_file():
                 return candidate
         # otherwise the shallowest directory holding a config.json
@@ -139,6 +139,26 @@ def resolve_model(uri: str) -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{uri} is not a model directory (no config.json)")
     return path
+
+
+def _pyfunc_artifact(root: Path) -> Path:
+    """The ``model_dir`` artifact of a pyfunc model (``training.export``), as its MLmodel names it.
+
+    MLflow copies an artifact under ``artifacts/<name of the source directory>``, not under
+    its key, so the path is read from the MLmodel file.
+    """
+    import yaml
+
+    from training.export import MODEL_ARTIFACT
+
+    mlmodel = root / "MLmodel"
+    if not mlmodel.is_file():
+        return root / "artifacts" / MODEL_ARTIFACT
+    flavor = (
+        (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get("python_function", {})
+    )
+    entry = (flavor.get("artifacts") or {}).get(MODEL_ARTIFACT) or {}
+    return root / entry.get("path", f"artifacts/{MODEL_ARTIFACT}")
 
 
 def gaze_config(path: Path, override: GazeOverride | None) -> GazeConfig | None:

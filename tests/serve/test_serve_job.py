@@ -1,5 +1,8 @@
 """``jobs/serve.py`` end to end: a model logged to a real MLflow server, served by its URI.
 
+The model is logged as ``training.export.log_model`` does it (a registered pyfunc model
+with the HF export under ``artifacts/model_dir``).
+
 The job runs as a subprocess (its own local Ray and Serve on 127.0.0.1), prints
 its URL, answers the openai client, and stops cleanly on Ctrl-C (SIGINT).
 """
@@ -23,15 +26,25 @@ from serving.app import resolve_model
 from tests.serve.harness import ROOT, data_url, image_bytes, image_part, user
 from tests.servers import free_port
 
+REGISTERED = "serve-job-gaze-tiny"
+
 
 @pytest.fixture(scope="module")
 def logged_run(mlflow_server, tmp_path_factory):
-    """A run whose ``model`` artifact holds the HF export at ``artifacts/model_dir``."""
+    """A run holding the tiny model as training logs it (pyfunc ``model``, registered), and a
+    ``junk`` artifact that is no model."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    from training.export import log_model
+
     model_dir = build_tiny(tmp_path_factory.mktemp("model"), gaze_config=GazeConfig(top_k=2))
     client = MlflowClient(mlflow_server.uri)
     experiment = client.create_experiment(f"serve-job-{time.time_ns()}")
     run = client.create_run(experiment)
-    client.log_artifacts(run.info.run_id, str(model_dir), "model/artifacts/model_dir")
+    # log_model sets the process-wide tracking URI; restore it to unset (None), so later
+    # tests that choose theirs with MLFLOW_TRACKING_URI still get it
+    with _use_tracking_uri(None):
+        log_model(mlflow_server.uri, run.info.run_id, model_dir, REGISTERED)
     (model_dir.parent / "notes.txt").write_text("not a model")
     client.log_artifact(run.info.run_id, str(model_dir.parent / "notes.txt"), "junk")
     client.set_terminated(run.info.run_id)
@@ -41,7 +54,9 @@ def logged_run(mlflow_server, tmp_path_factory):
 def test_mlflow_uri_resolves_to_the_export(mlflow_server, logged_run, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
     path = resolve_model(f"runs:/{logged_run}/model")
-    assert path.name == "model_dir" and (path / "config.json").is_file()
+    # MLflow keeps the artifact under the source directory's name, found through MLmodel
+    assert path.parent.name == "artifacts" and (path / "config.json").is_file()
+    assert (path.parents[1] / "MLmodel").is_file()
     with pytest.raises(FileNotFoundError, match="no model directory"):
         resolve_model(f"runs:/{logged_run}/junk")
     with pytest.raises(FileNotFoundError, match="not a model directory"):
@@ -49,7 +64,7 @@ def test_mlflow_uri_resolves_to_the_export(mlflow_server, logged_run, monkeypatc
 
 
 def test_job_serves_an_mlflow_model(mlflow_server, logged_run, tmp_path):
-    uri = f"runs:/{logged_run}/model"
+    uri = f"models:/{REGISTERED}/1"
     port = free_port()
     env = {
         **os.environ,
