@@ -114,6 +114,11 @@ class _decode:
             for s in samples
         ]
         self.eos = processor.tokenizer.eos_token_id
+        # placeholders only the processor may place: a sampled one would break the next step
+        tok = processor.tokenizer
+        placeholders = {processor.image_token_id, processor.context_token_id, tok.pad_token_id}
+        placeholders.add(tok.convert_tokens_to_ids(processor.video_token))
+        self.banned = sorted(placeholders - {None, self.eos})
         self.tokens: list[list[int]] = [[] for _ in requests]
         self.done = [False] * len(requests)
         self.finish = ["length"] * len(requests)
@@ -153,7 +158,9 @@ class _decode:
                     gaze_selection=self.return_routing,
                 )
                 self._record(cache.gaze_state, layout)
-                next_ids = self._pick(out.logits[:, -1].float())
+                logits = out.logits[:, -1].float()
+                logits[:, self.banned] = float("-inf")
+                next_ids = self._pick(logits)
                 self._advance(next_ids)
                 yield step
                 if all(self.done):
@@ -169,7 +176,9 @@ class _decode:
             if r.temperature <= 0:
                 picks.append(int(row.argmax()))
                 continue
-            probs = torch.softmax(row / r.temperature, dim=-1)
+            # shift by the max first: with a tiny temperature the other logits then go to -inf
+            # instead of the max going to inf (inf - inf = nan in the softmax)
+            probs = torch.softmax((row - row.max()) / r.temperature, dim=-1)
             if r.top_p < 1.0:
                 sorted_p, order = probs.sort(descending=True)
                 keep = sorted_p.cumsum(0) - sorted_p < r.top_p

@@ -1,0 +1,51 @@
+"""Typed settings of the serving app: the model, request limits, security, batching.
+
+They arrive as the ``args`` of a Serve application (``infra/serve_config.yaml``) or
+from ``jobs/serve.py``; every field has a default that runs.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class GazeOverride(BaseModel):
+    """Replaces the checkpoint's routing budget/backend at load time (e.g. dense for comparison)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top_k: int | Literal["all"] | None = None
+    keep_ratio: float | None = None
+    backend: Literal["auto", "reference", "triton", "dense"] = "auto"
+
+
+class ServeSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # a gaze model directory, or an MLflow model URI (models:/name/1, runs:/id/path)
+    model: str
+    # the name clients send as "model"; defaults to the directory's name
+    model_name: str | None = None
+    gaze: GazeOverride | None = None
+    device: str | None = None
+
+    # request limits (bad values get 4xx with a message, never a 500)
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_image_bytes: int = Field(8 * 1024 * 1024, ge=64)
+    max_image_pixels: int = Field(4096 * 4096, ge=1)
+    max_images: int = Field(16, ge=0)  # images + video frames per request
+    max_prompt_tokens: int | None = Field(None, ge=1)  # None: the processor's max_length
+    max_tokens_limit: int = Field(1024, ge=1)
+    default_max_tokens: int = Field(64, ge=1)
+
+    # security
+    api_key_env: str = "GAZEATTN_API_KEY"  # unset or empty variable: no authentication
+    allowed_image_url_prefixes: list[str] = Field(default_factory=list)  # remote URLs: opt-in
+    image_fetch_timeout_s: float = Field(10.0, gt=0)
+
+    # batching and the gaze extension
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    routing_layer: int = -1

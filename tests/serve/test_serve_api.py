@@ -1,0 +1,327 @@
+"""The OpenAI-compatible app on a real Ray Serve (127.0.0.1) with the real tiny gaze model.
+
+One Serve instance per module: an open app at ``/`` and the same app behind an
+API key at ``/secure``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from gazeattn.ops import GazeConfig
+from gazeattn.tiny import build_tiny
+from serving.settings import ServeSettings
+from tests.serve.harness import (
+    data_url,
+    image_bytes,
+    image_part,
+    local_serve,
+    static_files,
+    user,
+)
+
+MODEL = "gaze-tiny"
+KEY = "test-key-0123"
+LAYERS = 2
+# one image of the tiny model: a 12 x 12 grid and 4 context tokens
+IMAGE_TOKENS = 12 * 12 + 4
+LIMITS = dict(
+    max_body_bytes=512 * 1024,
+    max_image_bytes=64 * 1024,
+    max_image_pixels=512 * 512,
+    max_images=4,
+    max_prompt_tokens=800,
+    max_tokens_limit=32,
+)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("files")
+    for folder in ("allowed", "other"):
+        (root / folder).mkdir()
+        (root / folder / "image.png").write_bytes(image_bytes(5))
+    with static_files(root) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, files):
+    from ray import serve
+
+    from serving.app import app
+
+    model_dir = build_tiny(
+        tmp_path_factory.mktemp("model"), gaze_config=GazeConfig(keep_ratio=0.3), layers=LAYERS
+    )
+    settings = ServeSettings(
+        model=str(model_dir),
+        model_name=MODEL,
+        allowed_image_url_prefixes=[f"{files}/allowed/"],
+        max_batch_size=4,
+        # long enough that concurrent requests meet in one batch
+        batch_wait_timeout_s=0.25,
+        **LIMITS,
+    )
+    secure = settings.model_copy(update={"api_key_env": "GAZEATTN_TEST_KEY"})
+    options = dict(num_replicas=1, max_ongoing_requests=16, ray_actor_options={"num_cpus": 1})
+    env = {"runtime_env": {"env_vars": {"GAZEATTN_TEST_KEY": KEY}}, "num_cpus": 1}
+    with local_serve() as url:
+        serve.run(app(settings, **options), name="open", route_prefix="/")
+        secure_options = {**options, "ray_actor_options": env}
+        serve.run(app(secure, **secure_options), name="secure", route_prefix="/secure")
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def chat(client, messages, **kw):
+    kw.setdefault("max_tokens", 6)
+    kw.setdefault("temperature", 0)
+    return client.chat.completions.create(model=MODEL, messages=messages, **kw)
+
+
+# ---- the openai client
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list()] == [MODEL]
+    health = httpx.get(f"{server}/healthz", timeout=30)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+def test_text_only(client):
+    out = chat(client, [{"role": "system", "content": "you are helpful"}, *user()])
+    choice = out.choices[0]
+    assert out.model == MODEL and out.object == "chat.completion"
+    assert choice.finish_reason in ("stop", "length") and isinstance(choice.message.content, str)
+    assert 1 <= out.usage.completion_tokens <= 6 or choice.finish_reason == "stop"
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+
+
+def test_images_add_their_tokens(client):
+    text = chat(client, user()).usage.prompt_tokens
+    one = chat(client, user(image_part(data_url(image_bytes(1))))).usage.prompt_tokens
+    several = [
+        image_part(data_url(image_bytes(2))),
+        image_part(data_url(image_bytes(3, fmt="JPEG"), "image/jpeg")),
+        image_part(data_url(image_bytes(4, size=(70, 30), fmt="WEBP"), "image/webp")),
+    ]
+    three = chat(client, user(*several)).usage.prompt_tokens
+    assert one - text == IMAGE_TOKENS
+    assert three - text == 3 * IMAGE_TOKENS
+
+
+def test_video_frames_extension(client):
+    frames = [{"url": data_url(image_bytes(10 + i))} for i in range(3)]
+    video = {"type": "video_frames", "video_frames": frames}
+    out = chat(client, user(video), extra_body={"gaze": True})
+    assert out.usage.prompt_tokens - chat(client, user()).usage.prompt_tokens == 3 * IMAGE_TOKENS
+    assert out.model_extra["gaze"]["grids"] == [[3, 12, 12]]
+
+
+def test_streaming_matches_the_completion(client):
+    messages = user(image_part(data_url(image_bytes(6))))
+    whole = chat(client, messages, max_tokens=8)
+    stream = chat(
+        client, messages, max_tokens=8, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finals = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert text == whole.choices[0].message.content
+    assert finals == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+
+
+def test_gaze_extension(client):
+    out = chat(client, user(image_part(data_url(image_bytes(7)))), extra_body={"gaze": True})
+    gaze = out.model_extra["gaze"]
+    assert gaze["layer"] == LAYERS - 1 and gaze["grids"] == [[1, 12, 12]]
+    assert 0 < gaze["visual_entries_attended"] < gaze["visual_entries_dense"] == 144
+    assert gaze["savings"] == pytest.approx(
+        1 - gaze["visual_entries_attended"] / gaze["visual_entries_dense"]
+    )
+    # one entry per generated token (plus the routed step that chose end-of-turn)
+    n = out.usage.completion_tokens
+    assert len(gaze["tokens"]) == n + (out.choices[0].finish_reason == "stop")
+    for token in gaze["tokens"]:
+        assert token["regions"]
+        for region in token["regions"]:
+            span, t0, t1, h0, h1, w0, w1 = region["box"]
+            assert span == 0 and 0 <= t0 < t1 <= 1 and 0 <= h0 < h1 <= 12 and 0 <= w0 < w1 <= 12
+            assert region["heads"] >= 1
+    assert "gaze" not in chat(client, user()).model_extra
+
+
+def test_gaze_layer_and_streamed_gaze(client):
+    messages = user(image_part(data_url(image_bytes(8))))
+    out = chat(client, messages, extra_body={"gaze": True, "gaze_layer": 0})
+    assert out.model_extra["gaze"]["layer"] == 0
+    stream = chat(client, messages, stream=True, extra_body={"gaze": True, "gaze_layer": 0})
+    reports = [c.model_extra.get("gaze") for c in stream if c.model_extra.get("gaze")]
+    assert reports == [out.model_extra["gaze"]]
+
+
+def test_batched_greedy_equals_single(client):
+    prompts = [
+        user(text="what color is the circle?"),
+        user(image_part(data_url(image_bytes(20))), text="where is the star?"),
+        user(image_part(data_url(image_bytes(21))), image_part(data_url(image_bytes(22)))),
+        user(text="how many"),
+    ]
+    raw = client.chat.completions.with_raw_response
+
+    def ask(messages):
+        response = raw.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+        return response.parse(), int(response.headers["x-batch-size"])
+
+    single = [ask(m) for m in prompts]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        batched = list(pool.map(ask, prompts))
+    assert all(size == 1 for _, size in single)
+    assert max(size for _, size in batched) >= 2, "the concurrent requests were never batched"
+    for (one, _), (many, _) in zip(single, batched, strict=True):
+        assert many.choices[0].message.content == one.choices[0].message.content
+        assert many.usage.model_dump() == one.usage.model_dump()
+
+
+def test_sampling_with_a_seed_repeats(client):
+    kw = dict(temperature=1.0, top_p=0.9, seed=3, max_tokens=8)
+    first = chat(client, user(), **kw).choices[0].message.content
+    assert chat(client, user(), **kw).choices[0].message.content == first
+
+
+def test_stop_string_ends_the_text(client):
+    full = chat(client, user(), max_tokens=8).choices[0].message.content
+    if len(full) < 3:
+        pytest.skip("the random model ended too early to pick a stop string")
+    stop = full[2:4]
+    out = chat(client, user(), max_tokens=8, stop=[stop])
+    assert stop not in out.choices[0].message.content and out.choices[0].finish_reason == "stop"
+
+
+# ---- bad input: 4xx with a message, never a 500
+
+
+def body(messages=None, **kw) -> dict:
+    return {"model": MODEL, "messages": messages or user(), "max_tokens": 4, **kw}
+
+
+def with_image(url: str) -> dict:
+    return body(user(image_part(url)))
+
+
+def flat_png(side: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), (90, 30, 200)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+PNG = image_bytes(0)
+BIG_SIDE = 600  # 600 x 600 pixels > the 512 x 512 limit, yet a small file
+BAD_CASES = {
+    "invalid json": (b"{not json", 400),
+    "not an object": (b"[1, 2]", 400),
+    "missing messages": ({"model": MODEL}, 422),
+    "empty messages": ({"model": MODEL, "messages": []}, 422),
+    "unknown role": (body([{"role": "robot", "content": "hi"}]), 422),
+    "unknown part type": (body([{"role": "user", "content": [{"type": "audio"}]}]), 422),
+    "temperature too high": (body(temperature=3), 422),
+    "top_p zero": (body(top_p=0), 422),
+    "max_tokens zero": (body(max_tokens=0), 422),
+    "max_tokens over the limit": (body(max_tokens=10_000), 400),
+    "n above one": (body(n=2), 400),
+    "too many stop strings": (body(stop=["a", "b", "c", "d", "e"]), 400),
+    "gaze layer out of range": (body(gaze=True, gaze_layer=LAYERS), 400),
+    "wrong type for stream": (body(stream="yes please"), 422),
+    "unknown model": (body() | {"model": "gpt-9"}, 404),
+    "invalid base64": (with_image("data:image/png;base64,@@@notbase64@@@"), 400),
+    "not an image": (with_image(data_url(b"hello, I am not an image")), 400),
+    "not an image media type": (with_image(data_url(PNG, "text/plain")), 400),
+    "data url without base64": (with_image("data:image/png,rawbytes"), 400),
+    "truncated image": (with_image(data_url(PNG[: len(PNG) // 2])), 400),
+    "image too many bytes": (with_image(data_url(image_bytes(0, size=(200, 200)))), 413),
+    "image too many pixels": (with_image(data_url(flat_png(BIG_SIDE))), 413),
+    "too many images": (body(user(*[image_part(data_url(PNG))] * 5)), 400),
+    "prompt too long": (body(user(text="the red circle " * 400)), 400),
+    "media token in text": (body(user(text="look <image> here")), 400),
+    "file url": (with_image("file:///etc/passwd"), 400),
+    "remote url": (with_image("https://example.com/cat.png"), 400),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES), ids=lambda c: c.replace(" ", "-"))
+def test_bad_input_gets_4xx(server, case):
+    payload, status = BAD_CASES[case]
+    content = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    response = httpx.post(
+        f"{server}/v1/chat/completions",
+        content=content,
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"]
+
+
+def test_body_too_large(server):
+    content = json.dumps(body(user(text="x" * (600 * 1024)))).encode()
+    response = httpx.post(f"{server}/v1/chat/completions", content=content, timeout=60)
+    assert response.status_code == 413 and "limit" in response.json()["error"]["message"]
+
+
+def test_openai_client_sees_typed_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="other", messages=user(), max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="remote image URLs"):
+        chat(client, user(image_part("http://127.0.0.1:9/x.png")))
+
+
+# ---- remote URLs: refused unless allow-listed
+
+
+def test_allow_listed_url_is_fetched(client, files):
+    inline = chat(client, user(image_part(data_url(image_bytes(5)))))
+    fetched = chat(client, user(image_part(f"{files}/allowed/image.png")))
+    assert fetched.choices[0].message.content == inline.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="remote image URLs"):
+        chat(client, user(image_part(f"{files}/other/image.png")))
+
+
+# ---- the API key
+
+
+def test_auth_protects_everything_but_health(server):
+    base = f"{server}/secure"
+    assert httpx.get(f"{base}/healthz", timeout=30).status_code == 200
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": KEY}):
+        models = httpx.get(f"{base}/v1/models", headers=headers, timeout=30)
+        completion = httpx.post(
+            f"{base}/v1/chat/completions", json=body(), headers=headers, timeout=30
+        )
+        assert models.status_code == completion.status_code == 401
+        assert completion.json()["error"]["type"] == "authentication_error"
+    secured = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=120)
+    assert [m.id for m in secured.models.list()] == [MODEL]
+    assert chat(secured, user()).choices[0].message.content is not None
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{base}/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_open_app_needs_no_key(server):
+    assert httpx.get(f"{server}/v1/models", timeout=30).status_code == 200

@@ -1,0 +1,229 @@
+"""Serving pieces without a server: the shipped Serve config, image decoding, request checks."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from gazeattn.generation import GenerationRequest, generate_batch
+from gazeattn.model import load_model
+from gazeattn.ops import GazeConfig
+from gazeattn.tiny import build_tiny
+from serving.errors import BadRequest, NotFound, TooLarge, Unprocessable
+from serving.images import load_image
+from serving.schemas import ChatCompletionRequest
+from serving.settings import GazeOverride, ServeSettings
+from tests.serve.harness import data_url, image_bytes, image_part, user
+
+CONFIG = Path(__file__).resolve().parents[2] / "infra" / "serve_config.yaml"
+LIMITS = dict(max_bytes=4096, max_pixels=100 * 100)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny(tmp_path_factory.mktemp("model"), gaze_config=GazeConfig(keep_ratio=0.3))
+
+
+def test_serve_config_is_valid():
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.app import GazeChat, build_app
+
+    raw = yaml.safe_load(CONFIG.read_text())
+    schema = ServeDeploySchema.model_validate(raw)
+    (application,) = schema.applications
+    assert application.import_path == "serving.app:build_app"
+    ServeSettings.model_validate(application.args)
+    (deployment,) = application.deployments
+    assert deployment.name == GazeChat.name
+    scaling = deployment.autoscaling_config
+    assert scaling["min_replicas"] <= scaling["max_replicas"]
+    assert deployment.max_ongoing_requests >= application.args["max_batch_size"]
+    raw_deployment = raw["applications"][0]["deployments"][0]
+    assert "num_gpus" in raw_deployment["ray_actor_options"]
+    # what jobs/serve.py applies locally
+    GazeChat.options(**{k: v for k, v in raw_deployment.items() if k != "name"})
+    assert build_app(application.args).__class__.__name__ == "Application"
+
+
+def png(size=(20, 30), mode="RGB", fmt="PNG", frames=1) -> bytes:
+    images = [Image.new(mode, size, color=i * 40) for i in range(frames)]
+    buffer = io.BytesIO()
+    images[0].save(buffer, format=fmt, save_all=frames > 1, append_images=images[1:])
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [png(), png(mode="RGBA"), png(mode="L", fmt="JPEG"), png(fmt="GIF", frames=3)],
+    ids=["rgb-png", "rgba-png", "gray-jpeg", "animated-gif"],
+)
+def test_images_decode_to_rgb(data):
+    image = load_image(data_url(data), **LIMITS)
+    assert image.mode == "RGB" and image.size == (20, 30)
+
+
+@pytest.mark.parametrize(
+    ("url", "error", "message"),
+    [
+        ("data:image/png;base64,!!!!", BadRequest, "invalid base64"),
+        (data_url(b"plain text"), BadRequest, "not a decodable image"),
+        (data_url(png(fmt="TIFF"), "image/tiff"), BadRequest, "not a decodable image"),
+        (data_url(image_bytes(0)[:3000]), BadRequest, "corrupt"),
+        (data_url(png(), "application/pdf"), BadRequest, "not an image"),
+        ("data:image/png;base64,", BadRequest, "empty"),
+        (data_url(b"x" * 5000), TooLarge, "limit of 4096 bytes"),
+        (data_url(png(size=(101, 100))), TooLarge, "pixels"),
+        ("ftp://host/x.png", BadRequest, "scheme"),
+        ("http://example.com/x.png", BadRequest, "remote image URLs"),
+    ],
+    ids=[
+        "bad-base64",
+        "text",
+        "tiff",
+        "truncated",
+        "pdf-type",
+        "empty",
+        "too-many-bytes",
+        "too-many-pixels",
+        "ftp",
+        "remote",
+    ],
+)
+def test_bad_images_are_client_errors(url, error, message):
+    with pytest.raises(error, match=message):
+        load_image(url, **LIMITS)
+
+
+def test_allow_list_is_a_prefix_match():
+    # not fetched: the prefix differs only after the host, and refusal comes first
+    with pytest.raises(BadRequest, match="remote image URLs"):
+        load_image(
+            "http://good.example.evil/x.png", allowed_prefixes=["http://good.example/"], **LIMITS
+        )
+
+
+def test_prepare_checks_and_converts(model_dir):
+    from serving.requests import prepare
+
+    _, processor = load_model(model_dir)
+    settings = ServeSettings(model=str(model_dir), max_images=2, max_tokens_limit=16)
+
+    def run(**kw):
+        data = {"model": "m", "messages": user(), **kw}
+        return prepare(ChatCompletionRequest.model_validate(data), settings, processor, "m", 2)
+
+    frames = {"type": "video_frames", "video_frames": [{"url": data_url(image_bytes(1))}]}
+    prepared = run(
+        messages=[{"role": "developer", "content": "be brief"}, *user(frames)],
+        max_tokens=5,
+        stop="x",
+        gaze=True,
+    )
+    generation = prepared.generation
+    assert generation.messages[0] == {"role": "system", "content": "be brief"}
+    assert generation.messages[1]["content"][0] == {"type": "video"}
+    assert len(generation.videos) == 1 and len(generation.videos[0]) == 1
+    assert generation.max_new_tokens == 5 and generation.stop == ("x",)
+    assert prepared.gaze and prepared.layer == -1 and prepared.prompt_tokens > 148
+    with pytest.raises(NotFound):
+        prepare(ChatCompletionRequest(model="x", messages=user()), settings, processor, "m", 2)
+    with pytest.raises(BadRequest, match="limit of 16"):
+        run(max_tokens=17)
+    with pytest.raises(BadRequest, match="limit of 2"):
+        run(messages=user(*[image_part(data_url(image_bytes(0)))] * 3))
+    with pytest.raises(BadRequest, match="gaze_layer"):
+        run(gaze_layer=-3)
+
+
+def test_body_parsing_errors():
+    from serving.app import parse_body
+
+    with pytest.raises(BadRequest, match="not valid JSON"):
+        parse_body(b"{")
+    with pytest.raises(BadRequest, match="not valid JSON"):
+        parse_body(b"[" * 100_000)
+    with pytest.raises(Unprocessable, match="messages"):
+        parse_body(b'{"model": "m"}')
+    assert parse_body(b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "x": 1}')
+
+
+def test_gaze_override_replaces_budget_and_backend(model_dir):
+    from serving.app import gaze_config
+
+    assert gaze_config(model_dir, None) is None
+    dense = gaze_config(model_dir, GazeOverride(backend="dense"))
+    assert dense.backend == "dense" and dense.keep_ratio == 0.3
+    top = gaze_config(model_dir, GazeOverride(top_k=3))
+    assert top.top_k == 3 and top.keep_ratio is None
+
+
+def test_placeholder_tokens_are_never_generated(model_dir):
+    """A model that prefers the image token must still produce decodable text tokens."""
+    model, processor = load_model(model_dir)
+    banned = processor.image_token_id
+
+    def prefer_image(_module, _inputs, logits):
+        logits = logits.clone()
+        logits[..., banned] += 1e4
+        return logits
+
+    model.lm_head.register_forward_hook(prefer_image)
+    request = GenerationRequest(messages=user(), max_new_tokens=4)
+    (result,) = generate_batch(model, processor, [request])
+    assert banned not in result.token_ids
+    assert result.completion_tokens == 4 or result.finish_reason == "stop"
+
+
+def test_a_failing_request_does_not_fail_its_batch(model_dir):
+    """generate_sync (the body of the batch) retries one by one when a batch raises."""
+    import threading
+    from functools import partial
+    from types import SimpleNamespace
+
+    from serving.app import GazeChat
+    from serving.requests import Prepared
+
+    model, processor = load_model(model_dir)
+    cls = GazeChat.func_or_class
+    replica = SimpleNamespace(
+        model=model,
+        processor=processor,
+        lock=threading.Lock(),
+        num_layers=2,
+        settings=ServeSettings(model=str(model_dir)),
+    )
+    replica.generate_one = partial(cls.generate_one, replica)
+
+    def item(max_new: int) -> Prepared:
+        request = GenerationRequest(messages=user(), max_new_tokens=max_new)
+        return Prepared(generation=request, gaze=False, layer=-1, prompt_tokens=0)
+
+    good, bad = cls.generate_sync(replica, [item(3), item(0)])
+    assert isinstance(bad, ValueError) and "max_new_tokens" in str(bad)
+    result, batch_size = good
+    assert batch_size == 1 and 1 <= result.completion_tokens <= 3
+    (alone,) = generate_batch(model, processor, [item(3).generation])
+    assert result.token_ids == alone.token_ids
+
+
+@pytest.mark.slow  # the sqlite store's migrations take tens of seconds
+def test_mlflow_uri_resolves_to_the_model_directory(model_dir, tmp_path, monkeypatch):
+    import mlflow
+
+    from serving.app import resolve_model
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    experiment = client.create_experiment("serve", artifact_location=str(tmp_path / "artifacts"))
+    run = client.create_run(experiment)
+    client.log_artifacts(run.info.run_id, str(model_dir), "export/model")
+    client.set_terminated(run.info.run_id)
+    path = resolve_model(f"runs:/{run.info.run_id}/export")
+    assert path.name == "model" and (path / "config.json").is_file()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        resolve_model(str(tmp_path))
