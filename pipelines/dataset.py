@@ -67,9 +67,15 @@ class DropCounter:
         return dict(self.counts)
 
 
+_COUNTER = []
+
+
 def start_drop_counter():
     """Create (or find) the job's drop counter; call from the driver, which keeps it alive."""
-    return DropCounter.options(name=DROP_ACTOR, get_if_exists=True).remote()
+    counter = DropCounter.options(name=DROP_ACTOR, get_if_exists=True).remote()
+    # a named actor dies with its last handle: the driver holds one for the job's lifetime
+    _COUNTER[:] = [counter]
+    return counter
 
 
 def record_drop(shard: str, key: str, reason: str, detail: str = "") -> None:
@@ -109,6 +115,8 @@ def split_tar(row: dict[str, Any]) -> list[dict[str, Any]]:
                 base = member.name.rsplit("/", 1)[-1]
                 key, _, ext = base.partition(".")
                 data = tar.extractfile(member).read()
+                if len(data) != member.size:
+                    raise tarfile.ReadError(f"{member.name}: {len(data)} of {member.size} bytes")
                 if group is None or group["key"] != key:
                     if group is not None:
                         samples.append(group)
@@ -123,7 +131,11 @@ def split_tar(row: dict[str, Any]) -> list[dict[str, Any]]:
         )
         return samples
     if group is not None:
-        samples.append(group)
+        if not row["bytes"].endswith(b"\0" * 1024):
+            # no end-of-archive blocks: the tar was cut after a member, the last group may lack some
+            record_drop(shard, group["key"], "truncated_tar", "no end-of-archive marker")
+        else:
+            samples.append(group)
     return samples
 
 
