@@ -1,0 +1,233 @@
+"""A generated dataset whose answers depend on one small region, in LLaVA format.
+
+    python -m pipelines.synthetic --out DIR --n-train N --n-test N [--shard]
+
+- Images: several coloured shapes on a plain background; the question asks for
+  one shape's colour or position. ``target_box`` = [x0, y0, x1, y1] in pixels
+  is the box of the shape the answer depends on.
+- Videos (mp4, written with PyAV): a plain background in which one shape
+  appears in exactly one frame; the question asks for its colour.
+  ``target_frame`` is that frame and ``target_box`` its box.
+
+Writes ``DIR/media/*``, ``DIR/train.json`` and ``DIR/test.json`` (JSON lists of
+records with ``id``, ``image`` or ``video``, ``conversations`` and the extra
+fields), and with ``--shard`` also ``DIR/shards/{train,test}`` via make_shards.
+Everything is a function of the seed: the same arguments write the same files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 40),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 20),
+    "purple": (150, 40, 190),
+    "orange": (250, 140, 10),
+    "white": (250, 250, 250),
+}
+SHAPES = ("square", "circle", "triangle")
+BACKGROUNDS = ((40, 40, 40), (90, 90, 90), (20, 30, 60))
+# image encodings cycle so every format the pipeline reads is exercised
+IMAGE_FORMATS = (("jpg", "JPEG"), ("png", "PNG"), ("webp", "WEBP"))
+
+
+@dataclass(kw_only=True)
+class Shape:
+    kind: str
+    colour: str
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive)
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: Shape) -> None:
+    x0, y0, x1, y1 = shape.box
+    fill = COLOURS[shape.colour]
+    if shape.kind == "square":
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
+    elif shape.kind == "circle":
+        draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
+    else:
+        draw.polygon([((x0 + x1) // 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=fill)
+
+
+def place_shapes(rng: np.random.Generator, size: int, count: int) -> list[Shape]:
+    """``count`` shapes of distinct kind-colour pairs in distinct cells of a 3x3 grid."""
+    cell = size // 3
+    side = max(4, cell * 2 // 3)
+    cells = rng.choice(9, size=count, replace=False)
+    colours = rng.choice(len(COLOURS), size=count, replace=False)
+    shapes = []
+    for i, (c, k) in enumerate(zip(cells, colours, strict=True)):
+        row, col = divmod(int(c), 3)
+        x0 = col * cell + int(rng.integers(0, cell - side + 1))
+        y0 = row * cell + int(rng.integers(0, cell - side + 1))
+        shapes.append(
+            Shape(
+                kind=SHAPES[i % len(SHAPES)],
+                colour=list(COLOURS)[int(k)],
+                box=(x0, y0, x0 + side, y0 + side),
+            )
+        )
+    return shapes
+
+
+def position_words(box: tuple[int, int, int, int], size: int) -> str:
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    vertical = ("top", "middle", "bottom")[min(2, int(3 * cy / size))]
+    horizontal = ("left", "centre", "right")[min(2, int(3 * cx / size))]
+    return (
+        "centre" if (vertical, horizontal) == ("middle", "centre") else f"{vertical} {horizontal}"
+    )
+
+
+def image_record(rng: np.random.Generator, rid: str, media: Path, size: int, index: int) -> dict:
+    shapes = place_shapes(rng, size, count=3)
+    background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    for shape in shapes:
+        draw_shape(draw, shape)
+    ext, fmt = IMAGE_FORMATS[index % len(IMAGE_FORMATS)]
+    name = f"{rid}.{ext}"
+    image.save(media / name, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    target = shapes[int(rng.integers(len(shapes)))]
+    if rng.random() < 0.5:
+        task, question, answer = "colour", f"What colour is the {target.kind}?", target.colour
+    else:
+        task = "position"
+        question = f"Where is the {target.colour} {target.kind}?"
+        answer = position_words(target.box, size)
+    return {
+        "id": rid,
+        "image": name,
+        "conversations": [
+            {"from": "human", "value": f"<image>\n{question}"},
+            {"from": "gpt", "value": answer},
+        ],
+        "task": task,
+        "target_box": list(target.box),
+        "image_size": [size, size],
+    }
+
+
+def write_mp4(frames: list[np.ndarray], fps: int = 4) -> bytes:
+    """RGB frames (H and W even) -> H.264 mp4 bytes."""
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        # near-lossless, so the colour of a one-frame object survives compression
+        stream.options = {"crf": "10", "preset": "ultrafast"}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return buffer.getvalue()
+
+
+def video_record(rng: np.random.Generator, rid: str, media: Path, size: int, frames: int) -> dict:
+    background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    (shape,) = place_shapes(rng, size, count=1)
+    shape.kind = SHAPES[int(rng.integers(len(SHAPES)))]
+    target_frame = int(rng.integers(frames))
+    clip = []
+    for t in range(frames):
+        image = Image.new("RGB", (size, size), background)
+        if t == target_frame:
+            draw_shape(ImageDraw.Draw(image), shape)
+        clip.append(np.asarray(image))
+    name = f"{rid}.mp4"
+    (media / name).write_bytes(write_mp4(clip))
+    return {
+        "id": rid,
+        "video": name,
+        "conversations": [
+            {"from": "human", "value": f"<video>\nWhat colour is the {shape.kind} that appears?"},
+            {"from": "gpt", "value": shape.colour},
+        ],
+        "task": "video_colour",
+        "target_box": list(shape.box),
+        "target_frame": target_frame,
+        "num_frames": frames,
+        "image_size": [size, size],
+    }
+
+
+def generate(
+    out: str | Path,
+    *,
+    n_train: int = 64,
+    n_test: int = 16,
+    image_size: int = 96,
+    frames: int = 4,
+    video_fraction: float = 0.25,
+    seed: int = 0,
+) -> dict[str, Path]:
+    """Write media and ``train.json``/``test.json`` under ``out``; returns the json paths."""
+    if image_size % 2 or image_size < 24:
+        raise ValueError(f"image_size must be even and at least 24, got {image_size}")
+    out = Path(out)
+    media = out / "media"
+    media.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, count, offset in (("train", n_train, 0), ("test", n_test, 1)):
+        rng = np.random.default_rng([seed, offset])
+        records = []
+        for i in range(count):
+            rid = f"{split}-{i:06d}"
+            if rng.random() < video_fraction:
+                records.append(video_record(rng, rid, media, image_size, frames))
+            else:
+                records.append(image_record(rng, rid, media, image_size, i))
+        paths[split] = out / f"{split}.json"
+        paths[split].write_text(json.dumps(records, indent=1))
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--n-train", type=int, default=64)
+    parser.add_argument("--n-test", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--frames", type=int, default=4)
+    parser.add_argument("--video-fraction", type=float, default=0.25)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shard", action="store_true", help="also write shards/{train,test}")
+    parser.add_argument("--shard-size", default="512MB")
+    args = parser.parse_args(argv)
+    paths = generate(
+        args.out,
+        n_train=args.n_train,
+        n_test=args.n_test,
+        image_size=args.image_size,
+        frames=args.frames,
+        video_fraction=args.video_fraction,
+        seed=args.seed,
+    )
+    for split, path in paths.items():
+        print(f"{split}: {path}")
+        if args.shard:
+            from pipelines.make_shards import make_shards, parse_size
+
+            out = Path(args.out) / "shards" / split
+            manifest = make_shards(
+                path, Path(args.out) / "media", out, shard_size=parse_size(args.shard_size)
+            )
+            print(f"  {manifest['num_samples']} samples in {len(manifest['shards'])} shards: {out}")
+
+
+if __name__ == "__main__":
+    main()
