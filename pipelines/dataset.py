@@ -1,0 +1,313 @@
+"""The Ray Data pipeline: WebDataset shards -> decoded samples -> per-worker encoded batches.
+
+    ds = build_train_dataset(cfg)                       # in the driver
+    TorchTrainer(..., datasets={"train": ds})           # Ray Train splits it (equal=True)
+    for batch in iter_train_batches(get_dataset_shard("train"), processor, cfg,
+                                    batch_size=8, epoch=epoch):
+        loss = model(**batch).loss                      # in each worker
+
+Decoding (PIL images, PyAV videos, resized to ``cfg.image_size``) runs in Ray
+Data tasks on the CPU pool; tokenising with the processor runs in each worker,
+where the processor is. Every bad sample or tar is dropped, logged once with
+the tar and the key, and counted per reason (``pipelines.accounting``).
+
+ZeRO-3 needs every rank to take the same number of steps and make the same
+collective calls:
+- the split is ``equal=True`` (Ray Train's default for ``streaming_split``) and
+  batches are full (drop_last);
+- samples can still be dropped at encode time (too long, rejected by the
+  processor) after the split, so when torch.distributed is initialised the
+  ranks agree before each step (an all-reduce MIN of "I have a batch"): all stop
+  at the first step some rank cannot fill;
+- the model calls the vision tower once per forward when the batch has any
+  image, so text-only samples get a dummy black image (``cfg.text_only``) and
+  every batch carries media.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import tarfile
+from collections.abc import Iterator
+from functools import partial
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+from ray.data._internal.datasource.webdataset_datasource import (
+    WebDatasetDatasource,
+    _group_by_keys,
+    _tar_file_iterator,
+)
+
+from pipelines.accounting import drop_counter, drop_counts, report_drops, truncated_count
+from pipelines.config import DataConfig
+from pipelines.conversation import add_dummy_image, to_messages
+from pipelines.decode import BadSample, decode_sample
+
+__all__ = [
+    "build_train_dataset",
+    "drop_counts",
+    "encode_row",
+    "iter_train_batches",
+    "truncated_count",
+]
+
+log = logging.getLogger("pipelines.data")
+
+RAW_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("url", pa.string()),
+        ("error", pa.string()),  # "" or why the tar could not be read further
+        ("names", pa.list_(pa.string())),  # member suffixes: json, img0.png, vid0.mp4, ...
+        ("blobs", pa.list_(pa.binary())),
+    ]
+)
+DECODED_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("url", pa.string()),
+        ("record", pa.string()),  # the LLaVA record as JSON (extra fields kept)
+        ("num_images", pa.int64()),
+        ("video_frames", pa.list_(pa.int64())),  # frames of each video
+        ("media", pa.binary()),  # [images + frames, S, S, 3] uint8, C order
+    ]
+)
+READ_CHUNK = 64
+
+
+class TolerantWebDataset(WebDatasetDatasource):
+    """WebDataset tars -> raw sample rows; a truncated or unreadable tar keeps its good samples.
+
+    ``read_webdataset`` fails the whole job on a damaged tar; here the samples read
+    before the damage are kept and one ``error`` row names the tar and the reason.
+    """
+
+    def _read_stream(self, stream, path: str) -> Iterator[pa.Table]:
+        rows: list[dict] = []
+        try:
+            files = _tar_file_iterator(stream)
+            for sample in _group_by_keys(files, meta={"__url__": path}):
+                names = [k for k in sample if not k.startswith("__")]
+                rows.append(_raw_row(sample["__key__"], path, "", names, sample))
+                if len(rows) >= READ_CHUNK:
+                    yield pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
+                    rows = []
+        except (tarfile.TarError, EOFError, OSError, ValueError) as error:
+            detail = f"after {len(rows)} samples in this chunk: {type(error).__name__}: {error}"
+            rows.append(_raw_row("", path, detail, [], {}))
+        if rows:
+            yield pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
+
+
+def _raw_row(key: str, url: str, error: str, names: list[str], sample: dict) -> dict:
+    return {
+        "key": key,
+        "url": url,
+        "error": error,
+        "names": names,
+        "blobs": [sample[n] for n in names],
+    }
+
+
+def shard_list(shards: list[str]) -> list[str]:
+    """Expand local globs; directories and URIs are passed on (pyarrow lists them)."""
+    out = []
+    for item in shards:
+        if "://" not in item and any(c in item for c in "*?["):
+            matches = sorted(glob.glob(item))
+            if not matches:
+                raise FileNotFoundError(f"no shards match {item!r}")
+            out += matches
+        else:
+            out.append(item)
+    if not out:
+        raise ValueError("DataConfig.shards is empty")
+    return out
+
+
+def decode_batch(batch: pa.Table, *, image_size: int, frames: int, counter) -> pa.Table:
+    """Raw rows -> decoded rows; bad ones are dropped and reported to the counter."""
+    rows, events = [], []
+    for row in batch.to_pylist():
+        if row["error"]:
+            events.append((row["url"], "", "bad_tar", row["error"]))
+            continue
+        members = dict(zip(row["names"], row["blobs"], strict=True))
+        try:
+            sample = decode_sample(members, image_size=image_size, frames=frames)
+        except BadSample as bad:
+            events.append((row["url"], row["key"], bad.reason, bad.detail))
+            continue
+        media = sample.images + [frame for video in sample.videos for frame in video]
+        rows.append(
+            {
+                "key": row["key"],
+                "url": row["url"],
+                "record": json.dumps(sample.record),
+                "num_images": len(sample.images),
+                "video_frames": [len(v) for v in sample.videos],
+                "media": np.stack(media).tobytes() if media else b"",
+            }
+        )
+    report_drops(counter, events)
+    return pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
+
+
+def build_train_dataset(cfg: DataConfig) -> ray.data.Dataset:
+    """Shards -> a dataset of decoded samples (columns of ``DECODED_SCHEMA``).
+
+    Call it in the driver of a Ray job (it creates the job's drop counter there).
+    """
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = cfg.progress_bars
+    counter = drop_counter(create=True)
+    source = TolerantWebDataset(
+        shard_list(cfg.shards),
+        decoder=None,
+        shuffle="files" if cfg.shuffle_files else None,
+        file_extensions=["tar"],
+    )
+    raw = ray.data.read_datasource(source)
+    return raw.map_batches(
+        partial(
+            decode_batch, image_size=cfg.image_size, frames=cfg.frames_per_video, counter=counter
+        ),
+        batch_format="pyarrow",
+        batch_size=cfg.decode_batch_size,
+        num_cpus=cfg.num_cpus,
+        concurrency=cfg.decode_concurrency,
+    )
+
+
+def decoded_media(row: dict[str, Any], image_size: int) -> tuple[list, list]:
+    """A decoded row -> (images [S, S, 3] list, videos [F, S, S, 3] list)."""
+    data = row["media"]
+    media = np.frombuffer(data, np.uint8).reshape(-1, image_size, image_size, 3)
+    n = int(row["num_images"])
+    images = list(media[:n])
+    videos, start = [], n
+    for count in row["video_frames"]:
+        videos.append(list(media[start : start + int(count)]))
+        start += int(count)
+    return images, videos
+
+
+def encode_row(row: dict[str, Any], processor, cfg: DataConfig) -> dict[str, Any]:
+    """A decoded row -> the processor's encoded sample; raises BadSample when it must be dropped.
+
+    The returned dict also has ``truncated`` (bool).
+    """
+    from gazeattn.processing import ProcessorInputError, SequenceTooLong
+
+    record = json.loads(row["record"])
+    images, videos = decoded_media(row, cfg.image_size)
+    try:
+        messages = to_messages(record["conversations"])
+    except ValueError as error:
+        raise BadSample("bad_json", str(error)) from error
+    if not images and not videos:
+        if cfg.text_only == "drop":
+            raise BadSample("text_only")
+        messages = add_dummy_image(messages)
+        images = [np.zeros((cfg.image_size, cfg.image_size, 3), np.uint8)]
+    try:
+        sample = processor.encode_sample(messages, images=images, videos=videos, max_length=None)
+    except SequenceTooLong as error:
+        raise BadSample("too_long", str(error)) from error
+    except ProcessorInputError as error:
+        raise BadSample("encode_error", str(error)) from error
+    return fit_length(sample, cfg)
+
+
+def fit_length(sample: dict[str, Any], cfg: DataConfig) -> dict[str, Any]:
+    """Apply the length policy: keep, truncate in the trailing text, or raise too_long."""
+    length = len(sample["input_ids"])
+    sample["truncated"] = False
+    if length <= cfg.max_length:
+        return sample
+    parts = [list(p) for p in sample["parts"]]
+    tail = parts[-1][1] if parts and parts[-1][0] == "text" else 0
+    cut = length - cfg.max_length
+    if cfg.length_policy == "drop" or cut >= tail:
+        raise BadSample("too_long", f"{length} tokens > {cfg.max_length}")
+    parts[-1][1] = tail - cut
+    sample["input_ids"] = sample["input_ids"][: cfg.max_length]
+    sample["labels"] = sample["labels"][: cfg.max_length]
+    sample["parts"] = parts
+    sample["truncated"] = True
+    return sample
+
+
+def _all_ranks_have(have: bool) -> bool:
+    """True when every rank has a batch (always ``have`` without torch.distributed)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return have
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([int(have)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def encoded_samples(shard, processor, cfg: DataConfig, *, epoch: int, stats: dict) -> Iterator:
+    """Encoded samples of this worker's share, in (locally shuffled) order."""
+    counter = drop_counter()
+    batches = shard.iter_batches(
+        batch_size=cfg.decode_batch_size,
+        batch_format="pyarrow",
+        local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+        local_shuffle_seed=cfg.seed + epoch if cfg.shuffle_buffer else None,
+    )
+    for table in batches:
+        events = []
+        for row in table.to_pylist():
+            try:
+                sample = encode_row(row, processor, cfg)
+            except BadSample as bad:
+                events.append((row["url"], row["key"], bad.reason, bad.detail))
+                continue
+            if sample.pop("truncated"):
+                stats["truncated"] += 1
+                events.append((row["url"], row["key"], "truncated", ""))
+            yield sample
+        stats["dropped"] += sum(e[2] != "truncated" for e in events)
+        report_drops(counter, events)
+
+
+def iter_train_batches(
+    shard,
+    processor,
+    cfg: DataConfig,
+    *,
+    batch_size: int,
+    epoch: int,
+    stats: dict[str, int] | None = None,
+) -> Iterator[dict]:
+    """This worker's batches for one epoch, ready for ``model(**batch)`` (full batches only).
+
+    ``shard`` is a ``ray.train.get_dataset_shard(...)`` iterator (or any Ray Data
+    DataIterator/Dataset of decoded rows). Ranks stay in lockstep (see the module doc).
+    ``stats`` (when given) receives this worker's running ``truncated``/``dropped`` counts;
+    the job-wide counts are ``drop_counts()`` and ``truncated_count()``.
+    """
+    stats = stats if stats is not None else {}
+    stats.setdefault("truncated", 0)
+    stats.setdefault("dropped", 0)
+    pending: list[dict] = []
+    for sample in encoded_samples(shard, processor, cfg, epoch=epoch, stats=stats):
+        pending.append(sample)
+        if len(pending) < batch_size:
+            continue
+        if not _all_ranks_have(True):
+            return
+        batch = processor.collate(pending)
+        pending = []
+        yield batch
+    _all_ranks_have(False)
