@@ -84,3 +84,10 @@ def drop_counts() -> dict[str, int]:
 def truncated_count() -> int:
     """Samples kept but cut to ``max_length`` so far in this Ray job."""
     return _counts().get(TRUNCATED, 0)
+
+
+def reset_drop_counts() -> None:
+    """Forget every count (e.g. between evaluation runs in one job, or tests)."""
+    counter = drop_counter()
+    if counter is not None:
+        ray.get(counter.reset.remote())
