@@ -21,6 +21,7 @@ DROPS_ACTOR = "gazeattn-data-drops"
 # counted like a reason, but the sample was kept (cut to max_length), not dropped
 TRUNCATED = "truncated"
 log = logging.getLogger("pipelines.data")
+_OWNED = None
 
 
 @ray.remote(num_cpus=0)
@@ -49,10 +50,16 @@ class DropCounter:
 
 def drop_counter(create: bool = False):
     """The job's counter actor (created when ``create``), or None when there is none."""
+    global _OWNED
     if create:
-        return DropCounter.options(
-            name=DROPS_ACTOR, namespace=NAMESPACE, get_if_exists=True
-        ).remote()
+        # a named actor dies with its creator's handle (handles from get_actor do not keep
+        # it alive), so the creating process keeps that handle for the life of its job
+        found = drop_counter()
+        if _OWNED is None or found is None or found._actor_id != _OWNED._actor_id:
+            _OWNED = DropCounter.options(
+                name=DROPS_ACTOR, namespace=NAMESPACE, get_if_exists=True
+            ).remote()
+        return _OWNED
     try:
         return ray.get_actor(DROPS_ACTOR, namespace=NAMESPACE)
     except ValueError:

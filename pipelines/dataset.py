@@ -37,11 +37,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import ray
-from ray.data._internal.datasource.webdataset_datasource import (
-    WebDatasetDatasource,
-    _group_by_keys,
-    _tar_file_iterator,
-)
+from ray.data.datasource import FileBasedDatasource
 
 from pipelines.accounting import drop_counter, drop_counts, report_drops, truncated_count
 from pipelines.config import DataConfig
@@ -80,37 +76,54 @@ DECODED_SCHEMA = pa.schema(
 READ_CHUNK = 64
 
 
-class TolerantWebDataset(WebDatasetDatasource):
+class TolerantWebDataset(FileBasedDatasource):
     """WebDataset tars -> raw sample rows; a truncated or unreadable tar keeps its good samples.
 
-    ``read_webdataset`` fails the whole job on a damaged tar; here the samples read
-    before the damage are kept and one ``error`` row names the tar and the reason.
+    ``read_webdataset`` fails the whole job on a damaged tar; here every sample
+    known to be complete before the damage is kept and one ``error`` row names
+    the tar and the reason. A sample is known complete once a member of the next
+    key has been seen; the sample being read when the damage shows is dropped.
     """
+
+    _FILE_EXTENSIONS = ["tar"]
 
     def _read_stream(self, stream, path: str) -> Iterator[pa.Table]:
         rows: list[dict] = []
+        key, sample, seen = None, {}, set()
         try:
-            files = _tar_file_iterator(stream)
-            for sample in _group_by_keys(files, meta={"__url__": path}):
-                names = [k for k in sample if not k.startswith("__")]
-                rows.append(_raw_row(sample["__key__"], path, "", names, sample))
-                if len(rows) >= READ_CHUNK:
-                    yield pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
-                    rows = []
+            tar = tarfile.open(fileobj=stream, mode="r|*")
+            for info in tar:
+                if not info.isreg():
+                    continue
+                name_key, _, suffix = info.name.partition(".")
+                if name_key != key:
+                    if sample:
+                        rows.append(_raw_row(key, path, "", sample))
+                    if name_key in seen:
+                        raise ValueError(f"members of key {name_key!r} are not contiguous")
+                    seen.add(name_key)
+                    key, sample = name_key, {}
+                    if len(rows) >= READ_CHUNK:
+                        yield pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
+                        rows = []
+                sample[suffix] = tar.extractfile(info).read()
+            if sample:
+                rows.append(_raw_row(key, path, "", sample))
         except (tarfile.TarError, EOFError, OSError, ValueError) as error:
-            detail = f"after {len(rows)} samples in this chunk: {type(error).__name__}: {error}"
-            rows.append(_raw_row("", path, detail, [], {}))
+            where = f"while reading key {key!r}" if key is not None else "at the start"
+            detail = f"{type(error).__name__}: {error} ({where}; {len(seen) - 1} samples before)"
+            rows.append(_raw_row("", path, detail, {}))
         if rows:
             yield pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
 
 
-def _raw_row(key: str, url: str, error: str, names: list[str], sample: dict) -> dict:
+def _raw_row(key: str, url: str, error: str, sample: dict[str, bytes]) -> dict:
     return {
         "key": key,
         "url": url,
         "error": error,
-        "names": names,
-        "blobs": [sample[n] for n in names],
+        "names": list(sample),
+        "blobs": list(sample.values()),
     }
 
 
@@ -168,9 +181,7 @@ def build_train_dataset(cfg: DataConfig) -> ray.data.Dataset:
     counter = drop_counter(create=True)
     source = TolerantWebDataset(
         shard_list(cfg.shards),
-        decoder=None,
         shuffle="files" if cfg.shuffle_files else None,
-        file_extensions=["tar"],
     )
     raw = ray.data.read_datasource(source)
     return raw.map_batches(
