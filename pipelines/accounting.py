@@ -60,6 +60,8 @@ def drop_counter(create: bool = False):
                 name=DROPS_ACTOR, namespace=NAMESPACE, get_if_exists=True
             ).remote()
         return _OWNED
+    if not ray.is_initialized():
+        return None
     try:
         return ray.get_actor(DROPS_ACTOR, namespace=NAMESPACE)
     except ValueError:

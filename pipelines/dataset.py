@@ -8,15 +8,16 @@
 
 Decoding (PIL images, PyAV videos, resized to ``cfg.image_size``) runs in Ray
 Data tasks on the CPU pool; tokenising with the processor runs in each worker,
-where the processor is. Every bad sample or tar is dropped, logged once with
+where the processor is, or also in the pipeline when ``build_train_dataset`` is
+given the processor (faster: the CPU pool does it, see bench/data.py). Every bad sample or tar is dropped, logged once with
 the tar and the key, and counted per reason (``pipelines.accounting``).
 
 ZeRO-3 needs every rank to take the same number of steps and make the same
 collective calls:
 - the split is ``equal=True`` (Ray Train's default for ``streaming_split``) and
   batches are full (drop_last);
-- samples can still be dropped at encode time (too long, rejected by the
-  processor) after the split, so when torch.distributed is initialised the
+- when encoding in the workers, samples can still be dropped at encode time
+  (too long, rejected by the processor) after the split, so when torch.distributed is initialised the
   ranks agree before each step (an all-reduce MIN of "I have a batch"): all stop
   at the first step some rank cannot fill;
 - the model calls the vision tower once per forward when the batch has any
@@ -71,6 +72,17 @@ DECODED_SCHEMA = pa.schema(
         ("num_images", pa.int64()),
         ("video_frames", pa.list_(pa.int64())),  # frames of each video
         ("media", pa.binary()),  # [images + frames, S, S, 3] uint8, C order
+    ]
+)
+ENCODED_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("url", pa.string()),
+        ("input_ids", pa.list_(pa.int64())),
+        ("labels", pa.list_(pa.int64())),
+        ("pixel_values", pa.binary()),  # [N, 3, P, P] float32, C order
+        ("pixel_size", pa.int64()),  # P
+        ("parts", pa.string()),  # the processor's parts as JSON
     ]
 )
 READ_CHUNK = 64
@@ -171,9 +183,12 @@ def decode_batch(batch: pa.Table, *, image_size: int, frames: int, counter) -> p
     return pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
 
 
-def build_train_dataset(cfg: DataConfig) -> ray.data.Dataset:
+def build_train_dataset(cfg: DataConfig, processor=None) -> ray.data.Dataset:
     """Shards -> a dataset of decoded samples (columns of ``DECODED_SCHEMA``).
 
+    With ``processor`` the samples are also encoded in the pipeline (columns of
+    ``ENCODED_SCHEMA``): the CPU pool does the tokenising and resizing, and every
+    drop happens before the split, so each worker gets the same number of samples.
     Call it in the driver of a Ray job (it creates the job's drop counter there).
     """
     ctx = ray.data.DataContext.get_current()
@@ -183,16 +198,62 @@ def build_train_dataset(cfg: DataConfig) -> ray.data.Dataset:
         shard_list(cfg.shards),
         shuffle="files" if cfg.shuffle_files else None,
     )
-    raw = ray.data.read_datasource(source)
-    return raw.map_batches(
-        partial(
-            decode_batch, image_size=cfg.image_size, frames=cfg.frames_per_video, counter=counter
-        ),
+    stage = dict(
         batch_format="pyarrow",
         batch_size=cfg.decode_batch_size,
         num_cpus=cfg.num_cpus,
         concurrency=cfg.decode_concurrency,
     )
+    ds = ray.data.read_datasource(source).map_batches(
+        partial(
+            decode_batch, image_size=cfg.image_size, frames=cfg.frames_per_video, counter=counter
+        ),
+        **stage,
+    )
+    if processor is not None:
+        ds = ds.map_batches(
+            partial(encode_batch, processor=processor, cfg=cfg, counter=counter), **stage
+        )
+    return ds
+
+
+def encode_batch(batch: pa.Table, *, processor, cfg: DataConfig, counter) -> pa.Table:
+    """Decoded rows -> encoded rows (``ENCODED_SCHEMA``); drops and truncations are reported."""
+    rows, events = [], []
+    for row in batch.to_pylist():
+        try:
+            sample = encode_row(row, processor, cfg)
+        except BadSample as bad:
+            events.append((row["url"], row["key"], bad.reason, bad.detail))
+            continue
+        if sample["truncated"]:
+            events.append((row["url"], row["key"], "truncated", ""))
+        pixels = np.ascontiguousarray(sample["pixel_values"], np.float32)
+        rows.append(
+            {
+                "key": row["key"],
+                "url": row["url"],
+                "input_ids": sample["input_ids"].tolist(),
+                "labels": sample["labels"].tolist(),
+                "pixel_values": pixels.tobytes(),
+                "pixel_size": pixels.shape[-1],
+                "parts": json.dumps(sample["parts"]),
+            }
+        )
+    report_drops(counter, events)
+    return pa.Table.from_pylist(rows, schema=ENCODED_SCHEMA)
+
+
+def encoded_sample(row: dict[str, Any]) -> dict[str, Any]:
+    """An encoded row (``ENCODED_SCHEMA``) -> the processor's sample dict."""
+    size = int(row["pixel_size"])
+    pixels = np.frombuffer(row["pixel_values"], np.float32).reshape(-1, 3, size, size)
+    return {
+        "input_ids": np.asarray(row["input_ids"], np.int64),
+        "labels": np.asarray(row["labels"], np.int64),
+        "pixel_values": pixels,
+        "parts": json.loads(row["parts"]),
+    }
 
 
 def decoded_media(row: dict[str, Any], image_size: int) -> tuple[list, list]:
@@ -279,6 +340,10 @@ def encoded_samples(shard, processor, cfg: DataConfig, *, epoch: int, stats: dic
     for table in batches:
         events = []
         for row in table.to_pylist():
+            if "input_ids" in row:
+                # encoded in the pipeline (build_train_dataset(cfg, processor)); counted there
+                yield encoded_sample(row)
+                continue
             try:
                 sample = encode_row(row, processor, cfg)
             except BadSample as bad:

@@ -189,11 +189,13 @@ def check_layout(batch, processor):
     assert batch["pixel_values"].shape[0] > 0
 
 
-def test_split_batches_feed_the_tiny_model(ray_session, data, tiny):
+@pytest.mark.parametrize("encode_in", ["worker", "pipeline"])
+def test_split_batches_feed_the_tiny_model(ray_session, data, tiny, encode_in):
     model, processor = tiny
     _, _, shards = data
     cfg = config(shards, shuffle_buffer=4)
-    splits = build_train_dataset(cfg).streaming_split(2, equal=True)
+    ds = build_train_dataset(cfg, processor if encode_in == "pipeline" else None)
+    splits = ds.streaming_split(2, equal=True)
     batches = consume_in_threads(
         splits, lambda it: list(iter_train_batches(it, processor, cfg, batch_size=4, epoch=0))
     )
