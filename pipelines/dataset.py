@@ -244,16 +244,27 @@ def encode_batch(batch: pa.Table, *, processor, cfg: DataConfig, counter) -> pa.
     return pa.Table.from_pylist(rows, schema=ENCODED_SCHEMA)
 
 
-def encoded_sample(row: dict[str, Any]) -> dict[str, Any]:
-    """An encoded row (``ENCODED_SCHEMA``) -> the processor's sample dict."""
-    size = int(row["pixel_size"])
-    pixels = np.frombuffer(row["pixel_values"], np.float32).reshape(-1, 3, size, size)
-    return {
-        "input_ids": np.asarray(row["input_ids"], np.int64),
-        "labels": np.asarray(row["labels"], np.int64),
-        "pixel_values": pixels,
-        "parts": json.loads(row["parts"]),
-    }
+def encoded_table_samples(table: pa.Table) -> Iterator[dict[str, Any]]:
+    """Encoded rows (``ENCODED_SCHEMA``) -> the processor's sample dicts, reading the arrow
+    buffers without building Python lists of every token."""
+    ids = table.column("input_ids").combine_chunks()
+    labels = table.column("labels").combine_chunks()
+    pixels = table.column("pixel_values").combine_chunks()
+    sizes = table.column("pixel_size").to_numpy()
+    parts = table.column("parts").to_pylist()
+    offsets = ids.offsets.to_numpy()
+    flat_ids, flat_labels = ids.values.to_numpy(), labels.values.to_numpy()
+    for i in range(len(table)):
+        start, end = offsets[i], offsets[i + 1]
+        size = int(sizes[i])
+        pixel = np.frombuffer(pixels[i].as_buffer(), np.float32)
+        yield {
+            "input_ids": flat_ids[start:end],
+            "labels": flat_labels[start:end],
+            # a copy: torch wants writable arrays
+            "pixel_values": pixel.reshape(-1, 3, size, size).copy(),
+            "parts": json.loads(parts[i]),
+        }
 
 
 def decoded_media(row: dict[str, Any], image_size: int) -> tuple[list, list]:
@@ -338,12 +349,12 @@ def encoded_samples(shard, processor, cfg: DataConfig, *, epoch: int, stats: dic
         local_shuffle_seed=cfg.seed + epoch if cfg.shuffle_buffer else None,
     )
     for table in batches:
+        if "input_ids" in table.column_names:
+            # encoded in the pipeline (build_train_dataset(cfg, processor)); counted there
+            yield from encoded_table_samples(table)
+            continue
         events = []
         for row in table.to_pylist():
-            if "input_ids" in row:
-                # encoded in the pipeline (build_train_dataset(cfg, processor)); counted there
-                yield encoded_sample(row)
-                continue
             try:
                 sample = encode_row(row, processor, cfg)
             except BadSample as bad:
