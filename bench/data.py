@@ -116,7 +116,8 @@ def run_mix(name, root, args, processor) -> dict:
         frames_per_video=args.frames,
         shuffle_files=False,
         progress_bars=False,
-        decode_concurrency=args.workers,
+        decode_workers=args.workers,
+        decode_cpus=1.0,
         decode_batch_size=args.decode_batch_size,
     )
     result = {"shards": len(shards)}

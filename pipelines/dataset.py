@@ -33,12 +33,13 @@ import logging
 import tarfile
 from collections.abc import Iterator
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import ray
-from ray.data.datasource import FileBasedDatasource
+from ray.data.datasource import FileBasedDatasource, FileShuffleConfig
 
 from pipelines.accounting import drop_counter, drop_counts, report_drops, truncated_count
 from pipelines.config import DataConfig
@@ -46,6 +47,7 @@ from pipelines.conversation import add_dummy_image, to_messages
 from pipelines.decode import BadSample, decode_sample
 
 __all__ = [
+    "build_dataset",
     "build_train_dataset",
     "drop_counts",
     "encode_row",
@@ -139,10 +141,15 @@ def _raw_row(key: str, url: str, error: str, sample: dict[str, bytes]) -> dict:
     }
 
 
-def shard_list(shards: list[str]) -> list[str]:
-    """Expand local globs; directories and URIs are passed on (pyarrow lists them)."""
+def resolve_shards(cfg: DataConfig, split: str = "train") -> list[str]:
+    """The configured shards (local globs expanded; directories and URIs passed on, pyarrow
+    lists them), or the synthetic dataset generated and sharded under ``cfg.synthetic_dir``."""
+    if not cfg.shards:
+        from pipelines.synthetic import build
+
+        return build(cfg.synthetic_dir, cfg.synthetic, progress=cfg.progress_bars)[split]
     out = []
-    for item in shards:
+    for item in cfg.shards:
         if "://" not in item and any(c in item for c in "*?["):
             matches = sorted(glob.glob(item))
             if not matches:
@@ -150,8 +157,6 @@ def shard_list(shards: list[str]) -> list[str]:
             out += matches
         else:
             out.append(item)
-    if not out:
-        raise ValueError("DataConfig.shards is empty")
     return out
 
 
@@ -183,31 +188,38 @@ def decode_batch(batch: pa.Table, *, image_size: int, frames: int, counter) -> p
     return pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
 
 
-def build_train_dataset(cfg: DataConfig, processor=None) -> ray.data.Dataset:
+def build_dataset(cfg: DataConfig, processor=None, split: str = "train") -> ray.data.Dataset:
     """Shards -> a dataset of decoded samples (columns of ``DECODED_SCHEMA``).
 
-    With ``processor`` the samples are also encoded in the pipeline (columns of
-    ``ENCODED_SCHEMA``): the CPU pool does the tokenising and resizing, and every
-    drop happens before the split, so each worker gets the same number of samples.
-    Call it in the driver of a Ray job (it creates the job's drop counter there).
+    With ``processor`` (a GazeProcessor or the directory it was saved in) the samples are
+    also encoded in the pipeline (columns of ``ENCODED_SCHEMA``): the CPU pool does the
+    tokenising and resizing, and every drop happens before the split, so each worker gets
+    the same number of samples. Call it in the driver of a Ray job (it creates the job's
+    drop counter there).
     """
+    if isinstance(processor, str | Path):
+        from gazeattn.processing import GazeProcessor
+
+        processor = GazeProcessor.from_pretrained(processor)
+    image_size = cfg.image_size or (processor.settings.image_size if processor else None)
+    if image_size is None:
+        raise ValueError("DataConfig.image_size is needed when no processor is given")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress_bars
     counter = drop_counter(create=True)
+    shuffle = cfg.shuffle_files and split == "train"
     source = TolerantWebDataset(
-        shard_list(cfg.shards),
-        shuffle="files" if cfg.shuffle_files else None,
+        resolve_shards(cfg, split),
+        shuffle=FileShuffleConfig(seed=cfg.seed) if shuffle else None,
     )
     stage = dict(
         batch_format="pyarrow",
         batch_size=cfg.decode_batch_size,
-        num_cpus=cfg.num_cpus,
-        concurrency=cfg.decode_concurrency,
+        num_cpus=cfg.decode_cpus,
+        concurrency=cfg.decode_workers,
     )
-    ds = ray.data.read_datasource(source).map_batches(
-        partial(
-            decode_batch, image_size=cfg.image_size, frames=cfg.frames_per_video, counter=counter
-        ),
+    ds = ray.data.read_datasource(source, num_cpus=cfg.decode_cpus).map_batches(
+        partial(decode_batch, image_size=image_size, frames=cfg.frames_per_video, counter=counter),
         **stage,
     )
     if processor is not None:
@@ -215,6 +227,11 @@ def build_train_dataset(cfg: DataConfig, processor=None) -> ray.data.Dataset:
             partial(encode_batch, processor=processor, cfg=cfg, counter=counter), **stage
         )
     return ds
+
+
+def build_train_dataset(cfg: DataConfig, processor=None) -> ray.data.Dataset:
+    """The training split (see ``build_dataset``)."""
+    return build_dataset(cfg, processor, "train")
 
 
 def encode_batch(batch: pa.Table, *, processor, cfg: DataConfig, counter) -> pa.Table:
@@ -267,11 +284,14 @@ def encoded_table_samples(table: pa.Table) -> Iterator[dict[str, Any]]:
         }
 
 
-def decoded_media(row: dict[str, Any], image_size: int) -> tuple[list, list]:
+def decoded_media(row: dict[str, Any]) -> tuple[list, list]:
     """A decoded row -> (images [S, S, 3] list, videos [F, S, S, 3] list)."""
-    data = row["media"]
-    media = np.frombuffer(data, np.uint8).reshape(-1, image_size, image_size, 3)
     n = int(row["num_images"])
+    total = n + sum(int(c) for c in row["video_frames"])
+    if total == 0:
+        return [], []
+    side = int(round((len(row["media"]) // (3 * total)) ** 0.5))
+    media = np.frombuffer(row["media"], np.uint8).reshape(total, side, side, 3)
     images = list(media[:n])
     videos, start = [], n
     for count in row["video_frames"]:
@@ -288,7 +308,7 @@ def encode_row(row: dict[str, Any], processor, cfg: DataConfig) -> dict[str, Any
     from gazeattn.processing import ProcessorInputError, SequenceTooLong
 
     record = json.loads(row["record"])
-    images, videos = decoded_media(row, cfg.image_size)
+    images, videos = decoded_media(row)
     try:
         messages = to_messages(record["conversations"])
     except ValueError as error:
@@ -297,7 +317,8 @@ def encode_row(row: dict[str, Any], processor, cfg: DataConfig) -> dict[str, Any
         if cfg.text_only == "drop":
             raise BadSample("text_only")
         messages = add_dummy_image(messages)
-        images = [np.zeros((cfg.image_size, cfg.image_size, 3), np.uint8)]
+        size = cfg.image_size or processor.settings.image_size
+        images = [np.zeros((size, size, 3), np.uint8)]
     try:
         sample = processor.encode_sample(messages, images=images, videos=videos, max_length=None)
     except SequenceTooLong as error:
@@ -374,7 +395,7 @@ def iter_train_batches(
     cfg: DataConfig,
     *,
     batch_size: int,
-    epoch: int,
+    epoch: int = 0,
     stats: dict[str, int] | None = None,
 ) -> Iterator[dict]:
     """This worker's batches for one epoch, ready for ``model(**batch)`` (full batches only).

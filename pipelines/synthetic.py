@@ -1,6 +1,6 @@
 """A generated dataset whose answers depend on one small region, in LLaVA format.
 
-    python -m pipelines.synthetic --out DIR --n-train N --n-test N [--shard]
+    python -m pipelines.synthetic --out DIR --n-train N --n-test N [--no-shard]
 
 - Images: several coloured shapes on a plain background; the question asks for
   one shape's colour or position. ``target_box`` = [x0, y0, x1, y1] in pixels
@@ -11,7 +11,7 @@
 
 Writes ``DIR/media/*``, ``DIR/train.json`` and ``DIR/test.json`` (JSON lists of
 records with ``id``, ``image`` or ``video``, ``conversations`` and the extra
-fields), and with ``--shard`` also ``DIR/shards/{train,test}`` via make_shards.
+fields), then ``DIR/shards/{train,test}`` via make_shards (unless ``--no-shard``).
 Everything is a function of the seed: the same arguments write the same files.
 """
 
@@ -26,6 +26,8 @@ from pathlib import Path
 import av
 import numpy as np
 from PIL import Image, ImageDraw
+
+from pipelines.config import SyntheticSettings
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -194,6 +196,36 @@ def generate(
     return paths
 
 
+def build(
+    out: str | Path, cfg: SyntheticSettings, *, progress: bool = False
+) -> dict[str, list[str]]:
+    """Generate and shard the synthetic dataset under ``out`` (both idempotent); returns the
+    shard paths per split."""
+    from pipelines.make_shards import make_shards, shard_paths
+
+    out = Path(out)
+    paths = generate(
+        out,
+        n_train=cfg.n_train,
+        n_test=cfg.n_test,
+        image_size=cfg.image_size,
+        frames=cfg.frames,
+        video_fraction=cfg.video_fraction,
+        seed=cfg.seed,
+    )
+    shards = {}
+    for split, path in paths.items():
+        make_shards(
+            path,
+            out / "media",
+            out / "shards" / split,
+            shard_size=cfg.shard_size,
+            progress=progress,
+        )
+        shards[split] = shard_paths(out / "shards" / split)
+    return shards
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -205,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--frames", type=int, default=4)
     parser.add_argument("--video-fraction", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--shard", action="store_true", help="also write shards/{train,test}")
+    parser.add_argument("--no-shard", action="store_true", help="write the json and media only")
     parser.add_argument("--shard-size", default="512MB")
     args = parser.parse_args(argv)
     paths = generate(
@@ -219,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     for split, path in paths.items():
         print(f"{split}: {path}")
-        if args.shard:
+        if not args.no_shard:
             from pipelines.make_shards import make_shards, parse_size
 
             out = Path(args.out) / "shards" / split

@@ -194,7 +194,7 @@ def test_decode_batch_keeps_good_rows_and_reports_bad(caplog):
         )
     assert out.column("key").to_pylist() == ["a"]
     assert "bad_json s.tar key=b" in caplog.text and "bad_tar s.tar" in caplog.text
-    images, videos = decoded_media(out.to_pylist()[0], 4)
+    images, videos = decoded_media(out.to_pylist()[0])
     assert len(images) == 1 and images[0].shape == (4, 4, 3) and videos == []
 
 
@@ -203,7 +203,7 @@ def test_fit_length_policy():
         n = sum(p[1] if p[0] == "text" else 10 for p in parts)
         return {"input_ids": np.arange(n), "labels": np.arange(n), "parts": parts}
 
-    cfg = DataConfig(max_length=20)
+    cfg = DataConfig(max_length=20, length_policy="truncate")
     kept = fit_length(sample([["text", 3], ["image", 3, 3], ["text", 12]]), cfg)
     assert len(kept["input_ids"]) == 20 and kept["truncated"]
     assert kept["parts"] == [["text", 3], ["image", 3, 3], ["text", 7]]

@@ -79,7 +79,7 @@ def test_round_trip_through_ray(ray_session, data):
     rows = sorted(build_train_dataset(config(shards)).take_all(), key=lambda r: r["key"])
     assert [json.loads(r["record"]) for r in rows] == records
     for row, record in zip(rows, records, strict=True):
-        images, videos = decoded_media(row, IMAGE_SIZE)
+        images, videos = decoded_media(row)
         if "image" in record:
             assert len(images) == 1 and not videos
             original = Image.open(root / "media" / record["image"]).convert("RGB")
