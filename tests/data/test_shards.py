@@ -154,3 +154,34 @@ def test_parse_size():
     assert parse_size("4096") == 4096
     with pytest.raises(ValueError):
         parse_size("lots")
+
+
+def test_resolve_shards_generates_synthetic_when_none_are_set(tmp_path):
+    from pipelines.config import DataConfig, SyntheticSettings
+    from pipelines.dataset import resolve_shards
+
+    cfg = DataConfig(
+        synthetic_dir=str(tmp_path),
+        synthetic=SyntheticSettings(n_train=4, n_test=2, image_size=32),
+        progress_bars=False,
+    )
+    train, test = resolve_shards(cfg, "train"), resolve_shards(cfg, "test")
+    assert train == shard_paths(tmp_path / "shards" / "train")
+    assert test == shard_paths(tmp_path / "shards" / "test")
+    assert resolve_shards(cfg, "train") == train, "idempotent"
+    globbed = DataConfig(shards=[str(tmp_path / "shards" / "*" / "*.tar")])
+    assert resolve_shards(globbed) == sorted(train + test)
+    with pytest.raises(FileNotFoundError):
+        resolve_shards(DataConfig(shards=[str(tmp_path / "nothing-*.tar")]))
+
+
+def test_demo_config_data_section_loads():
+    import yaml
+
+    from gazeattn.typed_config import from_dict
+    from pipelines.config import DataConfig
+
+    root = Path(__file__).resolve().parents[2]
+    data = yaml.safe_load((root / "configs" / "demo.yaml").read_text())["data"]
+    cfg = from_dict(DataConfig, data)
+    assert cfg.synthetic.n_train == data["synthetic"]["n_train"]
