@@ -276,9 +276,9 @@ def encoded_table_samples(table: pa.Table) -> Iterator[dict[str, Any]]:
         size = int(sizes[i])
         pixel = np.frombuffer(pixels[i].as_buffer(), np.float32)
         yield {
-            "input_ids": flat_ids[start:end],
-            "labels": flat_labels[start:end],
-            # a copy: torch wants writable arrays
+            # copies: arrow buffers are read-only and torch wants writable arrays
+            "input_ids": flat_ids[start:end].copy(),
+            "labels": flat_labels[start:end].copy(),
             "pixel_values": pixel.reshape(-1, 3, size, size).copy(),
             "parts": json.loads(parts[i]),
         }

@@ -238,3 +238,25 @@ def test_length_policy_and_text_only_drop(ray_session, data, tiny, policy):
     assert all(b["input_ids"].shape[1] <= limit for b in batches)
     for batch in batches:
         check_layout(batch, processor)
+
+
+def test_pipeline_encoding_equals_worker_encoding(ray_session, data, tiny):
+    from pipelines.dataset import encode_row, encoded_table_samples
+
+    _, _, shards = data
+    _, processor = tiny
+    cfg = config(shards)
+    decoded = {r["key"]: r for r in build_train_dataset(cfg).take_all()}
+    encoded = build_train_dataset(cfg, processor).to_arrow_refs()
+    import pyarrow as pa
+    import ray
+
+    table = pa.concat_tables(ray.get(encoded))
+    keys = table.column("key").to_pylist()
+    assert sorted(keys) == sorted(decoded)
+    for key, sample in zip(keys, encoded_table_samples(table), strict=True):
+        expected = encode_row(decoded[key], processor, cfg)
+        np.testing.assert_array_equal(sample["input_ids"], expected["input_ids"])
+        np.testing.assert_array_equal(sample["labels"], expected["labels"])
+        np.testing.assert_array_equal(sample["pixel_values"], expected["pixel_values"])
+        assert sample["parts"] == [list(p) for p in expected["parts"]]
