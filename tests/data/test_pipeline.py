@@ -1,193 +1,262 @@
-"""Synthetic data, shards and the Ray Data pipeline: round trip, bad inputs with exact counts,
-frame sampling, equal disjoint splits, batches feeding the tiny model."""
+"""The Ray Data pipeline end to end: shards -> decode -> split -> encode -> collate -> forward."""
 
-from __future__ import annotations
-
-import io
 import json
+import os
 import tarfile
 import threading
 
 import numpy as np
 import pytest
-import ray
 import torch
-from PIL import Image as PILImage
+from PIL import Image
 
-from gazeattn.model import load_model
-from gazeattn.ops import GazeConfig, TokenKind
-from gazeattn.tiny import build_tiny
+from pipelines.accounting import drop_counts, reset_drop_counts, truncated_count
 from pipelines.config import DataConfig
-from pipelines.dataset import (
-    DROP_ACTOR,
-    build_dataset,
-    decode_video,
-    drop_counts,
-    iter_train_batches,
-    split_tar,
-    to_messages,
-)
-from pipelines.make_shards import load_records, make_shards, parse_size
-from pipelines.synthetic import encode_mp4, generate
+from pipelines.dataset import build_train_dataset, decoded_media, iter_train_batches
+from pipelines.make_shards import make_shards, shard_paths, write_tar
+from pipelines.synthetic import generate, write_mp4
+
+IMAGE_SIZE = 48
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    generate(root, n_train=10, n_test=2, video_fraction=0.3, seed=3)
-    return root
+def ray_session():
+    import ray
 
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny(tmp_path_factory.mktemp("model"), gaze_config=GazeConfig(keep_ratio=0.5))
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False)
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
 
-def _read_tar(path):
-    with tarfile.open(path) as tar:
-        return [(m.name, tar.extractfile(m).read()) for m in tar]
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """12 synthetic records (images, videos and one text-only) sharded into several tars."""
+    root = tmp_path_factory.mktemp("data")
+    paths = generate(root, n_train=11, n_test=1, image_size=IMAGE_SIZE, video_fraction=0.3)
+    records = json.loads(paths["train"].read_text())
+    records.append(
+        {
+            "id": "text-only",
+            "conversations": [
+                {"from": "human", "value": "Say red."},
+                {"from": "gpt", "value": "red"},
+            ],
+        }
+    )
+    (root / "data.json").write_text(json.dumps(records))
+    manifest = make_shards(
+        root / "data.json", root / "media", root / "shards", shard_size="40KB", progress=False
+    )
+    assert manifest["num_samples"] == 12 and len(manifest["shards"]) > 1
+    return root, records, shard_paths(root / "shards")
 
 
-def test_shards_round_trip_and_manifest(data_root, tmp_path):
-    records = load_records(data_root / "train.json")
-    manifest = make_shards(data_root / "train.json", data_root / "media", tmp_path, shard_size="20KB", progress=False)
-    assert manifest["samples"] == len(records) == 10 and len(manifest["shards"]) > 1
-    rows = [row for s in manifest["shards"] for row in split_tar({"path": s["name"], "bytes": (tmp_path / s["name"]).read_bytes()})]
-    assert [json.loads(dict(zip(r["names"], r["blobs"], strict=True))["json"])["id"] for r in rows] == [r["id"] for r in records]
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from gazeattn.model import load_model
+    from gazeattn.tiny import build_tiny
+
+    path = build_tiny(tmp_path_factory.mktemp("tiny"), image_size=IMAGE_SIZE, patch_size=8)
+    model, processor = load_model(path)
+    return model.eval(), processor
+
+
+def config(shards, **kw) -> DataConfig:
+    base = dict(
+        shards=shards,
+        image_size=IMAGE_SIZE,
+        frames_per_video=3,
+        shuffle_files=False,
+        progress_bars=False,
+    )
+    return DataConfig(**{**base, **kw})
+
+
+def test_round_trip_through_ray(ray_session, data):
+    root, records, shards = data
+    reset_drop_counts()
+    rows = sorted(build_train_dataset(config(shards)).take_all(), key=lambda r: r["key"])
+    assert [json.loads(r["record"]) for r in rows] == records
     for row, record in zip(rows, records, strict=True):
-        stored = json.loads(dict(zip(row["names"], row["blobs"], strict=True))["json"])
-        assert stored["conversations"] == record["conversations"] and stored["target_box"] == record["target_box"]
-        media = record.get("image") or record.get("video")
-        ext = media.rsplit(".", 1)[-1]
-        blob = next(b for n, b in zip(row["names"], row["blobs"], strict=True) if n.endswith(ext))
-        assert blob == (data_root / "media" / media).read_bytes()
-    # members are grouped and sorted by key inside every tar
-    for s in manifest["shards"]:
-        names = [n for n, _ in _read_tar(tmp_path / s["name"])]
-        assert names == sorted(names)
-    # idempotent: the second call returns the manifest without rewriting
-    mtime = (tmp_path / manifest["shards"][0]["name"]).stat().st_mtime_ns
-    assert make_shards(data_root / "train.json", data_root / "media", tmp_path, shard_size="20KB", progress=False) == manifest
-    assert (tmp_path / manifest["shards"][0]["name"]).stat().st_mtime_ns == mtime
+        images, videos = decoded_media(row)
+        if "image" in record:
+            assert len(images) == 1 and not videos
+            original = Image.open(root / "media" / record["image"]).convert("RGB")
+            assert np.abs(images[0].astype(int) - np.asarray(original)).mean() < 3
+        elif "video" in record:
+            assert not images and [len(v) for v in videos] == [3]
+        else:
+            assert not images and not videos
+    assert drop_counts() == {}
 
 
-def test_make_shards_skips_bad_records_with_reasons(data_root, tmp_path):
-    records = load_records(data_root / "train.json")[:3]
-    bad = [
-        {"id": "no-conv", "image": records[0].get("image", "x.jpg")},
-        {"id": "missing", "image": "nowhere.jpg", "conversations": [{"from": "human", "value": "<image>"}]},
-        {"id": "gif", "image": "a.gif", "conversations": [{"from": "human", "value": "<image>"}]},
-    ]
-    path = tmp_path / "in.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in records + bad))
-    manifest = make_shards(path, data_root / "media", tmp_path / "out", progress=False)
-    assert manifest["samples"] == 3
-    assert manifest["skipped_by_reason"] == {"missing or invalid conversations": 1, "missing_media": 1, "unsupported image format .gif": 1}
-    assert parse_size("512MB") == 512 * 2**20 and parse_size("2KiB") == 2048
+def png(colour) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
-def test_video_frames_are_sampled_uniformly():
-    frames = [np.full((16, 16, 3), 20 * i, np.uint8) for i in range(9)]
-    got = decode_video(encode_mp4(frames), 3)
-    means = [int(round(f.mean() / 20)) for f in got]
-    assert len(got) == 3 and means == [0, 4, 8]
-    assert len(decode_video(encode_mp4(frames[:2]), 4)) == 2
-
-
-def test_llava_turns_become_messages():
-    messages = to_messages([{"from": "human", "value": "<image>\nWhat is <video> here?"}, {"from": "gpt", "value": "red"}])
-    assert messages[0] == {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is "}, {"type": "video"}, {"type": "text", "text": " here?"}]}
-    assert messages[1] == {"role": "assistant", "content": [{"type": "text", "text": "red"}]}
-
-
-def _tar_bytes(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for key, members in samples:
-            for name, data in sorted(members.items()):
-                info = tarfile.TarInfo(f"{key}.{name}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-def _good(i: int, image: bytes) -> tuple[str, dict[str, bytes]]:
-    rec = {"id": f"s{i}", "image": ["img0.png"], "conversations": [{"from": "human", "value": "<image>\nWhat color?"}, {"from": "gpt", "value": "red"}]}
-    return f"{i:04d}", {"json": json.dumps(rec).encode(), "img0.png": image}
-
-
-def test_bad_inputs_are_dropped_counted_and_good_ones_kept(local_ray, model_dir, tmp_path):
-    png = io.BytesIO()
-    PILImage.new("RGB", (20, 20), (200, 10, 10)).save(png, format="PNG")
-    png = png.getvalue()
-    video_rec = {"id": "v", "video": "video.mp4", "conversations": [{"from": "human", "value": "<video>\nWhich frame?"}, {"from": "gpt", "value": "1"}]}
-    no_marker = {"id": "m", "image": ["img0.png"], "conversations": [{"from": "human", "value": "What color?"}, {"from": "gpt", "value": "red"}]}
-    mixed = [
-        _good(0, png),
-        ("0001", {"json": _good(1, png)[1]["json"], "img0.png": b"not an image"}),
-        ("0002", {"img0.png": png}),
-        ("0003", {"json": b"{broken", "img0.png": png}),
-        ("0004", {"json": json.dumps(video_rec).encode(), "video.mp4": b"\x00" * 64}),
-        ("0005", {"json": json.dumps(no_marker).encode(), "img0.png": png}),
-        _good(6, png),
-    ]
-    (tmp_path / "mixed.tar").write_bytes(_tar_bytes(mixed))
-    whole = _tar_bytes([_good(i, png) for i in range(10, 14)])
-    (tmp_path / "truncated.tar").write_bytes(whole[: int(len(whole) * 0.7)])
-    (tmp_path / "garbage.tar").write_bytes(b"this is not a tar file at all" * 40)
-    cfg = DataConfig(shards=[str(tmp_path / "*.tar")], progress_bars=False, shuffle_files=False)
-    rows = build_dataset(cfg, str(model_dir)).take_all()
-    kept = sorted(r["id"] for r in rows)
-    # the truncated tar keeps its complete samples before the break
-    assert kept[:2] == ["s0", "s10"] and "s6" in kept and "s1" not in kept
-    counts = drop_counts()
-    truncated_kept = sum(1 for k in kept if k.startswith("s1") and len(k) == 3)
-    assert 1 <= truncated_kept < 4
-    assert counts == {
-        "corrupt_image": 1,
-        "missing_json": 1,
-        "invalid_json": 1,
-        "bad_video": 1,
-        "media_marker_mismatch": 1,
-        "truncated_tar": 1,
-        "unreadable_tar": 1,
+def sample(key: str, text: str, **media) -> list[tuple[str, bytes]]:
+    record = {
+        "id": key,
+        "conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": "x"}],
     }
-    assert len(kept) == 2 + truncated_kept
-    ray.kill(ray.get_actor(DROP_ACTOR))
+    members = [(f"{key}.json", json.dumps(record).encode())]
+    members += [(f"{key}.{name.replace('_', '.')}", data) for name, data in media.items()]
+    return sorted(members)
 
 
-def test_split_streams_into_two_consumers_and_feeds_the_model(local_ray, data_root, model_dir, tmp_path):
-    make_shards(data_root / "train.json", data_root / "media", tmp_path, shard_size="30KB", progress=False)
-    cfg = DataConfig(shards=[str(tmp_path / "*.tar")], progress_bars=False, shuffle_buffer=4)
-    model, processor = load_model(model_dir)
-    parts = build_dataset(cfg, str(model_dir)).streaming_split(2, equal=True)
-    seen: dict[int, list] = {}
+def test_bad_inputs_dropped_counted_once(ray_session, data, tmp_path):
+    _, _, shards = data
+    frames = [np.full((16, 16, 3), 90, np.uint8)] * 2
+    mixed = [
+        *sample("a0", "<image>", img0_png=png("red")),
+        *sample("a1", "<image>", img0_png=b"corrupt image bytes"),
+        *sample("a2", "<video>", vid0_mp4=b"\x00not a video" * 20),
+        *sample("a3", "<video>", vid0_mp4=b""),
+        ("a4.img0.png", png("blue")),  # no json
+        ("a5.json", b"{invalid"),
+        *sample("a6", "no marker", img0_png=png("green")),
+        *sample("a7", "<video>", vid0_mp4=write_mp4(frames)),
+    ]
+    write_tar(tmp_path / "mixed.tar", mixed)
+    # a copy of the first good shard cut inside the data of its 4th sample: 3 samples survive
+    source = shards[0]
+    with tarfile.open(source) as tar:
+        members = [m for m in tar if m.isfile()]
+    keys = sorted({m.name.split(".")[0] for m in members})
+    assert len(keys) >= 4
+    fourth = next(m for m in members if m.name.startswith(keys[3]))
+    cut = fourth.offset_data + 10
+    (tmp_path / "truncated.tar").write_bytes(open(source, "rb").read()[:cut])
+    (tmp_path / "garbage.tar").write_bytes(os.urandom(3000))
+    reset_drop_counts()
+    ds = build_train_dataset(config([str(tmp_path / "*.tar")]))
+    for _ in range(2):  # a second epoch re-reads the bad samples: counted and logged once
+        got = sorted((os.path.basename(r["url"]), r["key"]) for r in ds.take_all())
+        assert got == [("mixed.tar", "a0"), ("mixed.tar", "a7")] + [
+            ("truncated.tar", k) for k in keys[:3]
+        ]
+        assert drop_counts() == {
+            "bad_image": 1,
+            "bad_video": 2,  # junk bytes, zero bytes
+            "missing_json": 1,
+            "bad_json": 1,
+            "marker_mismatch": 1,
+            "bad_tar": 2,  # truncated, garbage
+        }
 
-    def consume(i, shard):
-        seen[i] = list(shard.iter_rows())
 
-    threads = [threading.Thread(target=consume, args=(i, s)) for i, s in enumerate(parts)]
-    [t.start() for t in threads]
-    [t.join(300) for t in threads]
-    ids = [[row["id"] for row in seen[i]] for i in (0, 1)]
-    # equal, disjoint and together complete
-    assert len(ids[0]) == len(ids[1]) == 5
-    assert sorted(ids[0] + ids[1]) == sorted(r["id"] for r in load_records(data_root / "train.json"))
+def consume_in_threads(iterators, fn):
+    results = [None] * len(iterators)
 
-    shard = build_dataset(cfg, str(model_dir)).streaming_split(1)[0]
-    batches = list(iter_train_batches(shard, processor, cfg, batch_size=4))
-    assert len(batches) == 2  # 10 samples, drop_last
-    batch = batches[0]
-    layout = batch["gaze_layout"]
-    assert torch.equal(layout.kinds == TokenKind.VISUAL, batch["input_ids"] == processor.image_token_id)
-    assert torch.equal(layout.kinds == TokenKind.CONTEXT, batch["input_ids"] == processor.context_token_id)
-    assert torch.equal(layout.kinds == TokenKind.PAD, batch["attention_mask"] == 0)
-    out = model(**batch)
+    def run(i):
+        results[i] = fn(iterators[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(iterators))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return results
+
+
+def test_streaming_split_two_consumers(ray_session, data):
+    _, records, shards = data
+    splits = build_train_dataset(config(shards)).streaming_split(2, equal=True)
+    keys = consume_in_threads(splits, lambda it: [r["key"] for r in it.iter_rows()])
+    assert len(keys[0]) == len(keys[1]) == 6
+    assert not set(keys[0]) & set(keys[1])
+    assert sorted(keys[0] + keys[1]) == [f"{i:09d}" for i in range(12)]
+
+
+def check_layout(batch, processor):
+    from gazeattn.ops.layout import TokenKind
+
+    ids, kinds, mask = batch["input_ids"], batch["gaze_layout"].kinds, batch["attention_mask"]
+    assert batch["gaze_layout"].length == ids.shape[1]
+    assert torch.equal(kinds == TokenKind.VISUAL, ids == processor.image_token_id)
+    assert torch.equal(kinds == TokenKind.CONTEXT, ids == processor.context_token_id)
+    assert torch.equal(kinds == TokenKind.PAD, mask == 0)
+    grid = processor.grid
+    assert batch["pixel_values"].shape[0] * grid * grid == int(
+        (ids == processor.image_token_id).sum()
+    )
+    # every batch runs the vision tower (text-only samples carry a dummy image)
+    assert batch["pixel_values"].shape[0] > 0
+
+
+@pytest.mark.parametrize("encode_in", ["worker", "pipeline"])
+def test_split_batches_feed_the_tiny_model(ray_session, data, tiny, encode_in):
+    model, processor = tiny
+    _, _, shards = data
+    cfg = config(shards, shuffle_buffer=4)
+    ds = build_train_dataset(cfg, processor if encode_in == "pipeline" else None)
+    splits = ds.streaming_split(2, equal=True)
+    batches = consume_in_threads(
+        splits, lambda it: list(iter_train_batches(it, processor, cfg, batch_size=4, epoch=0))
+    )
+    # 6 rows each, batches of 4, drop_last: one full batch per consumer
+    assert [len(b) for b in batches] == [1, 1]
+    for batch in batches[0] + batches[1]:
+        assert batch["input_ids"].shape[0] == 4
+        check_layout(batch, processor)
+    with torch.no_grad():
+        out = model(**batches[0][0])
     assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("policy", ["drop", "truncate"])
+def test_length_policy_and_text_only_drop(ray_session, data, tiny, policy):
+    from pipelines.dataset import encode_row
+
+    _, _, shards = data
+    _, processor = tiny
+    ds = build_train_dataset(config(shards))
+    full = [
+        (json.loads(r["record"])["id"], encode_row(r, processor, config(shards, max_length=10**6)))
+        for r in ds.take_all()
+    ]
+    media = [s for rid, s in full if rid != "text-only"]
+    limit = sorted(len(s["input_ids"]) for s in media)[5]
+    over = [s for s in media if len(s["input_ids"]) > limit]
+    fits_in_tail = [s for s in over if len(s["input_ids"]) - limit < s["parts"][-1][1]]
+    assert over and (policy == "drop" or fits_in_tail)
+    reset_drop_counts()
+    stats = {}
+    cfg = config(shards, max_length=limit, length_policy=policy, text_only="drop")
+    batches = list(iter_train_batches(ds, processor, cfg, batch_size=1, epoch=0, stats=stats))
+    too_long = len(over) if policy == "drop" else len(over) - len(fits_in_tail)
+    truncated = 0 if policy == "drop" else len(fits_in_tail)
+    assert drop_counts() == {"text_only": 1, **({"too_long": too_long} if too_long else {})}
+    assert truncated_count() == stats["truncated"] == truncated
+    assert stats["dropped"] == 1 + too_long
+    assert len(batches) == 12 - 1 - too_long
+    assert all(b["input_ids"].shape[1] <= limit for b in batches)
+    for batch in batches:
+        check_layout(batch, processor)
+
+
+def test_pipeline_encoding_equals_worker_encoding(ray_session, data, tiny):
+    from pipelines.dataset import encode_row, encoded_table_samples
+
+    _, _, shards = data
+    _, processor = tiny
+    cfg = config(shards)
+    decoded = {r["key"]: r for r in build_train_dataset(cfg).take_all()}
+    encoded = build_train_dataset(cfg, processor).to_arrow_refs()
+    import pyarrow as pa
+    import ray
+
+    table = pa.concat_tables(ray.get(encoded))
+    keys = table.column("key").to_pylist()
+    assert sorted(keys) == sorted(decoded)
+    for key, sample in zip(keys, encoded_table_samples(table), strict=True):
+        expected = encode_row(decoded[key], processor, cfg)
+        np.testing.assert_array_equal(sample["input_ids"], expected["input_ids"])
+        np.testing.assert_array_equal(sample["labels"], expected["labels"])
+        np.testing.assert_array_equal(sample["pixel_values"], expected["pixel_values"])
+        assert sample["parts"] == [list(p) for p in expected["parts"]]
