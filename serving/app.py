@@ -27,8 +27,8 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
 
+from gazeattn import load_model
 from gazeattn.generation import GenerationResult, generate_batch, stream_generate
-from gazeattn.model import load_model
 from gazeattn.ops import GazeConfig
 from gazeattn.processing import ProcessorInputError
 from serving.errors import (
