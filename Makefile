@@ -29,6 +29,8 @@ demo: setup
 
 bench: setup
 	$(PY) bench/attention.py
+	$(PY) bench/attention_gpu.py
+	$(PY) bench/decode_model.py
 
 clean:
 	rm -rf .venv build *.egg-info

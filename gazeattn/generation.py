@@ -176,7 +176,9 @@ class _decode:
             if r.temperature <= 0:
                 picks.append(int(row.argmax()))
                 continue
-            probs = torch.softmax(row / r.temperature, dim=-1)
+            # shift by the max first: with a tiny temperature the other logits then go to -inf
+            # instead of the max going to inf (inf - inf = nan in the softmax)
+            probs = torch.softmax((row - row.max()) / r.temperature, dim=-1)
             if r.top_p < 1.0:
                 sorted_p, order = probs.sort(descending=True)
                 keep = sorted_p.cumsum(0) - sorted_p < r.top_p

@@ -1,368 +1,421 @@
-"""The Ray Data pipeline: WebDataset tar shards -> decoded media -> GazeProcessor samples -> batches.
+"""The Ray Data pipeline: WebDataset shards -> decoded samples -> per-worker encoded batches.
 
-    shards --read_binary_files--> tar members grouped by key (flat_map)
-           --decode + encode (PIL / PyAV, GazeProcessor.encode_sample)--> samples
-           --Ray Train streaming_split(equal=True)--> iter_train_batches -> processor.collate
+    ds = build_train_dataset(cfg)                       # in the driver
+    TorchTrainer(..., datasets={"train": ds})           # Ray Train splits it (equal=True)
+    for batch in iter_train_batches(get_dataset_shard("train"), processor, cfg,
+                                    batch_size=8, epoch=epoch):
+        loss = model(**batch).loss                      # in each worker
 
-The tars are parsed here rather than by ``read_webdataset`` so that a truncated
-or unreadable tar costs only its incomplete tail: the complete samples before
-the break are kept, and the break is counted. Every dropped sample (or shard)
-is logged once with its tar and key and counted per reason in a named Ray actor
-(``drop_counts()``), which the trainer reports as metrics.
+Decoding (PIL images, PyAV videos, resized to ``cfg.image_size``) runs in Ray
+Data tasks on the CPU pool; tokenising with the processor runs in each worker,
+where the processor is, or also in the pipeline when ``build_train_dataset`` is
+given the processor (faster: the CPU pool does it, see bench/data.py). Every bad sample or tar is dropped, logged once with
+the tar and the key, and counted per reason (``pipelines.accounting``).
+
+ZeRO-3 needs every rank to take the same number of steps and make the same
+collective calls:
+- the split is ``equal=True`` (Ray Train's default for ``streaming_split``) and
+  batches are full (drop_last);
+- when encoding in the workers, samples can still be dropped at encode time
+  (too long, rejected by the processor) after the split, so when torch.distributed is initialised the
+  ranks agree before each step (an all-reduce MIN of "I have a batch"): all stop
+  at the first step some rank cannot fill;
+- the model calls the vision tower once per forward when the batch has any
+  image, so text-only samples get a dummy black image (``cfg.text_only``) and
+  every batch carries media.
 """
 
 from __future__ import annotations
 
 import glob
-import io
 import json
 import logging
-import re
 import tarfile
-from collections import Counter
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
+import pyarrow as pa
 import ray
-from PIL import Image as PILImage
+from ray.data.datasource import FileBasedDatasource, FileShuffleConfig
 
+from pipelines.accounting import drop_counter, drop_counts, report_drops, truncated_count
 from pipelines.config import DataConfig
+from pipelines.conversation import add_dummy_image, to_messages
+from pipelines.decode import BadSample, decode_sample
 
-log = logging.getLogger(__name__)
+__all__ = [
+    "build_dataset",
+    "build_train_dataset",
+    "drop_counts",
+    "encode_row",
+    "iter_train_batches",
+    "truncated_count",
+]
 
-DROP_ACTOR = "gazeattn-data-drops"
-MARKERS = re.compile(r"(<image>|<video>)")
-ROLES = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "system": "system",
-}
+log = logging.getLogger("pipelines.data")
 
-
-# ---- drop accounting
-
-
-@ray.remote(num_cpus=0)
-class DropCounter:
-    """Per-reason counts of dropped samples, shared by every process of a job."""
-
-    def __init__(self):
-        self.counts: Counter = Counter()
-        self.seen: set[tuple[str, str, str]] = set()
-
-    def add(self, shard: str, key: str, reason: str) -> bool:
-        """Count a drop; True the first time this (shard, key, reason) is seen."""
-        if (shard, key, reason) in self.seen:
-            return False
-        self.seen.add((shard, key, reason))
-        self.counts[reason] += 1
-        return True
-
-    def get(self) -> dict[str, int]:
-        return dict(self.counts)
-
-
-def start_drop_counter():
-    """Create (or find) the job's drop counter; call from the driver, which keeps it alive."""
-    return DropCounter.options(name=DROP_ACTOR, get_if_exists=True).remote()
-
-
-def record_drop(shard: str, key: str, reason: str, detail: str = "") -> None:
-    """Count and log (once) a dropped sample; works inside Ray tasks and locally."""
-    try:
-        first = ray.get(ray.get_actor(DROP_ACTOR).add.remote(shard, key, reason))
-    except ValueError:
-        # no counter (plain local use): log every drop
-        first = True
-    if first:
-        log.warning(
-            "dropped sample %s in %s: %s%s", key, shard, reason, f" ({detail})" if detail else ""
-        )
-
-
-def drop_counts() -> dict[str, int]:
-    """Drops per reason so far in this job ({} when no pipeline ran)."""
-    try:
-        return ray.get(ray.get_actor(DROP_ACTOR).get.remote())
-    except ValueError:
-        return {}
-
-
-# ---- reading tars
-
-
-def split_tar(row: dict[str, Any]) -> list[dict[str, Any]]:
-    """One tar file's bytes -> one row per complete sample (members grouped by key)."""
-    shard = str(row["path"])
-    samples: list[dict[str, Any]] = []
-    group: dict[str, Any] | None = None
-    try:
-        with tarfile.open(fileobj=io.BytesIO(row["bytes"]), mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = member.name.rsplit("/", 1)[-1]
-                key, _, ext = base.partition(".")
-                data = tar.extractfile(member).read()
-                if group is None or group["key"] != key:
-                    if group is not None:
-                        samples.append(group)
-                    group = {"key": key, "shard": shard, "names": [], "blobs": []}
-                group["names"].append(ext)
-                group["blobs"].append(data)
-    except (tarfile.TarError, EOFError, OSError) as err:
-        # the group being read when the tar broke may be incomplete: drop it, keep the rest
-        where = group["key"] if group is not None else "*"
-        record_drop(
-            shard, where, "truncated_tar" if samples or group else "unreadable_tar", str(err)
-        )
-        return samples
-    if group is not None:
-        samples.append(group)
-    return samples
-
-
-# ---- decoding
-
-
-def decode_image(data: bytes) -> np.ndarray:
-    with PILImage.open(io.BytesIO(data)) as image:
-        image.load()
-        return np.asarray(image.convert("RGB"))
-
-
-def decode_video(data: bytes, num_frames: int) -> list[np.ndarray]:
-    """``num_frames`` frames sampled uniformly over the video (all of them if fewer)."""
-    with av.open(io.BytesIO(data)) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    if not frames:
-        raise ValueError("no frames")
-    if len(frames) <= num_frames:
-        return frames
-    picks = np.linspace(0, len(frames) - 1, num_frames).round().astype(int)
-    return [frames[i] for i in picks]
-
-
-def to_messages(conversations: list[dict]) -> list[dict]:
-    """LLaVA turns (``from``/``value`` with <image>/<video> markers) -> processor messages."""
-    messages = []
-    for turn in conversations:
-        role = ROLES.get(turn.get("from", turn.get("role")))
-        if role is None:
-            raise ValueError(f"unknown speaker {turn.get('from')!r}")
-        parts = []
-        for piece in MARKERS.split(str(turn["value"])):
-            if piece == "<image>":
-                parts.append({"type": "image"})
-            elif piece == "<video>":
-                parts.append({"type": "video"})
-            elif piece.strip():
-                parts.append({"type": "text", "text": piece.strip("\n")})
-        if parts:
-            messages.append({"role": role, "content": parts})
-    return messages
-
-
-def decode_sample(row: dict[str, Any], frames_per_video: int) -> dict[str, Any] | None:
-    """A grouped tar row -> record, messages and decoded media; None (counted) when bad."""
-    shard, key = row["shard"], row["key"]
-    members = dict(zip(row["names"], row["blobs"], strict=True))
-    if "json" not in members:
-        record_drop(shard, key, "missing_json")
-        return None
-    try:
-        record = json.loads(members["json"])
-        conversations = record["conversations"]
-    except (ValueError, KeyError, TypeError) as err:
-        record_drop(shard, key, "invalid_json", str(err))
-        return None
-    names = record.get("image") or []
-    names = names if isinstance(names, list) else [names]
-    try:
-        images = [decode_image(members[n]) for n in names]
-    except (KeyError, OSError, ValueError, PILImage.DecompressionBombError) as err:
-        record_drop(shard, key, "corrupt_image", str(err))
-        return None
-    videos = []
-    if record.get("video"):
-        try:
-            videos = [decode_video(members[record["video"]], frames_per_video)]
-        except (KeyError, OSError, ValueError, av.error.FFmpegError) as err:
-            record_drop(shard, key, "bad_video", str(err))
-            return None
-    text = " ".join(str(t.get("value", "")) for t in conversations)
-    if text.count("<image>") != len(images) or text.count("<video>") != len(videos):
-        record_drop(shard, key, "media_marker_mismatch")
-        return None
-    try:
-        messages = to_messages(conversations)
-    except (ValueError, KeyError, TypeError) as err:
-        record_drop(shard, key, "invalid_conversation", str(err))
-        return None
-    return {"record": record, "messages": messages, "images": images, "videos": videos}
-
-
-class SampleEncoder:
-    """Ray Data stage: decode a grouped tar row and encode it with the GazeProcessor."""
-
-    def __init__(self, processor_dir: str, cfg: DataConfig):
-        from gazeattn.processing import GazeProcessor
-
-        self.processor = GazeProcessor.from_pretrained(processor_dir)
-        self.cfg = cfg
-
-    def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
-        decoded = decode_sample(row, self.cfg.frames_per_video)
-        if decoded is None:
-            return []
-        return encode_decoded(self.processor, decoded, row["shard"], row["key"], self.cfg)
-
-
-def encode_decoded(
-    processor, decoded: dict, shard: str, key: str, cfg: DataConfig
-) -> list[dict[str, Any]]:
-    from gazeattn.processing import ProcessorInputError, SequenceTooLong
-
-    try:
-        sample = processor.encode_sample(
-            decoded["messages"],
-            images=decoded["images"],
-            videos=decoded["videos"],
-            max_length=10**9,
-        )
-    except ProcessorInputError as err:
-        record_drop(shard, key, "invalid_conversation", str(err))
-        return []
-    if len(sample["input_ids"]) > cfg.max_length:
-        try:
-            sample = truncate(sample, cfg.max_length, cfg.length_policy)
-        except SequenceTooLong:
-            record_drop(shard, key, "too_long", f"{len(sample['input_ids'])} > {cfg.max_length}")
-            return []
-    record = decoded["record"]
-    return [
-        {
-            "key": key,
-            "shard": shard,
-            "id": str(record.get("id", key)),
-            "input_ids": sample["input_ids"],
-            "labels": sample["labels"],
-            "pixel_values": sample["pixel_values"],
-            "parts": json.dumps(sample["parts"]),
-        }
+RAW_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("url", pa.string()),
+        ("error", pa.string()),  # "" or why the tar could not be read further
+        ("names", pa.list_(pa.string())),  # member suffixes: json, img0.png, vid0.mp4, ...
+        ("blobs", pa.list_(pa.binary())),
     ]
+)
+DECODED_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("url", pa.string()),
+        ("record", pa.string()),  # the LLaVA record as JSON (extra fields kept)
+        ("num_images", pa.int64()),
+        ("video_frames", pa.list_(pa.int64())),  # frames of each video
+        ("media", pa.binary()),  # [images + frames, S, S, 3] uint8, C order
+    ]
+)
+ENCODED_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("url", pa.string()),
+        ("input_ids", pa.list_(pa.int64())),
+        ("labels", pa.list_(pa.int64())),
+        ("pixel_values", pa.binary()),  # [N, 3, P, P] float32, C order
+        ("pixel_size", pa.int64()),  # P
+        ("parts", pa.string()),  # the processor's parts as JSON
+    ]
+)
+READ_CHUNK = 64
 
 
-def truncate(sample: dict, max_length: int, policy: str) -> dict:
-    """Cut the text tail to ``max_length`` (policy "truncate", never through media), else raise."""
-    from gazeattn.processing import SequenceTooLong
+class TolerantWebDataset(FileBasedDatasource):
+    """WebDataset tars -> raw sample rows; a truncated or unreadable tar keeps its good samples.
 
-    n = len(sample["input_ids"])
-    parts = sample["parts"]
-    if policy != "truncate" or parts[-1][0] != "text" or n - parts[-1][1] >= max_length:
-        raise SequenceTooLong(n, max_length)
-    cut = n - max_length
-    parts = [*parts[:-1], ["text", parts[-1][1] - cut]]
+    ``read_webdataset`` fails the whole job on a damaged tar; here every sample
+    known to be complete before the damage is kept and one ``error`` row names
+    the tar and the reason. A sample is known complete once a member of the next
+    key has been seen; the sample being read when the damage shows is dropped.
+    """
+
+    _FILE_EXTENSIONS = ["tar"]
+
+    def _read_stream(self, stream, path: str) -> Iterator[pa.Table]:
+        rows: list[dict] = []
+        key, sample, seen = None, {}, set()
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|*")
+            for info in tar:
+                if not info.isreg():
+                    continue
+                name_key, _, suffix = info.name.partition(".")
+                if name_key != key:
+                    if sample:
+                        rows.append(_raw_row(key, path, "", sample))
+                    if name_key in seen:
+                        raise ValueError(f"members of key {name_key!r} are not contiguous")
+                    seen.add(name_key)
+                    key, sample = name_key, {}
+                    if len(rows) >= READ_CHUNK:
+                        yield pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
+                        rows = []
+                sample[suffix] = tar.extractfile(info).read()
+            if sample:
+                rows.append(_raw_row(key, path, "", sample))
+        except (tarfile.TarError, EOFError, OSError, ValueError) as error:
+            where = f"while reading key {key!r}" if key is not None else "at the start"
+            detail = f"{type(error).__name__}: {error} ({where}; {len(seen) - 1} samples before)"
+            rows.append(_raw_row("", path, detail, {}))
+        if rows:
+            yield pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
+
+
+def _raw_row(key: str, url: str, error: str, sample: dict[str, bytes]) -> dict:
     return {
-        **sample,
-        "input_ids": sample["input_ids"][:max_length],
-        "labels": sample["labels"][:max_length],
-        "parts": parts,
+        "key": key,
+        "url": url,
+        "error": error,
+        "names": list(sample),
+        "blobs": list(sample.values()),
     }
 
 
-# ---- datasets and iterators
-
-
 def resolve_shards(cfg: DataConfig, split: str = "train") -> list[str]:
-    """The configured shards (globs expanded), or generated synthetic shards when none are set."""
-    if cfg.shards:
-        out = []
-        for pattern in cfg.shards:
-            if "://" in pattern or not any(c in pattern for c in "*?["):
-                out.append(pattern)
-            else:
-                out.extend(sorted(glob.glob(pattern)))
-        if not out:
-            raise FileNotFoundError(f"no shards match {cfg.shards}")
-        return out
-    from pipelines.make_shards import make_shards
-    from pipelines.synthetic import generate
+    """The configured shards (local globs expanded; directories and URIs passed on, pyarrow
+    lists them), or the synthetic dataset generated and sharded under ``cfg.synthetic_dir``."""
+    if not cfg.shards:
+        from pipelines.synthetic import build
 
-    root = Path(cfg.synthetic_dir).resolve()
-    syn = cfg.synthetic
-    if not (root / f"{split}.json").exists():
-        generate(
-            root,
-            n_train=syn.n_train,
-            n_test=syn.n_test,
-            image_size=syn.image_size,
-            frames=syn.frames,
-            video_fraction=syn.video_fraction,
-            seed=syn.seed,
+        return build(cfg.synthetic_dir, cfg.synthetic, progress=cfg.progress_bars)[split]
+    out = []
+    for item in cfg.shards:
+        if "://" not in item and any(c in item for c in "*?["):
+            matches = sorted(glob.glob(item))
+            if not matches:
+                raise FileNotFoundError(f"no shards match {item!r}")
+            out += matches
+        else:
+            out.append(item)
+    return out
+
+
+def decode_batch(batch: pa.Table, *, image_size: int, frames: int, counter) -> pa.Table:
+    """Raw rows -> decoded rows; bad ones are dropped and reported to the counter."""
+    rows, events = [], []
+    for row in batch.to_pylist():
+        if row["error"]:
+            events.append((row["url"], "", "bad_tar", row["error"]))
+            continue
+        members = dict(zip(row["names"], row["blobs"], strict=True))
+        try:
+            sample = decode_sample(members, image_size=image_size, frames=frames)
+        except BadSample as bad:
+            events.append((row["url"], row["key"], bad.reason, bad.detail))
+            continue
+        media = sample.images + [frame for video in sample.videos for frame in video]
+        rows.append(
+            {
+                "key": row["key"],
+                "url": row["url"],
+                "record": json.dumps(sample.record),
+                "num_images": len(sample.images),
+                "video_frames": [len(v) for v in sample.videos],
+                "media": np.stack(media).tobytes() if media else b"",
+            }
         )
-    manifest = make_shards(
-        root / f"{split}.json", root / "media", root / "shards" / split, progress=cfg.progress_bars
+    report_drops(counter, events)
+    return pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
+
+
+def build_dataset(cfg: DataConfig, processor=None, split: str = "train") -> ray.data.Dataset:
+    """Shards -> a dataset of decoded samples (columns of ``DECODED_SCHEMA``).
+
+    With ``processor`` (a GazeProcessor or the directory it was saved in) the samples are
+    also encoded in the pipeline (columns of ``ENCODED_SCHEMA``): the CPU pool does the
+    tokenising and resizing, and every drop happens before the split, so each worker gets
+    the same number of samples. Call it in the driver of a Ray job (it creates the job's
+    drop counter there).
+    """
+    if isinstance(processor, str | Path):
+        from gazeattn.processing import GazeProcessor
+
+        processor = GazeProcessor.from_pretrained(processor)
+    image_size = cfg.image_size or (processor.settings.image_size if processor else None)
+    if image_size is None:
+        raise ValueError("DataConfig.image_size is needed when no processor is given")
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = cfg.progress_bars
+    counter = drop_counter(create=True)
+    shuffle = cfg.shuffle_files and split == "train"
+    source = TolerantWebDataset(
+        resolve_shards(cfg, split),
+        shuffle=FileShuffleConfig(seed=cfg.seed) if shuffle else None,
     )
-    return [str(root / "shards" / split / s["name"]) for s in manifest["shards"]]
-
-
-def build_dataset(cfg: DataConfig, processor_dir: str, split: str = "train") -> ray.data.Dataset:
-    """Encoded samples from the shards, streamed; start the drop counter first (driver side)."""
-    from ray.data import DataContext
-    from ray.data.datasource import FileShuffleConfig
-
-    DataContext.get_current().enable_progress_bars = cfg.progress_bars
-    start_drop_counter()
-    paths = resolve_shards(cfg, split)
-    shuffle = FileShuffleConfig(seed=cfg.seed) if cfg.shuffle_files and split == "train" else None
-    # small CPU reservations: the pipeline shares the machine with the training workers
-    cpus = {"num_cpus": cfg.decode_cpus}
-    raw = ray.data.read_binary_files(
-        paths, include_paths=True, shuffle=shuffle, ray_remote_args=cpus
+    stage = dict(
+        batch_format="pyarrow",
+        batch_size=cfg.decode_batch_size,
+        num_cpus=cfg.decode_cpus,
+        concurrency=cfg.decode_workers,
     )
-    rows = raw.flat_map(split_tar, **cpus)
-    return rows.flat_map(
-        SampleEncoder,
-        fn_constructor_args=(processor_dir, cfg),
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.decode_workers)),
-        **cpus,
+    ds = ray.data.read_datasource(source, num_cpus=cfg.decode_cpus).map_batches(
+        partial(decode_batch, image_size=image_size, frames=cfg.frames_per_video, counter=counter),
+        **stage,
     )
+    if processor is not None:
+        ds = ds.map_batches(
+            partial(encode_batch, processor=processor, cfg=cfg, counter=counter), **stage
+        )
+    return ds
 
 
-def build_train_dataset(cfg: DataConfig, processor_dir: str) -> ray.data.Dataset:
-    return build_dataset(cfg, processor_dir, "train")
+def build_train_dataset(cfg: DataConfig, processor=None) -> ray.data.Dataset:
+    """The training split (see ``build_dataset``)."""
+    return build_dataset(cfg, processor, "train")
 
 
-def rows_to_samples(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    """A numpy batch from Ray Data -> the per-sample dicts ``processor.collate`` takes."""
-    n = len(batch["input_ids"])
-    return [
-        {
-            "input_ids": np.asarray(batch["input_ids"][i], np.int64),
-            "labels": np.asarray(batch["labels"][i], np.int64),
-            "pixel_values": np.asarray(batch["pixel_values"][i], np.float32),
-            "parts": json.loads(batch["parts"][i]),
+def encode_batch(batch: pa.Table, *, processor, cfg: DataConfig, counter) -> pa.Table:
+    """Decoded rows -> encoded rows (``ENCODED_SCHEMA``); drops and truncations are reported."""
+    rows, events = [], []
+    for row in batch.to_pylist():
+        try:
+            sample = encode_row(row, processor, cfg)
+        except BadSample as bad:
+            events.append((row["url"], row["key"], bad.reason, bad.detail))
+            continue
+        if sample["truncated"]:
+            events.append((row["url"], row["key"], "truncated", ""))
+        pixels = np.ascontiguousarray(sample["pixel_values"], np.float32)
+        rows.append(
+            {
+                "key": row["key"],
+                "url": row["url"],
+                "input_ids": sample["input_ids"].tolist(),
+                "labels": sample["labels"].tolist(),
+                "pixel_values": pixels.tobytes(),
+                "pixel_size": pixels.shape[-1],
+                "parts": json.dumps(sample["parts"]),
+            }
+        )
+    report_drops(counter, events)
+    return pa.Table.from_pylist(rows, schema=ENCODED_SCHEMA)
+
+
+def encoded_table_samples(table: pa.Table) -> Iterator[dict[str, Any]]:
+    """Encoded rows (``ENCODED_SCHEMA``) -> the processor's sample dicts, reading the arrow
+    buffers without building Python lists of every token."""
+    ids = table.column("input_ids").combine_chunks()
+    labels = table.column("labels").combine_chunks()
+    pixels = table.column("pixel_values").combine_chunks()
+    sizes = table.column("pixel_size").to_numpy()
+    parts = table.column("parts").to_pylist()
+    offsets = ids.offsets.to_numpy()
+    flat_ids, flat_labels = ids.values.to_numpy(), labels.values.to_numpy()
+    for i in range(len(table)):
+        start, end = offsets[i], offsets[i + 1]
+        size = int(sizes[i])
+        pixel = np.frombuffer(pixels[i].as_buffer(), np.float32)
+        yield {
+            # copies: arrow buffers are read-only and torch wants writable arrays
+            "input_ids": flat_ids[start:end].copy(),
+            "labels": flat_labels[start:end].copy(),
+            "pixel_values": pixel.reshape(-1, 3, size, size).copy(),
+            "parts": json.loads(parts[i]),
         }
-        for i in range(n)
-    ]
+
+
+def decoded_media(row: dict[str, Any]) -> tuple[list, list]:
+    """A decoded row -> (images [S, S, 3] list, videos [F, S, S, 3] list)."""
+    n = int(row["num_images"])
+    total = n + sum(int(c) for c in row["video_frames"])
+    if total == 0:
+        return [], []
+    side = int(round((len(row["media"]) // (3 * total)) ** 0.5))
+    media = np.frombuffer(row["media"], np.uint8).reshape(total, side, side, 3)
+    images = list(media[:n])
+    videos, start = [], n
+    for count in row["video_frames"]:
+        videos.append(list(media[start : start + int(count)]))
+        start += int(count)
+    return images, videos
+
+
+def encode_row(row: dict[str, Any], processor, cfg: DataConfig) -> dict[str, Any]:
+    """A decoded row -> the processor's encoded sample; raises BadSample when it must be dropped.
+
+    The returned dict also has ``truncated`` (bool).
+    """
+    from gazeattn.processing import ProcessorInputError, SequenceTooLong
+
+    record = json.loads(row["record"])
+    images, videos = decoded_media(row)
+    try:
+        messages = to_messages(record["conversations"])
+    except ValueError as error:
+        raise BadSample("bad_json", str(error)) from error
+    if not images and not videos:
+        if cfg.text_only == "drop":
+            raise BadSample("text_only")
+        messages = add_dummy_image(messages)
+        size = cfg.image_size or processor.settings.image_size
+        images = [np.zeros((size, size, 3), np.uint8)]
+    try:
+        sample = processor.encode_sample(messages, images=images, videos=videos, max_length=None)
+    except SequenceTooLong as error:
+        raise BadSample("too_long", str(error)) from error
+    except ProcessorInputError as error:
+        raise BadSample("encode_error", str(error)) from error
+    return fit_length(sample, cfg)
+
+
+def fit_length(sample: dict[str, Any], cfg: DataConfig) -> dict[str, Any]:
+    """Apply the length policy: keep, truncate in the trailing text, or raise too_long."""
+    length = len(sample["input_ids"])
+    sample["truncated"] = False
+    if length <= cfg.max_length:
+        return sample
+    parts = [list(p) for p in sample["parts"]]
+    tail = parts[-1][1] if parts and parts[-1][0] == "text" else 0
+    cut = length - cfg.max_length
+    if cfg.length_policy == "drop" or cut >= tail:
+        raise BadSample("too_long", f"{length} tokens > {cfg.max_length}")
+    parts[-1][1] = tail - cut
+    sample["input_ids"] = sample["input_ids"][: cfg.max_length]
+    sample["labels"] = sample["labels"][: cfg.max_length]
+    sample["parts"] = parts
+    sample["truncated"] = True
+    return sample
+
+
+def _all_ranks_have(have: bool) -> bool:
+    """True when every rank has a batch (always ``have`` without torch.distributed)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return have
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([int(have)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def encoded_samples(shard, processor, cfg: DataConfig, *, epoch: int, stats: dict) -> Iterator:
+    """Encoded samples of this worker's share, in (locally shuffled) order."""
+    counter = drop_counter()
+    batches = shard.iter_batches(
+        batch_size=cfg.decode_batch_size,
+        batch_format="pyarrow",
+        local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+        local_shuffle_seed=cfg.seed + epoch if cfg.shuffle_buffer else None,
+    )
+    for table in batches:
+        if "input_ids" in table.column_names:
+            # encoded in the pipeline (build_train_dataset(cfg, processor)); counted there
+            yield from encoded_table_samples(table)
+            continue
+        events = []
+        for row in table.to_pylist():
+            try:
+                sample = encode_row(row, processor, cfg)
+            except BadSample as bad:
+                events.append((row["url"], row["key"], bad.reason, bad.detail))
+                continue
+            if sample.pop("truncated"):
+                stats["truncated"] += 1
+                events.append((row["url"], row["key"], "truncated", ""))
+            yield sample
+        stats["dropped"] += sum(e[2] != "truncated" for e in events)
+        report_drops(counter, events)
 
 
 def iter_train_batches(
-    shard, processor, cfg: DataConfig, *, batch_size: int, epoch: int = 0
+    shard,
+    processor,
+    cfg: DataConfig,
+    *,
+    batch_size: int,
+    epoch: int = 0,
+    stats: dict[str, int] | None = None,
 ) -> Iterator[dict]:
-    """Per-worker batches for ``model(**batch)`` from a Ray Train dataset shard (drop_last)."""
-    buffer = cfg.shuffle_buffer or None
-    for batch in shard.iter_batches(
-        batch_size=batch_size,
-        batch_format="numpy",
-        drop_last=True,
-        local_shuffle_buffer_size=buffer,
-        local_shuffle_seed=None if buffer is None else cfg.seed + epoch,
-    ):
-        yield processor.collate(rows_to_samples(batch))
+    """This worker's batches for one epoch, ready for ``model(**batch)`` (full batches only).
+
+    ``shard`` is a ``ray.train.get_dataset_shard(...)`` iterator (or any Ray Data
+    DataIterator/Dataset of decoded rows). Ranks stay in lockstep (see the module doc).
+    ``stats`` (when given) receives this worker's running ``truncated``/``dropped`` counts;
+    the job-wide counts are ``drop_counts()`` and ``truncated_count()``.
+    """
+    stats = stats if stats is not None else {}
+    stats.setdefault("truncated", 0)
+    stats.setdefault("dropped", 0)
+    pending: list[dict] = []
+    for sample in encoded_samples(shard, processor, cfg, epoch=epoch, stats=stats):
+        pending.append(sample)
+        if len(pending) < batch_size:
+            continue
+        if not _all_ranks_have(True):
+            return
+        batch = processor.collate(pending)
+        pending = []
+        yield batch
+    _all_ranks_have(False)

@@ -1,14 +1,18 @@
-"""A generated dataset whose answers depend on one small region, with ground-truth boxes.
+"""A generated dataset whose answers depend on one small region, in LLaVA format.
 
-    python -m pipelines.synthetic --out DIR --n-train N --n-test N [--image-size 96] [--frames 4]
+    python -m pipelines.synthetic --out DIR --n-train N --n-test N [--no-shard]
 
-Images: several coloured shapes on a gray background; the question asks for the
-colour of the shape at a named position (or the position of a coloured shape).
-Videos: a shape that appears in exactly one frame; the question asks for its
-colour, or in which frame it appears. Every record carries ``target_box``
-([x0, y0, x1, y1] in pixels of its image/frame) and, for video, ``target_frame``.
-Written as LLaVA-style JSON (``train.json``, ``test.json``) plus media files,
-then sharded with ``pipelines.make_shards`` (``--shards``).
+- Images: several coloured shapes on a plain background; the question asks for
+  one shape's colour or position. ``target_box`` = [x0, y0, x1, y1] in pixels
+  is the box of the shape the answer depends on.
+- Videos (mp4, written with PyAV): a plain background in which one shape
+  appears in exactly one frame; the question asks for its colour.
+  ``target_frame`` is that frame and ``target_box`` its box.
+
+Writes ``DIR/media/*``, ``DIR/train.json`` and ``DIR/test.json`` (JSON lists of
+records with ``id``, ``image`` or ``video``, ``conversations`` and the extra
+fields), then ``DIR/shards/{train,test}`` via make_shards (unless ``--no-shard``).
+Everything is a function of the seed: the same arguments write the same files.
 """
 
 from __future__ import annotations
@@ -16,158 +20,213 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
 import numpy as np
 from PIL import Image, ImageDraw
 
-COLORS = {
+from pipelines.config import SyntheticSettings
+
+COLOURS = {
     "red": (220, 30, 30),
-    "green": (30, 170, 60),
-    "blue": (40, 70, 220),
-    "yellow": (235, 210, 30),
-    "purple": (140, 50, 170),
-    "orange": (245, 140, 20),
+    "green": (30, 180, 40),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 20),
+    "purple": (150, 40, 190),
+    "orange": (250, 140, 10),
+    "white": (250, 250, 250),
 }
-SHAPES = ("circle", "square", "triangle")
-# quadrant name -> (column, row) in a 2 x 2 grid
-POSITIONS = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1)}
-BACKGROUND = (128, 128, 128)
+SHAPES = ("square", "circle", "triangle")
+BACKGROUNDS = ((40, 40, 40), (90, 90, 90), (20, 30, 60))
+# image encodings cycle so every format the pipeline reads is exercised
+IMAGE_FORMATS = (("jpg", "JPEG"), ("png", "PNG"), ("webp", "WEBP"))
 
 
-def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], color) -> None:
-    x0, y0, x1, y1 = box
-    if shape == "circle":
-        draw.ellipse(box, fill=color)
-    elif shape == "square":
-        draw.rectangle(box, fill=color)
+@dataclass(kw_only=True)
+class Shape:
+    kind: str
+    colour: str
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive)
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: Shape) -> None:
+    x0, y0, x1, y1 = shape.box
+    fill = COLOURS[shape.colour]
+    if shape.kind == "square":
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
+    elif shape.kind == "circle":
+        draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
     else:
-        draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=color)
+        draw.polygon([((x0 + x1) // 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=fill)
 
 
-def _shape_box(rng: random.Random, size: int, col: int, row: int) -> tuple[int, int, int, int]:
-    """A box of about a sixth of the image inside quadrant (col, row)."""
-    half = size // 2
-    side = max(6, size // 6)
-    x0 = col * half + rng.randint(2, half - side - 2)
-    y0 = row * half + rng.randint(2, half - side - 2)
-    return (x0, y0, x0 + side, y0 + side)
+def place_shapes(rng: np.random.Generator, size: int, count: int) -> list[Shape]:
+    """``count`` shapes of distinct kind-colour pairs in distinct cells of a 3x3 grid."""
+    cell = size // 3
+    side = max(4, cell * 2 // 3)
+    cells = rng.choice(9, size=count, replace=False)
+    colours = rng.choice(len(COLOURS), size=count, replace=False)
+    shapes = []
+    for i, (c, k) in enumerate(zip(cells, colours, strict=True)):
+        row, col = divmod(int(c), 3)
+        x0 = col * cell + int(rng.integers(0, cell - side + 1))
+        y0 = row * cell + int(rng.integers(0, cell - side + 1))
+        shapes.append(
+            Shape(
+                kind=SHAPES[i % len(SHAPES)],
+                colour=list(COLOURS)[int(k)],
+                box=(x0, y0, x0 + side, y0 + side),
+            )
+        )
+    return shapes
 
 
-def make_image_record(rng: random.Random, idx: int, size: int, media_dir: Path, split: str) -> dict:
-    """Shapes in some quadrants; ask about one of them."""
-    image = Image.new("RGB", (size, size), BACKGROUND)
+def position_words(box: tuple[int, int, int, int], size: int) -> str:
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    vertical = ("top", "middle", "bottom")[min(2, int(3 * cy / size))]
+    horizontal = ("left", "centre", "right")[min(2, int(3 * cx / size))]
+    return (
+        "centre" if (vertical, horizontal) == ("middle", "centre") else f"{vertical} {horizontal}"
+    )
+
+
+def image_record(rng: np.random.Generator, rid: str, media: Path, size: int, index: int) -> dict:
+    shapes = place_shapes(rng, size, count=3)
+    background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    image = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(image)
-    quadrants = rng.sample(list(POSITIONS), k=rng.randint(2, 4))
-    colors = rng.sample(list(COLORS), k=len(quadrants))
-    placed = []
-    for name, color in zip(quadrants, colors, strict=True):
-        shape = rng.choice(SHAPES)
-        box = _shape_box(rng, size, *POSITIONS[name])
-        _draw(draw, shape, box, COLORS[color])
-        placed.append((name, color, shape, box))
-    name, color, shape, box = rng.choice(placed)
+    for shape in shapes:
+        draw_shape(draw, shape)
+    ext, fmt = IMAGE_FORMATS[index % len(IMAGE_FORMATS)]
+    name = f"{rid}.{ext}"
+    image.save(media / name, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    target = shapes[int(rng.integers(len(shapes)))]
     if rng.random() < 0.5:
-        question, answer = f"What color is the {shape} in the {name}?", color
+        task, question, answer = "colour", f"What colour is the {target.kind}?", target.colour
     else:
-        question, answer = f"Where is the {color} {shape}?", name
-    ext = rng.choice(["jpg", "png", "webp"])
-    rel = f"{split}/img{idx:06d}.{ext}"
-    path = media_dir / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, quality=95) if ext != "png" else image.save(path)
+        task = "position"
+        question = f"Where is the {target.colour} {target.kind}?"
+        answer = position_words(target.box, size)
     return {
-        "id": f"{split}-img-{idx:06d}",
-        "image": rel,
+        "id": rid,
+        "image": name,
         "conversations": [
             {"from": "human", "value": f"<image>\n{question}"},
             {"from": "gpt", "value": answer},
         ],
-        "target_box": list(box),
+        "task": task,
+        "target_box": list(target.box),
+        "image_size": [size, size],
     }
 
 
-def encode_mp4(frames: list[np.ndarray], fps: int = 4) -> bytes:
-    """H.264 (yuv420p) mp4 bytes of HWC uint8 frames, via PyAV."""
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as container:
+def write_mp4(frames: list[np.ndarray], fps: int = 4) -> bytes:
+    """RGB frames (H and W even) -> H.264 mp4 bytes."""
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.height, stream.width = frames[0].shape[:2]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "18", "preset": "ultrafast"}
+        # near-lossless, so the colour of a one-frame object survives compression
+        stream.options = {"crf": "10", "preset": "ultrafast"}
         for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buf.getvalue()
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return buffer.getvalue()
 
 
-def make_video_record(
-    rng: random.Random, idx: int, size: int, n_frames: int, media_dir: Path, split: str
-) -> dict:
-    """A shape that appears in one frame only."""
-    frame_idx = rng.randrange(n_frames)
-    color = rng.choice(list(COLORS))
-    shape = rng.choice(SHAPES)
-    box = _shape_box(rng, size, rng.randint(0, 1), rng.randint(0, 1))
-    frames = []
-    for f in range(n_frames):
-        image = Image.new("RGB", (size, size), BACKGROUND)
-        if f == frame_idx:
-            _draw(ImageDraw.Draw(image), shape, box, COLORS[color])
-        frames.append(np.asarray(image))
-    if rng.random() < 0.5:
-        question, answer = f"What color is the {shape} that appears in the video?", color
-    else:
-        question, answer = f"In which frame does the {shape} appear?", str(frame_idx + 1)
-    rel = f"{split}/vid{idx:06d}.mp4"
-    path = media_dir / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(encode_mp4(frames))
+def video_record(rng: np.random.Generator, rid: str, media: Path, size: int, frames: int) -> dict:
+    background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    (shape,) = place_shapes(rng, size, count=1)
+    shape.kind = SHAPES[int(rng.integers(len(SHAPES)))]
+    target_frame = int(rng.integers(frames))
+    clip = []
+    for t in range(frames):
+        image = Image.new("RGB", (size, size), background)
+        if t == target_frame:
+            draw_shape(ImageDraw.Draw(image), shape)
+        clip.append(np.asarray(image))
+    name = f"{rid}.mp4"
+    (media / name).write_bytes(write_mp4(clip))
     return {
-        "id": f"{split}-vid-{idx:06d}",
-        "video": rel,
+        "id": rid,
+        "video": name,
         "conversations": [
-            {"from": "human", "value": f"<video>\n{question}"},
-            {"from": "gpt", "value": answer},
+            {"from": "human", "value": f"<video>\nWhat colour is the {shape.kind} that appears?"},
+            {"from": "gpt", "value": shape.colour},
         ],
-        "target_box": list(box),
-        "target_frame": frame_idx,
-        "num_frames": n_frames,
+        "task": "video_colour",
+        "target_box": list(shape.box),
+        "target_frame": target_frame,
+        "num_frames": frames,
+        "image_size": [size, size],
     }
 
 
 def generate(
     out: str | Path,
     *,
-    n_train: int,
-    n_test: int,
+    n_train: int = 64,
+    n_test: int = 16,
     image_size: int = 96,
     frames: int = 4,
     video_fraction: float = 0.25,
     seed: int = 0,
 ) -> dict[str, Path]:
-    """Write ``train.json``/``test.json`` and media under ``out``; returns the json paths."""
+    """Write media and ``train.json``/``test.json`` under ``out``; returns the json paths."""
+    if image_size % 2 or image_size < 24:
+        raise ValueError(f"image_size must be even and at least 24, got {image_size}")
     out = Path(out)
     media = out / "media"
+    media.mkdir(parents=True, exist_ok=True)
     paths = {}
     for split, count, offset in (("train", n_train, 0), ("test", n_test, 1)):
-        rng = random.Random(seed * 1000 + offset)
+        rng = np.random.default_rng([seed, offset])
         records = []
         for i in range(count):
+            rid = f"{split}-{i:06d}"
             if rng.random() < video_fraction:
-                records.append(make_video_record(rng, i, image_size, frames, media, split))
+                records.append(video_record(rng, rid, media, image_size, frames))
             else:
-                records.append(make_image_record(rng, i, image_size, media, split))
+                records.append(image_record(rng, rid, media, image_size, i))
         paths[split] = out / f"{split}.json"
         paths[split].write_text(json.dumps(records, indent=1))
     return paths
 
 
-def main() -> None:
+def build(
+    out: str | Path, cfg: SyntheticSettings, *, progress: bool = False
+) -> dict[str, list[str]]:
+    """Generate and shard the synthetic dataset under ``out`` (both idempotent); returns the
+    shard paths per split."""
+    from pipelines.make_shards import make_shards, shard_paths
+
+    out = Path(out)
+    paths = generate(
+        out,
+        n_train=cfg.n_train,
+        n_test=cfg.n_test,
+        image_size=cfg.image_size,
+        frames=cfg.frames,
+        video_fraction=cfg.video_fraction,
+        seed=cfg.seed,
+    )
+    shards = {}
+    for split, path in paths.items():
+        make_shards(
+            path,
+            out / "media",
+            out / "shards" / split,
+            shard_size=cfg.shard_size,
+            progress=progress,
+        )
+        shards[split] = shard_paths(out / "shards" / split)
+    return shards
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -178,10 +237,9 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=4)
     parser.add_argument("--video-fraction", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--shards", action="store_true", help="also write WebDataset shards under OUT/shards/"
-    )
-    args = parser.parse_args()
+    parser.add_argument("--no-shard", action="store_true", help="write the json and media only")
+    parser.add_argument("--shard-size", default="512MB")
+    args = parser.parse_args(argv)
     paths = generate(
         args.out,
         n_train=args.n_train,
@@ -191,15 +249,16 @@ def main() -> None:
         video_fraction=args.video_fraction,
         seed=args.seed,
     )
-    print(f"wrote {', '.join(str(p) for p in paths.values())}")
-    if args.shards:
-        from pipelines.make_shards import make_shards
+    for split, path in paths.items():
+        print(f"{split}: {path}")
+        if not args.no_shard:
+            from pipelines.make_shards import make_shards, parse_size
 
-        for split, path in paths.items():
+            out = Path(args.out) / "shards" / split
             manifest = make_shards(
-                path, Path(args.out) / "media", Path(args.out) / "shards" / split
+                path, Path(args.out) / "media", out, shard_size=parse_size(args.shard_size)
             )
-            print(f"{split}: {manifest['samples']} samples in {len(manifest['shards'])} shards")
+            print(f"  {manifest['num_samples']} samples in {len(manifest['shards'])} shards: {out}")
 
 
 if __name__ == "__main__":

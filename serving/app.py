@@ -100,21 +100,40 @@ def parse_body(raw: bytes) -> ChatCompletionRequest:
         raise BadRequest(f"the body is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise BadRequest("the body must be a JSON object")
+    # "\ud800" alone is valid JSON but not text: the tokenizer would fail on it (a 500)
+    if b"\\ud" in raw.lower():
+        try:
+            json.dumps(data, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise BadRequest(
+                "the body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff)"
+            ) from None
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as err:
         raise Unprocessable.from_validation(err) from None
 
 
+MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+
+
 def resolve_model(uri: str) -> Path:
-    """A local directory as is; an MLflow URI (models:/, runs:/, ...) downloaded first."""
-    if uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
+    """A local directory as is; an MLflow URI (models:/, runs:/, ...) downloaded first.
+
+    A logged gaze model keeps its Hugging Face export at ``artifacts/model_dir`` of the
+    download (``training.export``); a plain directory of artifacts is accepted too.
+    """
+    if uri.startswith(MLFLOW_SCHEMES):
         import mlflow
 
         root = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-        found = sorted(p.parent for p in root.rglob("config.json"))
+        for candidate in (root / "artifacts" / "model_dir", root / "model_dir", root):
+            if (candidate / "config.json").is_file():
+                return candidate
+        # otherwise the shallowest directory holding a config.json
+        found = sorted((p.parent for p in root.rglob("config.json")), key=lambda p: len(p.parts))
         if not found:
-            raise FileNotFoundError(f"no model config.json in the artifacts of {uri}")
+            raise FileNotFoundError(f"no model directory (config.json) in the download of {uri}")
         return found[0]
     path = Path(uri)
     if not (path / "config.json").is_file():
@@ -147,7 +166,11 @@ class GazeChat:
             path, gaze=gaze_config(path, self.settings.gaze), device=self.settings.device
         )
         self.model.eval()
-        self.model_name = self.settings.model_name or path.name
+        # an MLflow model is named by its URI, a directory by its name
+        mlflow_uri = self.settings.model.startswith(MLFLOW_SCHEMES)
+        self.model_name = self.settings.model_name or (
+            self.settings.model if mlflow_uri else path.name
+        )
         self.num_layers = self.model.config.text_config.num_hidden_layers
         self.eos_id = self.processor.tokenizer.eos_token_id
         # read here, in the replica, so the key never travels in the application's config

@@ -64,7 +64,8 @@ class ChatCompletionRequest(_Open):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    # the range torch.Generator.manual_seed takes; beyond it a seed would fail inside decoding
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1)

@@ -58,3 +58,22 @@ def test_dockerfile_copies_what_exists():
     text = (REPO / "infra" / "docker" / "Dockerfile").read_text()
     for src in re.findall(r"^COPY --chown=\S+ (\S+)", text, re.MULTILINE):
         assert (REPO / src).exists(), f"the Dockerfile copies a missing {src}"
+
+
+def test_rayservice_serves_the_serve_config():
+    service = yaml.safe_load((REPO / "infra" / "kuberay" / "rayservice.yaml").read_text())
+    embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
+    local = yaml.safe_load((REPO / "infra" / "serve_config.yaml").read_text())
+    # only the model location may differ: a path on the cluster's shared storage
+    embedded["applications"][0]["args"].pop("model")
+    local["applications"][0]["args"].pop("model")
+    assert embedded == local
+    import_path = local["applications"][0]["import_path"]
+    module, _, attr = import_path.partition(":")
+    assert hasattr(__import__(module, fromlist=[attr]), attr)
+
+
+def test_rayjob_runs_the_readme_command():
+    job = yaml.safe_load((REPO / "infra" / "kuberay" / "rayjob-finetune.yaml").read_text())
+    readme = (REPO / "README.md").read_text()
+    assert job["spec"]["entrypoint"] in readme

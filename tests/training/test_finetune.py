@@ -123,7 +123,7 @@ def test_export_equals_the_zero_checkpoint(local_ray, tmp_path):
     )
     result = run_finetune(cfg)
     model, processor = load_model(result.export_dir)
-    ckpt = sorted((tmp_path / "ray" / "export").glob("checkpoint_*"))[-1]
+    ckpt = sorted(p for p in (tmp_path / "ray" / "export").glob("checkpoint_*") if p.is_dir())[-1]
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="zero")
     reference, _ = load_model(result.export_dir)
     reference.load_state_dict(state, strict=False)

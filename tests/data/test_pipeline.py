@@ -1,0 +1,262 @@
+"""The Ray Data pipeline end to end: shards -> decode -> split -> encode -> collate -> forward."""
+
+import json
+import os
+import tarfile
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.accounting import drop_counts, reset_drop_counts, truncated_count
+from pipelines.config import DataConfig
+from pipelines.dataset import build_train_dataset, decoded_media, iter_train_batches
+from pipelines.make_shards import make_shards, shard_paths, write_tar
+from pipelines.synthetic import generate, write_mp4
+
+IMAGE_SIZE = 48
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """12 synthetic records (images, videos and one text-only) sharded into several tars."""
+    root = tmp_path_factory.mktemp("data")
+    paths = generate(root, n_train=11, n_test=1, image_size=IMAGE_SIZE, video_fraction=0.3)
+    records = json.loads(paths["train"].read_text())
+    records.append(
+        {
+            "id": "text-only",
+            "conversations": [
+                {"from": "human", "value": "Say red."},
+                {"from": "gpt", "value": "red"},
+            ],
+        }
+    )
+    (root / "data.json").write_text(json.dumps(records))
+    manifest = make_shards(
+        root / "data.json", root / "media", root / "shards", shard_size="40KB", progress=False
+    )
+    assert manifest["num_samples"] == 12 and len(manifest["shards"]) > 1
+    return root, records, shard_paths(root / "shards")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from gazeattn.model import load_model
+    from gazeattn.tiny import build_tiny
+
+    path = build_tiny(tmp_path_factory.mktemp("tiny"), image_size=IMAGE_SIZE, patch_size=8)
+    model, processor = load_model(path)
+    return model.eval(), processor
+
+
+def config(shards, **kw) -> DataConfig:
+    base = dict(
+        shards=shards,
+        image_size=IMAGE_SIZE,
+        frames_per_video=3,
+        shuffle_files=False,
+        progress_bars=False,
+    )
+    return DataConfig(**{**base, **kw})
+
+
+def test_round_trip_through_ray(ray_session, data):
+    root, records, shards = data
+    reset_drop_counts()
+    rows = sorted(build_train_dataset(config(shards)).take_all(), key=lambda r: r["key"])
+    assert [json.loads(r["record"]) for r in rows] == records
+    for row, record in zip(rows, records, strict=True):
+        images, videos = decoded_media(row)
+        if "image" in record:
+            assert len(images) == 1 and not videos
+            original = Image.open(root / "media" / record["image"]).convert("RGB")
+            assert np.abs(images[0].astype(int) - np.asarray(original)).mean() < 3
+        elif "video" in record:
+            assert not images and [len(v) for v in videos] == [3]
+        else:
+            assert not images and not videos
+    assert drop_counts() == {}
+
+
+def png(colour) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def sample(key: str, text: str, **media) -> list[tuple[str, bytes]]:
+    record = {
+        "id": key,
+        "conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": "x"}],
+    }
+    members = [(f"{key}.json", json.dumps(record).encode())]
+    members += [(f"{key}.{name.replace('_', '.')}", data) for name, data in media.items()]
+    return sorted(members)
+
+
+def test_bad_inputs_dropped_counted_once(ray_session, data, tmp_path):
+    _, _, shards = data
+    frames = [np.full((16, 16, 3), 90, np.uint8)] * 2
+    mixed = [
+        *sample("a0", "<image>", img0_png=png("red")),
+        *sample("a1", "<image>", img0_png=b"corrupt image bytes"),
+        *sample("a2", "<video>", vid0_mp4=b"\x00not a video" * 20),
+        *sample("a3", "<video>", vid0_mp4=b""),
+        ("a4.img0.png", png("blue")),  # no json
+        ("a5.json", b"{invalid"),
+        *sample("a6", "no marker", img0_png=png("green")),
+        *sample("a7", "<video>", vid0_mp4=write_mp4(frames)),
+    ]
+    write_tar(tmp_path / "mixed.tar", mixed)
+    # a copy of the first good shard cut inside the data of its 4th sample: 3 samples survive
+    source = shards[0]
+    with tarfile.open(source) as tar:
+        members = [m for m in tar if m.isfile()]
+    keys = sorted({m.name.split(".")[0] for m in members})
+    assert len(keys) >= 4
+    fourth = next(m for m in members if m.name.startswith(keys[3]))
+    cut = fourth.offset_data + 10
+    (tmp_path / "truncated.tar").write_bytes(open(source, "rb").read()[:cut])
+    (tmp_path / "garbage.tar").write_bytes(os.urandom(3000))
+    reset_drop_counts()
+    ds = build_train_dataset(config([str(tmp_path / "*.tar")]))
+    for _ in range(2):  # a second epoch re-reads the bad samples: counted and logged once
+        got = sorted((os.path.basename(r["url"]), r["key"]) for r in ds.take_all())
+        assert got == [("mixed.tar", "a0"), ("mixed.tar", "a7")] + [
+            ("truncated.tar", k) for k in keys[:3]
+        ]
+        assert drop_counts() == {
+            "bad_image": 1,
+            "bad_video": 2,  # junk bytes, zero bytes
+            "missing_json": 1,
+            "bad_json": 1,
+            "marker_mismatch": 1,
+            "bad_tar": 2,  # truncated, garbage
+        }
+
+
+def consume_in_threads(iterators, fn):
+    results = [None] * len(iterators)
+
+    def run(i):
+        results[i] = fn(iterators[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(iterators))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return results
+
+
+def test_streaming_split_two_consumers(ray_session, data):
+    _, records, shards = data
+    splits = build_train_dataset(config(shards)).streaming_split(2, equal=True)
+    keys = consume_in_threads(splits, lambda it: [r["key"] for r in it.iter_rows()])
+    assert len(keys[0]) == len(keys[1]) == 6
+    assert not set(keys[0]) & set(keys[1])
+    assert sorted(keys[0] + keys[1]) == [f"{i:09d}" for i in range(12)]
+
+
+def check_layout(batch, processor):
+    from gazeattn.ops.layout import TokenKind
+
+    ids, kinds, mask = batch["input_ids"], batch["gaze_layout"].kinds, batch["attention_mask"]
+    assert batch["gaze_layout"].length == ids.shape[1]
+    assert torch.equal(kinds == TokenKind.VISUAL, ids == processor.image_token_id)
+    assert torch.equal(kinds == TokenKind.CONTEXT, ids == processor.context_token_id)
+    assert torch.equal(kinds == TokenKind.PAD, mask == 0)
+    grid = processor.grid
+    assert batch["pixel_values"].shape[0] * grid * grid == int(
+        (ids == processor.image_token_id).sum()
+    )
+    # every batch runs the vision tower (text-only samples carry a dummy image)
+    assert batch["pixel_values"].shape[0] > 0
+
+
+@pytest.mark.parametrize("encode_in", ["worker", "pipeline"])
+def test_split_batches_feed_the_tiny_model(ray_session, data, tiny, encode_in):
+    model, processor = tiny
+    _, _, shards = data
+    cfg = config(shards, shuffle_buffer=4)
+    ds = build_train_dataset(cfg, processor if encode_in == "pipeline" else None)
+    splits = ds.streaming_split(2, equal=True)
+    batches = consume_in_threads(
+        splits, lambda it: list(iter_train_batches(it, processor, cfg, batch_size=4, epoch=0))
+    )
+    # 6 rows each, batches of 4, drop_last: one full batch per consumer
+    assert [len(b) for b in batches] == [1, 1]
+    for batch in batches[0] + batches[1]:
+        assert batch["input_ids"].shape[0] == 4
+        check_layout(batch, processor)
+    with torch.no_grad():
+        out = model(**batches[0][0])
+    assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("policy", ["drop", "truncate"])
+def test_length_policy_and_text_only_drop(ray_session, data, tiny, policy):
+    from pipelines.dataset import encode_row
+
+    _, _, shards = data
+    _, processor = tiny
+    ds = build_train_dataset(config(shards))
+    full = [
+        (json.loads(r["record"])["id"], encode_row(r, processor, config(shards, max_length=10**6)))
+        for r in ds.take_all()
+    ]
+    media = [s for rid, s in full if rid != "text-only"]
+    limit = sorted(len(s["input_ids"]) for s in media)[5]
+    over = [s for s in media if len(s["input_ids"]) > limit]
+    fits_in_tail = [s for s in over if len(s["input_ids"]) - limit < s["parts"][-1][1]]
+    assert over and (policy == "drop" or fits_in_tail)
+    reset_drop_counts()
+    stats = {}
+    cfg = config(shards, max_length=limit, length_policy=policy, text_only="drop")
+    batches = list(iter_train_batches(ds, processor, cfg, batch_size=1, epoch=0, stats=stats))
+    too_long = len(over) if policy == "drop" else len(over) - len(fits_in_tail)
+    truncated = 0 if policy == "drop" else len(fits_in_tail)
+    assert drop_counts() == {"text_only": 1, **({"too_long": too_long} if too_long else {})}
+    assert truncated_count() == stats["truncated"] == truncated
+    assert stats["dropped"] == 1 + too_long
+    assert len(batches) == 12 - 1 - too_long
+    assert all(b["input_ids"].shape[1] <= limit for b in batches)
+    for batch in batches:
+        check_layout(batch, processor)
+
+
+def test_pipeline_encoding_equals_worker_encoding(ray_session, data, tiny):
+    from pipelines.dataset import encode_row, encoded_table_samples
+
+    _, _, shards = data
+    _, processor = tiny
+    cfg = config(shards)
+    decoded = {r["key"]: r for r in build_train_dataset(cfg).take_all()}
+    encoded = build_train_dataset(cfg, processor).to_arrow_refs()
+    import pyarrow as pa
+    import ray
+
+    table = pa.concat_tables(ray.get(encoded))
+    keys = table.column("key").to_pylist()
+    assert sorted(keys) == sorted(decoded)
+    for key, sample in zip(keys, encoded_table_samples(table), strict=True):
+        expected = encode_row(decoded[key], processor, cfg)
+        np.testing.assert_array_equal(sample["input_ids"], expected["input_ids"])
+        np.testing.assert_array_equal(sample["labels"], expected["labels"])
+        np.testing.assert_array_equal(sample["pixel_values"], expected["pixel_values"])
+        assert sample["parts"] == [list(p) for p in expected["parts"]]

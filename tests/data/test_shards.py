@@ -1,0 +1,187 @@
+"""Synthetic data and make_shards: records in == samples out, in order, with content."""
+
+import json
+import tarfile
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.make_shards import MANIFEST, make_shards, parse_size, shard_paths
+from pipelines.synthetic import COLOURS, generate
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("syn")
+    paths = generate(root, n_train=12, n_test=3, image_size=48, frames=4, video_fraction=0.3)
+    return root, paths
+
+
+def read_tar(path):
+    """(member name, bytes) in archive order."""
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+
+
+def test_synthetic_records_carry_targets(synthetic):
+    root, paths = synthetic
+    records = json.loads(paths["train"].read_text())
+    assert len(records) == 12
+    kinds = {"image" in r for r in records}
+    assert kinds == {True, False}, "both images and videos"
+    for r in records:
+        x0, y0, x1, y1 = r["target_box"]
+        assert 0 <= x0 < x1 <= 48 and 0 <= y0 < y1 <= 48
+        human, gpt = r["conversations"]
+        assert human["from"] == "human" and gpt["from"] == "gpt"
+        if "image" in r:
+            assert human["value"].startswith("<image>\n")
+            image = np.asarray(Image.open(root / "media" / r["image"]).convert("RGB"))
+            if r["task"] == "colour":
+                # the answer's colour is what is drawn at the centre of the target box
+                centre = image[(y0 + y1) // 2, (x0 + x1) // 2].astype(int)
+                assert np.abs(centre - COLOURS[gpt["value"]]).max() < 40
+        else:
+            assert human["value"].startswith("<video>\n")
+            assert 0 <= r["target_frame"] < r["num_frames"] == 4
+            with av.open(str(root / "media" / r["video"])) as c:
+                frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+            assert len(frames) == 4
+            centre = frames[r["target_frame"]][(y0 + y1) // 2, (x0 + x1) // 2].astype(int)
+            assert np.abs(centre - COLOURS[gpt["value"]]).max() < 40
+
+
+def test_synthetic_is_deterministic(tmp_path):
+    a = generate(tmp_path / "a", n_train=4, n_test=1, image_size=32, seed=3)
+    b = generate(tmp_path / "b", n_train=4, n_test=1, image_size=32, seed=3)
+    assert a["train"].read_text() == b["train"].read_text()
+
+
+def test_round_trip_order_and_content(synthetic, tmp_path):
+    root, paths = synthetic
+    records = json.loads(paths["train"].read_text())
+    manifest = make_shards(
+        paths["train"], root / "media", tmp_path, shard_size="30KB", progress=False
+    )
+    assert manifest["num_samples"] == 12 and manifest["num_skipped"] == 0
+    assert len(manifest["shards"]) > 1, "the size bound splits the data"
+    out = []
+    for path in shard_paths(tmp_path):
+        members = read_tar(path)
+        names = [n for n, _ in members]
+        assert names == sorted(names), "members grouped and sorted by key"
+        assert Path(path).stat().st_size <= 30_000 or len({n.split(".")[0] for n in names}) == 1
+        samples: dict[str, dict] = {}
+        for name, data in members:
+            key, ext = name.split(".", 1)
+            samples.setdefault(key, {})[ext] = data
+        out.extend(samples.values())
+    assert [json.loads(s["json"]) for s in out] == records
+    for sample, record in zip(out, records, strict=True):
+        if "image" in record:
+            ext = record["image"].rsplit(".", 1)[1]
+            assert sample[f"img0.{ext}"] == (root / "media" / record["image"]).read_bytes()
+        else:
+            assert sample["vid0.mp4"] == (root / "media" / record["video"]).read_bytes()
+
+
+def test_idempotent(synthetic, tmp_path):
+    root, paths = synthetic
+    first = make_shards(paths["train"], root / "media", tmp_path, progress=False)
+    stamps = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    second = make_shards(paths["train"], root / "media", tmp_path, progress=False)
+    assert first == second
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == stamps
+    # a forced rewrite produces byte-identical tars, and a smaller run removes stale shards
+    (tmp_path / MANIFEST).unlink()
+    tars = {p.name: p.read_bytes() for p in tmp_path.glob("*.tar")}
+    make_shards(paths["train"], root / "media", tmp_path, progress=False)
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("*.tar")} == tars
+    small = make_shards(
+        paths["train"], root / "media", tmp_path, shard_size="20KB", max_samples=2, progress=False
+    )
+    assert small["num_samples"] == 2
+    assert sorted(p.name for p in tmp_path.glob("*.tar")) == [s["name"] for s in small["shards"]]
+
+
+def test_jsonl_bad_records_skipped_with_reasons(tmp_path):
+    media = tmp_path / "media"
+    media.mkdir()
+    Image.new("RGB", (8, 8), "red").save(media / "a.png")
+    Image.new("RGB", (8, 8), "blue").save(media / "b.jpeg")
+    turn = lambda v: [{"from": "human", "value": v}, {"from": "gpt", "value": "x"}]  # noqa: E731
+    lines = [
+        json.dumps(
+            {"id": "ok1", "image": "a.png", "conversations": turn("<image> hi"), "extra": 1}
+        ),
+        "{not json",
+        json.dumps({"id": "nomark", "image": "a.png", "conversations": turn("hi")}),
+        json.dumps({"id": "missing", "image": "zz.png", "conversations": turn("<image>")}),
+        json.dumps({"id": "gif", "image": "a.gif", "conversations": turn("<image>")}),
+        json.dumps({"id": "noconv", "image": "a.png"}),
+        json.dumps(
+            {"id": "ok2", "image": ["a.png", "b.jpeg"], "conversations": turn("<image><image>")}
+        ),
+        json.dumps({"id": "text", "conversations": turn("just text")}),
+    ]
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    manifest = make_shards(tmp_path / "data.jsonl", media, tmp_path / "out", progress=False)
+    assert manifest["num_records"] == 8 and manifest["num_samples"] == 3
+    assert manifest["skipped_by_reason"] == {
+        "invalid_record": 2,
+        "marker_mismatch": 1,
+        "missing_media": 1,
+        "unsupported_media": 1,
+    }
+    assert [s["id"] for s in manifest["skipped"]] == [None, "nomark", "missing", "gif", "noconv"]
+    names = [n for n, _ in read_tar(shard_paths(tmp_path / "out")[0])]
+    assert names == [
+        "000000000.img0.png",
+        "000000000.json",
+        "000000006.img0.png",
+        "000000006.img1.jpeg",
+        "000000006.json",
+        "000000007.json",
+    ]
+
+
+def test_parse_size():
+    assert parse_size("512MB") == 512_000_000
+    assert parse_size("1GiB") == 1 << 30
+    assert parse_size("4096") == 4096
+    with pytest.raises(ValueError):
+        parse_size("lots")
+
+
+def test_resolve_shards_generates_synthetic_when_none_are_set(tmp_path):
+    from pipelines.config import DataConfig, SyntheticSettings
+    from pipelines.dataset import resolve_shards
+
+    cfg = DataConfig(
+        synthetic_dir=str(tmp_path),
+        synthetic=SyntheticSettings(n_train=4, n_test=2, image_size=32),
+        progress_bars=False,
+    )
+    train, test = resolve_shards(cfg, "train"), resolve_shards(cfg, "test")
+    assert train == shard_paths(tmp_path / "shards" / "train")
+    assert test == shard_paths(tmp_path / "shards" / "test")
+    assert resolve_shards(cfg, "train") == train, "idempotent"
+    globbed = DataConfig(shards=[str(tmp_path / "shards" / "*" / "*.tar")])
+    assert resolve_shards(globbed) == sorted(train + test)
+    with pytest.raises(FileNotFoundError):
+        resolve_shards(DataConfig(shards=[str(tmp_path / "nothing-*.tar")]))
+
+
+def test_demo_config_data_section_loads():
+    import yaml
+
+    from gazeattn.typed_config import from_dict
+    from pipelines.config import DataConfig
+
+    root = Path(__file__).resolve().parents[2]
+    data = yaml.safe_load((root / "configs" / "demo.yaml").read_text())["data"]
+    cfg = from_dict(DataConfig, data)
+    assert cfg.synthetic.n_train == data["synthetic"]["n_train"]
