@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -47,15 +49,23 @@ def model_dir_of(local_root: str | Path) -> Path:
 
 def log_model(uri: str, run_id: str, export_dir: Path, registered_name: str | None) -> str | None:
     """Log ``export_dir`` into run ``run_id`` as a pyfunc model; register it when a name is given."""
-    mlflow.set_tracking_uri(uri)
     requirements = [f"{p}=={metadata.version(p)}" for p in ("torch", "transformers", "mlflow")]
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=GazePyfuncModel(),
-            artifacts={MODEL_ARTIFACT: str(export_dir)},
-            pip_requirements=requirements,
-            registered_model_name=registered_name,
-        )
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+            # MLflow stores a directory artifact under its own name: stage it as MODEL_ARTIFACT
+            staged = Path(tmp) / MODEL_ARTIFACT
+            shutil.copytree(export_dir, staged)
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=GazePyfuncModel(),
+                artifacts={MODEL_ARTIFACT: str(staged)},
+                pip_requirements=requirements,
+                registered_model_name=registered_name,
+            )
+    finally:
+        # the global tracking URI is process state: give back what the caller had
+        mlflow.set_tracking_uri(previous)
     print(f"[finetune] MLflow model: {info.model_uri}", flush=True)
     return registered_name
