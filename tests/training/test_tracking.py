@@ -60,3 +60,25 @@ def test_default_tracking_uri_is_the_local_sqlite_store(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
     assert resolve_tracking_uri(None) == "http://127.0.0.1:1"
     assert resolve_tracking_uri("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_logged_model_holds_the_export_where_model_dir_of_looks(mlflow_server, tmp_path):
+    import mlflow
+
+    from gazeattn.tiny import build_tiny
+    from training.export import log_model, model_dir_of
+
+    export = build_tiny(tmp_path / "export")
+    run_id = resolve_run(mlflow_server.uri, "exp-model", "run")
+    before = mlflow.get_tracking_uri()
+    assert log_model(mlflow_server.uri, run_id, export, "tiny-logged") == "tiny-logged"
+    assert mlflow.get_tracking_uri() == before
+    client = MlflowClient(mlflow_server.uri, registry_uri=mlflow_server.uri)
+    versions = client.search_model_versions("name='tiny-logged'")
+    assert [v.run_id for v in versions] == [run_id]
+    root = mlflow.artifacts.download_artifacts(
+        artifact_uri=client.get_model_version_download_uri("tiny-logged", versions[0].version),
+        dst_path=str(tmp_path / "dl"),
+        tracking_uri=mlflow_server.uri,
+    )
+    assert (model_dir_of(root) / "config.json").exists()
