@@ -97,12 +97,16 @@ def check_against_reference(
     return out
 
 
+# each case runs with one GQA ratio in turn (all ratios: test_gqa_groups and the slow sweep)
+CASE_GQA = [(case_id, *GQA[i % len(GQA)]) for i, case_id in enumerate(CASES)]
+
+
 @pytest.mark.parametrize("routing", ["kv_head", "query_head"])
-@pytest.mark.parametrize("case_id", list(CASES))
-def test_matches_reference(case_id, routing):
-    layout = _layout(case_id)
-    hq, hkv = GQA[len(case_id) % len(GQA)]
-    check_against_reference(layout, _config(case_id, routing), hq, hkv, seed=len(case_id))
+@pytest.mark.parametrize(
+    "case_id,hq,hkv", CASE_GQA, ids=[f"{c}-gqa{hq // hkv}" for c, hq, hkv in CASE_GQA]
+)
+def test_matches_reference(case_id, hq, hkv, routing):
+    check_against_reference(_layout(case_id), _config(case_id, routing), hq, hkv, seed=hq + hkv)
 
 
 @pytest.mark.parametrize("routing", ["kv_head", "query_head"])

@@ -55,11 +55,10 @@ def compute_stats(
     size = layout.regions.size.to(chosen.device).to(torch.float32)
     routed = q_kind == TokenKind.TEXT
     kinds = layout.kinds.to(chosen.device)
-    positions = torch.arange(layout.length, device=chosen.device)
-    # context tokens of the layout before each query: [B, Tq]
-    ctx_before = (
-        (kinds == TokenKind.CONTEXT)[:, None, :] & (positions[None, None, :] < q_pos[None, :, None])
-    ).sum(-1)
+    # context tokens of the layout before each query, [B, Tq]: a prefix sum (cum[:, p] counts
+    # the positions < p), so no [Tq, T] comparison is materialised
+    cum = torch.nn.functional.pad((kinds == TokenKind.CONTEXT).to(torch.int64).cumsum(-1), (1, 0))
+    ctx_before = cum[:, q_pos.clamp(max=layout.length)]
     attended = chosen.to(torch.float32) @ size[:, None, :, None]
     dense = visible.to(torch.float32) @ size[:, :, None]
     attended = attended.squeeze(-1) + ctx_before[:, None, :]
