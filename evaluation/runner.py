@@ -153,12 +153,15 @@ def configure(model, config: EvalConfig) -> None:
 
 def routing_layers(model, config: EvalConfig) -> list[int]:
     """The decoder layers whose routing is measured (gaze layers only; none for dense)."""
+    inner = _unwrap(model)
+    return select_layers(inner.gaze_layers, inner.config.text_config.num_hidden_layers, config)
+
+
+def select_layers(gaze_layers, total: int, config: EvalConfig) -> list[int]:
+    """``config.routing_layers`` checked against the model's gaze layers (all when None)."""
     if config.attn == "dense":
         return []
-    inner = _unwrap(model)
-    gaze = inner.gaze_layers
-    total = inner.config.text_config.num_hidden_layers
-    layers = sorted(gaze) if gaze is not None else list(range(total))
+    layers = sorted(gaze_layers) if gaze_layers is not None else list(range(total))
     if config.routing_layers is None:
         return layers
     bad = [layer for layer in config.routing_layers if layer not in layers]
