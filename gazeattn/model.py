@@ -227,13 +227,7 @@ class GazeLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         embeds = self.model.get_input_embeddings()(input_ids)
         is_image = input_ids == self.config.image_token_id
         if pixel_values is not None and pixel_values.shape[0] > 0:
-            features = self.model.get_image_features(
-                pixel_values=pixel_values.to(self.dtype),
-                vision_feature_layer=self.config.vision_feature_layer,
-                vision_feature_select_strategy=self.config.vision_feature_select_strategy,
-                return_dict=True,
-            ).pooler_output
-            features = torch.cat(list(features), dim=0).to(embeds.device, embeds.dtype)
+            features = self._vision_features(pixel_values).to(embeds.device, embeds.dtype)
             if int(is_image.sum()) != features.shape[0]:
                 raise ValueError(
                     f"{int(is_image.sum())} image tokens in input_ids but {features.shape[0]} visual features"
@@ -241,7 +235,25 @@ class GazeLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             embeds = embeds.masked_scatter(is_image[..., None], features)
         elif bool(is_image.any()):
             raise ValueError("image tokens in input_ids but no pixel_values")
+        elif self.training:
+            # a text-only batch still runs the vision tower once: under ZeRO-3 every rank must
+            # gather the same parameters, or ranks with and without images wait on each other
+            embeds = embeds + 0.0 * self._vision_features(self._blank_image()).sum()
         return self.gaze_context(embeds, input_ids == self.context_token_id)
+
+    def _vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, 3, S, S] -> [N * h * w, hidden] projected visual embeddings."""
+        features = self.model.get_image_features(
+            pixel_values=pixel_values.to(self.dtype),
+            vision_feature_layer=self.config.vision_feature_layer,
+            vision_feature_select_strategy=self.config.vision_feature_select_strategy,
+            return_dict=True,
+        ).pooler_output
+        return torch.cat(list(features), dim=0)
+
+    def _blank_image(self) -> torch.Tensor:
+        size = self.config.vision_config.image_size
+        return torch.zeros(1, 3, size, size, device=self.device, dtype=self.dtype)
 
     def _state(self, layout: GazeLayout, cache, report: bool, selection: bool) -> GazeState:
         layout = layout.to(self.device)
