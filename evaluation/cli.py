@@ -36,7 +36,10 @@ from training.tracking import resolve_tracking_uri
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model directory or MLflow model URI")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--shards", nargs="+", help="WebDataset shards (Ray Data pipeline)")
+    source.add_argument(
+        "--shards", nargs="*",
+        help="WebDataset shards (Ray Data pipeline); none: the synthetic test split",
+    )  # fmt: skip
     source.add_argument("--data", help="JSON list of LLaVA records, media/ beside it")
     parser.add_argument("--limit", type=int, default=None, help="first N samples only")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -46,7 +49,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--picture-tokens", type=int, default=6)
     parser.add_argument("--workers", type=int, default=2, help="model actors (--shards)")
     parser.add_argument("--gpus-per-worker", type=float, default=0)
-    parser.add_argument("--image-size", type=int, default=None, help="default: the processor's")
+    parser.add_argument("--frames", type=int, default=4, help="frames sampled per video")
     parser.add_argument("--tracking-uri", default=None)
     parser.add_argument("--no-mlflow", action="store_true")
     parser.add_argument("--out", default="eval_out")
@@ -100,7 +103,7 @@ def _load(model: ResolvedModel):
 
 
 def _local_samples(args):
-    if args.shards:
+    if args.shards is not None:
         raise ValueError("--shards goes through Ray (evaluate_shards); use --data here")
     return load_json(args.data, limit=args.limit)
 
@@ -116,14 +119,13 @@ def evaluate_main(argv: list[str] | None = None) -> EvalReport:
     client = _client(args)
     model = resolve_model(args.model, client.tracking_uri if client else None)
     out = Path(args.out)
-    if args.shards:
+    if args.shards is not None:
         from evaluation.shards import evaluate_shards, shard_samples
 
         report = evaluate_shards(args.shards, model.path, config, workers=args.workers,
                                  gpus_per_worker=args.gpus_per_worker, limit=args.limit,
-                                 image_size=args.image_size)  # fmt: skip
-        samples = shard_samples(args.shards, model.path, limit=config.pictures,
-                                image_size=args.image_size)  # fmt: skip
+                                 frames_per_video=args.frames)  # fmt: skip
+        samples = shard_samples(args.shards, limit=config.pictures, frames_per_video=args.frames)
     else:
         samples = _local_samples(args)
         loaded, processor = _load(model)
@@ -170,8 +172,7 @@ def compare_main(argv: list[str] | None = None):
     if samples is None:
         from evaluation.shards import shard_samples
 
-        samples = shard_samples(args.shards, model.path, limit=args.limit,
-                                image_size=args.image_size)  # fmt: skip
+        samples = shard_samples(args.shards, limit=args.limit, frames_per_video=args.frames)
     result = run_sweep(loaded, processor, samples, configs, args.out, client=client,
                        experiment=args.experiment, model_info=model, sweep_name=args.name,
                        params={"eval.model": model.uri})  # fmt: skip

@@ -1,9 +1,10 @@
-"""Batched evaluation over a Ray dataset of decoded samples, with several model workers.
+"""Batched evaluation over a Ray dataset of shard samples, with several model workers.
 
-Input rows have the data pipeline's decoded columns: ``record`` (the LLaVA record as
-JSON), ``num_images``, ``video_frames``, ``media`` ([images + frames, S, S, 3] uint8
-bytes). Each worker loads the model once and answers whole batches; the driver
-gathers the per-sample results and computes the metrics.
+Input rows are the data pipeline's grouped tar members (``pipelines.dataset.split_tar``:
+``key``, ``shard``, ``names``, ``blobs``). Each worker loads the model once, decodes
+its rows with the pipeline's ``decode_sample`` (bad samples are dropped and counted
+there) and answers whole batches; the driver gathers the per-sample results and
+computes the metrics.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-
-import numpy as np
 
 from evaluation.data import sample_from_record
 from evaluation.runner import (
@@ -28,27 +27,28 @@ from evaluation.runner import (
 )
 
 
-def row_sample(row: dict, image_size: int) -> EvalSample:
-    """A decoded row -> an evaluation sample (media as the pipeline resized it)."""
-    media = np.frombuffer(row["media"], np.uint8).reshape(-1, image_size, image_size, 3)
-    n = int(row["num_images"])
-    images, videos, start = list(media[:n]), [], n
-    for count in row["video_frames"]:
-        videos.append(list(media[start : start + int(count)]))
-        start += int(count)
-    return sample_from_record(json.loads(row["record"]), images, videos)
+def row_sample(row: dict, frames_per_video: int) -> EvalSample | None:
+    """A grouped tar row -> an evaluation sample; None when the pipeline drops it."""
+    from pipelines.dataset import decode_sample
+
+    decoded = decode_sample(row, frames_per_video)
+    if decoded is None:
+        return None
+    return sample_from_record(decoded["record"], decoded["images"], decoded["videos"])
 
 
 class EvalWorker:
     """A Ray Data actor: the model loaded once, a batch of decoded rows -> result rows."""
 
-    def __init__(self, model_path: str, config: EvalConfig, image_size: int, device: str = "cpu"):
+    def __init__(
+        self, model_path: str, config: EvalConfig, frames_per_video: int, device: str = "cpu"
+    ):
         from gazeattn.model import load_model
 
         self.model, self.processor = load_model(model_path, device=device)
         self.model.eval()
         self.config = config
-        self.image_size = image_size
+        self.frames = frames_per_video
         configure(self.model, config)
         self.layers = routing_layers(self.model, config)
 
@@ -58,7 +58,9 @@ class EvalWorker:
         rows = [
             dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)
         ]
-        samples = [row_sample(row, self.image_size) for row in rows]
+        samples = [s for s in (row_sample(row, self.frames) for row in rows) if s is not None]
+        if not samples:
+            return {"id": [], "result": [], "seconds": []}
         start = time.perf_counter()
         results = evaluate_batch(self.model, self.processor, samples, self.config, self.layers)
         seconds = time.perf_counter() - start
@@ -82,7 +84,7 @@ def evaluate_dataset(
     model_path: str | Path,
     config: EvalConfig,
     *,
-    image_size: int,
+    frames_per_video: int = 4,
     workers: int = 2,
     num_cpus: float = 1,
     num_gpus: float = 0,
@@ -93,7 +95,7 @@ def evaluate_dataset(
     device = "cuda" if num_gpus else "cpu"
     results = dataset.map_batches(
         EvalWorker,
-        fn_constructor_args=(str(model_path), config, image_size, device),
+        fn_constructor_args=(str(model_path), config, frames_per_video, device),
         batch_size=config.batch_size,
         batch_format="numpy",
         concurrency=workers,
