@@ -57,6 +57,10 @@ def samples():
 
 @pytest.fixture
 def json_data(tmp_path):
+    return write_json_data(tmp_path)
+
+
+def write_json_data(tmp_path):
     """A LLaVA-format test.json with media/ beside it (the synthetic data's layout)."""
     media = tmp_path / "media"
     media.mkdir()
