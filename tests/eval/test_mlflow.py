@@ -120,3 +120,47 @@ def test_sweep_runs_share_one_experiment(sweep, mlflow_server, tmp_path):
     with Image.open(chart) as image:
         assert image.format == "PNG"
         assert image.size == (round(CHART_SIZE[0] * CHART_DPI), round(CHART_SIZE[1] * CHART_DPI))
+
+
+def _chromium(args, timeout=120):
+    import subprocess
+
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+             "--window-size=1400,1000", "--virtual-time-budget=20000"]  # fmt: skip
+    return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+CHROMIUM = __import__("shutil").which("chromium")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="headless Chromium is not installed (Debian: apt-get install -y chromium)",
+)
+def test_mlflow_compare_page_shows_the_sweep(sweep, mlflow_server):
+    """The MLflow UI's compare page lists every point's run; the sweep run lists the chart.
+
+    Screenshots are kept under outputs/test-artifacts/ (or $TEST_ARTIFACTS_DIR).
+    """
+    import os
+    from pathlib import Path
+
+    client = MlflowClient(mlflow_server.uri)
+    exp = client.get_experiment_by_name("compare-test").experiment_id
+    ids = [r.run_id for r in sweep.rows]
+    compare = f'{mlflow_server.uri}/#/compare-runs?runs={json.dumps(ids)}&experiments=["{exp}"]'
+    chart = (f"{mlflow_server.uri}/#/experiments/{exp}/runs/{sweep.run_id}"
+             "/artifacts/comparison/accuracy_vs_entries.png")  # fmt: skip
+    dom = _chromium(["--dump-dom", compare]).stdout
+    assert f"Comparing {len(ids)} Runs" in dom
+    for row in sweep.rows:
+        assert f"compare/{row.label}" in dom
+    assert "accuracy_vs_entries.png" in _chromium(["--dump-dom", chart]).stdout
+    keep = Path(os.environ.get("TEST_ARTIFACTS_DIR", "outputs/test-artifacts"))
+    keep.mkdir(parents=True, exist_ok=True)
+    for name, url in (("mlflow_compare.png", compare), ("mlflow_sweep_chart.png", chart)):
+        _chromium([f"--screenshot={(keep / name).resolve()}", url])
+        with Image.open(keep / name) as image:
+            assert image.size == (1400, 1000)
