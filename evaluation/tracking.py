@@ -42,15 +42,33 @@ def resolve_model(model: str, tracking_uri: str | None = None) -> ResolvedModel:
         return ResolvedModel(uri=model, path=path)
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    root = Path(
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=model, dst_path=tempfile.mkdtemp(prefix="gazeattn-model-")
-        )
-    )
-    for candidate in (root / "artifacts" / "model_dir", root / "model_dir", root):
-        if (candidate / "config.json").is_file():
-            return ResolvedModel(uri=model, path=candidate, run_id=_run_of(model))
+    for uri in (model, *_logged_model_uris(model)):
+        try:
+            root = Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="gazeattn-model-")
+            ))  # fmt: skip
+        except Exception:  # noqa: BLE001 - a runs:/ URI of an MLflow 3 logged model: next
+            continue
+        # pyfunc keeps a directory artifact under artifacts/<its basename>
+        candidates = [root / "artifacts" / "model_dir", root / "model_dir", root]
+        candidates += sorted(p.parent for p in root.glob("artifacts/*/config.json"))
+        for candidate in candidates:
+            if (candidate / "config.json").is_file():
+                return ResolvedModel(uri=model, path=candidate, run_id=_run_of(model))
     raise FileNotFoundError(f"no HF model directory (config.json) in the download of {model}")
+
+
+def _logged_model_uris(uri: str) -> list[str]:
+    """``runs:/RUN/NAME`` -> the MLflow 3 logged models named NAME whose source run is RUN."""
+    if not uri.startswith("runs:/"):
+        return []
+    run_id, _, name = uri[len("runs:/") :].partition("/")
+    client = MlflowClient()
+    exp = client.get_run(run_id).info.experiment_id
+    found = client.search_logged_models(
+        experiment_ids=[exp], filter_string=f"source_run_id = '{run_id}'"
+    )
+    return [f"models:/{m.model_id}" for m in found if not name or m.name == name.strip("/")]
 
 
 def _run_of(uri: str) -> str | None:

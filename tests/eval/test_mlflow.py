@@ -164,3 +164,19 @@ def test_mlflow_compare_page_shows_the_sweep(sweep, mlflow_server):
         _chromium([f"--screenshot={(keep / name).resolve()}", url])
         with Image.open(keep / name) as image:
             assert image.size == (1400, 1000)
+
+
+def test_resolve_the_finetune_jobs_pyfunc_model(mlflow_server, tiny_dir):
+    """The fine-tuning job's MLflow model (an MLflow 3 logged model) by runs:/ and models:/."""
+    from evaluation.tracking import resolve_model
+    from training.export import log_model
+
+    client = MlflowClient(mlflow_server.uri)
+    exp_id = client.create_experiment("pyfunc-test")
+    run_id = client.create_run(exp_id).info.run_id
+    log_model(mlflow_server.uri, run_id, tiny_dir, "eval-test-model")
+    for uri in (f"runs:/{run_id}/model", "models:/eval-test-model/1"):
+        resolved = resolve_model(uri, mlflow_server.uri)
+        assert (resolved.path / "config.json").is_file()
+        assert resolved.path.parent.name == "artifacts"
+        assert resolved.run_id == run_id
