@@ -1,0 +1,16 @@
+"""Evaluation of gaze models: accuracy, visual KV entries, FLOPs, routing hit rate, gaze pictures.
+
+Metric names (logged to MLflow as they are):
+
+- ``eval/accuracy``: normalised exact match, or the option letter when a sample has options.
+- ``eval/samples``, ``eval/generated_tokens``.
+- ``eval/visual_entries_per_token`` / ``eval/dense_entries_per_token``: visual KV entries a
+  generated token attends (mean over layers and heads) under gaze / under dense attention;
+  ``eval/entries_ratio`` and ``eval/kv_savings_pct`` compare them.
+- ``eval/attention_flops_ratio``: decode attention FLOPs of gaze over dense (routing included).
+- ``eval/routing_hit_rate/layer_{L}``: share of answer tokens whose routed regions (any head)
+  overlap the sample's ``target_box`` (and ``target_frame``); ``eval/routing_hit_rate_random/
+  layer_{L}`` the same for uniform random routing with the same budget and layout;
+  ``eval/routing_hit_rate`` / ``eval/routing_hit_rate_random`` their means over layers.
+- ``eval/decode_tokens_per_s``: generated tokens per second of batched generation.
+"""

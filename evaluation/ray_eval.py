@@ -1,0 +1,116 @@
+"""Batched evaluation over a Ray dataset of shard samples, with several model workers.
+
+Input rows are the data pipeline's grouped tar members (``pipelines.dataset.split_tar``:
+``key``, ``shard``, ``names``, ``blobs``). Each worker loads the model once, decodes
+its rows with the pipeline's ``decode_sample`` (bad samples are dropped and counted
+there) and answers whole batches; the driver gathers the per-sample results and
+computes the metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from evaluation.data import sample_from_record
+from evaluation.runner import (
+    EvalConfig,
+    EvalReport,
+    EvalSample,
+    SampleResult,
+    configure,
+    evaluate_batch,
+    routing_layers,
+    select_layers,
+    summarise,
+)
+
+
+def row_sample(row: dict, frames_per_video: int) -> EvalSample | None:
+    """A grouped tar row -> an evaluation sample; None when the pipeline drops it."""
+    from pipelines.dataset import decode_sample
+
+    decoded = decode_sample(row, frames_per_video)
+    if decoded is None:
+        return None
+    return sample_from_record(decoded["record"], decoded["images"], decoded["videos"])
+
+
+class EvalWorker:
+    """A Ray Data actor: the model loaded once, a batch of decoded rows -> result rows."""
+
+    def __init__(
+        self, model_path: str, config: EvalConfig, frames_per_video: int, device: str = "cpu"
+    ):
+        from gazeattn.model import load_model
+
+        self.model, self.processor = load_model(model_path, device=device)
+        self.model.eval()
+        self.config = config
+        self.frames = frames_per_video
+        configure(self.model, config)
+        self.layers = routing_layers(self.model, config)
+
+    def __call__(self, batch: dict) -> dict:
+        import time
+
+        rows = [
+            dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)
+        ]
+        samples = [s for s in (row_sample(row, self.frames) for row in rows) if s is not None]
+        if not samples:
+            return {"id": [], "result": [], "seconds": []}
+        start = time.perf_counter()
+        results = evaluate_batch(self.model, self.processor, samples, self.config, self.layers)
+        seconds = time.perf_counter() - start
+        return {
+            "id": [r.id for r in results],
+            "result": [json.dumps(dataclasses.asdict(r)) for r in results],
+            "seconds": [seconds / len(results)] * len(results),
+        }
+
+
+def result_from_json(text: str) -> SampleResult:
+    data = json.loads(text)
+    # JSON object keys are strings: the per-layer dicts get their int layers back
+    for key in ("hits", "random_hit", "routing"):
+        data[key] = {int(k): v for k, v in data[key].items()}
+    return SampleResult(**data)
+
+
+def evaluate_dataset(
+    dataset,
+    model_path: str | Path,
+    config: EvalConfig,
+    *,
+    frames_per_video: int = 4,
+    workers: int = 2,
+    num_cpus: float = 1,
+    num_gpus: float = 0,
+) -> EvalReport:
+    """Evaluate every row of ``dataset`` with ``workers`` model actors; metrics on the driver."""
+    from transformers import AutoConfig
+
+    device = "cuda" if num_gpus else "cpu"
+    results = dataset.map_batches(
+        EvalWorker,
+        fn_constructor_args=(str(model_path), config, frames_per_video, device),
+        batch_size=config.batch_size,
+        batch_format="numpy",
+        concurrency=workers,
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+    ).take_all()
+    samples = [result_from_json(str(row["result"])) for row in results]
+    samples.sort(key=lambda r: r.id)
+    # the layers measured follow from the model's config: no model on the driver
+    hf = AutoConfig.from_pretrained(model_path)
+    layers = select_layers(
+        getattr(hf, "gaze_layers", None), hf.text_config.num_hidden_layers, config
+    )
+    metrics = summarise(samples, layers)
+    seconds = sum(float(row["seconds"]) for row in results)
+    tokens = sum(r.completion_tokens for r in samples)
+    metrics["eval/decode_tokens_per_s"] = tokens / seconds if seconds else 0.0
+    return EvalReport(config=config, samples=samples, metrics=metrics, routing_layers=layers)
