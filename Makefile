@@ -2,7 +2,7 @@ PY := .venv/bin/python
 PIP := .venv/bin/pip
 STAMP := .venv/.installed
 
-.PHONY: setup test lint format demo bench clean
+.PHONY: setup test browser lint format demo bench clean
 
 setup: $(STAMP)
 
@@ -13,8 +13,12 @@ $(STAMP): pyproject.toml
 	DS_BUILD_OPS=0 $(PIP) install -q -e '.[dev]'
 	touch $(STAMP)
 
-test: setup
+test: setup browser
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# headless Chromium for the MLflow UI test (Debian's package; the test skips with a reason without it)
+browser:
+	-command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
 
 lint: setup
 	.venv/bin/ruff check .
