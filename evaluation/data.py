@@ -9,7 +9,6 @@ the reference answer; the turns before it are the prompt.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,27 +17,7 @@ import numpy as np
 from PIL import Image
 
 from evaluation.runner import EvalSample
-
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-ROLES["system"] = "system"
-_MARKER = re.compile(r"(<image>|<video>)")
-
-
-def to_messages(conversations: Sequence[dict]) -> list[dict]:
-    """LLaVA turns -> chat messages with image/video parts where the markers were."""
-    messages = []
-    for turn in conversations:
-        role = ROLES.get(str(turn.get("from", "")).lower())
-        if role is None:
-            raise ValueError(f"unknown speaker {turn.get('from')!r}")
-        parts = []
-        for piece in _MARKER.split(turn["value"]):
-            if piece in ("<image>", "<video>"):
-                parts.append({"type": piece[1:-1]})
-            elif piece.strip():
-                parts.append({"type": "text", "text": piece.strip("\n")})
-        messages.append({"role": role, "content": parts or [{"type": "text", "text": ""}]})
-    return messages
+from pipelines.conversation import to_messages
 
 
 def sample_from_record(
