@@ -2,7 +2,8 @@
 
 Generates synthetic image/video shards, fine-tunes the tiny gaze model with 2
 DeepSpeed ZeRO-3 workers on a local Ray (CPU), logs to the local MLflow store,
-and prints the KV savings, the final loss and the command that opens the MLflow UI.
+evaluates dense vs gaze budgets on the held-out split (a table and a chart in
+MLflow), and prints the KV savings, the final loss and the MLflow UI command.
 
     python jobs/demo.py [--config configs/demo.yaml] [--set key=value ...]
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from evaluation.cli import compare_main  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.trainer import run_finetune  # noqa: E402
 
@@ -48,6 +50,20 @@ def main(argv: list[str] | None = None) -> None:
             f"(routing entropy {metrics['routing_entropy']:.2f})"
         )
     print(f"[demo] exported model: {result.export_dir}")
+    test_json = Path(config.data.synthetic_dir) / "test.json"
+    if test_json.exists():
+        print("[demo] evaluating dense vs gaze budgets on the held-out split")
+        compare = [
+            "--model",
+            str(result.export_dir),
+            "--data",
+            str(test_json),
+            "--max-new-tokens",
+            "8",
+        ]
+        compare += ["--out", str(Path(config.run.storage_path) / config.run.name / "compare")]
+        compare += ["--tracking-uri", result.mlflow_uri] if result.mlflow_uri else ["--no-mlflow"]
+        compare_main(compare)
     if result.mlflow_uri:
         print(f"[demo] MLflow run {result.mlflow_run_id}; open the UI with:")
         print(
