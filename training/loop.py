@@ -87,9 +87,13 @@ def train_loop(loop_config: dict) -> None:
     hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841
     model, processor = _build_model(cfg, loop_config["model_path"])
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer_lr = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))  # noqa: E731
+
+    def make_scheduler(optimizer):
+        # DeepSpeed builds its optimizer from the JSON and hands it here
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=trainable, config=ds_config, lr_scheduler=optimizer_lr
+        model=model, model_parameters=trainable, config=ds_config, lr_scheduler=make_scheduler
     )
 
     step = _resume(engine)
