@@ -172,7 +172,12 @@ def compare_main(argv: list[str] | None = None):
     if samples is None:
         from evaluation.shards import shard_samples
 
-        samples = shard_samples(args.shards, limit=args.limit, frames_per_video=args.frames)
+        samples = shard_samples(
+            args.shards,
+            limit=args.limit,
+            frames_per_video=args.frames,
+            image_size=processor.settings.image_size,
+        )
     result = run_sweep(loaded, processor, samples, configs, args.out, client=client,
                        experiment=args.experiment, model_info=model, sweep_name=args.name,
                        params={"eval.model": model.uri})  # fmt: skip

@@ -1,10 +1,9 @@
 """Batched evaluation over a Ray dataset of shard samples, with several model workers.
 
-Input rows are the data pipeline's grouped tar members (``pipelines.dataset.split_tar``:
-``key``, ``shard``, ``names``, ``blobs``). Each worker loads the model once, decodes
-its rows with the pipeline's ``decode_sample`` (bad samples are dropped and counted
-there) and answers whole batches; the driver gathers the per-sample results and
-computes the metrics.
+Input rows are the data pipeline's raw tar rows (``pipelines.dataset.TolerantWebDataset``:
+``key``, ``url``, ``names``, ``blobs``). Each worker loads the model once, decodes its
+rows with the pipeline's ``decode_sample`` (undecodable samples are skipped) and answers
+whole batches; the driver gathers the per-sample results and computes the metrics.
 """
 
 from __future__ import annotations
@@ -27,14 +26,21 @@ from evaluation.runner import (
 )
 
 
-def row_sample(row: dict, frames_per_video: int) -> EvalSample | None:
-    """A grouped tar row -> an evaluation sample; None when the pipeline drops it."""
-    from pipelines.dataset import decode_sample
+def row_sample(row: dict, frames_per_video: int, image_size: int = 384) -> EvalSample | None:
+    """A raw tar row -> an evaluation sample; None when the pipeline cannot decode it.
 
-    decoded = decode_sample(row, frames_per_video)
-    if decoded is None:
+    Media are resized to ``image_size`` (the processor's size); target boxes stay in the
+    record's original pixels (its ``image_size``), so the routing hit rate is unaffected."""
+    from pipelines.decode import BadSample, decode_sample
+
+    members = dict(zip(row["names"], row["blobs"], strict=True))
+    try:
+        decoded = decode_sample(members, image_size=image_size, frames=frames_per_video)
+    except BadSample:
         return None
-    return sample_from_record(decoded["record"], decoded["images"], decoded["videos"])
+    return sample_from_record(
+        decoded.record, list(decoded.images), [list(v) for v in decoded.videos]
+    )
 
 
 class EvalWorker:
@@ -58,7 +64,8 @@ class EvalWorker:
         rows = [
             dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)
         ]
-        samples = [s for s in (row_sample(row, self.frames) for row in rows) if s is not None]
+        size = self.processor.settings.image_size
+        samples = [s for s in (row_sample(row, self.frames, size) for row in rows) if s is not None]
         if not samples:
             return {"id": [], "result": [], "seconds": []}
         start = time.perf_counter()

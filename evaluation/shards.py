@@ -10,21 +10,21 @@ from evaluation.runner import EvalConfig, EvalReport, EvalSample
 
 
 def shard_rows(shards: Sequence[str], limit: int | None = None):
-    """Grouped tar rows of the test split (synthetic test shards when ``shards`` is empty)."""
+    """Raw tar rows (``key``, ``url``, ``names``, ``blobs``) of the test split (the synthetic
+    test shards when ``shards`` is empty), read by the pipeline's tolerant tar datasource."""
     import ray
 
     from pipelines.config import DataConfig
-    from pipelines.dataset import resolve_shards, split_tar, start_drop_counter
+    from pipelines.dataset import TolerantWebDataset, resolve_shards
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    start_drop_counter()
     paths = resolve_shards(DataConfig(shards=list(shards), progress_bars=False), "test")
     # light reservations, so the reads never wait behind the model actors for a CPU
-    cpus = {"num_cpus": 0.25}
-    rows = ray.data.read_binary_files(paths, include_paths=True, ray_remote_args=cpus)
-    rows = rows.flat_map(split_tar, **cpus)
+    rows = ray.data.read_datasource(TolerantWebDataset(paths), num_cpus=0.25)
+    # a damaged tar shows up as one row with its error and no sample
+    rows = rows.filter(lambda row: not row["error"], num_cpus=0.25)
     return rows.limit(limit) if limit is not None else rows
 
 
@@ -45,9 +45,13 @@ def evaluate_shards(
 
 
 def shard_samples(
-    shards: Sequence[str], *, limit: int | None = None, frames_per_video: int = 4
+    shards: Sequence[str],
+    *,
+    limit: int | None = None,
+    frames_per_video: int = 4,
+    image_size: int = 384,
 ) -> list[EvalSample]:
     """The first ``limit`` samples of the shards, decoded in this process (pictures, sweeps)."""
     rows = shard_rows(shards, limit).take_all()
-    samples = (row_sample(row, frames_per_video) for row in rows)
+    samples = (row_sample(row, frames_per_video, image_size) for row in rows)
     return [s for s in samples if s is not None]
