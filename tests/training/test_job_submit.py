@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,17 +20,20 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def head_node(tmp_path):
+def head_node():
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # Ray's socket paths must stay under the OS limit: a short temp dir, not pytest's
+    temp = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")
     dashboard = free_port()
     cmd = [str(RAY), "start", "--head", "--port", str(free_port()), "--num-cpus", "2",
            "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-           "--dashboard-port", str(dashboard), "--temp-dir", str(tmp_path / "ray-tmp")]  # fmt: skip
+           "--dashboard-port", str(dashboard), "--temp-dir", temp]  # fmt: skip
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=180)
     try:
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
         subprocess.run([str(RAY), "stop"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_the_finetuning_job(head_node, tmp_path):
