@@ -15,6 +15,7 @@ from pathlib import Path
 
 import mlflow
 from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from evaluation.runner import EvalReport, EvalSample
@@ -47,7 +48,7 @@ def resolve_model(model: str, tracking_uri: str | None = None) -> ResolvedModel:
             root = Path(mlflow.artifacts.download_artifacts(
                 artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="gazeattn-model-")
             ))  # fmt: skip
-        except Exception:  # noqa: BLE001 - a runs:/ URI of an MLflow 3 logged model: next
+        except (MlflowException, OSError):  # a runs:/ URI of an MLflow 3 logged model: next
             continue
         # pyfunc keeps a directory artifact under artifacts/<its basename>
         candidates = [root / "artifacts" / "model_dir", root / "model_dir", root]
@@ -76,7 +77,7 @@ def _run_of(uri: str) -> str | None:
         return uri[len("runs:/") :].split("/")[0]
     try:
         return mlflow.models.get_model_info(uri).run_id
-    except Exception:  # noqa: BLE001 - the link is a nicety; the model itself was found
+    except (MlflowException, OSError):  # the link is a nicety; the model itself was found
         return None
 
 
