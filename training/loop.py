@@ -9,7 +9,6 @@ The last checkpoint also holds a consolidated Hugging Face export under ``hf/``.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import tempfile
@@ -24,8 +23,6 @@ from gazeattn.typed_config import from_dict
 from training.config import FinetuneConfig
 from training.metrics import step_metrics
 from training.tracking import Tracker
-
-log = logging.getLogger(__name__)
 
 CKPT_TAG = "zero"
 EXPORT_SUBDIR = "hf"

@@ -147,7 +147,8 @@ def test_context_tokens_change_the_answer_and_are_trained(gaze_dir):
     assert not torch.allclose(before, after)
 
 
-def test_routing_report_counts(gaze_dir):
+def _two_image_prompt(gaze_dir):
+    """A top_k=1 gaze model and a prompt with two 12 x 12 images (8 regions), ready to generate."""
     model, processor = load_model(gaze_dir, gaze=GazeConfig(top_k=1, num_context_tokens=4))
     sample = processor.encode_sample(
         image_chat(answer=None, n_images=2),
@@ -156,6 +157,11 @@ def test_routing_report_counts(gaze_dir):
     )
     batch = processor.collate([sample])
     batch.pop("labels")
+    return model, processor, sample, batch
+
+
+def test_routing_report_counts(gaze_dir):
+    model, processor, sample, batch = _two_image_prompt(gaze_dir)
     with torch.no_grad():
         out = model(**batch, gaze_report=True, gaze_selection=True)
     assert sorted(out.gaze_report) == [0, 1]
@@ -175,14 +181,7 @@ def test_routing_report_counts(gaze_dir):
 
 
 def test_last_query_entries(gaze_dir):
-    model, processor = load_model(gaze_dir, gaze=GazeConfig(top_k=1, num_context_tokens=4))
-    sample = processor.encode_sample(
-        image_chat(answer=None, n_images=2),
-        images=[random_image(1), random_image(2)],
-        add_generation_prompt=True,
-    )
-    batch = processor.collate([sample])
-    batch.pop("labels")
+    model, processor, sample, batch = _two_image_prompt(gaze_dir)
     cache = GazeCache()
     with torch.no_grad():
         model(**batch, cache=cache, use_cache=True)
