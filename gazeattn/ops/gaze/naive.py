@@ -6,9 +6,8 @@ This is the oracle every other backend is tested against. It materialises a
 
 from __future__ import annotations
 
-import math
-
 import torch
+import torch.nn.functional as F
 
 from gazeattn.ops.config import GazeConfig
 from gazeattn.ops.gaze.stats import GazeStats, compute_stats
@@ -94,16 +93,19 @@ def gaze_mask(
 def masked_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """fp32 attention under a bool mask [B, Hr, Tq, Tk] with Hr dividing Hq; rows without keys give 0."""
+    """fp32 attention under a bool mask [B, Hr, Tq, Tk] with Hr dividing Hq; rows without keys give 0.
+
+    SDPA computes softmax(q k^T * scale, masked) v in fp32 from the explicit mask (its fused
+    CPU kernel is about 3x faster than the matmul-softmax-matmul chain, same result to fp32
+    rounding). A row without keys would be NaN there: it sees every key, then is zeroed.
+    """
     hq, hkv, hr = q.shape[1], k.shape[1], mask.shape[1]
+    has_keys = mask.any(-1, keepdim=True).repeat_interleave(hq // hr, dim=1)
+    mask = mask.repeat_interleave(hq // hr, dim=1) | ~has_keys
     kf = k.float().repeat_interleave(hq // hkv, dim=1)
     vf = v.float().repeat_interleave(hq // hkv, dim=1)
-    mask = mask.repeat_interleave(hq // hr, dim=1)
-    logits = (q.float() @ kf.transpose(-1, -2)) * scale
-    logits = logits.masked_fill(~mask, -math.inf)
-    probs = torch.softmax(logits, dim=-1)
-    probs = torch.where(mask.any(-1, keepdim=True), probs, 0.0)
-    return probs @ vf
+    out = F.scaled_dot_product_attention(q.float(), kf, vf, attn_mask=mask, scale=scale)
+    return out * has_keys
 
 
 def gaze_attention_reference(
