@@ -154,6 +154,8 @@ def configure(model, config: EvalConfig) -> None:
 def routing_layers(model, config: EvalConfig) -> list[int]:
     """The decoder layers whose routing is measured (gaze layers only; none for dense)."""
     inner = _unwrap(model)
+    if inner.gaze_config.backend == "dense":  # evaluated dense, or a dense-twin model
+        return []
     return select_layers(inner.gaze_layers, inner.config.text_config.num_hidden_layers, config)
 
 

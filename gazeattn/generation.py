@@ -214,7 +214,10 @@ class _decode:
             self.dense[i].append(_mean([float(s.dense[i, -1]) for s in stats]))
             if self.return_routing:
                 chosen = state.stats[layers[self.layer]].selected  # [B, Hr, Tq, K]
-                self.routing[i].append(_boxes(chosen[i, :, -1], layout.regions.box[i]))
+                # None when the layer ran dense (a dense-twin model): nothing was routed
+                self.routing[i].append(
+                    [] if chosen is None else _boxes(chosen[i, :, -1], layout.regions.box[i])
+                )
 
     def _finish(self) -> None:
         for i, r in enumerate(self.requests):

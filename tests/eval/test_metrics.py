@@ -136,3 +136,22 @@ def test_eval_config_rejects_two_budgets():
         EvalConfig(top_k=2, keep_ratio=0.5)
     with pytest.raises(ValueError, match="no gaze budget"):
         EvalConfig(attn="dense", top_k=2)
+
+
+def test_a_dense_twin_model_evaluates_with_its_own_config(tiny_dir, samples):
+    """The export of a `model.attn: dense` run routes nothing; evaluating it must still work."""
+    from gazeattn.model import load_model
+    from gazeattn.ops import GazeConfig
+
+    model, processor = load_model(tiny_dir, gaze=GazeConfig(top_k="all", backend="dense"))
+    report = evaluate_samples(model.eval(), processor, samples, EvalConfig(max_new_tokens=2))
+    assert report.metrics["eval/entries_ratio"] == 1.0
+    assert "eval/routing_hit_rate" not in report.metrics
+    assert all(step == [] for r in report.samples for steps in r.routing.values() for step in steps)
+    # asked for routing anyway (the serving API's "gaze": true), generation reports none
+    from gazeattn.generation import GenerationRequest, generate_batch
+
+    request = GenerationRequest(messages=samples[0].messages, images=samples[0].images,
+                                max_new_tokens=2)  # fmt: skip
+    (out,) = generate_batch(model, processor, [request], return_routing=True)
+    assert out.routing and all(step == [] for step in out.routing)
