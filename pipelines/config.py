@@ -15,6 +15,7 @@ class SyntheticSettings:
     video_fraction: float = 0.25
     image_size: int = 96
     frames: int = 4
+    shapes_per_image: int = 3
     seed: int = 0
     shard_size: str = "512MB"
 

@@ -2,8 +2,8 @@
 
     python -m pipelines.synthetic --out DIR --n-train N --n-test N [--no-shard]
 
-- Images: several coloured shapes on a plain background; the question asks for
-  one shape's colour or position. ``target_box`` = [x0, y0, x1, y1] in pixels
+- Images: ``shapes_per_image`` coloured shapes (default 3) on a plain background; the
+  question asks for one shape's colour or position. ``target_box`` = [x0, y0, x1, y1] in pixels
   is the box of the shape the answer depends on.
 - Videos (mp4, written with PyAV): a plain background in which one shape
   appears in exactly one frame; the question asks for its colour.
@@ -92,8 +92,10 @@ def position_words(box: tuple[int, int, int, int], size: int) -> str:
     )
 
 
-def image_record(rng: np.random.Generator, rid: str, media: Path, size: int, index: int) -> dict:
-    shapes = place_shapes(rng, size, count=3)
+def image_record(
+    rng: np.random.Generator, rid: str, media: Path, size: int, index: int, count: int = 3
+) -> dict:
+    shapes = place_shapes(rng, size, count=count)
     background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
     image = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(image)
@@ -173,11 +175,14 @@ def generate(
     image_size: int = 96,
     frames: int = 4,
     video_fraction: float = 0.25,
+    shapes_per_image: int = 3,
     seed: int = 0,
 ) -> dict[str, Path]:
     """Write media and ``train.json``/``test.json`` under ``out``; returns the json paths."""
     if image_size % 2 or image_size < 24:
         raise ValueError(f"image_size must be even and at least 24, got {image_size}")
+    if not 1 <= shapes_per_image <= min(9, len(COLOURS)):
+        raise ValueError(f"shapes_per_image must be in [1, 7], got {shapes_per_image}")
     out = Path(out)
     media = out / "media"
     media.mkdir(parents=True, exist_ok=True)
@@ -190,7 +195,9 @@ def generate(
             if rng.random() < video_fraction:
                 records.append(video_record(rng, rid, media, image_size, frames))
             else:
-                records.append(image_record(rng, rid, media, image_size, i))
+                records.append(
+                    image_record(rng, rid, media, image_size, i, count=shapes_per_image)
+                )
         paths[split] = out / f"{split}.json"
         paths[split].write_text(json.dumps(records, indent=1))
     return paths
@@ -211,6 +218,7 @@ def build(
         image_size=cfg.image_size,
         frames=cfg.frames,
         video_fraction=cfg.video_fraction,
+        shapes_per_image=cfg.shapes_per_image,
         seed=cfg.seed,
     )
     shards = {}
@@ -236,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--frames", type=int, default=4)
     parser.add_argument("--video-fraction", type=float, default=0.25)
+    parser.add_argument("--shapes-per-image", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-shard", action="store_true", help="write the json and media only")
     parser.add_argument("--shard-size", default="512MB")
@@ -247,6 +256,7 @@ def main(argv: list[str] | None = None) -> None:
         image_size=args.image_size,
         frames=args.frames,
         video_fraction=args.video_fraction,
+        shapes_per_image=args.shapes_per_image,
         seed=args.seed,
     )
     for split, path in paths.items():

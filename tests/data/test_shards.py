@@ -60,6 +60,22 @@ def test_synthetic_is_deterministic(tmp_path):
     assert a["train"].read_text() == b["train"].read_text()
 
 
+@pytest.mark.parametrize("shapes", [1, 3])
+def test_shapes_per_image(tmp_path, shapes):
+    paths = generate(tmp_path, n_train=6, n_test=0, video_fraction=0, shapes_per_image=shapes)
+    for r in json.loads(paths["train"].read_text()):
+        if not r["image"].endswith(".png"):  # lossless: the colours are exact
+            continue
+        pixels = np.asarray(Image.open(tmp_path / "media" / r["image"])).reshape(-1, 3)
+        colours = {tuple(c) for c in pixels} & {tuple(c) for c in COLOURS.values()}
+        assert len(colours) == shapes, r
+
+
+def test_shapes_per_image_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="shapes_per_image"):
+        generate(tmp_path, n_train=1, n_test=0, shapes_per_image=8)
+
+
 def test_round_trip_order_and_content(synthetic, tmp_path):
     root, paths = synthetic
     records = json.loads(paths["train"].read_text())
