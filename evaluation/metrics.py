@@ -32,6 +32,18 @@ def exact_match(prediction: str, answer: str) -> bool:
     return normalise_answer(prediction) == normalise_answer(answer)
 
 
+def majority_share(answers: Sequence[str]) -> float:
+    """The accuracy of always giving the most frequent (normalised) answer: the bar a model
+    that ignores its input can reach."""
+    if not answers:
+        return 0.0
+    counts: dict[str, int] = {}
+    for answer in answers:
+        key = normalise_answer(answer)
+        counts[key] = counts.get(key, 0) + 1
+    return max(counts.values()) / len(answers)
+
+
 _LETTER = re.compile(r"^\(?([A-Za-z])[\).:]?(\s|$)")
 
 

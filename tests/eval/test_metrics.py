@@ -155,3 +155,8 @@ def test_a_dense_twin_model_evaluates_with_its_own_config(tiny_dir, samples):
                                 max_new_tokens=2)  # fmt: skip
     (out,) = generate_batch(model, processor, [request], return_routing=True)
     assert out.routing and all(step == [] for step in out.routing)
+
+
+def test_majority_share():
+    assert metrics.majority_share(["Red", "red.", "blue", "top left"]) == 0.5
+    assert metrics.majority_share([]) == 0.0

@@ -36,6 +36,7 @@ def _config(tmp_path, name, **sets):
         "data.synthetic.n_test": 4,
         "data.progress_bars": False,
         "train.micro_batch_size": 2,
+        "train.log_every": 1,
         "top_k_schedule.warmup_steps": 2,
         "mlflow.experiment": "tests",
         "mlflow.system_metrics": False,
