@@ -90,8 +90,10 @@ class ScalingSettings:
     use_gpu: bool = False
     cpus_per_worker: float = 1
     gpus_per_worker: float = 0
-    # extra Ray resources per worker, e.g. {"node_b": 1} to force placement
+    # extra Ray resources per worker, e.g. {"train_slot": 1} to force placement
     resources_per_worker: dict = field(default_factory=dict)
+    # Ray placement group strategy of the worker group; STRICT_SPREAD: one worker per node
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
 @dataclass(kw_only=True)

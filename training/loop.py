@@ -76,6 +76,8 @@ def train_loop(loop_config: dict) -> None:
     repo = Path(loop_config["repo"])
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
+    node = ray.get_runtime_context().get_node_id()
+    print(f"[train] worker rank {rank}/{ctx.get_world_size()} on node {node}", flush=True)
     torch.manual_seed(cfg.train.seed + rank)
     deepspeed.init_distributed("nccl" if cfg.scaling.use_gpu else "gloo")
 

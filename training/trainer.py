@@ -111,6 +111,7 @@ def run_finetune(cfg: FinetuneConfig, *, crash: dict | None = None) -> FinetuneR
                 **({"GPU": cfg.scaling.gpus_per_worker} if cfg.scaling.use_gpu else {}),
                 **cfg.scaling.resources_per_worker,
             },
+            placement_strategy=cfg.scaling.placement_strategy,
         ),
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         run_config=RunConfig(
