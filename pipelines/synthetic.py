@@ -195,9 +195,7 @@ def generate(
             if rng.random() < video_fraction:
                 records.append(video_record(rng, rid, media, image_size, frames))
             else:
-                records.append(
-                    image_record(rng, rid, media, image_size, i, count=shapes_per_image)
-                )
+                records.append(image_record(rng, rid, media, image_size, i, count=shapes_per_image))
         paths[split] = out / f"{split}.json"
         paths[split].write_text(json.dumps(records, indent=1))
     return paths

@@ -1,0 +1,143 @@
+"""A multi-node Ray cluster on this machine, started the way a real one is: `ray start`.
+
+Every node is its own raylet (own resources, own processes) on 127.0.0.1, joined to the
+head through the GCS address; the head runs the dashboard, the job server and the state
+API that the tests (and users) talk to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.servers import free_port
+
+RAY = Path(sys.executable).parent / "ray"
+
+
+@dataclass(kw_only=True)
+class Node:
+    name: str
+    node_id: str
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.5):
+    """Poll until ``predicate()`` is truthy; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+class LocalCluster:
+    """``ray start --head`` plus worker nodes; ``stop()`` ends every Ray process here."""
+
+    def __init__(self) -> None:
+        # Ray's socket paths must stay under the OS limit: a short temp dir, not pytest's
+        self.temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")
+        self.gcs_port = free_port()
+        self.dashboard_port = free_port()
+        self.address = f"127.0.0.1:{self.gcs_port}"
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        self.env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "disabled",
+            # `python` in a job's entrypoint is this interpreter, as in an activated venv
+            "PATH": os.pathsep.join([str(RAY.parent), os.environ.get("PATH", "")]),
+            # a dead node is noticed within seconds, not the default half minute
+            "RAY_health_check_period_ms": "1000",
+            "RAY_health_check_failure_threshold": "3",
+            "RAY_health_check_timeout_ms": "1000",
+        }
+        self.nodes: list[Node] = []
+
+    def _ray(self, *args: str, timeout: float = 180) -> str:
+        done = subprocess.run(
+            [str(RAY), *args], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"ray {' '.join(args)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+            )
+        return done.stdout
+
+    def start_head(self, num_cpus: float, resources: dict) -> Node:
+        port = free_port()
+        self._ray(
+            "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.gcs_port),
+            "--num-cpus", str(num_cpus), "--resources", json.dumps(resources),
+            "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+            "--dashboard-port", str(self.dashboard_port), "--node-manager-port", str(port),
+            "--temp-dir", self.temp,
+        )  # fmt: skip
+        ids = wait_for(self.alive_ids, timeout=60)
+        if not ids:
+            raise TimeoutError("the head node is not listed alive")
+        node = Node(name="head", node_id=next(iter(ids)))
+        self.nodes.append(node)
+        return node
+
+    def add_node(self, name: str, num_cpus: float, resources: dict) -> Node:
+        """A worker node joining the head; returns once the cluster lists it alive."""
+        before = wait_for(self.alive_ids, timeout=60)
+        if before is None:
+            raise TimeoutError("the head's state API does not answer")
+        port = free_port()
+        self._ray(
+            "start", "--address", self.address, "--node-ip-address", "127.0.0.1",
+            "--num-cpus", str(num_cpus), "--resources", json.dumps(resources),
+            "--node-manager-port", str(port),
+            "--dashboard-agent-listen-port", str(free_port()),
+            "--metrics-export-port", str(free_port()),
+            "--runtime-env-agent-port", str(free_port()), "--temp-dir", self.temp,
+        )  # fmt: skip
+        new = wait_for(lambda: (self.alive_ids() or before) - before, timeout=60)
+        if len(new) != 1:
+            raise TimeoutError(f"node {name} did not join the cluster (new alive nodes: {new})")
+        node = Node(name=name, node_id=next(iter(new)))
+        self.nodes.append(node)
+        return node
+
+    def api(self, path: str, timeout: float = 10):
+        with urllib.request.urlopen(f"{self.dashboard}{path}", timeout=timeout) as resp:
+            return json.load(resp)
+
+    def alive_nodes(self) -> list[dict]:
+        """The ALIVE nodes as dicts (node_id, is_head_node, resources_total, ...)."""
+        from ray.util.state import list_nodes
+
+        nodes = list_nodes(address=self.dashboard, filters=[("state", "=", "ALIVE")])
+        return [dict(n.__dict__) for n in nodes]
+
+    def alive_ids(self) -> set[str] | None:
+        """Ids of the ALIVE nodes; None while the head cannot say (its dashboard is busy)."""
+        try:
+            return {n["node_id"] for n in self.alive_nodes()}
+        except Exception:  # noqa: BLE001 - any state API failure means "ask again"
+            return None
+
+    def actors(self, class_name: str) -> list:
+        """Alive actors of a class, with their pid and node id."""
+        from ray.util.state import list_actors
+
+        return list_actors(
+            address=self.dashboard,
+            filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")],
+            detail=True,
+        )
+
+    def stop(self) -> None:
+        subprocess.run(
+            [str(RAY), "stop", "--force"], env=self.env, capture_output=True, timeout=120
+        )
+        shutil.rmtree(self.temp, ignore_errors=True)

@@ -1,0 +1,341 @@
+"""The jobs on a two-node Ray cluster, and the failures clusters have.
+
+A head and a second node, each started by `ray start` with one `train_slot`, so the two
+ZeRO-3 workers of the demo fine-tuning (each asking for a slot) must land on different
+nodes. The job goes in through `ray job submit` as on a real cluster; the export is
+served from the same cluster with `serve deploy`. Then the faults, each with its
+expected outcome: a training worker killed mid-run, a Serve replica killed under bounded
+load, the MLflow server stopped mid-run. (Killing the second node's raylet is not tested:
+on this one-machine cluster the head's state API stopped answering and the node was not
+marked dead within two minutes; see the closing note of issue #9.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.cluster.harness import RAY, LocalCluster, wait_for
+from tests.serve.harness import data_url, image_bytes, image_part, user
+from tests.servers import MlflowServer, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+APP = "gazeattn"
+REPLICA_CLASS = f"ServeReplica:{APP}:GazeChat"
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    nodes = LocalCluster()
+    try:
+        nodes.start_head(num_cpus=2, resources={"train_slot": 1})
+        nodes.add_node("node-b", num_cpus=2, resources={"train_slot": 1})
+        yield nodes
+    finally:
+        nodes.stop()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    # generated once by the first job; later jobs find it in place
+    return tmp_path_factory.mktemp("cluster-data")
+
+
+def finetune_args(name: str, storage: Path, data: Path, uri: str | None, **sets) -> list[str]:
+    """The README's fine-tuning command with small test settings."""
+    overrides = {
+        "run.name": name,
+        "run.storage_path": storage,
+        "data.synthetic_dir": data,
+        "data.synthetic.n_train": 12,
+        "data.synthetic.n_test": 2,
+        "data.progress_bars": False,
+        "train.micro_batch_size": 2,
+        "train.log_every": 1,
+        "top_k_schedule.warmup_steps": 2,
+        # each worker takes the one train_slot its node has: one worker per node
+        "scaling.resources_per_worker.train_slot": 1,
+        "mlflow.experiment": "cluster",
+        "mlflow.system_metrics": False,
+        "mlflow.registered_model_name": "null",
+        **({"mlflow.tracking_uri": uri} if uri else {"mlflow.enabled": False}),
+        **sets,
+    }
+    args = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
+    return ["python", "jobs/finetune.py", "--config", "configs/demo.yaml", *args]
+
+
+def submit(cluster: LocalCluster, entrypoint: list[str]) -> str:
+    """`ray job submit --no-wait` with the project's runtime_env; returns the job id."""
+    cmd = [str(RAY), "job", "submit", "--address", cluster.dashboard, "--no-wait",
+           "--working-dir", str(REPO), "--runtime-env", str(REPO / "runtime_env.yaml"),
+           "--", *entrypoint]  # fmt: skip
+    done = subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    match = re.search(r"raysubmit_\w+", done.stdout + done.stderr)
+    assert match, done.stdout
+    return match.group(0)
+
+
+def job_status(cluster: LocalCluster, job_id: str) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    return str(JobSubmissionClient(cluster.dashboard).get_job_status(job_id).value)
+
+
+def job_logs(cluster: LocalCluster, job_id: str) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(cluster.dashboard).get_job_logs(job_id)
+
+
+def wait_job(cluster: LocalCluster, job_id: str, timeout: float = 900) -> str:
+    status = wait_for(
+        lambda: (s := job_status(cluster, job_id)) in ("SUCCEEDED", "FAILED", "STOPPED") and s,
+        timeout=timeout,
+        interval=2,
+    )
+    assert status, f"job {job_id} still {job_status(cluster, job_id)} after {timeout}s"
+    return status
+
+
+def worker_nodes(logs: str) -> dict[int, set[str]]:
+    """rank -> the node ids it ran on, from the workers' start lines."""
+    nodes: dict[int, set[str]] = {}
+    for rank, node in re.findall(r"\[train\] worker rank (\d+)/\d+ on node (\w+)", logs):
+        nodes.setdefault(int(rank), set()).add(node)
+    return nodes
+
+
+def head_id(cluster: LocalCluster) -> str:
+    return next(n.node_id for n in cluster.nodes if n.name == "head")
+
+
+def loss_steps(uri: str, run_name: str) -> tuple[str, list[int]]:
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("cluster")
+    runs = client.search_runs(
+        [experiment.experiment_id], f"tags.`gazeattn.run_name` = '{run_name}'"
+    )
+    assert len(runs) == 1, f"{len(runs)} MLflow runs named {run_name}"
+    run_id = runs[0].info.run_id
+    return run_id, sorted(m.step for m in client.get_metric_history(run_id, "loss"))
+
+
+def committed_step(storage: Path, name: str) -> int | None:
+    """The step of the run's latest checkpoint that Ray Train has registered (every rank
+    reported it): what a restarted worker group resumes from."""
+    try:
+        snapshot = json.loads((storage / name / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):  # not written yet, or being written
+        return None
+    latest = snapshot.get("latest_checkpoint_result") or {}
+    return latest.get("metrics", {}).get("step")
+
+
+def start_fault_run(cluster, uri: str, data: Path, storage: Path, name: str, steps: int):
+    """Submit a run and wait for its first registered checkpoint; returns (job id, its step)."""
+    entry = finetune_args(name, storage, data, uri,
+                          **{"train.max_steps": steps, "train.checkpoint_every": 4,
+                             "run.max_failures": 3})  # fmt: skip
+    job = submit(cluster, entry)
+    saved = wait_for(lambda: committed_step(storage, name), timeout=600)
+    assert saved, job_logs(cluster, job)[-3000:]
+    assert job_status(cluster, job) == "RUNNING", "the run ended before the fault"
+    return job, saved
+
+
+def assert_resumed(cluster, job: str, saved: int, uri: str, name: str, steps: int) -> str:
+    """The job succeeded after resuming from a checkpoint at or after ``saved``, in one MLflow
+    run whose loss covers every step (replayed steps are logged again); returns the logs."""
+    assert wait_job(cluster, job) == "SUCCEEDED", job_logs(cluster, job)[-3000:]
+    logs = job_logs(cluster, job)
+    resumed = [int(n) for n in re.findall(r"resumed from step (\d+)", logs)]
+    assert resumed and min(resumed) >= saved, (saved, resumed, logs[-3000:])
+    _, logged = loss_steps(uri, name)
+    assert set(logged) == set(range(1, steps + 1)), logged
+    return logs
+
+
+@pytest.fixture(scope="module")
+def demo_job(cluster, mlflow_server, data_dir, tmp_path_factory):
+    """The demo fine-tuning through `ray job submit` (waiting, as a user would)."""
+    storage = tmp_path_factory.mktemp("cluster-ray")
+    entry = finetune_args(
+        "two-nodes", storage, data_dir, mlflow_server.uri, **{"train.max_steps": 4}
+    )
+    cmd = [str(RAY), "job", "submit", "--address", cluster.dashboard, "--working-dir", str(REPO),
+           "--runtime-env", str(REPO / "runtime_env.yaml"), "--", *entry]  # fmt: skip
+    done = subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, timeout=900)
+    return done, storage / "two-nodes" / "export"
+
+
+def test_demo_job_runs_its_two_workers_on_two_nodes(cluster, demo_job, mlflow_server):
+    done, export = demo_job
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "succeeded" in done.stdout
+    placed = worker_nodes(done.stdout)
+    assert set(placed) == {0, 1}, placed
+    nodes = {n["node_id"] for n in cluster.alive_nodes()}
+    assert placed[0] | placed[1] == nodes and not placed[0] & placed[1], (placed, nodes)
+    assert (export / "config.json").exists() and (export / "model.safetensors").exists()
+    _, steps = loss_steps(mlflow_server.uri, "two-nodes")
+    assert steps == [1, 2, 3, 4]
+
+
+@pytest.fixture(scope="module")
+def served(cluster, demo_job, tmp_path_factory):
+    """The export deployed on the cluster from the project's serve config (2 replicas)."""
+    _, export = demo_job
+    config = yaml.safe_load((REPO / "infra" / "serve_config.yaml").read_text())
+    port = free_port()
+    config["http_options"].update(host="127.0.0.1", port=port)
+    app = config["applications"][0]
+    app["args"].update(model=str(export), model_name="demo", max_batch_size=4)
+    deployment = app["deployments"][0]
+    deployment["autoscaling_config"].update(min_replicas=2, max_replicas=2)
+    deployment["ray_actor_options"]["num_cpus"] = 0.5
+    deployment["max_ongoing_requests"] = 4
+    path = tmp_path_factory.mktemp("serve") / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    serve = str(RAY.parent / "serve")
+    deploy = [serve, "deploy", "--address", cluster.dashboard, str(path)]
+    done = subprocess.run(deploy, env=cluster.env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    url = f"http://127.0.0.1:{port}"
+    try:
+        ready = wait_for(lambda: len(running_replicas(cluster)) == 2, timeout=300)
+        assert ready, serve_status(cluster)
+        yield url
+    finally:
+        subprocess.run([serve, "shutdown", "-y", "--address", cluster.dashboard],
+                       env=cluster.env, capture_output=True, timeout=120)  # fmt: skip
+
+
+def serve_status(cluster: LocalCluster) -> dict:
+    try:
+        return cluster.api("/api/serve/applications/")
+    except OSError as err:
+        return {"error": repr(err)}
+
+
+def running_replicas(cluster: LocalCluster) -> set[str]:
+    """Actor ids of the app's RUNNING replicas (empty while the app is not RUNNING)."""
+    app = serve_status(cluster).get("applications", {}).get(APP)
+    if not app or app["status"] != "RUNNING":
+        return set()
+    replicas = app["deployments"]["GazeChat"]["replicas"]
+    return {r["actor_id"] for r in replicas if r["state"] == "RUNNING"}
+
+
+def chat(url: str, text: str = "What colour is the square?", timeout: float = 120):
+    body = {"model": "demo", "max_tokens": 4, "temperature": 0,
+            "messages": [{"role": "user", "content": text}]}  # fmt: skip
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=timeout)
+
+
+def test_the_export_is_served_from_the_cluster(cluster, served):
+    body = {"model": "demo", "max_tokens": 4, "temperature": 0,
+            "messages": user(image_part(data_url(image_bytes(0))), text="What colour is the square?")}  # fmt: skip
+    reply = httpx.post(f"{served}/v1/chat/completions", json=body, timeout=120)
+    assert reply.status_code == 200, reply.text
+    out = reply.json()
+    assert out["model"] == "demo" and out["choices"][0]["finish_reason"] in ("stop", "length")
+    # the image went through the vision tower: its tokens are in the prompt
+    assert out["usage"]["prompt_tokens"] > 100, out["usage"]
+    assert len(cluster.actors(REPLICA_CLASS)) == 2
+
+
+def test_a_killed_replica_under_load_fails_clearly_and_the_app_recovers(cluster, served):
+    victim = cluster.actors(REPLICA_CLASS)[0]
+    outcomes: list[object] = []
+    stop = threading.Event()
+
+    def client(i: int) -> None:
+        # bounded: 3 clients, each with one request in flight, for at most 150 s
+        deadline = time.monotonic() + 150
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                outcomes.append(chat(served, f"question {i}", timeout=60))
+            except httpx.HTTPError as err:
+                outcomes.append(err)
+
+    def ok(items) -> int:
+        return sum(getattr(o, "status_code", 0) == 200 for o in items)
+
+    def recovered() -> bool:
+        replicas = running_replicas(cluster)
+        return len(replicas) == 2 and victim.actor_id not in replicas
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        assert wait_for(lambda: ok(outcomes) >= 3, 120), outcomes[:3]
+        os.kill(victim.pid, signal.SIGKILL)
+        killed_at = len(outcomes)
+        # the load goes on while Serve notices the death and starts a replacement
+        back = wait_for(recovered, timeout=120)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(120)
+    assert back, serve_status(cluster)
+    failures = [o for o in outcomes if not (isinstance(o, httpx.Response) and o.status_code == 200)]
+    for failure in failures:
+        # no hang and no dropped connection: a server error with a body says what happened
+        assert isinstance(failure, httpx.Response), repr(failure)
+        assert failure.status_code in (500, 502, 503, 504) and failure.text, failure
+    # only what the dead replica held can fail: at most one request per client
+    assert len(failures) <= 3, [f.text[:200] for f in failures]
+    # the other replica kept answering while the dead one was replaced
+    assert ok(outcomes[killed_at:]) >= 6, outcomes[killed_at:]
+    assert chat(served).status_code == 200
+
+
+def test_a_killed_training_worker_resumes_from_its_checkpoint(
+    cluster, mlflow_server, data_dir, tmp_path
+):
+    name, steps = "worker-kill", 20
+    job, saved = start_fault_run(cluster, mlflow_server.uri, data_dir, tmp_path, name, steps)
+    # the worker on the second node dies (SIGKILL) while the job runs
+    head = head_id(cluster)
+    victim = next(a for a in cluster.actors("RayTrainWorker") if a.node_id != head)
+    os.kill(victim.pid, signal.SIGKILL)
+
+    assert_resumed(cluster, job, saved, mlflow_server.uri, name, steps)
+    assert (tmp_path / name / "export" / "config.json").exists()
+
+
+def test_stopping_mlflow_mid_run_does_not_stop_training(cluster, data_dir, tmp_path):
+    server = MlflowServer(tmp_path / "mlflow").start()
+    try:
+        name, steps = "mlflow-down", 10
+        job = submit(cluster, finetune_args(name, tmp_path, data_dir, server.uri,
+                                            **{"train.max_steps": steps}))  # fmt: skip
+
+        def logging() -> bool:
+            try:
+                return bool(loss_steps(server.uri, name)[1])
+            except (AssertionError, AttributeError):  # no experiment or run yet
+                return False
+
+        assert wait_for(logging, timeout=600), job_logs(cluster, job)[-3000:]
+        server.stop()
+        assert wait_job(cluster, job) == "SUCCEEDED", job_logs(cluster, job)[-3000:]
+        assert (tmp_path / name / "export" / "model.safetensors").exists()
+    finally:
+        server.stop()
