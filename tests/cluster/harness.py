@@ -54,10 +54,6 @@ class LocalCluster:
             "RAY_AUTH_MODE": "disabled",
             # `python` in a job's entrypoint is this interpreter, as in an activated venv
             "PATH": os.pathsep.join([str(RAY.parent), os.environ.get("PATH", "")]),
-            # a dead node is noticed within seconds, not the default half minute
-            "RAY_health_check_period_ms": "1000",
-            "RAY_health_check_failure_threshold": "3",
-            "RAY_health_check_timeout_ms": "1000",
         }
         self.nodes: list[Node] = []
 
@@ -72,13 +68,11 @@ class LocalCluster:
         return done.stdout
 
     def start_head(self, num_cpus: float, resources: dict) -> Node:
-        port = free_port()
         self._ray(
             "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.gcs_port),
             "--num-cpus", str(num_cpus), "--resources", json.dumps(resources),
             "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-            "--dashboard-port", str(self.dashboard_port), "--node-manager-port", str(port),
-            "--temp-dir", self.temp,
+            "--dashboard-port", str(self.dashboard_port), "--temp-dir", self.temp,
         )  # fmt: skip
         ids = wait_for(self.alive_ids, timeout=60)
         if not ids:
@@ -92,11 +86,10 @@ class LocalCluster:
         before = wait_for(self.alive_ids, timeout=60)
         if before is None:
             raise TimeoutError("the head's state API does not answer")
-        port = free_port()
+        # nodes on one machine need their own agent ports (the defaults are fixed numbers)
         self._ray(
             "start", "--address", self.address, "--node-ip-address", "127.0.0.1",
             "--num-cpus", str(num_cpus), "--resources", json.dumps(resources),
-            "--node-manager-port", str(port),
             "--dashboard-agent-listen-port", str(free_port()),
             "--metrics-export-port", str(free_port()),
             "--runtime-env-agent-port", str(free_port()), "--temp-dir", self.temp,
