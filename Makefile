@@ -2,7 +2,7 @@ PY := .venv/bin/python
 PIP := .venv/bin/pip
 STAMP := .venv/.installed
 
-.PHONY: setup test browser lint format demo bench clean
+.PHONY: setup test test-default test-cluster browser lint format demo bench clean
 
 setup: $(STAMP)
 
@@ -13,8 +13,14 @@ $(STAMP): pyproject.toml
 	DS_BUILD_OPS=0 $(PIP) install -q -e '.[dev]'
 	touch $(STAMP)
 
-test: setup browser
-	$(PY) -m pytest $(PYTEST_ARGS)
+# the default suite, then the two-node Ray cluster tests (marker `cluster`, about 8 minutes)
+test: test-default test-cluster
+
+test-default: setup browser
+	$(PY) -m pytest -m "not cluster" $(PYTEST_ARGS)
+
+test-cluster: setup
+	$(PY) -m pytest -m cluster $(PYTEST_ARGS)
 
 # headless Chromium for the MLflow UI test (Debian's package; the test skips with a reason without it)
 browser:
