@@ -12,6 +12,16 @@ import urllib.request
 from pathlib import Path
 
 
+def wait_for(predicate, timeout: float, interval: float = 0.5):
+    """Poll until ``predicate()`` is truthy or ``timeout`` seconds pass; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -13,12 +13,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.servers import free_port
+from tests.servers import free_port, wait_for
 
 RAY = Path(sys.executable).parent / "ray"
 
@@ -27,16 +26,6 @@ RAY = Path(sys.executable).parent / "ray"
 class Node:
     name: str
     node_id: str
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.5):
-    """Poll until ``predicate()`` is truthy; returns its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 class LocalCluster:

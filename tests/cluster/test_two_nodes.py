@@ -26,9 +26,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.cluster.harness import RAY, LocalCluster, wait_for
+from tests.cluster.harness import RAY, LocalCluster
 from tests.serve.harness import data_url, image_bytes, image_part, user
-from tests.servers import MlflowServer, free_port
+from tests.servers import MlflowServer, free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 APP = "gazeattn"
@@ -78,11 +78,16 @@ def finetune_args(name: str, storage: Path, data: Path, uri: str | None, **sets)
     return ["python", "jobs/finetune.py", "--config", "configs/demo.yaml", *args]
 
 
+def submit_command(cluster: LocalCluster, entrypoint: list[str], *options: str) -> list[str]:
+    """`ray job submit` with the project's runtime_env, as the README writes it."""
+    return [str(RAY), "job", "submit", "--address", cluster.dashboard, *options,
+            "--working-dir", str(REPO), "--runtime-env", str(REPO / "runtime_env.yaml"),
+            "--", *entrypoint]  # fmt: skip
+
+
 def submit(cluster: LocalCluster, entrypoint: list[str]) -> str:
-    """`ray job submit --no-wait` with the project's runtime_env; returns the job id."""
-    cmd = [str(RAY), "job", "submit", "--address", cluster.dashboard, "--no-wait",
-           "--working-dir", str(REPO), "--runtime-env", str(REPO / "runtime_env.yaml"),
-           "--", *entrypoint]  # fmt: skip
+    """Submit without waiting; returns the job id."""
+    cmd = submit_command(cluster, entrypoint, "--no-wait")
     done = subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     match = re.search(r"raysubmit_\w+", done.stdout + done.stderr)
@@ -124,15 +129,15 @@ def head_id(cluster: LocalCluster) -> str:
     return next(n.node_id for n in cluster.nodes if n.name == "head")
 
 
-def loss_steps(uri: str, run_name: str) -> tuple[str, list[int]]:
+def loss_steps(uri: str, run_name: str) -> list[int]:
+    """The steps of the one MLflow run of that name that have a logged loss."""
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("cluster")
     runs = client.search_runs(
         [experiment.experiment_id], f"tags.`gazeattn.run_name` = '{run_name}'"
     )
     assert len(runs) == 1, f"{len(runs)} MLflow runs named {run_name}"
-    run_id = runs[0].info.run_id
-    return run_id, sorted(m.step for m in client.get_metric_history(run_id, "loss"))
+    return sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "loss"))
 
 
 def committed_step(storage: Path, name: str) -> int | None:
@@ -165,7 +170,7 @@ def assert_resumed(cluster, job: str, saved: int, uri: str, name: str, steps: in
     logs = job_logs(cluster, job)
     resumed = [int(n) for n in re.findall(r"resumed from step (\d+)", logs)]
     assert resumed and min(resumed) >= saved, (saved, resumed, logs[-3000:])
-    _, logged = loss_steps(uri, name)
+    logged = loss_steps(uri, name)
     assert set(logged) == set(range(1, steps + 1)), logged
     return logs
 
@@ -177,8 +182,7 @@ def demo_job(cluster, mlflow_server, data_dir, tmp_path_factory):
     entry = finetune_args(
         "two-nodes", storage, data_dir, mlflow_server.uri, **{"train.max_steps": 4}
     )
-    cmd = [str(RAY), "job", "submit", "--address", cluster.dashboard, "--working-dir", str(REPO),
-           "--runtime-env", str(REPO / "runtime_env.yaml"), "--", *entry]  # fmt: skip
+    cmd = submit_command(cluster, entry)  # waits for the job, printing its logs
     done = subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, timeout=900)
     return done, storage / "two-nodes" / "export"
 
@@ -192,7 +196,7 @@ def test_demo_job_runs_its_two_workers_on_two_nodes(cluster, demo_job, mlflow_se
     nodes = {n["node_id"] for n in cluster.alive_nodes()}
     assert placed[0] | placed[1] == nodes and not placed[0] & placed[1], (placed, nodes)
     assert (export / "config.json").exists() and (export / "model.safetensors").exists()
-    _, steps = loss_steps(mlflow_server.uri, "two-nodes")
+    steps = loss_steps(mlflow_server.uri, "two-nodes")
     assert steps == [1, 2, 3, 4]
 
 
@@ -241,16 +245,18 @@ def running_replicas(cluster: LocalCluster) -> set[str]:
     return {r["actor_id"] for r in replicas if r["state"] == "RUNNING"}
 
 
-def chat(url: str, text: str = "What colour is the square?", timeout: float = 120):
-    body = {"model": "demo", "max_tokens": 4, "temperature": 0,
-            "messages": [{"role": "user", "content": text}]}  # fmt: skip
+def chat(url: str, messages: list[dict], timeout: float = 120) -> httpx.Response:
+    body = {"model": "demo", "max_tokens": 4, "temperature": 0, "messages": messages}
     return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=timeout)
 
 
+def text(question: str) -> list[dict]:
+    return [{"role": "user", "content": question}]
+
+
 def test_the_export_is_served_from_the_cluster(cluster, served):
-    body = {"model": "demo", "max_tokens": 4, "temperature": 0,
-            "messages": user(image_part(data_url(image_bytes(0))), text="What colour is the square?")}  # fmt: skip
-    reply = httpx.post(f"{served}/v1/chat/completions", json=body, timeout=120)
+    image = image_part(data_url(image_bytes(0)))
+    reply = chat(served, user(image, text="What colour is the square?"))
     assert reply.status_code == 200, reply.text
     out = reply.json()
     assert out["model"] == "demo" and out["choices"][0]["finish_reason"] in ("stop", "length")
@@ -269,7 +275,7 @@ def test_a_killed_replica_under_load_fails_clearly_and_the_app_recovers(cluster,
         deadline = time.monotonic() + 150
         while not stop.is_set() and time.monotonic() < deadline:
             try:
-                outcomes.append(chat(served, f"question {i}", timeout=60))
+                outcomes.append(chat(served, text(f"question {i}"), timeout=60))
             except httpx.HTTPError as err:
                 outcomes.append(err)
 
@@ -303,7 +309,7 @@ def test_a_killed_replica_under_load_fails_clearly_and_the_app_recovers(cluster,
     assert len(failures) <= 3, [f.text[:200] for f in failures]
     # the other replica kept answering while the dead one was replaced
     assert ok(outcomes[killed_at:]) >= 6, outcomes[killed_at:]
-    assert chat(served).status_code == 200
+    assert chat(served, text("What colour is the square?")).status_code == 200
 
 
 def test_a_killed_training_worker_resumes_from_its_checkpoint(
@@ -329,7 +335,7 @@ def test_stopping_mlflow_mid_run_does_not_stop_training(cluster, data_dir, tmp_p
 
         def logging() -> bool:
             try:
-                return bool(loss_steps(server.uri, name)[1])
+                return bool(loss_steps(server.uri, name))
             except (AssertionError, AttributeError):  # no experiment or run yet
                 return False
 

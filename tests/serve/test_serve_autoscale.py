@@ -14,6 +14,7 @@ from gazeattn.ops import GazeConfig
 from gazeattn.tiny import build_tiny
 from serving.settings import ServeSettings
 from tests.serve.harness import data_url, image_bytes, image_part, local_serve, user
+from tests.servers import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -49,15 +50,6 @@ def replicas() -> dict[str, int]:
     from ray import serve
 
     return dict(serve.status().applications[APP].deployments["GazeChat"].replica_states)
-
-
-def wait_for(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.5)
-    return predicate()
 
 
 def ask(client: openai.OpenAI, seed: int):

@@ -95,9 +95,9 @@ def masked_attention(
 ) -> torch.Tensor:
     """fp32 attention under a bool mask [B, Hr, Tq, Tk] with Hr dividing Hq; rows without keys give 0.
 
-    SDPA computes softmax(q k^T * scale, masked) v in fp32 from the explicit mask (its fused
-    CPU kernel is about 3x faster than the matmul-softmax-matmul chain, same result to fp32
-    rounding). A row without keys would be NaN there: it sees every key, then is zeroed.
+    SDPA computes softmax(q k^T * scale, masked) v in fp32 from the explicit mask (one fused
+    CPU kernel instead of a matmul-softmax-matmul chain; the same result to fp32 rounding).
+    A row without keys would be NaN there: it sees every key, then is zeroed.
     """
     hq, hkv, hr = q.shape[1], k.shape[1], mask.shape[1]
     has_keys = mask.any(-1, keepdim=True).repeat_interleave(hq // hr, dim=1)
