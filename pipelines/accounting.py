@@ -2,7 +2,7 @@
 
 Decoding runs in Ray Data tasks and encoding in the Ray Train workers, so the
 counts live in one named actor (``DROPS_ACTOR`` in namespace ``NAMESPACE``),
-created by ``build_train_dataset`` in the driver, which owns it. Each bad
+created by ``build_train_dataset`` in the driver, which owns it, on the driver's node. Each bad
 sample is counted and logged once per (tar, key, reason), however many epochs
 re-read it. ``drop_counts()`` reads the counts from any process of the job
 (an empty dict when no counter exists), e.g. to log them to MLflow as
@@ -15,6 +15,7 @@ import logging
 from collections import Counter
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 NAMESPACE = "gazeattn"
 DROPS_ACTOR = "gazeattn-data-drops"
@@ -56,8 +57,13 @@ def drop_counter(create: bool = False):
         # it alive), so the creating process keeps that handle for the life of its job
         found = drop_counter()
         if _OWNED is None or found is None or found._actor_id != _OWNED._actor_id:
+            # on the creator's node: it lives as long as the job's driver, whatever other node
+            # of the cluster fails (unpinned, it may land on a node that dies mid-run)
+            here = NodeAffinitySchedulingStrategy(
+                ray.get_runtime_context().get_node_id(), soft=False
+            )
             _OWNED = DropCounter.options(
-                name=DROPS_ACTOR, namespace=NAMESPACE, get_if_exists=True
+                name=DROPS_ACTOR, namespace=NAMESPACE, get_if_exists=True, scheduling_strategy=here
             ).remote()
         return _OWNED
     if not ray.is_initialized():

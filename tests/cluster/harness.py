@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -98,8 +99,11 @@ class LocalCluster:
         """The ALIVE nodes as dicts (node_id, is_head_node, resources_total, ...)."""
         from ray.util.state import list_nodes
 
-        nodes = list_nodes(address=self.dashboard, filters=[("state", "=", "ALIVE")])
-        return [dict(n.__dict__) for n in nodes]
+        # filtered here, not by the server: once a node has died, a server-side ALIVE filter
+        # returns fewer nodes than the cluster has, which the client reports as truncated
+        # output and raises on
+        nodes = list_nodes(address=self.dashboard, limit=1000, raise_on_missing_output=False)
+        return [dict(n.__dict__) for n in nodes if n.state == "ALIVE"]
 
     def alive_ids(self) -> set[str] | None:
         """Ids of the ALIVE nodes; None while the head cannot say (its dashboard is busy)."""
@@ -107,6 +111,30 @@ class LocalCluster:
             return {n["node_id"] for n in self.alive_nodes()}
         except Exception:  # noqa: BLE001 - any state API failure means "ask again"
             return None
+
+    def raylet_pid(self, node: Node) -> int:
+        """The pid of the node's raylet (its command line names the node id)."""
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                args = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:  # the process ended while we looked
+                continue
+            if args and args[0].endswith(b"/raylet") and node.node_id.encode() in b" ".join(args):
+                return int(entry.name)
+        raise LookupError(f"no raylet process for node {node.name} ({node.node_id})")
+
+    def kill_node(self, node: Node, timeout: float = 120) -> None:
+        """SIGKILL the node's raylet, as when a machine fails; returns once the head has
+        marked the node dead (its GCS health check fails for a few periods)."""
+        os.kill(self.raylet_pid(node), signal.SIGKILL)
+        dead = wait_for(lambda: node.node_id not in (self.alive_ids() or {node.node_id}), timeout)
+        if not dead:
+            raise TimeoutError(
+                f"node {node.name} still listed alive {timeout}s after its raylet died"
+            )
+        self.nodes.remove(node)
 
     def actors(self, class_name: str) -> list:
         """Alive actors of a class, with their pid and node id."""
