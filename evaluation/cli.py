@@ -23,13 +23,8 @@ from evaluation.compare import run_sweep, sweep_points
 from evaluation.data import load_json
 from evaluation.pictures import draw_gaze
 from evaluation.runner import EvalConfig, EvalReport, evaluate_samples
-from evaluation.tracking import (
-    ResolvedModel,
-    dump_report,
-    log_report,
-    resolve_model,
-    start_eval_run,
-)
+from evaluation.tracking import dump_report, log_report, start_eval_run
+from training.export import ResolvedModel, resolve_model
 from training.tracking import resolve_tracking_uri
 
 

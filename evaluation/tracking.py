@@ -1,4 +1,4 @@
-"""Models from MLflow, and evaluation results into MLflow.
+"""Evaluation results into MLflow (models come from ``training.export.resolve_model``).
 
 An evaluation logs into the training run when one is given (``run_id``), else into
 a new run of ``experiment`` linked to the model by tags (``gazeattn.model`` = the
@@ -8,77 +8,19 @@ model's path or URI, ``gazeattn.model_run_id`` = the run that logged it, when kn
 from __future__ import annotations
 
 import json
-import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-import mlflow
 from mlflow.entities import Metric, Param
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from evaluation.runner import EvalReport, EvalSample
+from training.export import ResolvedModel
 
 MODEL_TAG = "gazeattn.model"
 MODEL_RUN_TAG = "gazeattn.model_run_id"
 EVAL_TAG = "gazeattn.eval"
-MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
-
-
-@dataclass(kw_only=True)
-class ResolvedModel:
-    uri: str  # as given
-    path: Path  # an HF-format directory for gazeattn.load_model
-    run_id: str | None = None  # the MLflow run that logged it, when known
-
-
-def resolve_model(model: str, tracking_uri: str | None = None) -> ResolvedModel:
-    """A local directory as is; an MLflow URI is downloaded (the pyfunc model's HF export
-    lies at ``artifacts/model_dir`` of the download)."""
-    if not model.startswith(MLFLOW_SCHEMES):
-        path = Path(model)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{model} is neither a model directory nor an MLflow URI")
-        return ResolvedModel(uri=model, path=path)
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    for uri in (model, *_logged_model_uris(model)):
-        try:
-            root = Path(mlflow.artifacts.download_artifacts(
-                artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="gazeattn-model-")
-            ))  # fmt: skip
-        except (MlflowException, OSError):  # a runs:/ URI of an MLflow 3 logged model: next
-            continue
-        # pyfunc keeps a directory artifact under artifacts/<its basename>
-        candidates = [root / "artifacts" / "model_dir", root / "model_dir", root]
-        candidates += sorted(p.parent for p in root.glob("artifacts/*/config.json"))
-        for candidate in candidates:
-            if (candidate / "config.json").is_file():
-                return ResolvedModel(uri=model, path=candidate, run_id=_run_of(model))
-    raise FileNotFoundError(f"no HF model directory (config.json) in the download of {model}")
-
-
-def _logged_model_uris(uri: str) -> list[str]:
-    """``runs:/RUN/NAME`` -> the MLflow 3 logged models named NAME whose source run is RUN."""
-    if not uri.startswith("runs:/"):
-        return []
-    run_id, _, name = uri[len("runs:/") :].partition("/")
-    client = MlflowClient()
-    exp = client.get_run(run_id).info.experiment_id
-    found = client.search_logged_models(
-        experiment_ids=[exp], filter_string=f"source_run_id = '{run_id}'"
-    )
-    return [f"models:/{m.model_id}" for m in found if not name or m.name == name.strip("/")]
-
-
-def _run_of(uri: str) -> str | None:
-    if uri.startswith("runs:/"):
-        return uri[len("runs:/") :].split("/")[0]
-    try:
-        return mlflow.models.get_model_info(uri).run_id
-    except (MlflowException, OSError):  # the link is a nicety; the model itself was found
-        return None
 
 
 def start_eval_run(

@@ -114,53 +114,6 @@ def parse_body(raw: bytes) -> ChatCompletionRequest:
         raise Unprocessable.from_validation(err) from None
 
 
-MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
-
-
-def resolve_model(uri: str) -> Path:
-    """A local directory as is; an MLflow URI (models:/, runs:/, ...) downloaded first.
-
-    A logged gaze model keeps its Hugging Face export at ``artifacts/model_dir`` of the
-    download (``training.export``); a plain directory of artifacts is accepted too.
-    """
-    if uri.startswith(MLFLOW_SCHEMES):
-        import mlflow
-
-        root = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-        for candidate in (_pyfunc_artifact(root), root / "model_dir", root):
-            if (candidate / "config.json").is_file():
-                return candidate
-        # otherwise the shallowest directory holding a config.json
-        found = sorted((p.parent for p in root.rglob("config.json")), key=lambda p: len(p.parts))
-        if not found:
-            raise FileNotFoundError(f"no model directory (config.json) in the download of {uri}")
-        return found[0]
-    path = Path(uri)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{uri} is not a model directory (no config.json)")
-    return path
-
-
-def _pyfunc_artifact(root: Path) -> Path:
-    """The ``model_dir`` artifact of a pyfunc model (``training.export``), as its MLmodel names it.
-
-    MLflow copies an artifact under ``artifacts/<name of the source directory>``, not under
-    its key, so the path is read from the MLmodel file.
-    """
-    import yaml
-
-    from training.export import MODEL_ARTIFACT
-
-    mlmodel = root / "MLmodel"
-    if not mlmodel.is_file():
-        return root / "artifacts" / MODEL_ARTIFACT
-    flavor = (
-        (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get("python_function", {})
-    )
-    entry = (flavor.get("artifacts") or {}).get(MODEL_ARTIFACT) or {}
-    return root / entry.get("path", f"artifacts/{MODEL_ARTIFACT}")
-
-
 def gaze_config(path: Path, override: GazeOverride | None) -> GazeConfig | None:
     """The checkpoint's gaze config with the override's budget and backend, or None (as saved)."""
     if override is None:
@@ -180,8 +133,10 @@ def gaze_config(path: Path, override: GazeOverride | None) -> GazeConfig | None:
 @serve.ingress(api)
 class GazeChat:
     def __init__(self, settings: dict):
+        from training.export import MLFLOW_SCHEMES, resolve_model
+
         self.settings = ServeSettings.model_validate(settings)
-        path = resolve_model(self.settings.model)
+        path = resolve_model(self.settings.model).path
         self.model, self.processor = load_model(
             path, gaze=gaze_config(path, self.settings.gaze), device=self.settings.device
         )

@@ -1,16 +1,22 @@
-"""The exported gaze model as an MLflow model: logged into the training run and registered."""
+"""The exported gaze model as an MLflow model: logged into the training run and registered,
+and found again (``resolve_model``) by the serving and evaluation jobs."""
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 import mlflow
 import mlflow.pyfunc
+import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
 MODEL_ARTIFACT = "model_dir"
+MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 
 
 class GazePyfuncModel(mlflow.pyfunc.PythonModel):
@@ -43,8 +49,96 @@ class GazePyfuncModel(mlflow.pyfunc.PythonModel):
 
 
 def model_dir_of(local_root: str | Path) -> Path:
-    """Where the HF export lies inside a downloaded MLflow model of this kind."""
-    return Path(local_root) / "artifacts" / MODEL_ARTIFACT
+    """Where the HF export lies inside a downloaded MLflow model of this kind: the path its
+    MLmodel file gives the ``model_dir`` artifact (MLflow copies a directory artifact under
+    the source directory's name, not under its key), else ``artifacts/model_dir``."""
+    root = Path(local_root)
+    mlmodel = root / "MLmodel"
+    if mlmodel.is_file():
+        flavors = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {})
+        entry = (flavors.get("python_function", {}).get("artifacts") or {}).get(MODEL_ARTIFACT)
+        if entry and entry.get("path"):
+            return root / entry["path"]
+    return root / "artifacts" / MODEL_ARTIFACT
+
+
+@dataclass(kw_only=True)
+class ResolvedModel:
+    uri: str  # as given
+    path: Path  # an HF-format directory for gazeattn.load_model
+    run_id: str | None = None  # the MLflow run that logged it, when known
+
+
+def resolve_model(model: str, tracking_uri: str | None = None) -> ResolvedModel:
+    """A local model directory as is; an MLflow URI (models:/, runs:/, mlflow-artifacts:/)
+    downloaded first, from ``tracking_uri`` when given (it becomes the process's tracking URI,
+    as with ``mlflow.set_tracking_uri``: MLflow resolves logged models through that one),
+    else from MLflow's own (MLFLOW_TRACKING_URI).
+
+    In the download: the pyfunc model's HF export (``model_dir_of``), else the shallowest
+    directory holding a config.json. A ``runs:/RUN/NAME`` that names an MLflow 3 logged
+    model rather than run artifacts is looked up among the run's logged models.
+    """
+    if not model.startswith(MLFLOW_SCHEMES):
+        path = Path(model)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{model} is not a model directory (no config.json) nor an MLflow URI"
+            )
+        return ResolvedModel(uri=model, path=path)
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient()
+    for uri in (model, *_logged_model_uris(client, model)):
+        try:
+            root = Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="gazeattn-model-")
+            ))  # fmt: skip
+        except (MlflowException, OSError):  # a runs:/ URI of an MLflow 3 logged model: next
+            continue
+        found = _model_dir_in(root)
+        if found is not None:
+            return ResolvedModel(uri=model, path=found, run_id=_run_of(client, model))
+    raise FileNotFoundError(f"no model directory (config.json) in the download of {model}")
+
+
+def _model_dir_in(root: Path) -> Path | None:
+    for candidate in (model_dir_of(root), root / MODEL_ARTIFACT, root):
+        if (candidate / "config.json").is_file():
+            return candidate
+    found = sorted((p.parent for p in root.rglob("config.json")), key=lambda p: len(p.parts))
+    return found[0] if found else None
+
+
+def _logged_model_uris(client: MlflowClient, uri: str) -> list[str]:
+    """``runs:/RUN/NAME`` -> the MLflow 3 logged models named NAME whose source run is RUN."""
+    if not uri.startswith("runs:/"):
+        return []
+    run_id, _, name = uri[len("runs:/") :].partition("/")
+    experiment = client.get_run(run_id).info.experiment_id
+    found = client.search_logged_models(
+        experiment_ids=[experiment], filter_string=f"source_run_id = '{run_id}'"
+    )
+    return [f"models:/{m.model_id}" for m in found if not name or m.name == name.strip("/")]
+
+
+def _run_of(client: MlflowClient, uri: str) -> str | None:
+    """The run that logged the model: runs:/RUN/..., models:/NAME/VERSION, models:/NAME@ALIAS,
+    models:/MODEL_ID (an MLflow 3 logged model); None for other forms (e.g. a stage)."""
+    if uri.startswith("runs:/"):
+        return uri[len("runs:/") :].split("/")[0]
+    ref = uri[len("models:/") :] if uri.startswith("models:/") else ""
+    name, _, version = ref.partition("/")
+    try:
+        if "@" in ref:
+            return client.get_model_version_by_alias(*ref.split("@", 1)).run_id
+        if version.isdigit():
+            return client.get_model_version(name, version).run_id
+        if ref and not version:
+            return client.get_logged_model(ref).source_run_id
+    except (MlflowException, OSError):  # the link is a nicety; the model itself was found
+        return None
+    return None
 
 
 def log_model(uri: str, run_id: str, export_dir: Path, registered_name: str | None) -> str | None:

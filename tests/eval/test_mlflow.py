@@ -167,15 +167,23 @@ def test_mlflow_compare_page_shows_the_sweep(sweep, mlflow_server):
 
 
 def test_resolve_the_finetune_jobs_pyfunc_model(mlflow_server, tiny_dir):
-    """The fine-tuning job's MLflow model (an MLflow 3 logged model) by runs:/ and models:/."""
-    from evaluation.tracking import resolve_model
-    from training.export import log_model
+    """The fine-tuning job's MLflow model (an MLflow 3 logged model) by runs:/, by registered
+    version and alias, and by its logged-model id; each names the run that logged it."""
+    from training.export import log_model, resolve_model
 
     client = MlflowClient(mlflow_server.uri)
     exp_id = client.create_experiment("pyfunc-test")
     run_id = client.create_run(exp_id).info.run_id
     log_model(mlflow_server.uri, run_id, tiny_dir, "eval-test-model")
-    for uri in (f"runs:/{run_id}/model", "models:/eval-test-model/1"):
+    registry = MlflowClient(mlflow_server.uri, registry_uri=mlflow_server.uri)
+    registry.set_registered_model_alias("eval-test-model", "champion", "1")
+    (logged,) = [m.model_id for m in client.search_logged_models(experiment_ids=[exp_id])]
+    uris = [
+        f"runs:/{run_id}/model",
+        "models:/eval-test-model/1",
+        "models:/eval-test-model@champion",
+    ]
+    for uri in [*uris, f"models:/{logged}"]:
         resolved = resolve_model(uri, mlflow_server.uri)
         assert (resolved.path / "config.json").is_file()
         assert resolved.path.parent.name == "artifacts"

@@ -22,9 +22,9 @@ from mlflow import MlflowClient
 
 from gazeattn.ops import GazeConfig
 from gazeattn.tiny import build_tiny
-from serving.app import resolve_model
 from tests.serve.harness import ROOT, data_url, image_bytes, image_part, user
 from tests.servers import free_port
+from training.export import resolve_model
 
 REGISTERED = "serve-job-gaze-tiny"
 
@@ -53,7 +53,7 @@ def logged_run(mlflow_server, tmp_path_factory):
 
 def test_mlflow_uri_resolves_to_the_export(mlflow_server, logged_run, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
-    path = resolve_model(f"runs:/{logged_run}/model")
+    path = resolve_model(f"runs:/{logged_run}/model").path
     # MLflow keeps the artifact under the source directory's name, found through MLmodel
     assert path.parent.name == "artifacts" and (path / "config.json").is_file()
     assert (path.parents[1] / "MLmodel").is_file()

@@ -215,7 +215,7 @@ def test_a_failing_request_does_not_fail_its_batch(model_dir):
 def test_mlflow_uri_resolves_to_the_model_directory(model_dir, tmp_path, monkeypatch):
     import mlflow
 
-    from serving.app import resolve_model
+    from training.export import resolve_model
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = mlflow.MlflowClient()
@@ -223,7 +223,7 @@ def test_mlflow_uri_resolves_to_the_model_directory(model_dir, tmp_path, monkeyp
     run = client.create_run(experiment)
     client.log_artifacts(run.info.run_id, str(model_dir), "export/model")
     client.set_terminated(run.info.run_id)
-    path = resolve_model(f"runs:/{run.info.run_id}/export")
+    path = resolve_model(f"runs:/{run.info.run_id}/export").path
     assert path.name == "model" and (path / "config.json").is_file()
     with pytest.raises(FileNotFoundError, match="no config.json"):
         resolve_model(str(tmp_path))
