@@ -351,6 +351,9 @@ def convert_to_gaze(
                 raise ValueError(
                     f"context_init must be 'visual_mean' or 'normal', got {context_init!r}"
                 )
+    # in the mode of the model it replaces (from_pretrained gives eval mode): a converted
+    # model must not start in training mode, where a text-only step also runs the vision tower
+    gaze_model.train(model.training)
     return gaze_model.to(model.dtype)
 
 

@@ -9,6 +9,7 @@ from transformers import LlavaForConditionalGeneration
 from gazeattn.generation import GazeCache
 from gazeattn.model import (
     GazeLlavaForConditionalGeneration,
+    convert_to_gaze,
     load_model,
     set_gaze_budget,
     set_gaze_top_k,
@@ -214,6 +215,16 @@ def test_gaze_model_requires_its_layout(gaze_dir):
     batch.pop("gaze_layout")
     with pytest.raises(ValueError, match="gaze_layout"):
         model(**batch)
+
+
+def test_converted_and_saved_gaze_models_load_in_eval_mode(stock_dir, gaze_dir):
+    # as from_pretrained does; conversion keeps the mode of the model it converts
+    converted, _ = load_model(stock_dir, gaze=GazeConfig(top_k=2))
+    saved, _ = load_model(gaze_dir)
+    assert not converted.training and not saved.training
+    stock, _ = load_model(stock_dir)
+    ctx_id = converted.config.context_token_id
+    assert convert_to_gaze(stock.train(), GazeConfig(top_k=2), context_token_id=ctx_id).training
 
 
 def test_context_token_count_cannot_change_at_load(gaze_dir):
