@@ -77,6 +77,8 @@ def zero3(root: Path, attn: str, steps: int, batch: int) -> float:
         "model.name_or_path": str(root / "stock"),
         "model.attn": attn,
         "model.gaze.keep_ratio": 0.25,
+        # as in single_process (the demo config trains the tower; this benchmark does not)
+        "model.freeze_vision": True,
         "top_k_schedule.warmup_steps": 0,
         "train.max_steps": steps + 1,
         "train.checkpoint_every": steps + 1,
