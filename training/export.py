@@ -89,7 +89,7 @@ def resolve_model(model: str, tracking_uri: str | None = None) -> ResolvedModel:
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient()
-    for uri in (model, *_logged_model_uris(client, model)):
+    for uri in _download_candidates(client, model):
         try:
             root = Path(mlflow.artifacts.download_artifacts(
                 artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="gazeattn-model-")
@@ -103,23 +103,26 @@ def resolve_model(model: str, tracking_uri: str | None = None) -> ResolvedModel:
 
 
 def _model_dir_in(root: Path) -> Path | None:
-    for candidate in (model_dir_of(root), root / MODEL_ARTIFACT, root):
-        if (candidate / "config.json").is_file():
-            return candidate
+    """The pyfunc model's export, else the shallowest directory with a config.json."""
+    pyfunc = model_dir_of(root)
+    if (pyfunc / "config.json").is_file():
+        return pyfunc
     found = sorted((p.parent for p in root.rglob("config.json")), key=lambda p: len(p.parts))
     return found[0] if found else None
 
 
-def _logged_model_uris(client: MlflowClient, uri: str) -> list[str]:
-    """``runs:/RUN/NAME`` -> the MLflow 3 logged models named NAME whose source run is RUN."""
+def _download_candidates(client: MlflowClient, uri: str):
+    """``uri`` itself; then, only if that is asked for (a generator), for ``runs:/RUN/NAME``
+    the MLflow 3 logged models named NAME whose source run is RUN."""
+    yield uri
     if not uri.startswith("runs:/"):
-        return []
+        return
     run_id, _, name = uri[len("runs:/") :].partition("/")
     experiment = client.get_run(run_id).info.experiment_id
     found = client.search_logged_models(
         experiment_ids=[experiment], filter_string=f"source_run_id = '{run_id}'"
     )
-    return [f"models:/{m.model_id}" for m in found if not name or m.name == name.strip("/")]
+    yield from (f"models:/{m.model_id}" for m in found if not name or m.name == name.strip("/"))
 
 
 def _run_of(client: MlflowClient, uri: str) -> str | None:
