@@ -1,12 +1,22 @@
-"""Gaze Attention (arXiv 2605.13080) for multimodal LLMs."""
+"""Gaze Attention (arXiv 2605.13080) for multimodal LLMs.
 
+Importing the package registers the gaze models and processor with transformers' Auto
+classes, so ``AutoModelForImageTextToText.from_pretrained`` and
+``AutoProcessor.from_pretrained`` load saved gaze checkpoints.
+"""
+
+from gazeattn.model import load_model, register_auto_classes
 from gazeattn.ops import GazeConfig, GazeLayout, GazeStats, gaze_attention
+from gazeattn.processing import GazeProcessor, VisualBudget
 
-__all__ = ["GazeConfig", "GazeLayout", "GazeStats", "gaze_attention", "load_model"]
+__all__ = [
+    "GazeConfig",
+    "GazeLayout",
+    "GazeProcessor",
+    "GazeStats",
+    "VisualBudget",
+    "gaze_attention",
+    "load_model",
+]
 
-
-def load_model(name_or_path, gaze=None, **kwargs):
-    """``(model, processor)`` of a gaze or stock LLaVA checkpoint; see ``gazeattn.model.load_model``."""
-    from gazeattn.model import load_model as _load
-
-    return _load(name_or_path, gaze, **kwargs)
+register_auto_classes()

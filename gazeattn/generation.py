@@ -23,6 +23,12 @@ class GazeCache(DynamicCache):
 
     gaze_state = None
 
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        # beam search moves rows; the descriptors and layout rows move with the keys
+        super().reorder_cache(beam_idx)
+        if self.gaze_state is not None:
+            self.gaze_state.select(beam_idx)
+
 
 @dataclass(kw_only=True)
 class GenerationRequest:
@@ -110,15 +116,17 @@ class _decode:
         self.batch = processor.collate(samples, padding_side="left")
         self.prompt_lens = [len(s["input_ids"]) for s in samples]
         self.grids = [
-            [list(p[1:]) if p[0] == "video" else [1, *p[1:]] for p in s["parts"] if p[0] != "text"]
+            [
+                list(p[1:4]) if p[0] == "video" else [1, *p[1:3]]
+                for p in s["parts"]
+                if p[0] != "text"
+            ]
             for s in samples
         ]
-        self.eos = processor.tokenizer.eos_token_id
+        self.stops = set(processor.stop_token_ids)
         # placeholders only the processor may place: a sampled one would break the next step
-        tok = processor.tokenizer
-        placeholders = {processor.image_token_id, processor.context_token_id, tok.pad_token_id}
-        placeholders.add(tok.convert_tokens_to_ids(processor.video_token))
-        self.banned = sorted(placeholders - {None, self.eos})
+        banned = set(processor.placeholder_ids) | {processor.tokenizer.pad_token_id}
+        self.banned = sorted(banned - {None} - self.stops)
         self.tokens: list[list[int]] = [[] for _ in requests]
         self.done = [False] * len(requests)
         self.finish = ["length"] * len(requests)
@@ -140,7 +148,9 @@ class _decode:
         ids = batch["input_ids"].to(device)
         mask = batch["attention_mask"].to(device)
         layout = batch["gaze_layout"]
-        pixels = batch["pixel_values"].to(device)
+        vision = {
+            k: v.to(device) for k, v in batch.items() if k in self.processor.rules.input_names
+        }
         cache = GazeCache()
         max_new = max(r.max_new_tokens for r in self.requests)
         step_ids = ids
@@ -148,7 +158,7 @@ class _decode:
             for step in range(max_new):
                 out = model(
                     input_ids=step_ids,
-                    pixel_values=pixels if step == 0 else None,
+                    **(vision if step == 0 else {}),
                     attention_mask=mask,
                     cache=cache,
                     use_cache=True,
@@ -192,7 +202,7 @@ class _decode:
             if self.done[i]:
                 continue
             tok = int(next_ids[i])
-            if tok == self.eos:
+            if tok in self.stops:
                 self.done[i], self.finish[i] = True, "stop"
                 continue
             self.tokens[i].append(tok)

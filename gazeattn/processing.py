@@ -1,28 +1,37 @@
-"""GazeProcessor: chat messages + images/videos -> token ids, labels, pixels and the gaze layout.
+"""GazeProcessor: the checkpoint's own processing, plus the context tokens and layout gaze needs.
 
-Each image (or video frame) becomes ``h * w`` image tokens followed by the
-model's context-token placeholders; the layout built from the same parts tells
-the attention where every segment, region and context token is. No
-torchvision: images are resized with PIL and normalised with numpy.
+A vision-language checkpoint already knows how to turn a chat into model inputs:
+its image processor (resize, crop, normalise, dynamic resolution), its tokenizer
+and chat template, and its rule for how many tokens an image becomes. The
+GazeProcessor keeps all of that (``image_processor``, ``tokenizer`` and
+``chat_template`` are the checkpoint's) and adds only:
+
+- after each image or video frame, ``num_context_tokens`` context-token placeholders;
+- the ``gaze_layout`` of the batch (where every segment, region and context token is);
+- training labels from the model's own chat template: assistant turns only, each ending
+  with the model's end-of-turn token.
+
+The family-specific part (which tokens stand for an image, how pixels are
+prepared, how big the token grid is) lives in ``gazeattn.families``.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image as PILImage
-from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
+from transformers import BatchFeature, ProcessorMixin
 
 from gazeattn.ops import GazeConfig, GazeLayout, Image, Video, build_layout
 
-PROCESSOR_FILE = "gaze_processor.json"
 IGNORE = -100
+CONTEXT_TOKEN = "<|gaze_ctx|>"
 
 
 class ProcessorInputError(ValueError):
@@ -36,95 +45,189 @@ class SequenceTooLong(ProcessorInputError):
         self.limit = limit
 
 
-@dataclass(kw_only=True)
-class ProcessorSettings:
-    image_size: int
-    patch_size: int
-    num_context_tokens: int = 4
-    region_size: tuple[int, int, int] = (1, 6, 6)
-    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    max_length: int = 32768
-    max_media: int = 64
+@dataclass(kw_only=True, frozen=True)
+class VisualBudget:
+    """How much of each image and video the model sees: set once per run, saved with the model.
+
+    Training, evaluation and serving read it from the same place (the processor), so a
+    served model sees images and videos exactly as it was trained on them.
+
+    - ``min_pixels`` / ``max_pixels``: the area a dynamic-resolution model (Qwen-VL) resizes
+      each image and frame into; None keeps the checkpoint's own bounds. Fixed-size towers
+      (LLaVA) resize to their input size whatever these say.
+    - ``frames_per_video``: frames sampled from each video, spread uniformly over the clip
+      (``frame_sampling``).
+    """
+
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    frames_per_video: int = 8
+    frame_sampling: Literal["uniform"] = "uniform"
+
+    def __post_init__(self) -> None:
+        for name in ("min_pixels", "max_pixels"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be an int or None, got {value!r}")
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels {self.min_pixels} > max_pixels {self.max_pixels}")
+        if not isinstance(self.frames_per_video, int) or self.frames_per_video < 1:
+            raise ValueError(f"frames_per_video must be an int >= 1, got {self.frames_per_video!r}")
+        if self.frame_sampling != "uniform":
+            raise ValueError(f"frame_sampling must be 'uniform', got {self.frame_sampling!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
-class GazeProcessor:
-    """Text + images + videos -> model inputs, following transformers' processor conventions."""
+class GazeProcessor(ProcessorMixin):
+    """The checkpoint's image processor, tokenizer and chat template, plus gaze's context tokens.
+
+    Entry points follow transformers: ``processor(text=, images=, videos=)``,
+    ``apply_chat_template(messages, tokenize=True, return_dict=True)`` (images inside the
+    messages), ``batch_decode``, ``save_pretrained`` / ``AutoProcessor.from_pretrained``
+    (after ``import gazeattn``). For training, ``encode_sample`` encodes one conversation
+    with labels and ``collate`` pads samples into a batch. Every batch carries
+    ``gaze_layout``.
+    """
 
     def __init__(
         self,
-        tokenizer: PreTrainedTokenizerBase,
-        settings: ProcessorSettings,
-        gaze_config: GazeConfig | None = None,
+        image_processor=None,
+        tokenizer=None,
+        chat_template=None,
+        family: str = "llava",
+        vision: dict | None = None,
+        gaze_config: dict | None = None,
+        context_token: str = CONTEXT_TOKEN,
+        image_token: str | None = None,
+        video_token: str | None = None,
+        stop_tokens: list[str] | None = None,
+        visual_budget: dict | None = None,
+        max_length: int = 32768,
+        max_media: int = 64,
+        **kwargs,
     ):
-        self.tokenizer = tokenizer
-        self.settings = settings
-        self.gaze_config = gaze_config
-        self.image_token_id = tokenizer.convert_tokens_to_ids(tokenizer.image_token)
-        self.context_token_id = tokenizer.convert_tokens_to_ids(tokenizer.context_token)
-        self.image_token = tokenizer.image_token
-        self.video_token = tokenizer.video_token
-        self.chat_template = tokenizer.chat_template
+        from gazeattn.families import media_rules
 
-    # ---- construction and persistence
+        self.family = family
+        self.vision = dict(vision or {})
+        self.gaze_config = _as_gaze_config(gaze_config)
+        self.context_token = context_token
+        self.visual_budget = _as_budget(visual_budget)
+        self.max_length = max_length
+        self.max_media = max_media
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        if self.chat_template is None:
+            self.chat_template = getattr(tokenizer, "chat_template", None)
+        self.rules = media_rules(family, self.vision, image_processor, image_token)
+        self.image_token = self.rules.image_token
+        self.video_token = self.rules.video_token
+        self.stop_tokens = list(stop_tokens or [tokenizer.eos_token])
+        self._check_tokens()
 
-    @classmethod
-    def from_model_config(
-        cls, tokenizer, model_config, gaze_config: GazeConfig | None
-    ) -> GazeProcessor:
-        vision = model_config.vision_config
-        n_ctx = gaze_config.num_context_tokens if gaze_config else 0
-        region = gaze_config.region_size if gaze_config else (1, 6, 6)
-        settings = ProcessorSettings(
-            image_size=vision.image_size,
-            patch_size=vision.patch_size,
-            num_context_tokens=n_ctx,
-            region_size=region,
-            max_length=model_config.text_config.max_position_embeddings,
+    # ---- settings
+
+    @property
+    def num_context_tokens(self) -> int:
+        return self.gaze_config.num_context_tokens if self.gaze_config else 0
+
+    @property
+    def region_size(self) -> tuple[int, int, int]:
+        return self.gaze_config.region_size if self.gaze_config else (1, 6, 6)
+
+    @property
+    def context_token_id(self) -> int | None:
+        return self._token_id(self.context_token)
+
+    @property
+    def image_token_id(self) -> int:
+        return self._token_id(self.image_token)
+
+    @property
+    def video_token_id(self) -> int | None:
+        return self._token_id(self.video_token)
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return [i for i in (self._token_id(t) for t in self.stop_tokens) if i is not None]
+
+    @property
+    def placeholder_ids(self) -> list[int]:
+        """Ids only the processor may place (media and context placeholders): never generated."""
+        ids = {self._token_id(t) for t in (*self.rules.visual_tokens, self.video_token)}
+        ids.add(self.context_token_id)
+        return sorted(i for i in ids if i is not None)
+
+    def _token_id(self, token: str | None) -> int | None:
+        if token is None:
+            return None
+        ids = self.tokenizer.convert_tokens_to_ids([token])
+        unk = self.tokenizer.unk_token_id
+        return (
+            None
+            if not ids or ids[0] is None or (ids[0] == unk and token != self.tokenizer.unk_token)
+            else ids[0]
         )
-        return cls(tokenizer, settings, gaze_config)
 
-    def save_pretrained(self, out_dir: str | Path) -> None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save_pretrained(out)
-        data = {
-            "settings": {**self.settings.__dict__, "region_size": list(self.settings.region_size)},
-            "gaze_config": self.gaze_config.to_dict() if self.gaze_config else None,
-        }
-        (out / PROCESSOR_FILE).write_text(json.dumps(data, indent=2))
+    def _check_tokens(self) -> None:
+        if self._token_id(self.image_token) is None:
+            raise ProcessorInputError(
+                f"the tokenizer has no image token {self.image_token!r}: a {self.family} checkpoint "
+                "needs one (its processor's image_token)"
+            )
+        if self.num_context_tokens and self.context_token_id is None:
+            raise ProcessorInputError(
+                f"the tokenizer has no context token {self.context_token!r}; convert the checkpoint "
+                "with gazeattn.load_model(path, gaze=GazeConfig(...)), which adds it"
+            )
+
+    def with_gaze(self, gaze_config: GazeConfig | None) -> GazeProcessor:
+        """This processor for another gaze config (None: the stock model, no context tokens)."""
+        self.gaze_config = gaze_config
+        self._check_tokens()
+        return self
+
+    def with_budget(self, budget: VisualBudget | None) -> GazeProcessor:
+        """This processor with another visual budget (None: the checkpoint's defaults)."""
+        self.visual_budget = budget or VisualBudget()
+        return self
+
+    # ---- persistence: transformers' processor files, plus our settings in processor_config.json
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.pop("rules", None)
+        out["gaze_config"] = self.gaze_config.to_dict() if self.gaze_config else None
+        out["visual_budget"] = self.visual_budget.to_dict()
+        return out
 
     @classmethod
-    def from_pretrained(
-        cls, path: str | Path, gaze_config: GazeConfig | None = None
-    ) -> GazeProcessor:
-        path = Path(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        data = json.loads((path / PROCESSOR_FILE).read_text())
-        settings = data["settings"]
-        settings["region_size"] = tuple(settings["region_size"])
-        for key in ("image_mean", "image_std"):
-            settings[key] = tuple(settings[key])
-        saved = GazeConfig.from_dict(data["gaze_config"]) if data.get("gaze_config") else None
-        processor = cls(tokenizer, ProcessorSettings(**settings), gaze_config or saved)
-        if gaze_config is not None:
-            processor.settings.num_context_tokens = gaze_config.num_context_tokens
-            processor.settings.region_size = gaze_config.region_size
-        return processor
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> GazeProcessor:
+        """A saved gaze processor, or the processor of a stock checkpoint of a supported family."""
+        from gazeattn.families import stock_processor
 
-    # ---- images
+        path = str(pretrained_model_name_or_path)
+        data = _processor_config(path, kwargs)
+        if data.get("processor_class") == cls.__name__:
+            return super().from_pretrained(path, **kwargs)
+        return stock_processor(cls, path, **kwargs)
 
-    @property
-    def grid(self) -> int:
-        return self.settings.image_size // self.settings.patch_size
+    # ---- images and videos
 
-    @property
-    def regions_per_frame(self) -> int:
-        _, rh, rw = self.settings.region_size
-        return -(-self.grid // rh) * -(-self.grid // rw)
+    def _prepare_image(self, image: Any) -> PILImage.Image:
+        """A PIL image, HWC uint8 array, path or URL -> an RGB PIL image; clear errors otherwise."""
+        if isinstance(image, str):
+            from transformers.image_utils import load_image
 
-    def preprocess_image(self, image: Any) -> np.ndarray:
-        """PIL image or HWC uint8 array -> [3, S, S] float32, resized and normalised."""
+            try:
+                image = load_image(image)
+            except (OSError, ValueError) as error:
+                raise ProcessorInputError(
+                    f"cannot read the image {image[:80]!r}: {error}"
+                ) from error
         if isinstance(image, np.ndarray):
             if image.ndim == 2:
                 image = np.stack([image] * 3, axis=-1)
@@ -135,21 +238,238 @@ class GazeProcessor:
             image = PILImage.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image)
         if not isinstance(image, PILImage.Image):
             raise ProcessorInputError(
-                f"an image must be a PIL image or a uint8 array, got {type(image).__name__}"
+                f"an image must be a PIL image, a uint8 array, a path or a URL, got {type(image).__name__}"
             )
         if min(image.size) < 1:
             raise ProcessorInputError(f"empty image of size {image.size}")
-        if image.mode not in ("RGB", "RGBA", "L", "P", "LA", "I;16", "CMYK", "YCbCr"):
-            raise ProcessorInputError(f"unsupported image mode {image.mode!r}")
-        size = self.settings.image_size
-        rgb = image.convert("RGB").resize((size, size), PILImage.Resampling.BICUBIC)
-        array = np.asarray(rgb, dtype=np.float32) / 255.0
-        array = (array - np.asarray(self.settings.image_mean, np.float32)) / np.asarray(
-            self.settings.image_std, np.float32
-        )
-        return np.ascontiguousarray(array.transpose(2, 0, 1))
+        try:
+            return image.convert("RGB")
+        except (OSError, ValueError) as error:
+            raise ProcessorInputError(f"cannot convert the image to RGB: {error}") from error
 
-    # ---- encoding
+    def _prepare_video(self, video: Any) -> list[PILImage.Image]:
+        if isinstance(video, str):
+            from gazeattn.video import read_video
+
+            try:
+                video = read_video(video, self.visual_budget.frames_per_video)
+            except (OSError, ValueError) as error:
+                raise ProcessorInputError(
+                    f"cannot read the video {video[:80]!r}: {error}"
+                ) from error
+        if isinstance(video, np.ndarray) and video.ndim == 4:
+            video = list(video)
+        if not isinstance(video, list | tuple):
+            raise ProcessorInputError(
+                f"a video must be a list of frames or a path, got {type(video).__name__}"
+            )
+        if not video:
+            raise ProcessorInputError("a video without frames")
+        return [self._prepare_image(frame) for frame in video]
+
+    # ---- encoding one sequence
+
+    def _encode(
+        self,
+        text: str,
+        images: list,
+        videos: list,
+        *,
+        label_spans: Sequence[tuple[int, int]] = (),
+        add_special_tokens: bool | None = None,
+        max_length: int | None = None,
+    ) -> dict[str, Any]:
+        """One prompt with media markers -> ids, labels, vision arrays and parts.
+
+        The i-th image marker takes ``images[i]`` and the j-th video marker ``videos[j]``;
+        each becomes the family's visual tokens plus the context placeholders, and the whole
+        expanded text is tokenized at once (so ids equal the stock processor's when there are
+        no context tokens). ``label_spans`` are character spans of ``text`` to train on.
+        """
+        pieces = _split_markers(text, (self.image_token, self.video_token))
+        n_images = sum(p == self.image_token for p in pieces)
+        n_videos = sum(p == self.video_token for p in pieces)
+        if n_images != len(images) or n_videos != len(videos):
+            raise ProcessorInputError(
+                f"{len(images)} images and {len(videos)} videos given, but the text has "
+                f"{n_images} {self.image_token} and {n_videos} {self.video_token} markers"
+            )
+        images = [self._prepare_image(image) for image in images]
+        videos = [self._prepare_video(video) for video in videos]
+        if len(images) + sum(len(v) for v in videos) > self.max_media:
+            raise ProcessorInputError(f"more than {self.max_media} images and frames")
+        image_iter, video_iter = iter(images), iter(videos)
+        expanded, plan, vision = [], [], []
+        shift = []  # (position in text, growth so far) at the end of each marker
+        pos = growth = 0
+        for piece in pieces:
+            if piece in (self.image_token, self.video_token):
+                if piece == self.image_token:
+                    media = self.rules.process_image(next(image_iter), self.visual_budget)
+                else:
+                    media = self.rules.process_video(next(video_iter), self.visual_budget)
+                runs = media.runs(self.context_token, self.num_context_tokens)
+                replacement = "".join(token * n for token, n in runs)
+                plan.append(media)
+                vision.append(media.arrays)
+                expanded.append(replacement)
+                growth += len(replacement) - len(piece)
+                pos += len(piece)
+                shift.append((pos, growth))
+            else:
+                expanded.append(piece)
+                pos += len(piece)
+        full = "".join(expanded)
+        if add_special_tokens is None:
+            bos = self.tokenizer.bos_token
+            add_special_tokens = not (bos and full.startswith(bos))
+        encoded = self.tokenizer(
+            full,
+            add_special_tokens=add_special_tokens,
+            return_offsets_mapping=bool(label_spans),
+        )
+        ids = list(encoded["input_ids"])
+        labels = [IGNORE] * len(ids)
+        if label_spans:
+            moved = [(_moved(s, shift), _moved(e, shift)) for s, e in label_spans]
+            for i, (start, end) in enumerate(encoded["offset_mapping"]):
+                if any(start < e and end > s for s, e in moved):
+                    labels[i] = ids[i]
+        parts = self._parts(ids, plan)
+        limit = max_length or self.max_length
+        if len(ids) > limit:
+            raise SequenceTooLong(len(ids), limit)
+        return {
+            "input_ids": np.asarray(ids, np.int64),
+            "labels": np.asarray(labels, np.int64),
+            "vision": _merge_arrays(vision),
+            "parts": parts,
+        }
+
+    def _parts(self, ids: list[int], plan: list) -> list[list]:
+        """Walk the ids along the expansion plan: text runs, then each media item's tokens."""
+        visual = {self._token_id(t) for t in self.rules.visual_tokens}
+        parts: list[list] = []
+        i = 0
+        for media in plan:
+            start = i
+            while i < len(ids) and ids[i] not in visual:
+                i += 1
+            if i > start:
+                parts.append(["text", i - start])
+            expect = [
+                self._token_id(token)
+                for token, n in media.runs(self.context_token, self.num_context_tokens)
+                for _ in range(n)
+            ]
+            got = ids[i : i + len(expect)]
+            if got != expect:
+                raise ProcessorInputError(
+                    "the tokenizer did not keep the media placeholders whole: "
+                    f"{self.image_token!r}/{self.context_token!r} must be special tokens"
+                )
+            parts.append(media.part)
+            i += len(expect)
+        if any(t in visual for t in ids[i:]):
+            raise ProcessorInputError("media tokens in text: use image/video content parts")
+        if i < len(ids):
+            parts.append(["text", len(ids) - i])
+        return parts
+
+    # ---- chat messages
+
+    def render(self, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
+        """The chat template's text for ``messages`` (media as the family's markers)."""
+        return self.tokenizer.apply_chat_template(
+            self._template_messages(messages),
+            chat_template=self.chat_template,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+        )
+
+    def _template_messages(self, messages: list[dict]) -> list[dict]:
+        """Messages as the template expects them: list contents, media parts without payloads."""
+        if not messages:
+            raise ProcessorInputError("empty conversation")
+        renders_video = self._renders_video()
+        out = []
+        for message in messages:
+            role = message.get("role")
+            if role not in ("system", "user", "assistant"):
+                raise ProcessorInputError(f"unknown role {role!r}")
+            parts = []
+            for part in _content_parts(message.get("content")):
+                kind = part.get("type")
+                if kind == "text":
+                    text = part.get("text", "")
+                    if not isinstance(text, str):
+                        raise ProcessorInputError("a text part needs a string 'text'")
+                    self._check_text(text)
+                    parts.append({"type": "text", "text": text})
+                elif kind in ("image", "image_url"):
+                    parts.append({"type": "image"})
+                elif kind == "video":
+                    parts.append(
+                        {"type": "video"}
+                        if renders_video
+                        else {"type": "text", "text": self.video_token}
+                    )
+                else:
+                    raise ProcessorInputError(f"unknown content part type {kind!r}")
+                if role == "assistant" and parts[-1]["type"] != "text":
+                    raise ProcessorInputError("images and videos in assistant turns")
+            out.append({"role": role, "content": parts})
+        return out
+
+    def _renders_video(self) -> bool:
+        """Whether the chat template writes a marker for a video part (LLaVA-1.5's does not)."""
+        probe = [{"role": "user", "content": [{"type": "video"}]}]
+        if self.chat_template is None:
+            raise ProcessorInputError("the checkpoint has no chat template")
+        text = self.tokenizer.apply_chat_template(
+            probe, chat_template=self.chat_template, tokenize=False
+        )
+        return self.video_token in text
+
+    def _check_text(self, text: str) -> None:
+        markers = {self.image_token, self.video_token, self.context_token, *self.rules.markers}
+        if any(m and m in text for m in markers):
+            raise ProcessorInputError("media tokens in text: use {'type': 'image'} content parts")
+
+    def _assistant_spans(self, messages: list[dict], text: str) -> tuple[str, list]:
+        """Character spans of each assistant turn in ``text`` (the rendered ``messages``).
+
+        A turn is what rendering it adds to the prompt that asks for it (trailing whitespace
+        left out); it ends with the model's end-of-turn token, inserted when the template
+        writes none (as LLaVA-1.5's), so a fine-tuned model learns to stop. Returns the text
+        with any insertions, and the spans in it.
+        """
+        found = []  # (start, end, needs an end-of-turn token) in ``text``
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = self.render(messages[:i], add_generation_prompt=True)
+            after = self.render(messages[: i + 1])
+            if not (after.startswith(before) and text.startswith(after)):
+                raise ProcessorInputError(
+                    "the chat template does not render a conversation as a prefix of its "
+                    "continuation; assistant turns cannot be located for the labels"
+                )
+            turn = after[len(before) :].rstrip()
+            ends = any(turn.endswith(t) for t in self.stop_tokens)
+            found.append((len(before), len(before) + len(turn), not ends))
+        pieces, spans, last, inserted = [], [], 0, 0
+        eos = self.tokenizer.eos_token
+        for start, end, needs_eos in found:
+            pieces.append(text[last:end])
+            extra = len(eos) if needs_eos else 0
+            if needs_eos:
+                pieces.append(eos)
+            spans.append((start + inserted, end + inserted + extra))
+            inserted += extra
+            last = end
+        pieces.append(text[last:])
+        return "".join(pieces), spans
 
     def encode_sample(
         self,
@@ -162,88 +482,21 @@ class GazeProcessor:
     ) -> dict[str, Any]:
         """One conversation -> numpy arrays and plain values (Ray Data can carry them).
 
-        Returns input_ids [T] int64, labels [T] (-100 outside assistant turns), pixel_values
-        [N, 3, S, S] float32 (images and video frames in order), parts (JSON-able segment list).
+        ``images``/``videos`` match the conversation's image/video parts in order. Returns
+        input_ids [T] int64, labels [T] (-100 outside assistant turns), vision (a dict of
+        float32/int64 arrays: the model's pixel inputs) and parts (JSON-able segment list).
         """
         images, videos = list(images or []), list(videos or [])
-        if not messages:
-            raise ProcessorInputError("empty conversation")
-        if len(images) + sum(len(v) for v in videos) > self.settings.max_media:
-            raise ProcessorInputError(f"more than {self.settings.max_media} images and frames")
-        ids: list[int] = []
-        labels: list[int] = []
-        parts: list[list] = []
-        pixels: list[np.ndarray] = []
-        media = {"image": iter(images), "video": iter(videos)}
-        used = {"image": 0, "video": 0}
-        for message in messages:
-            role = message.get("role")
-            if role not in ("system", "user", "assistant"):
-                raise ProcessorInputError(f"unknown role {role!r}")
-            train = role == "assistant"
-            self._text(f"<|im_start|>{role}\n", ids, labels, parts, train=False)
-            for part in _content_parts(message.get("content")):
-                kind = part.get("type")
-                if kind == "text":
-                    self._text(part.get("text", ""), ids, labels, parts, train=train)
-                elif kind in ("image", "video"):
-                    item = next(media[kind], None)
-                    if item is None:
-                        raise ProcessorInputError(f"more {kind} placeholders than {kind}s given")
-                    used[kind] += 1
-                    frames = [item] if kind == "image" else list(item)
-                    if not frames:
-                        raise ProcessorInputError("a video without frames")
-                    self._media(kind, frames, ids, labels, parts, pixels)
-                else:
-                    raise ProcessorInputError(f"unknown content part type {kind!r}")
-            self._text("<|im_end|>", ids, labels, parts, train=train)
-            self._text("\n", ids, labels, parts, train=False)
-        if used["image"] != len(images) or used["video"] != len(videos):
-            raise ProcessorInputError(
-                f"{len(images)} images and {len(videos)} videos given, but the messages have "
-                f"{used['image']} image and {used['video']} video placeholders"
-            )
-        if add_generation_prompt:
-            self._text("<|im_start|>assistant\n", ids, labels, parts, train=False)
-        limit = max_length or self.settings.max_length
-        if len(ids) > limit:
-            raise SequenceTooLong(len(ids), limit)
-        size = self.settings.image_size
-        return {
-            "input_ids": np.asarray(ids, np.int64),
-            "labels": np.asarray(labels, np.int64),
-            "pixel_values": np.stack(pixels)
-            if pixels
-            else np.zeros((0, 3, size, size), np.float32),
-            "parts": parts,
-        }
-
-    def _text(self, text: str, ids, labels, parts, *, train: bool) -> None:
-        if not text:
-            return
-        if (
-            self.image_token in text
-            or self.video_token in text
-            or self.tokenizer.context_token in text
-        ):
-            raise ProcessorInputError("media tokens in text: use {'type': 'image'} content parts")
-        new = self.tokenizer.encode(text, add_special_tokens=False)
-        ids += new
-        labels += new if train else [IGNORE] * len(new)
-        if parts and parts[-1][0] == "text":
-            parts[-1][1] += len(new)
-        else:
-            parts.append(["text", len(new)])
-
-    def _media(self, kind: str, frames, ids, labels, parts, pixels) -> None:
-        g, n_ctx = self.grid, self.settings.num_context_tokens
-        for frame in frames:
-            pixels.append(self.preprocess_image(frame))
-            new = [self.image_token_id] * (g * g) + [self.context_token_id] * n_ctx
-            ids += new
-            labels += [IGNORE] * len(new)
-        parts.append(["image", g, g] if kind == "image" else ["video", len(frames), g, g])
+        _count_parts(messages, len(images), len(videos))
+        text = self.render(messages, add_generation_prompt=add_generation_prompt)
+        text, spans = self._assistant_spans(self._template_messages(messages), text)
+        return self._encode(
+            text,
+            images,
+            videos,
+            label_spans=spans,
+            max_length=max_length,
+        )
 
     # ---- batching
 
@@ -253,8 +506,8 @@ class GazeProcessor:
         sequences = [[_part(p) for p in parts] for parts in parts_list]
         return build_layout(
             sequences,
-            region_size=self.settings.region_size,
-            num_context_tokens=self.settings.num_context_tokens,
+            region_size=self.region_size,
+            num_context_tokens=self.num_context_tokens,
             padding_side=padding_side,
             length=length,
         )
@@ -265,6 +518,7 @@ class GazeProcessor:
             raise ProcessorInputError("no samples to collate")
         length = max(len(s["input_ids"]) for s in samples)
         pad = self.tokenizer.pad_token_id
+        pad = self.tokenizer.eos_token_id if pad is None else pad
         batch = len(samples)
         input_ids = torch.full((batch, length), pad, dtype=torch.long)
         labels = torch.full((batch, length), IGNORE, dtype=torch.long)
@@ -276,9 +530,10 @@ class GazeProcessor:
             if s.get("labels") is not None:
                 labels[b, where] = torch.as_tensor(np.asarray(s["labels"]))
             mask[b, where] = 1
-        pixels = [torch.as_tensor(np.asarray(s["pixel_values"], np.float32)) for s in samples]
-        size = self.settings.image_size
-        pixel_values = torch.cat(pixels) if pixels else torch.zeros(0, 3, size, size)
+        vision = {
+            key: torch.as_tensor(value)
+            for key, value in _merge_arrays([s["vision"] for s in samples]).items()
+        }
         layout = self.layout_of(
             [_parts_of(s) for s in samples], padding_side=padding_side, length=length
         )
@@ -286,45 +541,53 @@ class GazeProcessor:
             "input_ids": input_ids,
             "attention_mask": mask,
             "labels": labels,
-            "pixel_values": pixel_values,
+            **vision,
             "gaze_layout": layout,
         }
 
     # ---- transformers-style entry points
 
-    def apply_chat_template(
-        self,
-        messages: list[dict],
-        *,
-        add_generation_prompt: bool = False,
-        tokenize: bool = False,
-        **kwargs,
-    ):
-        return self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=tokenize, **kwargs
-        )
-
     def __call__(
         self,
-        text: str | list[str],
-        images: Sequence[Any] | None = None,
-        videos: Sequence[Sequence[Any]] | None = None,
-        return_tensors: str = "pt",
+        images=None,
+        text: str | list[str] | None = None,
+        videos=None,
+        return_tensors: str | None = "pt",
         padding_side: str = "left",
+        add_special_tokens: bool | None = None,
+        **kwargs,
     ) -> BatchFeature:
-        """Prompts with ``<image>``/``<video>`` markers (e.g. from apply_chat_template) -> a batch.
+        """Prompts with the template's media markers (e.g. from apply_chat_template) -> a batch.
 
-        ``images``/``videos`` are consumed in marker order across the prompts.
+        ``images``/``videos`` are consumed in marker order across the prompts (flat, or one
+        list per prompt as apply_chat_template passes them). Returns input_ids, attention_mask,
+        the family's pixel inputs and ``gaze_layout``.
         """
-        if return_tensors != "pt":
+        if isinstance(images, str | PILImage.Image | np.ndarray) and text is None:
+            raise ProcessorInputError("give text= with one marker per image")
+        if return_tensors not in ("pt", None):
             raise ValueError("only return_tensors='pt' is supported")
+        if text is None:
+            raise ProcessorInputError("text= is required")
         texts = [text] if isinstance(text, str) else list(text)
-        image_iter, video_iter = iter(images or []), iter(videos or [])
-        samples = []
+        images, videos = _flat_images(images), _flat_videos(videos)
+        samples, used_i, used_v = [], 0, 0
         for prompt in texts:
-            samples.append(self._encode_prompt(prompt, image_iter, video_iter))
-        if next(image_iter, None) is not None or next(video_iter, None) is not None:
-            raise ProcessorInputError("more images or videos than <image>/<video> markers")
+            n_i, n_v = prompt.count(self.image_token), prompt.count(self.video_token)
+            samples.append(
+                self._encode(
+                    prompt,
+                    images[used_i : used_i + n_i],
+                    videos[used_v : used_v + n_v],
+                    add_special_tokens=add_special_tokens,
+                )
+            )
+            used_i, used_v = used_i + n_i, used_v + n_v
+        if used_i != len(images) or used_v != len(videos):
+            raise ProcessorInputError(
+                f"{len(images)} images and {len(videos)} videos given, but the prompts have "
+                f"{used_i} {self.image_token} and {used_v} {self.video_token} markers"
+            )
         batch = self.collate(samples, padding_side=padding_side)
         batch.pop("labels")
         layout = batch.pop("gaze_layout")
@@ -332,37 +595,123 @@ class GazeProcessor:
         feature["gaze_layout"] = layout
         return feature
 
-    def _encode_prompt(self, prompt: str, image_iter, video_iter) -> dict[str, Any]:
-        ids: list[int] = []
-        labels: list[int] = []
-        parts: list[list] = []
-        pixels: list[np.ndarray] = []
-        pieces = _split_markers(prompt, (self.image_token, self.video_token))
-        for piece in pieces:
-            if piece in (self.image_token, self.video_token):
-                kind = "image" if piece == self.image_token else "video"
-                item = next(image_iter if kind == "image" else video_iter, None)
-                if item is None:
-                    raise ProcessorInputError(f"more {piece} markers than {kind}s given")
-                self._media(
-                    kind, [item] if kind == "image" else list(item), ids, labels, parts, pixels
-                )
-            else:
-                self._text(piece, ids, labels, parts, train=False)
-        size = self.settings.image_size
-        if len(ids) > self.settings.max_length:
-            raise SequenceTooLong(len(ids), self.settings.max_length)
-        return {
-            "input_ids": np.asarray(ids, np.int64),
-            "labels": None,
-            "pixel_values": np.stack(pixels)
-            if pixels
-            else np.zeros((0, 3, size, size), np.float32),
-            "parts": parts,
-        }
-
     def decode(self, ids, **kwargs) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, **kwargs)
+        kwargs.setdefault("skip_special_tokens", True)
+        return self.tokenizer.decode(ids, **kwargs)
+
+    def batch_decode(self, sequences, **kwargs) -> list[str]:
+        kwargs.setdefault("skip_special_tokens", True)
+        return self.tokenizer.batch_decode(sequences, **kwargs)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", *self.rules.input_names, "gaze_layout"]
+
+
+def _processor_config(path: str, kwargs: dict) -> dict:
+    """processor_config.json of ``path`` (a directory or a hub id in the HF cache), or {}."""
+    from transformers.utils import cached_file
+
+    keys = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+    options = {k: kwargs[k] for k in keys if k in kwargs}
+    found = cached_file(
+        path,
+        "processor_config.json",
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+        **options,
+    )
+    return json.loads(Path(found).read_text()) if found else {}
+
+
+def _as_gaze_config(value) -> GazeConfig | None:
+    if value is None or isinstance(value, GazeConfig):
+        return value
+    return GazeConfig.from_dict(value)
+
+
+def _as_budget(value) -> VisualBudget:
+    if value is None:
+        return VisualBudget()
+    return value if isinstance(value, VisualBudget) else VisualBudget(**value)
+
+
+def _moved(pos: int, shift: list[tuple[int, int]]) -> int:
+    """A position of the unexpanded text in the expanded one (markers grow as they expand)."""
+    growth = 0
+    for end, total in shift:
+        if end > pos:
+            break
+        growth = total
+    return pos + growth
+
+
+def _merge_arrays(items: list[dict]) -> dict[str, np.ndarray]:
+    """Concatenate per-media (or per-sample) arrays key by key, in order."""
+    keys: list[str] = []
+    for item in items:
+        keys += [k for k in item if k not in keys]
+    return {k: np.concatenate([item[k] for item in items if k in item]) for k in keys}
+
+
+def _flat_images(images) -> list:
+    """Images given flat, or one list per prompt (as apply_chat_template passes them)."""
+    if images is None:
+        return []
+    if not isinstance(images, list | tuple):
+        return [images]
+    out = []
+    for item in images:
+        out.extend(item) if isinstance(item, list | tuple) else out.append(item)
+    return out
+
+
+def _is_frame(item) -> bool:
+    return isinstance(item, PILImage.Image) or (
+        isinstance(item, np.ndarray) and item.ndim in (2, 3)
+    )
+
+
+def _is_video(item) -> bool:
+    """A video: a path, a [F, H, W, C] array, or a non-empty list of frames."""
+    if isinstance(item, str) or (isinstance(item, np.ndarray) and item.ndim == 4):
+        return True
+    return isinstance(item, list | tuple) and bool(item) and _is_frame(item[0])
+
+
+def _flat_videos(videos) -> list:
+    """Videos given as one video, a flat list of videos, or one list of videos per prompt."""
+    if videos is None:
+        return []
+    if _is_video(videos) and not isinstance(videos, str | np.ndarray):
+        return [videos]
+    if not isinstance(videos, list | tuple):
+        return [videos]
+    out = []
+    for item in videos:
+        out.append(item) if _is_video(item) else out.extend(item)
+    return out
+
+
+def _count_parts(messages: list[dict], n_images: int, n_videos: int) -> None:
+    counts = {"image": 0, "video": 0}
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                kind = "image" if kind == "image_url" else kind
+                if kind in counts:
+                    counts[kind] += 1
+    if counts["image"] > n_images:
+        raise ProcessorInputError("more image placeholders than images given")
+    if counts["video"] > n_videos:
+        raise ProcessorInputError("more video placeholders than videos given")
+    if (counts["image"], counts["video"]) != (n_images, n_videos):
+        raise ProcessorInputError(
+            f"{n_images} images and {n_videos} videos given, but the messages have "
+            f"{counts['image']} image and {counts['video']} video placeholders"
+        )
 
 
 def _content_parts(content) -> list[dict]:
@@ -370,13 +719,15 @@ def _content_parts(content) -> list[dict]:
         return [{"type": "text", "text": content}]
     if not isinstance(content, list) or not content:
         raise ProcessorInputError("message content must be a string or a non-empty list of parts")
+    if not all(isinstance(p, dict) for p in content):
+        raise ProcessorInputError("every content part must be a dict with a 'type'")
     return content
 
 
 def _split_markers(text: str, markers: tuple[str, ...]) -> list[str]:
     out, rest = [], text
     while rest:
-        hits = [(rest.find(m), m) for m in markers if m in rest]
+        hits = [(rest.find(m), m) for m in markers if m and m in rest]
         if not hits:
             out.append(rest)
             break
@@ -398,7 +749,7 @@ def _part(p) -> int | Image | Video:
     if kind == "text":
         return int(p[1])
     if kind == "image":
-        return Image(int(p[1]), int(p[2]))
+        return Image(int(p[1]), int(p[2]), lead=int(p[3]) if len(p) > 3 else 0)
     if kind == "video":
-        return Video(int(p[1]), int(p[2]), int(p[3]))
+        return Video(int(p[1]), int(p[2]), int(p[3]), lead=int(p[4]) if len(p) > 4 else 0)
     raise ProcessorInputError(f"unknown part {p!r}")

@@ -1,36 +1,83 @@
-"""Tiny random LLaVA-architecture models and an offline tokenizer, for tests, demo and benchmarks.
+"""Tiny random vision-language checkpoints in the hub's own layout, built offline.
 
-    python -m gazeattn.tiny --out DIR [--stock] [--image-size 96 --patch-size 8 --hidden 64 --layers 2]
+    python -m gazeattn.tiny --out DIR [--family llava|llava-1.5|qwen2.5-vl|qwen2-vl] [--stock]
 
-Nothing is downloaded: the tokenizer is a byte-level BPE trained on a small
-built-in corpus, the weights are random (seeded). The saved directory loads
-with ``gazeattn.load_model(DIR)``.
+Each family is saved the way its hub checkpoints ship: transformers' own config
+and model classes, the family's own image processor, tokenizer class and chat
+template (``llava``: SigLIP + Qwen2 with a ChatML template, like
+llava-interleave-qwen; ``llava-1.5``: CLIP with its CLS token + Llama, the
+USER/ASSISTANT template; ``qwen2.5-vl`` / ``qwen2-vl``: dynamic resolution,
+2x2 merger, M-RoPE). Nothing is downloaded: tokenizers are BPEs trained on a
+small built-in corpus and weights are random (seeded). A gaze model is the
+stock checkpoint converted by ``gazeattn.load_model(stock, gaze=...)``, the path
+a user's hub checkpoint takes.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import tempfile
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlavaConfig, PreTrainedTokenizerFast, Qwen2Config, SiglipVisionConfig
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from gazeattn.ops import GazeConfig
 
-PAD, EOS, IM_START, IM_END = "<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-IMAGE, VIDEO, CONTEXT = "<image>", "<video>", "<|gaze_ctx|>"
-SPECIAL_TOKENS = [PAD, EOS, IM_START, IM_END, IMAGE, VIDEO, CONTEXT]
+FAMILIES = ("llava", "llava-1.5", "qwen2.5-vl", "qwen2-vl")
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'text' %}{{ part['text'] }}"
-    "{% elif part['type'] == 'image' %}<image>{% elif part['type'] == 'video' %}<video>{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+CHATML_LLAVA_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}"
+    "{{ '<video>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] }}{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+# llava-hf/llava-1.5-7b-hf's template (it renders no video and no end of turn)
+LLAVA15_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}"
+    "{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+# Qwen/Qwen2.5-VL-*-Instruct's template
+QWEN_VL_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+QWEN_VL_SPECIALS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]  # fmt: skip
 
 _WORDS = (
     "the a an is are of in on at to what which where color colour shape object frame video image "
@@ -42,53 +89,84 @@ _WORDS = (
 ).split()
 
 
-def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained offline on a small corpus, with chat and media special tokens."""
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+def _corpus() -> list[str]:
     corpus = [" ".join(_WORDS[i:] + _WORDS[:i]) for i in range(len(_WORDS))]
     corpus += [f"{a} {b}?" for a in _WORDS[:40] for b in _WORDS[40:80]]
-    corpus += [str(n) for n in range(200)]
-    tok.train_from_iterator(corpus, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token=PAD,
-        eos_token=IM_END,
-        bos_token=None,
-        extra_special_tokens={"image_token": IMAGE, "video_token": VIDEO, "context_token": CONTEXT},
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    corpus += ["USER: what is it? ASSISTANT: the answer", "<image>\nA picture."]
+    return corpus + [str(n) for n in range(200)]
 
 
-def tiny_config(
-    tokenizer: PreTrainedTokenizerFast,
-    *,
-    image_size: int = 96,
-    patch_size: int = 8,
-    hidden: int = 64,
-    layers: int = 2,
-    heads: int = 4,
-    kv_heads: int = 2,
-    vision_hidden: int = 32,
-    max_positions: int = 32768,
-) -> LlavaConfig:
-    vision = SiglipVisionConfig(
-        hidden_size=vision_hidden,
-        intermediate_size=2 * vision_hidden,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=patch_size,
+def _train_bpe(pre_tokenizer, vocab_size: int, specials: list[str], alphabet: list[str]):
+    """(vocab, merges) of a BPE trained on the built-in corpus."""
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizer
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=alphabet,
+        show_progress=False,
     )
-    text = Qwen2Config(
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    model = json.loads(tok.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return model["vocab"], merges
+
+
+def chatml_tokenizer(vocab_size: int = 512):
+    """A Qwen2-style byte-level BPE with ChatML turns and an ``<image>`` token (llava-interleave-qwen)."""
+    from transformers import Qwen2Tokenizer
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+    vocab, merges = _train_bpe(
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+        vocab_size,
+        specials,
+        pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|im_end|>")
+    tok.add_special_tokens({"additional_special_tokens": specials[1:]})
+    tok.chat_template = CHATML_LLAVA_TEMPLATE
+    return tok
+
+
+def llama_tokenizer(vocab_size: int = 512):
+    """A Llama-style SentencePiece BPE (``<s>`` added, no ChatML tokens) with ``<image>`` and ``<pad>``."""
+    from transformers import LlamaTokenizer
+
+    # printable ASCII and newline as pieces, every other byte through <0xNN> fallback, as in Llama
+    alphabet = [chr(i) for i in range(33, 127)] + ["\n", "\u2581"]
+    vocab, merges = _train_bpe(
+        pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first"),
+        vocab_size,
+        ["<unk>", "<s>", "</s>"],
+        alphabet,
+    )
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    tok = LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"], "pad_token": "<pad>"})
+    tok.chat_template = LLAVA15_TEMPLATE
+    return tok
+
+
+def qwen_vl_tokenizer(vocab_size: int = 512):
+    """A Qwen2-VL-style tokenizer: byte-level BPE with Qwen's special tokens (vision start/end/pads)."""
+    from transformers import Qwen2Tokenizer
+
+    vocab, merges = _train_bpe(
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+        vocab_size,
+        QWEN_VL_SPECIALS,
+        pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|im_end|>")
+    tok.add_special_tokens({"additional_special_tokens": QWEN_VL_SPECIALS[1:]})
+    tok.chat_template = QWEN_VL_TEMPLATE
+    return tok
+
+
+def _text_kwargs(tokenizer, hidden, layers, heads, kv_heads, max_positions) -> dict:
+    return dict(
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
@@ -98,18 +176,209 @@ def tiny_config(
         max_position_embeddings=max_positions,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
     )
-    return LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
-        vision_feature_select_strategy="full",
-        vision_feature_layer=-1,
-        image_seq_length=(image_size // patch_size) ** 2,
+
+
+def _save_llava(
+    out: Path,
+    family: str,
+    *,
+    image_size,
+    patch_size,
+    vision_hidden,
+    strategy=None,
+    feature_layer=None,
+    **text,
+) -> None:
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        Qwen2Config,
+        SiglipImageProcessor,
+        SiglipVisionConfig,
+    )
+
+    vision = dict(
+        hidden_size=vision_hidden,
+        intermediate_size=2 * vision_hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+    if family == "llava-1.5":
+        tokenizer = llama_tokenizer()
+        vision_config = CLIPVisionConfig(**vision)
+        text_config = LlamaConfig(**_text_kwargs(tokenizer, **text), tie_word_embeddings=False)
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size},
+        )
+        default = ("default", -2, 1)
+    else:
+        tokenizer = chatml_tokenizer()
+        vision_config = SiglipVisionConfig(**vision)
+        text_config = Qwen2Config(**_text_kwargs(tokenizer, **text), tie_word_embeddings=False)
+        image_processor = SiglipImageProcessor(size={"height": image_size, "width": image_size})
+        default = ("full", -1, 0)
+    strategy = strategy or default[0]
+    layer = default[1] if feature_layer is None else feature_layer
+    extra = default[2]
+    grid = (image_size // patch_size) ** 2
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy=strategy,
+        vision_feature_layer=layer,
+        image_seq_length=grid + extra - (strategy == "default"),
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
     )
+    LlavaForConditionalGeneration(config).save_pretrained(out)
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=extra,
+        chat_template=tokenizer.chat_template,
+    )
+    processor.save_pretrained(out)
+
+
+def _save_qwen_vl(
+    out: Path,
+    family: str,
+    *,
+    image_size,
+    patch_size,
+    vision_hidden,
+    strategy,
+    feature_layer,
+    **text,
+) -> None:
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+    )
+
+    tokenizer = qwen_vl_tokenizer()
+    kwargs = _text_kwargs(tokenizer, **text)
+    head_dim = kwargs["hidden_size"] // kwargs["num_attention_heads"]
+    # M-RoPE splits the rotary half of each head into temporal, height and width sections
+    half = head_dim // 2
+    section = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
+    rope = {"type": "mrope", "mrope_section": section}
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_VL_SPECIALS}
+    vision = dict(
+        depth=2,
+        hidden_size=vision_hidden,
+        num_heads=2,
+        patch_size=patch_size,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
+    if family == "qwen2.5-vl":
+        vision.update(
+            intermediate_size=2 * vision_hidden,
+            out_hidden_size=kwargs["hidden_size"],
+            fullatt_block_indexes=[1],
+            window_size=4 * patch_size,
+        )
+        config_cls, model_cls, processor_class = (
+            Qwen2_5_VLConfig,
+            Qwen2_5_VLForConditionalGeneration,
+            "Qwen2_5_VLProcessor",
+        )
+    else:
+        vision.update(embed_dim=vision_hidden, hidden_size=kwargs["hidden_size"], mlp_ratio=2)
+        config_cls, model_cls, processor_class = (
+            Qwen2VLConfig,
+            Qwen2VLForConditionalGeneration,
+            "Qwen2VLProcessor",
+        )
+    config = config_cls(
+        text_config={**kwargs, "rope_scaling": rope, "tie_word_embeddings": True},
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    model_cls(config).save_pretrained(out)
+    factor = patch_size * 2
+    # the hub's processor files, written by hand: Qwen2_5_VLProcessor itself needs a video
+    # processor, and video processors need torchvision (STACK.md)
+    image_processor = Qwen2VLImageProcessor(
+        min_pixels=(2 * factor) ** 2,
+        max_pixels=image_size * image_size,
+        patch_size=patch_size,
+        merge_size=2,
+        temporal_patch_size=2,
+    )
+    image_processor.save_pretrained(out)
+    path = out / "preprocessor_config.json"
+    data = json.loads(path.read_text())
+    data.update(processor_class=processor_class, min_pixels=(2 * factor) ** 2)
+    data.update(max_pixels=image_size * image_size)
+    path.write_text(json.dumps(data, indent=2))
+    tokenizer.save_pretrained(out)
+    (out / "chat_template.json").write_text(
+        json.dumps({"chat_template": QWEN_VL_TEMPLATE}, indent=2)
+    )
+
+
+def build_stock(
+    out_dir: str | Path,
+    *,
+    family: str = "llava",
+    seed: int = 0,
+    image_size: int | None = None,
+    patch_size: int | None = None,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vision_hidden: int = 32,
+    max_positions: int = 32768,
+    strategy: str | None = None,
+    feature_layer: int | list[int] | None = None,
+) -> Path:
+    """Save a tiny random stock checkpoint of ``family`` (see the module doc) to ``out_dir``.
+
+    ``image_size`` is the square input of LLaVA towers, and the largest area (its square) a
+    Qwen-VL image is resized into. ``strategy`` / ``feature_layer`` override a LLaVA
+    checkpoint's ``vision_feature_select_strategy`` / ``vision_feature_layer``.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tiny family {family!r}; one of {FAMILIES}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    qwen = family.startswith("qwen")
+    sizes = dict(
+        image_size=image_size or (112 if qwen else 96),
+        patch_size=patch_size or (14 if qwen else 8),
+        vision_hidden=vision_hidden,
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        max_positions=max_positions,
+        strategy=strategy,
+        feature_layer=feature_layer,
+    )
+    (_save_qwen_vl if qwen else _save_llava)(out, family, **sizes)
+    return out
 
 
 def build_tiny(
@@ -117,24 +386,23 @@ def build_tiny(
     *,
     gaze: bool = True,
     gaze_config: GazeConfig | None = None,
+    family: str = "llava",
     seed: int = 0,
     **size_options,
 ) -> Path:
-    """Build and save a tiny random model + processor; a gaze model unless ``gaze=False``."""
-    from transformers import LlavaForConditionalGeneration
+    """A tiny checkpoint in ``out_dir``: stock when ``gaze=False``, else converted to gaze.
 
-    from gazeattn.model import convert_to_gaze
-    from gazeattn.processing import GazeProcessor
-
+    A gaze model is built as a user's would be: the stock checkpoint is saved, loaded with
+    ``load_model(stock, gaze=gaze_config)`` and saved again (default budget keep_ratio 0.25).
+    """
     out = Path(out_dir)
-    tokenizer = build_tokenizer()
-    config = tiny_config(tokenizer, **size_options)
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    gaze_config = (gaze_config or GazeConfig(keep_ratio=0.25)) if gaze else None
-    processor = GazeProcessor.from_model_config(tokenizer, config, gaze_config)
-    if gaze:
-        model = convert_to_gaze(model, gaze_config, context_token_id=processor.context_token_id)
+    if not gaze:
+        return build_stock(out, family=family, seed=seed, **size_options)
+    from gazeattn.model import load_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        stock = build_stock(tmp, family=family, seed=seed, **size_options)
+        model, processor = load_model(stock, gaze=gaze_config or GazeConfig(keep_ratio=0.25))
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
@@ -145,9 +413,10 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", required=True)
-    parser.add_argument("--stock", action="store_true", help="a stock LLaVA model (no gaze)")
-    parser.add_argument("--image-size", type=int, default=96)
-    parser.add_argument("--patch-size", type=int, default=8)
+    parser.add_argument("--family", choices=FAMILIES, default="llava")
+    parser.add_argument("--stock", action="store_true", help="the stock checkpoint (no gaze)")
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--patch-size", type=int)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
@@ -156,6 +425,7 @@ def main() -> None:
     out = build_tiny(
         args.out,
         gaze=not args.stock,
+        family=args.family,
         image_size=args.image_size,
         patch_size=args.patch_size,
         hidden=args.hidden,
@@ -163,7 +433,7 @@ def main() -> None:
         heads=args.heads,
         kv_heads=args.kv_heads,
     )
-    print(f"saved a tiny {'stock' if args.stock else 'gaze'} model to {out}")
+    print(f"saved a tiny {'stock' if args.stock else 'gaze'} {args.family} model to {out}")
 
 
 if __name__ == "__main__":

@@ -31,19 +31,25 @@ class TokenKind(IntEnum):
 
 @dataclass(frozen=True)
 class Image:
-    """A part of a sequence spec: one image of ``h x w`` visual tokens."""
+    """A part of a sequence spec: one image of ``h x w`` visual tokens.
+
+    ``lead`` tokens precede the grid (a vision tower's CLS token); they are laid out as
+    text, which every later query attends to.
+    """
 
     h: int
     w: int
+    lead: int = 0
 
 
 @dataclass(frozen=True)
 class Video:
-    """A part of a sequence spec: ``t`` frames of ``h x w`` visual tokens each."""
+    """A part of a sequence spec: ``t`` frames of ``h x w`` visual tokens each (``lead`` as Image)."""
 
     t: int
     h: int
     w: int
+    lead: int = 0
 
 
 # A sequence spec is a list of parts: an int is that many text tokens.
@@ -157,6 +163,22 @@ class GazeLayout:
             region=self.region.to(device),
             regions=self.regions.to(device),
             spans=self.spans,
+            region_size=self.region_size,
+        )
+
+    def select_rows(self, index: torch.Tensor) -> GazeLayout:
+        """The layout of batch rows ``index`` (in that order, repeats allowed): beams, expanded
+        inputs, a batch that sequences join and leave."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        rows = index.to(self.device)
+        return GazeLayout(
+            kinds=self.kinds.index_select(0, rows),
+            segment=self.segment.index_select(0, rows),
+            region=self.region.index_select(0, rows),
+            regions=RegionTable(
+                **{k: getattr(self.regions, k).index_select(0, rows) for k in _TABLE_FIELDS}
+            ),
+            spans=tuple(self.spans[i] for i in index.tolist()),
             region_size=self.region_size,
         )
 
@@ -342,8 +364,11 @@ def _lay_parts(parts: list[Part], n_ctx: int) -> tuple[int, list[VisualSpan]]:
         if not isinstance(part, Image | Video):
             raise TypeError(f"a part is an int, Image or Video, got {type(part).__name__}")
         t = part.t if isinstance(part, Video) else 1
+        if part.lead < 0:
+            raise ValueError(f"lead tokens must be >= 0, got {part.lead}")
         frames, contexts = [], []
         for _ in range(t):
+            pos += part.lead
             frames.append(pos)
             pos += part.h * part.w
             contexts.append(tuple(range(pos, pos + n_ctx)))

@@ -1,4 +1,4 @@
-"""Tiny offline models shared by the model tests (built once per session)."""
+"""Tiny offline checkpoints of every family, saved in the hub's layout (built once per session)."""
 
 from __future__ import annotations
 
@@ -6,20 +6,34 @@ import numpy as np
 import pytest
 
 from gazeattn.ops import GazeConfig
-from gazeattn.tiny import build_tiny
+from gazeattn.tiny import build_stock, build_tiny
+
+FAMILIES = ("llava", "llava-1.5", "qwen2.5-vl", "qwen2-vl")
 
 
 @pytest.fixture(scope="session")
-def stock_dir(tmp_path_factory):
-    return build_tiny(tmp_path_factory.mktemp("stock"), gaze=False)
+def stock_dirs(tmp_path_factory):
+    """family -> a stock checkpoint directory."""
+    root = tmp_path_factory.mktemp("stock")
+    return {family: build_stock(root / family, family=family) for family in FAMILIES}
 
 
 @pytest.fixture(scope="session")
-def gaze_dir(tmp_path_factory):
-    return build_tiny(
-        tmp_path_factory.mktemp("gaze"),
-        gaze_config=GazeConfig(keep_ratio=0.3, num_context_tokens=4),
-    )
+def stock_dir(stock_dirs):
+    return stock_dirs["llava"]
+
+
+@pytest.fixture(scope="session")
+def gaze_dirs(tmp_path_factory):
+    """family -> a converted gaze checkpoint (keep_ratio 0.3, 4 context tokens)."""
+    root = tmp_path_factory.mktemp("gaze")
+    config = GazeConfig(keep_ratio=0.3, num_context_tokens=4)
+    return {f: build_tiny(root / f, family=f, gaze_config=config) for f in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def gaze_dir(gaze_dirs):
+    return gaze_dirs["llava"]
 
 
 def random_image(seed: int, size=(40, 56)) -> np.ndarray:

@@ -1,99 +1,24 @@
-"""The gaze model against stock transformers, cached decoding, save/load and conversion."""
+"""The gaze model: padding, save/load, context tokens, routing reports, budgets, conversion.
+
+Parity with stock transformers and cached decoding, per family: test_families.py.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlavaForConditionalGeneration
 
 from gazeattn.generation import GazeCache
 from gazeattn.model import (
-    GazeLlavaForConditionalGeneration,
     convert_to_gaze,
     load_model,
     set_gaze_budget,
     set_gaze_top_k,
 )
 from gazeattn.ops import GazeConfig
-from tests.model.conftest import image_chat, random_image, video_chat
+from tests.model.conftest import image_chat, random_image
 
 FP32 = dict(atol=1e-5, rtol=1e-5)
-
-
-def _stock_inputs(batch):
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
-
-
-@pytest.mark.parametrize("backend", ["dense", "reference"])
-def test_all_regions_without_context_equals_stock_llava(stock_dir, backend):
-    stock, _ = load_model(stock_dir)
-    assert type(stock) is LlavaForConditionalGeneration
-    gaze = GazeConfig(top_k="all", num_context_tokens=0, backend=backend)
-    model, processor = load_model(stock_dir, gaze=gaze)
-    assert isinstance(model, GazeLlavaForConditionalGeneration)
-    samples = [
-        processor.encode_sample(image_chat(n_images=2), images=[random_image(0), random_image(1)]),
-        processor.encode_sample(
-            video_chat(), videos=[[random_image(2), random_image(3), random_image(4)]]
-        ),
-    ]
-    batch = processor.collate(samples, padding_side="right")
-    with torch.no_grad():
-        expect = stock(**_stock_inputs(batch)).logits
-        got = model(**batch).logits
-    valid = batch["attention_mask"].bool()
-    if backend == "dense":
-        torch.testing.assert_close(got[valid], expect[valid], atol=1e-6, rtol=1e-6)
-    else:
-        torch.testing.assert_close(got[valid], expect[valid], **FP32)
-
-
-def _extend(processor, sample, tokens):
-    parts = [list(p) for p in sample["parts"]]
-    if parts[-1][0] == "text":
-        parts[-1][1] += len(tokens)
-    else:
-        parts.append(["text", len(tokens)])
-    ids = list(sample["input_ids"]) + tokens
-    return {**sample, "input_ids": torch.tensor(ids).numpy(), "labels": None, "parts": parts}
-
-
-@pytest.mark.parametrize("kind", ["image", "video"])
-def test_cached_decode_equals_full_forward(gaze_dir, kind):
-    model, processor = load_model(gaze_dir)
-    if kind == "image":
-        sample = processor.encode_sample(
-            image_chat(answer=None, n_images=2),
-            images=[random_image(5), random_image(6)],
-            add_generation_prompt=True,
-        )
-    else:
-        frames = [random_image(s) for s in range(7, 11)]
-        sample = processor.encode_sample(video_chat(), videos=[frames], add_generation_prompt=True)
-    batch = processor.collate([sample])
-    batch.pop("labels")
-    cache = GazeCache()
-    tokens = []
-    with torch.no_grad():
-        out = model(**batch, cache=cache, use_cache=True)
-        for _ in range(5):
-            tokens.append(int(out.logits[0, -1].argmax()))
-            full_batch = processor.collate([_extend(processor, sample, tokens)])
-            full_batch.pop("labels")
-            full = model(**full_batch).logits[0, -1]
-            mask = torch.ones(1, len(sample["input_ids"]) + len(tokens), dtype=torch.long)
-            out = model(
-                input_ids=torch.tensor([[tokens[-1]]]),
-                attention_mask=mask,
-                cache=cache,
-                use_cache=True,
-                gaze_layout=batch["gaze_layout"],
-            )
-            torch.testing.assert_close(out.logits[0, -1], full, **FP32)
-    assert (
-        cache.gaze_state is not None
-        and len(cache.gaze_state.descriptors) == model.config.text_config.num_hidden_layers
-    )
 
 
 def test_left_and_right_padding_match_single_sequences(gaze_dir):
@@ -222,11 +147,5 @@ def test_converted_and_saved_gaze_models_load_in_eval_mode(stock_dir, gaze_dir):
     converted, _ = load_model(stock_dir, gaze=GazeConfig(top_k=2))
     saved, _ = load_model(gaze_dir)
     assert not converted.training and not saved.training
-    stock, _ = load_model(stock_dir)
-    ctx_id = converted.config.context_token_id
-    assert convert_to_gaze(stock.train(), GazeConfig(top_k=2), context_token_id=ctx_id).training
-
-
-def test_context_token_count_cannot_change_at_load(gaze_dir):
-    with pytest.raises(ValueError, match="context tokens"):
-        load_model(gaze_dir, gaze=GazeConfig(top_k=2, num_context_tokens=2))
+    stock, processor = load_model(stock_dir)
+    assert convert_to_gaze(stock.train(), processor, GazeConfig(top_k=2))[0].training

@@ -53,7 +53,9 @@ def test_hf_style_call_and_chat_template(gaze):
     _, processor = gaze
     prompt = processor.apply_chat_template(image_chat(answer=None), add_generation_prompt=True)
     assert "<image>" in prompt and prompt.endswith("<|im_start|>assistant\n")
-    batch = processor([prompt, prompt], images=[random_image(1), PILImage.new("L", (30, 20), 128)])
+    batch = processor(
+        text=[prompt, prompt], images=[random_image(1), PILImage.new("L", (30, 20), 128)]
+    )
     assert batch["input_ids"].shape[0] == 2 and batch["pixel_values"].shape[0] == 2
     assert batch["gaze_layout"].batch_size == 2
 
@@ -68,14 +70,14 @@ def test_hf_style_call_and_chat_template(gaze):
             lambda p: p.encode_sample(image_chat(), images=[np.zeros((4, 4, 3), np.float32)]),
             "uint8",
         ),
-        (lambda p: p.encode_sample(image_chat(), images=["not an image"]), "PIL image"),
+        (lambda p: p.encode_sample(image_chat(), images=[3.5]), "PIL image"),
         (lambda p: p.encode_sample([{"role": "robot", "content": "x"}]), "role"),
         (
             lambda p: p.encode_sample([{"role": "user", "content": "an <image> in text"}]),
             "media tokens",
         ),
         (lambda p: p.encode_sample(video_chat(), videos=[[]]), "without frames"),
-        (lambda p: p([" <image> <image>"], images=[random_image(0)]), "markers"),
+        (lambda p: p(text=[" <image> <image>"], images=[random_image(0)]), "markers"),
     ],
     ids=[
         "missing-image",
@@ -140,7 +142,7 @@ def test_hf_generate_with_the_gaze_cache_matches(gaze):
     request = _requests()[0]
     ours = generate_batch(model, processor, [request])[0].token_ids
     prompt = processor.apply_chat_template(request.messages, add_generation_prompt=True)
-    inputs = processor(prompt, images=request.images)
+    inputs = processor(text=prompt, images=request.images)
     out = model.generate(
         **inputs,
         cache=GazeCache(),
