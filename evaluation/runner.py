@@ -17,7 +17,7 @@ import numpy as np
 
 from evaluation import metrics
 from gazeattn.generation import GenerationRequest, GenerationResult, generate_batch
-from gazeattn.model import _unwrap
+from gazeattn.model import gaze_module
 
 
 @dataclass(kw_only=True)
@@ -137,7 +137,7 @@ class EvalReport:
 
 def configure(model, config: EvalConfig) -> None:
     """Set the model's attention for this evaluation: dense, or gaze at the asked budget."""
-    inner = _unwrap(model)
+    inner = gaze_module(model)
     if not hasattr(inner, "_eval_base_config"):
         inner._eval_base_config = inner.gaze_config
     base = inner._eval_base_config
@@ -153,7 +153,7 @@ def configure(model, config: EvalConfig) -> None:
 
 def routing_layers(model, config: EvalConfig) -> list[int]:
     """The decoder layers whose routing is measured (gaze layers only; none for dense)."""
-    inner = _unwrap(model)
+    inner = gaze_module(model)
     if inner.gaze_config.backend == "dense":  # evaluated dense, or a dense-twin model
         return []
     return select_layers(inner.gaze_layers, inner.config.text_config.num_hidden_layers, config)
@@ -173,7 +173,7 @@ def select_layers(gaze_layers, total: int, config: EvalConfig) -> list[int]:
 
 
 def routing_heads(model) -> int:
-    inner = _unwrap(model)
+    inner = gaze_module(model)
     text = inner.config.text_config
     if inner.gaze_config.routing == "query_head":
         return text.num_attention_heads
@@ -229,7 +229,7 @@ def evaluate_batch(
         # greedy decoding is deterministic: the same tokens, routing read at another layer
         again = generate_batch(model, processor, requests, return_routing=True, routing_layer=layer)
         routing[layer] = [o.routing for o in again]
-    inner = _unwrap(model)
+    inner = gaze_module(model)
     return [
         _score(
             s,

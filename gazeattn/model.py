@@ -29,6 +29,7 @@ from gazeattn.modeling import (
     GazeState,
     LayerReport,
     gaze_attention_forward,
+    gaze_module,
     is_gaze_model,
     register_attention,
     set_gaze_budget,
@@ -45,6 +46,7 @@ __all__ = [
     "UnsupportedModel",
     "convert_to_gaze",
     "gaze_attention_forward",
+    "gaze_module",
     "is_gaze_model",
     "load_model",
     "register_attention",
@@ -72,17 +74,6 @@ def register_auto_classes() -> None:
         AutoProcessor.register(config_cls, GazeProcessor, exist_ok=True)
 
 
-def _stock_class(family: Family):
-    import transformers
-
-    names = {
-        "llava": "LlavaForConditionalGeneration",
-        "qwen2_vl": "Qwen2VLForConditionalGeneration",
-        "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-    }
-    return getattr(transformers, names[family.name])
-
-
 def _add_tokens(processor, family: Family) -> None:
     """The context token, and for LLaVA a video token, as special tokens of the tokenizer."""
     tokenizer = processor.tokenizer
@@ -105,7 +96,13 @@ def _grow_embeddings(model: nn.Module, vocab: int) -> None:
     rows = model.get_input_embeddings().weight.shape[0]
     if vocab <= rows:
         return
-    model.resize_token_embeddings(vocab, pad_to_multiple_of=EMBEDDING_MULTIPLE, mean_resizing=True)
+    # seeded: converting the same checkpoint twice gives the same rows (an adapter checkpoint
+    # is rebuilt on its converted base at load time)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model.resize_token_embeddings(
+            vocab, pad_to_multiple_of=EMBEDDING_MULTIPLE, mean_resizing=True
+        )
     model.config.text_config.vocab_size = model.get_input_embeddings().weight.shape[0]
 
 
@@ -214,6 +211,10 @@ def load_model(
     ``name_or_path`` is a local directory or a hub id (resolved through the HF cache, so
     offline use works once the files are cached).
 
+    - An adapter checkpoint (peft's format, ``gazeattn.adapters.save_adapter``) loads its
+      base as it was converted for training, with the adapter on top (``merge_adapter=True``
+      merges it into the weights).
+
     - A gaze checkpoint loads as saved; ``gaze`` (when given) replaces its routing settings
       (the number of context tokens must match the checkpoint's).
     - A stock checkpoint loads as the stock model when ``gaze`` is None, and is converted
@@ -222,11 +223,19 @@ def load_model(
     """
     from transformers import AutoConfig
 
+    from gazeattn.adapters import GAZE_BASE_FILE, load_adapter
+    from gazeattn.families import read_json
     from gazeattn.processing import GazeProcessor
 
     register_auto_classes()
     path = str(name_or_path)
     hub = {k: kwargs.pop(k) for k in HUB_KEYS if k in kwargs}
+    merge = kwargs.pop("merge_adapter", False)
+    if read_json(path, GAZE_BASE_FILE, hub):
+        if gaze is not None:
+            raise ValueError("an adapter checkpoint keeps the gaze settings it was trained with")
+        model, processor = load_adapter(path, merge=merge, dtype=dtype, **hub, **kwargs)
+        return (model.to(device) if device is not None else model), processor
     config = AutoConfig.from_pretrained(path, **hub)
     family = family_of(config)
     processor = GazeProcessor.from_pretrained(path, **hub)
@@ -246,7 +255,7 @@ def load_model(
             model.config.gaze_config = gaze.to_dict()
             processor.with_gaze(gaze)
     else:
-        model = _stock_class(family).from_pretrained(
+        model = family.stock_class().from_pretrained(
             path, attn_implementation="sdpa", dtype=dtype, **hub, **kwargs
         )
         if gaze is not None:

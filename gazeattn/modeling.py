@@ -302,23 +302,35 @@ class GazeModelMixin:
 
 def set_gaze_top_k(model: nn.Module, top_k: int | None) -> None:
     """Override the budget with ``top_k`` regions (the progressive schedule); None restores it."""
-    _unwrap(model).gaze_top_k = top_k
+    gaze_module(model).gaze_top_k = top_k
 
 
 def set_gaze_budget(
     model: nn.Module, *, top_k: int | str | None = None, keep_ratio: float | None = None
 ) -> None:
     """Replace the configured budget (exactly one of top_k / keep_ratio)."""
-    inner = _unwrap(model)
+    inner = gaze_module(model)
     inner.gaze_config = dataclasses.replace(inner.gaze_config, top_k=top_k, keep_ratio=keep_ratio)
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside DeepSpeed's engine and peft's wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            return model
+
+
 def is_gaze_model(model: nn.Module) -> bool:
-    return isinstance(getattr(model, "module", model), GazeModelMixin)
+    return isinstance(unwrap(model), GazeModelMixin)
 
 
-def _unwrap(model: nn.Module) -> GazeModelMixin:
-    inner = getattr(model, "module", model)
+def gaze_module(model: nn.Module) -> GazeModelMixin:
+    """The gaze model inside any wrappers; TypeError for a model that is not one."""
+    inner = unwrap(model)
     if not isinstance(inner, GazeModelMixin):
         raise TypeError(f"not a gaze model: {type(inner).__name__}")
     return inner

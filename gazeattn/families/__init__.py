@@ -49,6 +49,10 @@ class Family:
     module: str  # gazeattn.families.<module> defines the gaze config and model classes
     config_class_name: str
     model_class_name: str
+    stock_class_name: str
+    # module paths in the model: the vision tower (without its projector) and the projector
+    vision_module: str
+    projector_module: str
 
     def classes(self):
         """(gaze config class, gaze model class), imported on first use."""
@@ -56,6 +60,11 @@ class Family:
 
         module = importlib.import_module(f"gazeattn.families.{self.module}")
         return getattr(module, self.config_class_name), getattr(module, self.model_class_name)
+
+    def stock_class(self):
+        import transformers
+
+        return getattr(transformers, self.stock_class_name)
 
 
 FAMILIES: dict[str, Family] = {
@@ -69,6 +78,9 @@ FAMILIES: dict[str, Family] = {
             module="llava",
             config_class_name="GazeLlavaConfig",
             model_class_name="GazeLlavaForConditionalGeneration",
+            stock_class_name="LlavaForConditionalGeneration",
+            vision_module="model.vision_tower",
+            projector_module="model.multi_modal_projector",
         ),
         Family(
             name="qwen2_vl",
@@ -78,6 +90,9 @@ FAMILIES: dict[str, Family] = {
             module="qwen2_vl",
             config_class_name="GazeQwen2VLConfig",
             model_class_name="GazeQwen2VLForConditionalGeneration",
+            stock_class_name="Qwen2VLForConditionalGeneration",
+            vision_module="model.visual",
+            projector_module="model.visual.merger",
         ),
         Family(
             name="qwen2_5_vl",
@@ -87,6 +102,9 @@ FAMILIES: dict[str, Family] = {
             module="qwen2_vl",
             config_class_name="GazeQwen2_5_VLConfig",
             model_class_name="GazeQwen2_5_VLForConditionalGeneration",
+            stock_class_name="Qwen2_5_VLForConditionalGeneration",
+            vision_module="model.visual",
+            projector_module="model.visual.merger",
         ),
     )
 }
@@ -125,15 +143,15 @@ def stock_processor(cls, path: str, **kwargs):
     family = family_of(config)
     image_processor = AutoImageProcessor.from_pretrained(path, **hub)
     tokenizer = AutoTokenizer.from_pretrained(path, **hub)
-    settings = _read_json(path, "processor_config.json", hub)
+    settings = read_json(path, "processor_config.json", hub)
     settings.update(
         {
             k: v
-            for k, v in _read_json(path, "preprocessor_config.json", hub).items()
+            for k, v in read_json(path, "preprocessor_config.json", hub).items()
             if k not in settings
         }
     )
-    video = _read_json(path, "video_preprocessor_config.json", hub)
+    video = read_json(path, "video_preprocessor_config.json", hub)
     vision = family.rules.vision_settings(config, settings, video)
     return cls(
         image_processor,
@@ -150,7 +168,7 @@ def stock_processor(cls, path: str, **kwargs):
 _HUB_KEYS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
 
-def _read_json(path: str, name: str, hub: dict) -> dict[str, Any]:
+def read_json(path: str, name: str, hub: dict) -> dict[str, Any]:
     from transformers.utils import cached_file
 
     found = cached_file(
@@ -176,13 +194,13 @@ def _chat_template(path: str, tokenizer, hub: dict) -> str | None:
     )
     if jinja:
         return Path(jinja).read_text()
-    template = _read_json(path, "chat_template.json", hub).get("chat_template")
+    template = read_json(path, "chat_template.json", hub).get("chat_template")
     return template or getattr(tokenizer, "chat_template", None)
 
 
 def _stop_tokens(path: str, tokenizer, hub: dict) -> list[str]:
     """The model's end-of-turn tokens: the tokenizer's eos and the generation config's."""
-    ids = _read_json(path, "generation_config.json", hub).get("eos_token_id")
+    ids = read_json(path, "generation_config.json", hub).get("eos_token_id")
     ids = [ids] if isinstance(ids, int) else list(ids or [])
     tokens = [tokenizer.eos_token] if tokenizer.eos_token else []
     for token in tokenizer.convert_ids_to_tokens(ids):
