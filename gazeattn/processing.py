@@ -357,11 +357,9 @@ class GazeProcessor(ProcessorMixin):
                 i += 1
             if i > start:
                 parts.append(["text", i - start])
-            expect = [
-                self._token_id(token)
-                for token, n in media.runs(self.context_token, self.num_context_tokens)
-                for _ in range(n)
-            ]
+            expect = []
+            for token, n in media.runs(self.context_token, self.num_context_tokens):
+                expect += [self._token_id(token)] * n
             got = ids[i : i + len(expect)]
             if got != expect:
                 raise ProcessorInputError(
@@ -423,13 +421,17 @@ class GazeProcessor(ProcessorMixin):
 
     def _renders_video(self) -> bool:
         """Whether the chat template writes a marker for a video part (LLaVA-1.5's does not)."""
-        probe = [{"role": "user", "content": [{"type": "video"}]}]
         if self.chat_template is None:
             raise ProcessorInputError("the checkpoint has no chat template")
-        text = self.tokenizer.apply_chat_template(
-            probe, chat_template=self.chat_template, tokenize=False
-        )
-        return self.video_token in text
+        known = self.__dict__.get("_video_rendered")
+        if known is None or known[0] != self.chat_template:
+            probe = [{"role": "user", "content": [{"type": "video"}]}]
+            text = self.tokenizer.apply_chat_template(
+                probe, chat_template=self.chat_template, tokenize=False
+            )
+            known = (self.chat_template, self.video_token in text)
+            self.__dict__["_video_rendered"] = known
+        return known[1]
 
     def _check_text(self, text: str) -> None:
         markers = {self.image_token, self.video_token, self.context_token, *self.rules.markers}
