@@ -2,7 +2,9 @@
 
 ``{"from": "human"|"gpt"|"system", "value": "<image>\\nWhat ..."}`` turns become
 ``{"role": "user"|"assistant"|"system", "content": [parts]}`` with an
-``{"type": "image"}``/``{"type": "video"}`` part where each marker was.
+``{"type": "image"}``/``{"type": "video"}`` part where each marker was. The newline
+that LLaVA data puts after (or before) a marker goes with it: the model's chat
+template writes its own separator around media.
 """
 
 from __future__ import annotations
@@ -22,10 +24,16 @@ def to_messages(conversations: list[dict]) -> list[dict]:
         if role is None:
             raise ValueError(f"unknown speaker {turn.get('from')!r}")
         parts = []
-        for piece in MARKER.split(turn["value"]):
+        pieces = MARKER.split(turn["value"])
+        for i, piece in enumerate(pieces):
             if piece in ("<image>", "<video>"):
                 parts.append({"type": piece[1:-1]})
-            elif piece:
+                continue
+            if i > 0 and piece.startswith("\n"):
+                piece = piece[1:]
+            if i + 1 < len(pieces) and piece.endswith("\n"):
+                piece = piece[:-1]
+            if piece:
                 parts.append({"type": "text", "text": piece})
         messages.append({"role": role, "content": parts or [{"type": "text", "text": ""}]})
     return messages

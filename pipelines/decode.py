@@ -1,7 +1,10 @@
 """Decode one WebDataset sample (json + image/video bytes) into a record and uint8 frames.
 
-Each failure raises ``BadSample`` with one of the ``REASONS``; the caller drops
-the sample, logs it once (tar + key + reason) and counts it.
+Images and frames keep their own size (``max_side``, when set, bounds the longer
+side): the checkpoint's image processor resizes them once, as it does at serving
+time. Video frames are sampled by ``gazeattn.video`` (the sampler evaluation and
+serving use). Each failure raises ``BadSample`` with one of the ``REASONS``; the
+caller drops the sample, logs it once (tar + key + reason) and counts it.
 """
 
 from __future__ import annotations
@@ -10,9 +13,19 @@ import io
 import json
 from dataclasses import dataclass
 
-import av
 import numpy as np
 from PIL import Image
+
+from gazeattn.video import EmptyVideo, fit_within, read_video, sample_indices
+
+__all__ = [
+    "BadSample",
+    "Decoded",
+    "decode_image",
+    "decode_sample",
+    "decode_video",
+    "sample_indices",
+]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
@@ -42,51 +55,30 @@ class BadSample(ValueError):
 @dataclass(kw_only=True)
 class Decoded:
     record: dict
-    images: list[np.ndarray]  # each [S, S, 3] uint8
-    videos: list[np.ndarray]  # each [F, S, S, 3] uint8
+    images: list[np.ndarray]  # each [H, W, 3] uint8
+    videos: list[np.ndarray]  # each [F, H, W, 3] uint8
 
 
-def decode_image(data: bytes, size: int) -> np.ndarray:
-    """Image bytes (jpg, png, webp) -> [size, size, 3] uint8."""
+def decode_image(data: bytes, max_side: int | None = None) -> np.ndarray:
+    """Image bytes (jpg, png, webp) -> [H, W, 3] uint8 at its own size (longer side bounded)."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            rgb = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+            rgb = fit_within(image.convert("RGB"), max_side)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise BadSample("bad_image", str(error)) from error
     return np.asarray(rgb, dtype=np.uint8)
 
 
-def sample_indices(total: int, count: int) -> np.ndarray:
-    """``count`` frame indices spread uniformly over ``total`` frames (repeats when too few)."""
-    if total <= 0:
-        raise BadSample("empty_video", "no frames")
-    # the centre of each of `count` equal segments
-    return np.minimum(((np.arange(count) + 0.5) * total / count).astype(np.int64), total - 1)
-
-
-def decode_video(data: bytes, frames: int, size: int) -> np.ndarray:
-    """Video bytes -> [frames, size, size, 3] uint8, frames sampled uniformly over the clip."""
+def decode_video(data: bytes, frames: int, max_side: int | None = None) -> np.ndarray:
+    """Video bytes -> [frames, H, W, 3] uint8, frames sampled uniformly over the clip."""
     try:
-        with av.open(io.BytesIO(data)) as container:
-            if not container.streams.video:
-                raise BadSample("empty_video", "no video stream")
-            # decode every frame: container frame counts are missing or wrong for webm and
-            # some mp4 files; the clips in training data are short
-            decoded = list(container.decode(video=0))
-            picks = sample_indices(len(decoded), frames)
-            out = [
-                np.asarray(
-                    decoded[i].to_image().resize((size, size), Image.Resampling.BICUBIC),
-                    dtype=np.uint8,
-                )
-                for i in picks
-            ]
-    except BadSample:
-        raise
-    except (av.FFmpegError, OSError, ValueError, IndexError) as error:
+        out = read_video(data, frames, max_side=max_side)
+    except EmptyVideo as error:
+        raise BadSample("empty_video", str(error)) from error
+    except ValueError as error:
         raise BadSample("bad_video", str(error)) from error
-    return np.stack(out)  # [F, S, S, 3]
+    return np.stack(out)
 
 
 def parse_record(data) -> dict:
@@ -118,7 +110,9 @@ def media_order(names: list[str]) -> tuple[list[str], list[str]]:
     return images, videos
 
 
-def decode_sample(members: dict[str, bytes], *, image_size: int, frames: int) -> Decoded:
+def decode_sample(
+    members: dict[str, bytes], *, frames: int, max_side: int | None = None
+) -> Decoded:
     """The members of one sample (suffix -> bytes) -> a Decoded sample, or raises BadSample."""
     record = parse_record(members.get("json"))
     image_names, video_names = media_order([n for n in members if n != "json"])
@@ -130,6 +124,6 @@ def decode_sample(members: dict[str, bytes], *, image_size: int, frames: int) ->
             f"{n_image} <image> for {len(image_names)} images, "
             f"{n_video} <video> for {len(video_names)} videos",
         )
-    images = [decode_image(members[n], image_size) for n in image_names]
-    videos = [decode_video(members[n], frames, image_size) for n in video_names]
+    images = [decode_image(members[n], max_side) for n in image_names]
+    videos = [decode_video(members[n], frames, max_side) for n in video_names]
     return Decoded(record=record, images=images, videos=videos)

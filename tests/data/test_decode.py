@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from gazeattn.video import EmptyVideo
 from pipelines.config import DataConfig
 from pipelines.conversation import add_dummy_image, to_messages
 from pipelines.dataset import RAW_SCHEMA, decode_batch, decoded_media, fit_length
@@ -22,11 +23,13 @@ def encoded(image: Image.Image, fmt: str) -> bytes:
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
-def test_decode_image_formats_resized(fmt):
+def test_decode_image_formats_keep_their_size(fmt):
     image = Image.new("RGB", (40, 20), (200, 10, 10))
-    out = decode_image(encoded(image, fmt), 16)
-    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+    out = decode_image(encoded(image, fmt))
+    assert out.shape == (20, 40, 3) and out.dtype == np.uint8
     assert np.abs(out.astype(int) - [200, 10, 10]).max() < 16
+    bounded = decode_image(encoded(image, fmt), max_side=16)
+    assert bounded.shape == (8, 16, 3)  # the longer side bounded, the aspect kept
 
 
 @pytest.mark.parametrize(
@@ -36,7 +39,7 @@ def test_decode_image_formats_resized(fmt):
 )
 def test_corrupt_image_bytes(data):
     with pytest.raises(BadSample) as info:
-        decode_image(data, 16)
+        decode_image(data)
     assert info.value.reason == "bad_image"
 
 
@@ -44,7 +47,7 @@ def test_sample_indices_uniform():
     assert sample_indices(8, 4).tolist() == [1, 3, 5, 7]
     assert sample_indices(10, 1).tolist() == [5]
     assert sample_indices(2, 4).tolist() == [0, 0, 1, 1]  # too few frames: repeats, in order
-    with pytest.raises(BadSample, match="empty_video"):
+    with pytest.raises(EmptyVideo, match="no frames"):
         sample_indices(0, 4)
 
 
@@ -54,8 +57,9 @@ def clip(n: int, size: int = 16) -> list[np.ndarray]:
 
 
 def test_decode_video_samples_frames_uniformly():
-    out = decode_video(write_mp4(clip(8)), frames=4, size=8)
-    assert out.shape == (4, 8, 8, 3)
+    out = decode_video(write_mp4(clip(8)), frames=4)
+    assert out.shape == (4, 16, 16, 3)
+    assert decode_video(write_mp4(clip(8)), frames=4, max_side=8).shape == (4, 8, 8, 3)
     levels = out.reshape(4, -1).mean(axis=1)
     np.testing.assert_allclose(levels, [20, 60, 100, 140], atol=4)
 
@@ -69,7 +73,7 @@ def test_decode_webm():
         for frame in clip(3):
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
-    out = decode_video(buffer.getvalue(), frames=3, size=16)
+    out = decode_video(buffer.getvalue(), frames=3)
     np.testing.assert_allclose(out.reshape(3, -1).mean(axis=1), [0, 20, 40], atol=4)
 
 
@@ -91,13 +95,13 @@ def empty_mp4() -> bytes:
 )
 def test_undecodable_video(data, reason):
     with pytest.raises(BadSample) as info:
-        decode_video(data, frames=2, size=8)
+        decode_video(data, frames=2)
     assert info.value.reason == reason
 
 
 def test_video_without_frames():
     with pytest.raises(BadSample) as info:
-        decode_video(empty_mp4(), frames=2, size=8)
+        decode_video(empty_mp4(), frames=2)
     assert info.value.reason == "empty_video"
 
 
@@ -139,14 +143,14 @@ PNG = encoded(Image.new("RGB", (8, 8), (0, 0, 250)), "PNG")
 )
 def test_bad_samples(sample, reason):
     with pytest.raises(BadSample) as info:
-        decode_sample(sample, image_size=8, frames=2)
+        decode_sample(sample, frames=2)
     assert info.value.reason == reason
 
 
 def test_decode_sample_media_order():
     record = {"conversations": turns("<image> and <image>"), "target_box": [1, 2, 3, 4]}
     red = encoded(Image.new("RGB", (8, 8), (250, 0, 0)), "JPEG")
-    sample = decode_sample(members(record, img1_jpg=red, img0_png=PNG), image_size=4, frames=2)
+    sample = decode_sample(members(record, img1_jpg=red, img0_png=PNG), frames=2)
     assert sample.record == record
     assert [int(np.argmax(im[0, 0])) for im in sample.images] == [2, 0]  # img0 blue, img1 red
 
@@ -161,7 +165,7 @@ def test_to_messages_and_dummy_image():
         {"role": "system", "content": [{"type": "text", "text": "be brief"}]},
         {
             "role": "user",
-            "content": [{"type": "image"}, {"type": "text", "text": "\nWhat colour?"}],
+            "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}],
         },
         {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
     ]
