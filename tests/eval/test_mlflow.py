@@ -169,7 +169,7 @@ def test_mlflow_compare_page_shows_the_sweep(sweep, mlflow_server):
 def test_resolve_the_finetune_jobs_pyfunc_model(mlflow_server, tiny_dir):
     """The fine-tuning job's MLflow model (an MLflow 3 logged model) by runs:/, by registered
     version and alias, and by its logged-model id; each names the run that logged it."""
-    from training.export import log_model, resolve_model
+    from tracking.models import log_model, resolve_model
 
     client = MlflowClient(mlflow_server.uri)
     exp_id = client.create_experiment("pyfunc-test")

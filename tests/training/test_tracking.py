@@ -7,7 +7,8 @@ import logging
 from mlflow.tracking import MlflowClient
 
 from tests.servers import MlflowServer
-from training.tracking import Tracker, resolve_run, resolve_tracking_uri
+from tracking.uri import resolve_tracking_uri
+from training.tracking import Tracker, resolve_run
 
 
 def test_resolve_run_reuses_the_run_of_a_name(mlflow_server):
@@ -66,7 +67,7 @@ def test_logged_model_holds_the_export_where_model_dir_of_looks(mlflow_server, t
     import mlflow
 
     from gazeattn.tiny import build_tiny
-    from training.export import log_model, model_dir_of
+    from tracking.models import log_model, model_dir_of
 
     export = build_tiny(tmp_path / "export")
     run_id = resolve_run(mlflow_server.uri, "exp-model", "run")
