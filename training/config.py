@@ -110,9 +110,12 @@ class FinetuneConfig(Settings):
 
 
 def deepspeed_config_path(cfg: FinetuneConfig) -> Path:
-    """The DeepSpeed JSON; a relative path is relative to the repository."""
+    """The DeepSpeed JSON; a relative path is relative to the working directory when it is
+    there, else to this checkout (the driver reads it; the workers get its contents)."""
     path = Path(cfg.train.deepspeed_config)
-    return path if path.is_absolute() else REPO / path
+    if path.is_absolute() or (Path.cwd() / path).is_file():
+        return path.resolve()
+    return REPO / path
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> FinetuneConfig:

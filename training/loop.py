@@ -146,7 +146,7 @@ def train_loop(loop_config: dict) -> None:
     torch.manual_seed(cfg.train.seed + rank)
     deepspeed.init_distributed("nccl" if cfg.scaling.use_gpu else "gloo")
 
-    ds_config = deepspeed_config(cfg)
+    ds_config = loop_config["deepspeed"]
     # alive while loading, so transformers partitions the weights at load (ZeRO-3 init)
     hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841
     model, processor = _build_model(cfg, loop_config["model_path"])
@@ -356,11 +356,12 @@ class DataStream:
 
 
 def _trace(loop_config: dict, rank: int, step: int, epoch: int, ids: list[str]) -> None:
-    """For tests: the sample ids of each optimizer step, one file per rank."""
+    """For tests: the sample ids of each optimizer step, one file per rank (with the process
+    id, which tells a restarted attempt's run of a step from the failed attempt's)."""
     trace = loop_config.get("trace")
     if trace:
         with open(Path(trace) / f"rank{rank}.tsv", "a") as f:
-            f.writelines(f"{step}\t{epoch}\t{i}\n" for i in ids)
+            f.writelines(f"{step}\t{epoch}\t{os.getpid()}\t{i}\n" for i in ids)
 
 
 def _maybe_crash(loop_config: dict, rank: int, step: int) -> None:

@@ -26,7 +26,13 @@ from tracking.storage import (
 )
 from tracking.uri import resolve_tracking_uri
 from training.config import REPO, FinetuneConfig
-from training.loop import EXPORT_SUBDIR, RESUME_DATASET, TRAIN_DATASET, train_loop
+from training.loop import (
+    EXPORT_SUBDIR,
+    RESUME_DATASET,
+    TRAIN_DATASET,
+    deepspeed_config,
+    train_loop,
+)
 from training.tracking import TRACKING_ERRORS, Tracker, resolve_run
 
 log = logging.getLogger(__name__)
@@ -120,13 +126,13 @@ def run_finetune(
     step written under a directory)."""
     from pipelines.dataset import build_train_dataset
 
-    # bad storage fails here, before Ray starts a worker
+    # bad storage or a missing model fails here, before Ray starts a worker
     root = storage_root(cfg)
     export = export_location(cfg, root)
+    model_path = prepare_model(cfg, root)
     if not ray.is_initialized():
         # joins the cluster under `ray job submit` (or RAY_ADDRESS); else starts a local Ray
         ray.init()
-    model_path = prepare_model(cfg, root)
     local_model = _local_processor_dir(model_path)
 
     uri = run_id = None
@@ -144,6 +150,8 @@ def run_finetune(
 
     loop_config = {
         "config": to_dict(cfg),
+        # read here: a relative path of the driver's working directory means nothing on a node
+        "deepspeed": deepspeed_config(cfg),
         "model_path": model_path,
         "mlflow_uri": uri,
         "mlflow_run_id": run_id,
@@ -166,7 +174,8 @@ def run_finetune(
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         run_config=RunConfig(
             name=cfg.run.name,
-            storage_path=root.path if root.is_local else root.uri,
+            # with a filesystem given, Ray takes the path inside it (bucket/prefix, no scheme)
+            storage_path=root.path,
             storage_filesystem=None if root.is_local else root.filesystem,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
