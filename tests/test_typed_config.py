@@ -125,3 +125,15 @@ def test_gaze_settings_are_the_gaze_config(tmp_path):
     assert dense == dense_twin(GazeConfig(top_k=20))
     assert (dense.top_k, dense.keep_ratio, dense.backend) == ("all", None, "dense")
     assert dense.num_context_tokens == 4 and dense.region_size == (1, 6, 6)
+
+
+def test_the_finetune_job_stops_at_a_bad_config_before_ray(capsys):
+    import ray
+
+    from jobs.finetune import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["--config", "configs/demo.yaml", "--set", "train.max_steps=abc"])
+    assert stopped.value.code == 2
+    assert "train.max_steps: Input should be a valid integer" in capsys.readouterr().err
+    assert not ray.is_initialized()
