@@ -63,7 +63,7 @@ def open_location(uri: str | Path) -> Location:
         return Location(filesystem=pafs.LocalFileSystem(), path=str(local), uri=str(local))
     try:
         filesystem, path = pafs.FileSystem.from_uri(text)
-    except (pafs.ArrowInvalid, ValueError) as err:
+    except ValueError as err:  # pyarrow.ArrowInvalid: a scheme pyarrow does not know
         filesystem, path = _fsspec(text, err)
     except OSError as err:
         raise StorageError(f"cannot open {text}: {err}") from err
@@ -89,7 +89,7 @@ def check_writable(uri: str | Path, what: str) -> Location:
     try:
         location = open_location(uri)
         location.filesystem.create_dir(location.path, recursive=True)
-    except (OSError, pafs.ArrowInvalid) as err:
+    except (OSError, ValueError) as err:
         raise StorageError(f"{what} {uri}: cannot write there: {err}") from err
     return location
 
