@@ -110,6 +110,18 @@ def test_finetune_config_rejects_at_load():
         load_config("configs/demo.yaml", ["train.deepspeed_config=configs/nope.json"])
 
 
+def test_deepspeed_json_must_agree_with_grad_accum(tmp_path):
+    import json
+
+    ds = json.loads(open("configs/deepspeed/zero3_cpu.json").read())
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({**ds, "gradient_accumulation_steps": 8}))
+    sets = [f"train.deepspeed_config={path}"]
+    with pytest.raises(ConfigError, match="train.grad_accum is 1 but ds.json sets .*: 8"):
+        load_config("configs/demo.yaml", sets)
+    assert load_config("configs/demo.yaml", [*sets, "train.grad_accum=8"]).train.grad_accum == 8
+
+
 def test_gaze_settings_are_the_gaze_config(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  gaze:\n    top_k: 20\noptim:\n  lr: 1e-5\n")

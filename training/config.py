@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -102,10 +103,25 @@ class FinetuneConfig(Settings):
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
 
     @model_validator(mode="after")
-    def _deepspeed_config_exists(self) -> FinetuneConfig:
+    def _deepspeed_config_fits(self) -> FinetuneConfig:
         path = deepspeed_config_path(self)
         if not path.is_file():
             raise ValueError(f"train.deepspeed_config: no file {path}")
+        try:
+            ds = json.loads(path.read_text())
+        except ValueError as err:
+            raise ValueError(f"train.deepspeed_config: {path} is not JSON ({err})") from None
+        # a number in the JSON must agree with the config, which the schedules count by
+        for key, field in (
+            ("gradient_accumulation_steps", "grad_accum"),
+            ("train_micro_batch_size_per_gpu", "micro_batch_size"),
+        ):
+            value = ds.get(key, "auto")
+            if value != "auto" and value != getattr(self.train, field):
+                raise ValueError(
+                    f"train.{field} is {getattr(self.train, field)} but {path.name} sets "
+                    f'{key}: {value} (use "auto" there)'
+                )
         return self
 
 
