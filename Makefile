@@ -21,10 +21,11 @@ $(STAMP): pyproject.toml $(LOCK) $(DEV_LOCK)
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-# recompute the lock files from pyproject.toml (after changing a dependency there)
+# recompute the lock files from pyproject.toml: a new or changed dependency gets pinned, the
+# others keep their pins; `make lock UPGRADE=--upgrade` moves every pin to its newest release
 lock: setup
-	$(COMPILE) --upgrade --output-file $(LOCK) pyproject.toml
-	$(COMPILE) --upgrade --extra dev --constraint $(LOCK) --output-file $(DEV_LOCK) pyproject.toml
+	$(COMPILE) $(UPGRADE) --output-file $(LOCK) pyproject.toml
+	$(COMPILE) $(UPGRADE) --extra dev --constraint $(LOCK) --output-file $(DEV_LOCK) pyproject.toml
 	sed -i -E 's/^(torch==[0-9.]+)\+[a-z0-9.]+$$/\1/' $(LOCK) $(DEV_LOCK)
 
 # the default suite, then the two-node Ray cluster tests (marker `cluster`, about 8 minutes)
