@@ -72,7 +72,8 @@ def test_logged_model_holds_the_export_where_model_dir_of_looks(mlflow_server, t
     export = build_tiny(tmp_path / "export")
     run_id = resolve_run(mlflow_server.uri, "exp-model", "run")
     before = mlflow.get_tracking_uri()
-    assert log_model(mlflow_server.uri, run_id, export, "tiny-logged") == "tiny-logged"
+    model_uri = log_model(mlflow_server.uri, run_id, export, "tiny-logged")
+    assert model_uri.startswith("models:/m-")
     assert mlflow.get_tracking_uri() == before
     client = MlflowClient(mlflow_server.uri, registry_uri=mlflow_server.uri)
     versions = client.search_model_versions("name='tiny-logged'")
