@@ -130,6 +130,9 @@ def run_finetune(
     root = storage_root(cfg)
     export = export_location(cfg, root)
     model_path = prepare_model(cfg, root)
+    # read before ray.init: in a `ray job submit` driver, ray.init can replace the job's
+    # working directory, after which relative paths (and os.getcwd) fail
+    ds_config = deepspeed_config(cfg)
     if not ray.is_initialized():
         # joins the cluster under `ray job submit` (or RAY_ADDRESS); else starts a local Ray
         ray.init()
@@ -150,8 +153,8 @@ def run_finetune(
 
     loop_config = {
         "config": to_dict(cfg),
-        # read here: a relative path of the driver's working directory means nothing on a node
-        "deepspeed": deepspeed_config(cfg),
+        # the JSON itself: a path of the driver's working directory means nothing on a node
+        "deepspeed": ds_config,
         "model_path": model_path,
         "mlflow_uri": uri,
         "mlflow_run_id": run_id,
