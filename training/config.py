@@ -6,13 +6,15 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, model_validator
 
 from gazeattn.ops.config import GazeConfig, dense_twin
 from gazeattn.typed_config import Settings, load_yaml
 from pipelines.config import DataConfig
 
 REPO = Path(__file__).resolve().parent.parent
+# validation context of a config rebuilt in a Ray worker: no checks of the driver's files
+IN_WORKER = "in_worker"
 
 
 class ModelSettings(Settings):
@@ -103,7 +105,10 @@ class FinetuneConfig(Settings):
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
 
     @model_validator(mode="after")
-    def _deepspeed_config_fits(self) -> FinetuneConfig:
+    def _deepspeed_config_fits(self, info: ValidationInfo) -> FinetuneConfig:
+        if (info.context or {}).get(IN_WORKER):
+            # a worker gets the JSON itself from the driver, which checked it
+            return self
         path = deepspeed_config_path(self)
         if not path.is_file():
             raise ValueError(f"train.deepspeed_config: no file {path}")

@@ -22,7 +22,7 @@ from pathlib import Path
 import ray.train
 import torch
 
-from training.config import FinetuneConfig, deepspeed_config_path
+from training.config import IN_WORKER, FinetuneConfig, deepspeed_config_path
 from training.metrics import step_metrics
 from training.tracking import Tracker
 
@@ -138,7 +138,7 @@ def train_loop(loop_config: dict) -> None:
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
-    cfg = FinetuneConfig.model_validate(loop_config["config"])
+    cfg = FinetuneConfig.model_validate(loop_config["config"], context={IN_WORKER: True})
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     node = ray.get_runtime_context().get_node_id()
