@@ -2,16 +2,31 @@ PY := .venv/bin/python
 PIP := .venv/bin/pip
 STAMP := .venv/.installed
 
-.PHONY: setup test test-default test-cluster browser lint format demo bench clean
+LOCK := requirements/lock.txt
+DEV_LOCK := requirements/dev-lock.txt
+COMPILE := DS_BUILD_OPS=0 .venv/bin/pip-compile --quiet --strip-extras --no-emit-index-url \
+	--no-emit-find-links --constraint requirements/pins.txt
+
+.PHONY: setup test test-default test-cluster browser lint format demo bench lock clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# the pinned versions of requirements/dev-lock.txt (torch: the CPU wheel on disk, never a CUDA
+# download), then the project itself without resolving anything again
+$(STAMP): pyproject.toml $(LOCK) $(DEV_LOCK)
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q -U pip setuptools wheel
 	$(PIP) install -q torch==2.13.0
-	DS_BUILD_OPS=0 $(PIP) install -q -e '.[dev]'
+	DS_BUILD_OPS=0 $(PIP) install -q -r $(DEV_LOCK)
+	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# recompute the lock files from pyproject.toml: a new or changed dependency gets pinned, the
+# others keep their pins; `make lock UPGRADE=--upgrade` moves every pin to its newest release
+lock: setup
+	$(COMPILE) $(UPGRADE) --output-file $(LOCK) pyproject.toml
+	$(COMPILE) $(UPGRADE) --extra dev --constraint $(LOCK) --output-file $(DEV_LOCK) pyproject.toml
+	sed -i -E 's/^(torch==[0-9.]+)\+[a-z0-9.]+$$/\1/' $(LOCK) $(DEV_LOCK)
 
 # the default suite, then the two-node Ray cluster tests (marker `cluster`, about 8 minutes)
 test: test-default test-cluster

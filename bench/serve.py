@@ -28,10 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import write_results  # noqa: E402
 from gazeattn.ops import GazeConfig  # noqa: E402
 from gazeattn.tiny import build_tiny  # noqa: E402
+from serving.images import data_url  # noqa: E402
+from serving.local import local_serve  # noqa: E402
 from serving.settings import GazeOverride, ServeSettings  # noqa: E402
-from tests.serve.harness import data_url, image_bytes, local_serve  # noqa: E402
 
-MODES = {"gaze": None, "dense": GazeOverride(backend="dense", top_k="all")}
+MODES = {"gaze": None, "dense": GazeOverride(attn="dense")}
 
 
 def build_model(out: Path, args) -> Path:
@@ -47,8 +48,20 @@ def build_model(out: Path, args) -> Path:
     )
 
 
+def frame_png(seed: int, size: int) -> bytes:
+    """A random RGB frame as PNG bytes."""
+    import io
+
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def video_messages(frames: int, size: int) -> list[dict]:
-    urls = [{"url": data_url(image_bytes(i, size=(size, size)))} for i in range(frames)]
+    urls = [{"url": data_url(frame_png(i, size))} for i in range(frames)]
     return [
         {
             "role": "user",

@@ -18,14 +18,16 @@ import json
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
+from pydantic import ValidationError
 
 from evaluation.compare import run_sweep, sweep_points
 from evaluation.data import load_json
 from evaluation.pictures import draw_gaze
 from evaluation.runner import EvalConfig, EvalReport, evaluate_samples
 from evaluation.tracking import dump_report, log_report, start_eval_run
-from training.export import ResolvedModel, resolve_model
-from training.tracking import resolve_tracking_uri
+from gazeattn.typed_config import describe
+from tracking.models import ResolvedModel, resolve_model
+from tracking.uri import resolve_tracking_uri
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +81,8 @@ def compare_parser() -> argparse.ArgumentParser:
 
 
 def _config(args, **budget) -> EvalConfig:
-    return EvalConfig(
+    """The evaluation config of the command line, checked (a bad value exits with its flag)."""
+    data = dict(
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         routing_layers=args.routing_layers,
@@ -87,6 +90,10 @@ def _config(args, **budget) -> EvalConfig:
         picture_tokens=args.picture_tokens,
         **budget,
     )
+    try:
+        return EvalConfig.model_validate(data)
+    except ValidationError as err:
+        raise SystemExit(f"evaluate: {describe(err)}") from None
 
 
 def _load(model: ResolvedModel):

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from evaluation.pictures import draw_gaze  # noqa: E402
 from evaluation.runner import EvalConfig, EvalReport, EvalSample, evaluate_samples  # noqa: E402
 from evaluation.tracking import log_report, start_eval_run  # noqa: E402
-from training.export import ResolvedModel  # noqa: E402
+from tracking.models import ResolvedModel  # noqa: E402
 
 SWEEP_TAG = "gazeattn.sweep"
 PARENT_TAG = "mlflow.parentRunId"

@@ -11,13 +11,16 @@ import dataclasses
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field, model_validator
 
 from evaluation import metrics
 from gazeattn.generation import GenerationRequest, GenerationResult, generate_batch
 from gazeattn.model import gaze_module
+from gazeattn.ops.config import dense_twin
+from gazeattn.typed_config import Settings
 
 
 @dataclass(kw_only=True)
@@ -70,29 +73,27 @@ def question_sample(
     )
 
 
-@dataclass(kw_only=True)
-class EvalConfig:
-    """How to evaluate. Exactly one budget (``top_k`` or ``keep_ratio``) or ``attn="dense"``;
-    with neither, the model's own configured budget is used."""
+class EvalConfig(Settings):
+    """How to evaluate. At most one budget (``top_k`` or ``keep_ratio``), or ``attn="dense"``
+    (the model's dense twin, ``gazeattn.ops.config.dense_twin``); with neither, the model's own
+    configured budget is used."""
 
-    attn: str = "gaze"  # "gaze" | "dense"
-    top_k: int | None = None
-    keep_ratio: float | None = None
-    batch_size: int = 8
-    max_new_tokens: int = 16
+    attn: Literal["gaze", "dense"] = "gaze"
+    top_k: int | None = Field(None, ge=1)
+    keep_ratio: float | None = Field(None, gt=0, le=1)
+    batch_size: int = Field(8, ge=1)
+    max_new_tokens: int = Field(16, ge=1)
     routing_layers: list[int] | None = None  # None: every gaze layer
-    pictures: int = 4  # gaze pictures for the first N samples
-    picture_tokens: int = 6  # generated tokens shown per picture
+    pictures: int = Field(4, ge=0)  # gaze pictures for the first N samples
+    picture_tokens: int = Field(6, ge=1)  # generated tokens shown per picture
 
-    def __post_init__(self) -> None:
-        if self.attn not in ("gaze", "dense"):
-            raise ValueError(f"attn must be 'gaze' or 'dense', got {self.attn!r}")
+    @model_validator(mode="after")
+    def _one_budget(self) -> EvalConfig:
         if self.top_k is not None and self.keep_ratio is not None:
             raise ValueError("give at most one of top_k and keep_ratio")
         if self.attn == "dense" and (self.top_k is not None or self.keep_ratio is not None):
             raise ValueError("attn='dense' takes no gaze budget")
-        if self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ValueError("batch_size and max_new_tokens must be >= 1")
+        return self
 
     @property
     def label(self) -> str:
@@ -105,7 +106,7 @@ class EvalConfig:
         return "gaze-model-budget"
 
     def params(self) -> dict[str, Any]:
-        return {f"eval.{k}": v for k, v in dataclasses.asdict(self).items()}
+        return {f"eval.{k}": v for k, v in self.model_dump().items()}
 
 
 @dataclass(kw_only=True)
@@ -142,7 +143,7 @@ def configure(model, config: EvalConfig) -> None:
         inner._eval_base_config = inner.gaze_config
     base = inner._eval_base_config
     if config.attn == "dense":
-        inner.gaze_config = dataclasses.replace(base, top_k="all", keep_ratio=None, backend="dense")
+        inner.gaze_config = dense_twin(base)
     elif config.top_k is not None or config.keep_ratio is not None:
         inner.gaze_config = dataclasses.replace(
             base, top_k=config.top_k, keep_ratio=config.keep_ratio

@@ -1,4 +1,4 @@
-"""Evaluation results into MLflow (models come from ``training.export.resolve_model``).
+"""Evaluation results into MLflow (models come from ``tracking.models.resolve_model``).
 
 An evaluation logs into the training run when one is given (``run_id``), else into
 a new run of ``experiment`` linked to the model by tags (``gazeattn.model`` = the
@@ -16,7 +16,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from evaluation.runner import EvalReport, EvalSample
-from training.export import ResolvedModel
+from tracking.models import ResolvedModel
 
 MODEL_TAG = "gazeattn.model"
 MODEL_RUN_TAG = "gazeattn.model_run_id"
@@ -86,7 +86,7 @@ def dump_report(report: EvalReport, path: Path) -> Path:
     """The metrics and per-sample answers as JSON (for logs and the demo)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {
-        "config": asdict(report.config),
+        "config": report.config.model_dump(),
         "metrics": report.metrics,
         "samples": sample_table(report),
     }

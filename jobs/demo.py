@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from evaluation.cli import compare_main  # noqa: E402
+from gazeattn.typed_config import ConfigError  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.trainer import run_finetune  # noqa: E402
 
@@ -34,7 +35,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     # a local demo: token authentication is for shared clusters
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    config = load_config(args.config, args.overrides)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as err:  # a typo or a wrong type: stop here, before Ray starts
+        parser.error(str(err))
     print(
         f"[demo] fine-tuning {config.model.name_or_path} ({config.model.attn}) with {config.scaling.num_workers} ZeRO-3 workers"
     )

@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from gazeattn.typed_config import ConfigError  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.trainer import run_finetune  # noqa: E402
 
@@ -28,7 +29,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    config = load_config(args.config, args.overrides)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as err:  # a typo or a wrong type: stop here, before Ray starts
+        parser.error(str(err))
     result = run_finetune(config)
     print(f"[finetune] final metrics: {result.metrics}")
     print(f"[finetune] exported model: {result.export_dir}")

@@ -2,26 +2,27 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Literal
 
+from pydantic import Field, field_validator
 
-@dataclass(kw_only=True)
-class SyntheticSettings:
+from gazeattn.typed_config import Settings
+
+
+class SyntheticSettings(Settings):
     """Generated data for the demo and tests (used when ``shards`` is empty)."""
 
-    n_train: int = 64
-    n_test: int = 16
-    video_fraction: float = 0.25
-    image_size: int = 96
-    frames: int = 4
-    shapes_per_image: int = 3
+    n_train: int = Field(64, ge=0)
+    n_test: int = Field(16, ge=0)
+    video_fraction: float = Field(0.25, ge=0, le=1)
+    image_size: int = Field(96, ge=24)
+    frames: int = Field(4, ge=1)
+    shapes_per_image: int = Field(3, ge=1, le=7)
     seed: int = 0
     shard_size: str = "512MB"
 
 
-@dataclass(kw_only=True)
-class DataConfig:
+class DataConfig(Settings):
     """Where the shards are and how samples are decoded, shuffled and cut to length.
 
     - ``shards``: tar paths, directories, local globs or URIs that pyarrow/fsspec read
@@ -40,33 +41,27 @@ class DataConfig:
       (small, since the pipeline shares the machine with the training workers).
     """
 
-    shards: list[str] = field(default_factory=list)
+    shards: list[str] = Field(default_factory=list)
     synthetic_dir: str = "outputs/data"
-    synthetic: SyntheticSettings = field(default_factory=SyntheticSettings)
-    image_size: int | None = None
-    frames_per_video: int = 4
-    max_length: int = 4096
+    synthetic: SyntheticSettings = Field(default_factory=SyntheticSettings)
+    image_size: int | None = Field(None, ge=1)
+    frames_per_video: int = Field(4, ge=1)
+    max_length: int = Field(4096, ge=1)
     length_policy: Literal["truncate", "drop"] = "drop"
     text_only: Literal["dummy_image", "drop"] = "dummy_image"
     shuffle_files: bool = True
-    shuffle_buffer: int = 64
+    shuffle_buffer: int = Field(64, ge=0)
     seed: int = 0
-    decode_workers: int = 1
-    decode_cpus: float = 0.25
-    decode_batch_size: int = 16
+    decode_workers: int = Field(1, ge=1)
+    decode_cpus: float = Field(0.25, gt=0)
+    decode_batch_size: int = Field(16, ge=1)
     progress_bars: bool = True
 
-    def __post_init__(self) -> None:
-        if self.length_policy not in ("truncate", "drop"):
-            raise ValueError(
-                f"length_policy must be 'truncate' or 'drop', not {self.length_policy!r}"
-            )
-        if self.text_only not in ("dummy_image", "drop"):
-            raise ValueError(f"text_only must be 'dummy_image' or 'drop', not {self.text_only!r}")
-        if (self.image_size or 1) < 1 or self.frames_per_video < 1 or self.max_length < 1:
-            raise ValueError("image_size, frames_per_video and max_length must be positive")
-        if isinstance(self.shards, str):
-            self.shards = [self.shards]
+    @field_validator("shards", mode="before")
+    @classmethod
+    def _one_shard(cls, value):
+        # `shards: s3://bucket/train/` (one path) is a list of one
+        return [value] if isinstance(value, str) else value
 
 
 # the name this module used before the merge with main

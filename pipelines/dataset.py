@@ -101,6 +101,11 @@ class TolerantWebDataset(FileBasedDatasource):
 
     _FILE_EXTENSIONS = ["tar"]
 
+    def __init__(self, paths, **kwargs):
+        # a directory of shards lists its tars only (not make_shards' manifest.json)
+        kwargs.setdefault("file_extensions", self._FILE_EXTENSIONS)
+        super().__init__(paths, **kwargs)
+
     def _read_stream(self, stream, path: str) -> Iterator[pa.Table]:
         rows: list[dict] = []
         key, sample, seen = None, {}, set()
@@ -188,8 +193,13 @@ def decode_batch(batch: pa.Table, *, image_size: int, frames: int, counter) -> p
     return pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
 
 
-def build_dataset(cfg: DataConfig, processor=None, split: str = "train") -> ray.data.Dataset:
+def build_dataset(
+    cfg: DataConfig, processor=None, split: str = "train", *, resume: bool = False
+) -> ray.data.Dataset:
     """Shards -> a dataset of decoded samples (columns of ``DECODED_SCHEMA``).
+
+    With ``resume``, the samples that the job's resume state holds are dropped first
+    (``pipelines.resume``: the rest of an interrupted epoch).
 
     With ``processor`` (a GazeProcessor or the directory it was saved in) the samples are
     also encoded in the pipeline (columns of ``ENCODED_SCHEMA``): the CPU pool does the
@@ -218,7 +228,13 @@ def build_dataset(cfg: DataConfig, processor=None, split: str = "train") -> ray.
         num_cpus=cfg.decode_cpus,
         concurrency=cfg.decode_workers,
     )
-    ds = ray.data.read_datasource(source, num_cpus=cfg.decode_cpus).map_batches(
+    ds = ray.data.read_datasource(source, num_cpus=cfg.decode_cpus)
+    if resume:
+        from pipelines.resume import SkipConsumed, resume_state
+
+        resume_state(create=True)
+        ds = ds.map_batches(SkipConsumed, batch_format="pyarrow", num_cpus=0, concurrency=1)
+    ds = ds.map_batches(
         partial(decode_batch, image_size=image_size, frames=cfg.frames_per_video, counter=counter),
         **stage,
     )
@@ -229,9 +245,9 @@ def build_dataset(cfg: DataConfig, processor=None, split: str = "train") -> ray.
     return ds
 
 
-def build_train_dataset(cfg: DataConfig, processor=None) -> ray.data.Dataset:
+def build_train_dataset(cfg: DataConfig, processor=None, *, resume: bool = False):
     """The training split (see ``build_dataset``)."""
-    return build_dataset(cfg, processor, "train")
+    return build_dataset(cfg, processor, "train", resume=resume)
 
 
 def encode_batch(batch: pa.Table, *, processor, cfg: DataConfig, counter) -> pa.Table:
@@ -269,6 +285,7 @@ def encoded_table_samples(table: pa.Table) -> Iterator[dict[str, Any]]:
     pixels = table.column("pixel_values").combine_chunks()
     sizes = table.column("pixel_size").to_numpy()
     parts = table.column("parts").to_pylist()
+    keys, urls = table.column("key").to_pylist(), table.column("url").to_pylist()
     offsets = ids.offsets.to_numpy()
     flat_ids, flat_labels = ids.values.to_numpy(), labels.values.to_numpy()
     for i in range(len(table)):
@@ -276,6 +293,7 @@ def encoded_table_samples(table: pa.Table) -> Iterator[dict[str, Any]]:
         size = int(sizes[i])
         pixel = np.frombuffer(pixels[i].as_buffer(), np.float32)
         yield {
+            "sample_id": sample_id(urls[i], keys[i]),
             # copies: arrow buffers are read-only and torch wants writable arrays
             "input_ids": flat_ids[start:end].copy(),
             "labels": flat_labels[start:end].copy(),
@@ -347,6 +365,11 @@ def fit_length(sample: dict[str, Any], cfg: DataConfig) -> dict[str, Any]:
     return sample
 
 
+def sample_id(url: str, key: str) -> str:
+    """A sample's id in the whole dataset: its tar and its key in the tar."""
+    return f"{url}#{key}"
+
+
 def _all_ranks_have(have: bool) -> bool:
     """True when every rank has a batch (always ``have`` without torch.distributed)."""
     import torch
@@ -384,6 +407,7 @@ def encoded_samples(shard, processor, cfg: DataConfig, *, epoch: int, stats: dic
             if sample.pop("truncated"):
                 stats["truncated"] += 1
                 events.append((row["url"], row["key"], "truncated", ""))
+            sample["sample_id"] = sample_id(row["url"], row["key"])
             yield sample
         stats["dropped"] += sum(e[2] != "truncated" for e in events)
         report_drops(counter, events)
@@ -397,8 +421,10 @@ def iter_train_batches(
     batch_size: int,
     epoch: int = 0,
     stats: dict[str, int] | None = None,
-) -> Iterator[dict]:
-    """This worker's batches for one epoch, ready for ``model(**batch)`` (full batches only).
+    with_ids: bool = False,
+) -> Iterator[dict] | Iterator[tuple[dict, list[str]]]:
+    """This worker's batches for one epoch, ready for ``model(**batch)`` (full batches only);
+    with ``with_ids``, ``(batch, sample ids)`` pairs (``sample_id``: the tar and the key).
 
     ``shard`` is a ``ray.train.get_dataset_shard(...)`` iterator (or any Ray Data
     DataIterator/Dataset of decoded rows). Ranks stay in lockstep (see the module doc).
@@ -416,6 +442,7 @@ def iter_train_batches(
         if not _all_ranks_have(True):
             return
         batch = processor.collate(pending)
+        ids = [s["sample_id"] for s in pending]
         pending = []
-        yield batch
+        yield (batch, ids) if with_ids else batch
     _all_ranks_have(False)

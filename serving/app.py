@@ -11,7 +11,6 @@
 """
 
 import asyncio
-import dataclasses
 import hmac
 import json
 import os
@@ -121,11 +120,7 @@ def gaze_config(path: Path, override: GazeOverride | None) -> GazeConfig | None:
     saved = json.loads((path / "config.json").read_text()).get("gaze_config")
     if saved is None:
         raise ValueError(f"{path} is not a gaze checkpoint; gaze overrides need one")
-    base = GazeConfig.from_dict(saved)
-    budget = {"top_k": override.top_k, "keep_ratio": override.keep_ratio}
-    if budget["top_k"] is None and budget["keep_ratio"] is None:
-        budget = {"top_k": base.top_k, "keep_ratio": base.keep_ratio}
-    return dataclasses.replace(base, backend=override.backend, **budget)
+    return override.apply(GazeConfig.from_dict(saved))
 
 
 # Serve pickles the class by value when it is decorated: everything it uses is defined above.
@@ -133,7 +128,7 @@ def gaze_config(path: Path, override: GazeOverride | None) -> GazeConfig | None:
 @serve.ingress(api)
 class GazeChat:
     def __init__(self, settings: dict):
-        from training.export import MLFLOW_SCHEMES, resolve_model
+        from tracking.models import MLFLOW_SCHEMES, resolve_model
 
         self.settings = ServeSettings.model_validate(settings)
         path = resolve_model(self.settings.model).path

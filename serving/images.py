@@ -22,6 +22,11 @@ FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 _DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,", re.I)
 
 
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    """The ``data:`` URL of an image file's bytes (what a client sends inline)."""
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
 def load_image(
     url: str,
     *,

@@ -6,19 +6,43 @@ from ``jobs/serve.py``; every field has a default that runs.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gazeattn.ops.config import Backend, GazeConfig, dense_twin
 
 
 class GazeOverride(BaseModel):
-    """Replaces the checkpoint's routing budget/backend at load time (e.g. dense for comparison)."""
+    """Changes the checkpoint's ``GazeConfig`` at load time: its budget (``top_k`` or
+    ``keep_ratio``) and backend, or ``attn: dense`` for its dense twin (comparison runs).
+    Only these fields; the regions and context tokens are the checkpoint's own."""
 
     model_config = ConfigDict(extra="forbid")
 
+    attn: Literal["gaze", "dense"] = "gaze"
     top_k: int | Literal["all"] | None = None
     keep_ratio: float | None = None
-    backend: Literal["auto", "reference", "triton", "dense"] = "auto"
+    backend: Backend = "auto"
+
+    @model_validator(mode="after")
+    def _fits_gaze_config(self) -> GazeOverride:
+        if self.attn == "dense" and (self.top_k, self.keep_ratio) != (None, None):
+            raise ValueError("attn 'dense' takes no top_k or keep_ratio")
+        if (self.top_k, self.keep_ratio) != (None, None):
+            # GazeConfig's own checks, on a config with these values
+            GazeConfig(top_k=self.top_k, keep_ratio=self.keep_ratio, backend=self.backend)
+        return self
+
+    def apply(self, base: GazeConfig) -> GazeConfig:
+        """``base`` (the checkpoint's config) with this override."""
+        if self.attn == "dense":
+            return dense_twin(base)
+        budget = {"top_k": self.top_k, "keep_ratio": self.keep_ratio}
+        if budget == {"top_k": None, "keep_ratio": None}:
+            budget = {"top_k": base.top_k, "keep_ratio": base.keep_ratio}
+        return dataclasses.replace(base, backend=self.backend, **budget)
 
 
 class ServeSettings(BaseModel):

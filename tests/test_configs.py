@@ -54,10 +54,29 @@ def test_manifest_entrypoints_exist(manifest, entrypoint):
         load_config(REPO / config)
 
 
-def test_dockerfile_copies_what_exists():
+def test_dockerfile_installs_the_lock_and_the_whole_project():
+    """The image installs requirements/lock.txt, then the project as a package from a context
+    that keeps every package pyproject.toml lists (tests/test_packaging.py imports every job
+    from that wheel in a clean venv)."""
+    import fnmatch
+    import tomllib
+
     text = (REPO / "infra" / "docker" / "Dockerfile").read_text()
-    for src in re.findall(r"^COPY --chown=\S+ (\S+)", text, re.MULTILINE):
-        assert (REPO / src).exists(), f"the Dockerfile copies a missing {src}"
+    assert re.search(r"^COPY --chown=\S+ requirements requirements$", text, re.MULTILINE)
+    assert "pip install -r requirements/lock.txt" in text
+    assert re.search(r"^COPY --chown=\S+ \. \.$", text, re.MULTILINE)
+    assert "pip install --no-deps ." in text
+    ignored = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    find = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = [p.rstrip("*") for p in find["packages"]["find"]["include"]]
+    for needed in [*packages, "requirements", "configs", "jobs", "infra", "pyproject.toml"]:
+        assert (REPO / needed).exists(), needed
+        hits = [pattern for pattern in ignored if fnmatch.fnmatch(needed, pattern)]
+        assert not hits, f".dockerignore drops {needed} ({hits})"
 
 
 def test_rayservice_serves_the_serve_config():

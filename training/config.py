@@ -2,110 +2,90 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from gazeattn.ops import GazeConfig
-from gazeattn.typed_config import load_yaml
+from pydantic import Field, ValidationInfo, model_validator
+
+from gazeattn.ops.config import GazeConfig, dense_twin
+from gazeattn.typed_config import Settings, load_yaml
 from pipelines.config import DataConfig
 
 REPO = Path(__file__).resolve().parent.parent
+# validation context of a config rebuilt in a Ray worker: no checks of the driver's files
+IN_WORKER = "in_worker"
 
 
-@dataclass(kw_only=True)
-class GazeSettings:
-    region_size: tuple[int, int, int] = (1, 6, 6)
-    top_k: int | None = None
-    keep_ratio: float | None = 0.25
-    num_context_tokens: int = 4
-    routing: Literal["kv_head", "query_head"] = "kv_head"
-    backend: Literal["auto", "reference", "triton", "dense"] = "auto"
-
-    def build(self) -> GazeConfig:
-        return GazeConfig(
-            region_size=tuple(self.region_size),
-            top_k=self.top_k,
-            keep_ratio=self.keep_ratio,
-            num_context_tokens=self.num_context_tokens,
-            routing=self.routing,
-            backend=self.backend,
-        )
-
-
-@dataclass(kw_only=True)
-class ModelSettings:
+class ModelSettings(Settings):
     # a local directory or hub name; "tiny" builds the offline tiny model into the run's storage
     name_or_path: str = "tiny"
     # "dense" trains the dense twin (same context tokens, no routing) as the baseline
     attn: Literal["gaze", "dense"] = "gaze"
-    gaze: GazeSettings = field(default_factory=GazeSettings)
+    # the gaze settings (``gazeattn.ops.GazeConfig``); either budget alone: top_k or keep_ratio
+    gaze: GazeConfig = Field(default_factory=lambda: GazeConfig(keep_ratio=0.25))
     freeze_vision: bool = True
     gradient_checkpointing: bool = False
-    tiny_options: dict = field(default_factory=dict)
+    tiny_options: dict[str, Any] = Field(default_factory=dict)
 
     def gaze_config(self) -> GazeConfig:
-        config = self.gaze.build()
-        if self.attn == "dense":
-            return GazeConfig(
-                **{**config.to_dict(), "top_k": "all", "keep_ratio": None, "backend": "dense"}
-            )
-        return config
+        return dense_twin(self.gaze) if self.attn == "dense" else self.gaze
 
 
-@dataclass(kw_only=True)
-class OptimSettings:
-    lr: float = 1e-3
-    weight_decay: float = 0.0
+class OptimSettings(Settings):
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int = 0
+    # optimizer steps of linear warm-up
+    warmup_steps: int = Field(0, ge=0)
     schedule: Literal["constant", "cosine"] = "cosine"
-    grad_clip: float = 1.0
+    grad_clip: float = Field(1.0, ge=0)
 
 
-@dataclass(kw_only=True)
-class TopKSchedule:
-    """Progressive Top-K: dense at step 0, the configured budget after ``warmup_steps``."""
+class TopKSchedule(Settings):
+    """Progressive Top-K: dense at optimizer step 0, the configured budget after
+    ``warmup_steps`` optimizer steps."""
 
-    warmup_steps: int = 0
+    warmup_steps: int = Field(0, ge=0)
     kind: Literal["linear", "cosine"] = "linear"
 
 
-@dataclass(kw_only=True)
-class TrainSettings:
-    max_steps: int = 20
-    micro_batch_size: int = 2
-    grad_accum: int = 1
-    checkpoint_every: int = 10
-    log_every: int = 1
+class TrainSettings(Settings):
+    """Every step count here counts optimizer steps: one step is ``grad_accum`` micro-batches
+    of ``micro_batch_size`` samples on each worker."""
+
+    max_steps: int = Field(20, ge=1)
+    micro_batch_size: int = Field(2, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    checkpoint_every: int = Field(10, ge=1)
+    log_every: int = Field(1, ge=1)
     seed: int = 0
     deepspeed_config: str = "configs/deepspeed/zero3_cpu.json"
     # stop after this many steps in this attempt (tests use it to simulate a stopped run)
-    stop_after: int | None = None
+    stop_after: int | None = Field(None, ge=1)
 
 
-@dataclass(kw_only=True)
-class ScalingSettings:
-    num_workers: int = 2
+class ScalingSettings(Settings):
+    num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
-    cpus_per_worker: float = 1
-    gpus_per_worker: float = 0
+    cpus_per_worker: float = Field(1, ge=0)
+    gpus_per_worker: float = Field(0, ge=0)
     # extra Ray resources per worker, e.g. {"train_slot": 1} to force placement
-    resources_per_worker: dict = field(default_factory=dict)
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
     # Ray placement group strategy of the worker group; STRICT_SPREAD: one worker per node
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
-@dataclass(kw_only=True)
-class RunSettings:
-    name: str = "gaze-demo"
+class RunSettings(Settings):
+    name: str = Field("gaze-demo", min_length=1)
+    # a local directory, or a URI pyarrow opens (s3://bucket/prefix, gs://..., abfs://...)
     storage_path: str = "outputs/ray"
-    max_failures: int = 1
+    max_failures: int = Field(1, ge=-1)
+    # where the final HF export goes (a directory or URI); None: <storage_path>/<name>/export
     export_dir: str | None = None
 
 
-@dataclass(kw_only=True)
-class MlflowSettings:
+class MlflowSettings(Settings):
     enabled: bool = True
     # None: $MLFLOW_TRACKING_URI, else the local sqlite store
     tracking_uri: str | None = None
@@ -114,20 +94,52 @@ class MlflowSettings:
     system_metrics: bool = True
 
 
-@dataclass(kw_only=True)
-class FinetuneConfig:
-    model: ModelSettings = field(default_factory=ModelSettings)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimSettings = field(default_factory=OptimSettings)
-    top_k_schedule: TopKSchedule = field(default_factory=TopKSchedule)
-    train: TrainSettings = field(default_factory=TrainSettings)
-    scaling: ScalingSettings = field(default_factory=ScalingSettings)
-    run: RunSettings = field(default_factory=RunSettings)
-    mlflow: MlflowSettings = field(default_factory=MlflowSettings)
+class FinetuneConfig(Settings):
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimSettings = Field(default_factory=OptimSettings)
+    top_k_schedule: TopKSchedule = Field(default_factory=TopKSchedule)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    scaling: ScalingSettings = Field(default_factory=ScalingSettings)
+    run: RunSettings = Field(default_factory=RunSettings)
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
+
+    @model_validator(mode="after")
+    def _deepspeed_config_fits(self, info: ValidationInfo) -> FinetuneConfig:
+        if (info.context or {}).get(IN_WORKER):
+            # a worker gets the JSON itself from the driver, which checked it
+            return self
+        path = deepspeed_config_path(self)
+        if not path.is_file():
+            raise ValueError(f"train.deepspeed_config: no file {path}")
+        try:
+            ds = json.loads(path.read_text())
+        except ValueError as err:
+            raise ValueError(f"train.deepspeed_config: {path} is not JSON ({err})") from None
+        # a number in the JSON must agree with the config, which the schedules count by
+        for key, field in (
+            ("gradient_accumulation_steps", "grad_accum"),
+            ("train_micro_batch_size_per_gpu", "micro_batch_size"),
+        ):
+            value = ds.get(key, "auto")
+            if value != "auto" and value != getattr(self.train, field):
+                raise ValueError(
+                    f"train.{field} is {getattr(self.train, field)} but {path.name} sets "
+                    f'{key}: {value} (use "auto" there)'
+                )
+        return self
+
+
+def deepspeed_config_path(cfg: FinetuneConfig) -> Path:
+    """The DeepSpeed JSON; a relative path is relative to the working directory when it is
+    there, else to this checkout (the driver reads it; the workers get its contents)."""
+    path = Path(cfg.train.deepspeed_config)
+    if path.is_absolute() or (Path.cwd() / path).is_file():
+        return path.resolve()
+    return REPO / path
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> FinetuneConfig:
-    config = load_yaml(FinetuneConfig, path, overrides)
-    # fail at submission, not in a worker, on a bad gaze setting
-    config.model.gaze_config()
-    return config
+    """The config of ``path`` (None: the defaults) with ``key.sub=value`` overrides, checked:
+    a ``gazeattn.typed_config.ConfigError`` names every unknown key and wrong value."""
+    return load_yaml(FinetuneConfig, path, overrides)

@@ -8,30 +8,36 @@ The last checkpoint also holds a consolidated Hugging Face export under ``hf/``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray.train
 import torch
 
-from gazeattn.typed_config import from_dict
-from training.config import FinetuneConfig
+from training.config import IN_WORKER, FinetuneConfig, deepspeed_config_path
 from training.metrics import step_metrics
 from training.tracking import Tracker
 
 CKPT_TAG = "zero"
 EXPORT_SUBDIR = "hf"
+# the data position (DataPosition) in a checkpoint
+DATA_STATE = "data_state.json"
+TRAIN_DATASET = "train"
+# the rest of an interrupted epoch (pipelines.resume)
+RESUME_DATASET = "resume"
 
 
-def deepspeed_config(cfg: FinetuneConfig, repo: Path) -> dict:
+def deepspeed_config(cfg: FinetuneConfig) -> dict:
     """The DeepSpeed JSON with its "auto" fields filled from the typed config."""
-    path = Path(cfg.train.deepspeed_config)
-    ds = json.loads((path if path.is_absolute() else repo / path).read_text())
+    ds = json.loads(deepspeed_config_path(cfg).read_text())
     fills = {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
@@ -52,6 +58,9 @@ def deepspeed_config(cfg: FinetuneConfig, repo: Path) -> dict:
 
 
 def lr_lambda(cfg: FinetuneConfig):
+    """LR scale per optimizer step (DeepSpeed steps the scheduler once per optimizer step):
+    linear warm-up over ``optim.warmup_steps``, then constant or cosine down to 0.1x at
+    ``train.max_steps``."""
     warm, total = cfg.optim.warmup_steps, max(cfg.train.max_steps, 1)
 
     def scale(step: int) -> float:
@@ -65,6 +74,63 @@ def lr_lambda(cfg: FinetuneConfig):
     return scale
 
 
+@dataclass(kw_only=True)
+class StepResult:
+    """One optimizer step: the mean micro-batch loss, the micro-batches, the last gaze report."""
+
+    loss: float
+    batches: list[dict]
+    reports: dict | None
+    sample_ids: list[str]
+    seconds: float
+
+
+def optimizer_step(engine, batches: Iterator[tuple[dict, list[str]]], grad_accum: int):
+    """``grad_accum`` micro-batches forward and backward; DeepSpeed steps the optimizer (and
+    the LR scheduler) at the last one, the accumulation boundary."""
+    start = time.perf_counter()
+    before = engine.global_steps
+    losses, used, ids, out = [], [], [], None
+    for _ in range(grad_accum):
+        batch, batch_ids = next(batches)
+        out = engine(**batch, gaze_report=True, gaze_selection=True)
+        engine.backward(out.loss)
+        engine.step()
+        losses.append(float(out.loss.detach()))
+        used.append(batch)
+        ids += batch_ids
+    if engine.global_steps != before + 1:
+        raise RuntimeError(
+            f"{grad_accum} micro-batches made {engine.global_steps - before} optimizer steps: "
+            "the DeepSpeed config's gradient_accumulation_steps must equal train.grad_accum"
+        )
+    return StepResult(
+        loss=sum(losses) / len(losses),
+        batches=used,
+        reports=out.gaze_report,
+        sample_ids=ids,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def run_steps(
+    cfg: FinetuneConfig, engine, model, processor, scheduler, batches, step: int, world: int = 1
+):
+    """Optimizer steps from ``step`` on; yields ``(step, metrics row, StepResult)`` after each
+    (``step`` counts optimizer steps, as every schedule and interval of the config does;
+    ``world``: the number of ranks, for the throughput metrics)."""
+    while step < cfg.train.max_steps:
+        budget = _apply_schedule(cfg, model, processor, step)
+        # the LR this step's update used (the scheduler moves on at the boundary)
+        lr = scheduler.get_last_lr()[0]
+        result = optimizer_step(engine, batches, cfg.train.grad_accum)
+        step += 1
+        row = step_metrics(
+            result.loss, result.batches, result.seconds, world, lr, result.reports, budget
+        )
+        yield step, row, result
+
+
 def train_loop(loop_config: dict) -> None:
     """Ray Train worker entry; ``loop_config`` holds the config dict and driver-resolved paths."""
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -72,8 +138,7 @@ def train_loop(loop_config: dict) -> None:
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
-    cfg = from_dict(FinetuneConfig, loop_config["config"])
-    repo = Path(loop_config["repo"])
+    cfg = FinetuneConfig.model_validate(loop_config["config"], context={IN_WORKER: True})
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     node = ray.get_runtime_context().get_node_id()
@@ -81,7 +146,7 @@ def train_loop(loop_config: dict) -> None:
     torch.manual_seed(cfg.train.seed + rank)
     deepspeed.init_distributed("nccl" if cfg.scaling.use_gpu else "gloo")
 
-    ds_config = deepspeed_config(cfg, repo)
+    ds_config = loop_config["deepspeed"]
     # alive while loading, so transformers partitions the weights at load (ZeRO-3 init)
     hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841
     model, processor = _build_model(cfg, loop_config["model_path"])
@@ -95,7 +160,7 @@ def train_loop(loop_config: dict) -> None:
         model=model, model_parameters=trainable, config=ds_config, lr_scheduler=make_scheduler
     )
 
-    step = _resume(engine)
+    step, position = _resume(engine)
     tracker = None
     if rank == 0 and loop_config.get("mlflow_run_id"):
         tracker = Tracker(
@@ -103,30 +168,23 @@ def train_loop(loop_config: dict) -> None:
             loop_config["mlflow_run_id"],
             system_metrics=cfg.mlflow.system_metrics,
         )
-    batches = _batches(cfg, processor)
-    world = ctx.get_world_size()
+    stream = DataStream(cfg, processor, position)
     attempt_steps = 0
     try:
-        while step < cfg.train.max_steps:
-            _maybe_crash(loop_config, rank, step)
-            batch = next(batches)
-            budget = _apply_schedule(cfg, model, processor, step)
-            start = time.perf_counter()
-            out = engine(**batch, gaze_report=True, gaze_selection=True)
-            engine.backward(out.loss)
-            engine.step()
-            seconds = time.perf_counter() - start
-            step += 1
+        _maybe_crash(loop_config, rank, step)
+        steps = run_steps(
+            cfg, engine, model, processor, scheduler, iter(stream), step, ctx.get_world_size()
+        )
+        for step, row, result in steps:
             attempt_steps += 1
-            row = step_metrics(
-                out.loss, batch, seconds, world, scheduler.get_last_lr()[0], out.gaze_report, budget
-            )
             row.update(_drop_metrics())
+            _trace(loop_config, rank, step, stream.epoch, result.sample_ids)
             if rank == 0 and step % cfg.train.log_every == 0:
                 savings = row.get("kv_savings_pct", 0.0)
                 print(
                     f"[train] step {step}/{cfg.train.max_steps} loss {row['loss']:.4f} "
-                    f"budget {budget} kv savings {savings:.1f}% {row['samples_per_s']:.2f} samples/s",
+                    f"budget {row.get('top_k')} kv savings {savings:.1f}% "
+                    f"{row['samples_per_s']:.2f} samples/s",
                     flush=True,
                 )
                 if tracker:
@@ -134,9 +192,10 @@ def train_loop(loop_config: dict) -> None:
             last = step >= cfg.train.max_steps
             stop = cfg.train.stop_after is not None and attempt_steps >= cfg.train.stop_after
             if last or stop or step % cfg.train.checkpoint_every == 0:
-                _checkpoint(engine, model, processor, step, row, export=last)
+                _checkpoint(engine, model, processor, step, row, stream.state(), export=last)
             if stop and not last:
                 break
+            _maybe_crash(loop_config, rank, step)
     finally:
         if tracker:
             tracker.close()
@@ -144,8 +203,11 @@ def train_loop(loop_config: dict) -> None:
 
 def _build_model(cfg: FinetuneConfig, model_path: str):
     from gazeattn import load_model
+    from tracking.storage import is_uri, local_copy
 
-    model, processor = load_model(model_path, gaze=cfg.model.gaze_config())
+    # a model on object storage is read from this node's copy (downloaded once per node)
+    source = local_copy(model_path) if is_uri(model_path) else model_path
+    model, processor = load_model(source, gaze=cfg.model.gaze_config())
     if cfg.model.freeze_vision:
         for p in model.model.vision_tower.parameters():
             p.requires_grad_(False)
@@ -157,20 +219,31 @@ def _build_model(cfg: FinetuneConfig, model_path: str):
     return model, processor
 
 
-def _resume(engine) -> int:
+def _resume(engine) -> tuple[int, DataPosition]:
+    """The optimizer step and the data position of the checkpoint Ray Train restored."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return 0
+        return 0, DataPosition()
     with checkpoint.as_directory() as path:
         _, client_state = engine.load_checkpoint(path, tag=CKPT_TAG)
+        position = DataPosition.load(Path(path))
     step = int(client_state["step"])
-    print(f"[train] resumed from step {step}", flush=True)
-    return step
+    print(
+        f"[train] resumed from step {step} (epoch {position.epoch}, "
+        f"{len(position.consumed)} of its samples done)",
+        flush=True,
+    )
+    return step, position
 
 
-def _checkpoint(engine, model, processor, step: int, row: dict, *, export: bool) -> None:
+def _checkpoint(
+    engine, model, processor, step: int, row: dict, position: DataPosition, *, export: bool
+) -> None:
+    rank = ray.train.get_context().get_world_rank()
     with tempfile.TemporaryDirectory() as tmp:
         engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={"step": step})
+        if rank == 0:
+            position.save(Path(tmp))
         if export:
             _export(model, processor, Path(tmp) / EXPORT_SUBDIR)
         ray.train.report({**row, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -219,16 +292,76 @@ def _drop_metrics() -> dict[str, float]:
     return {f"data_dropped.{reason}": float(n) for reason, n in drop_counts().items()}
 
 
-def _batches(cfg: FinetuneConfig, processor):
-    from pipelines.dataset import iter_train_batches
+@dataclass(kw_only=True)
+class DataPosition:
+    """Where the data stream of all ranks is: the epoch, and the ids of its samples trained on."""
 
-    shard = ray.train.get_dataset_shard("train")
-    epoch = 0
-    while True:
-        yield from iter_train_batches(
-            shard, processor, cfg.data, batch_size=cfg.train.micro_batch_size, epoch=epoch
-        )
-        epoch += 1
+    epoch: int = 0
+    consumed: list[str] = field(default_factory=list)
+
+    def save(self, checkpoint_dir: Path) -> None:
+        (checkpoint_dir / DATA_STATE).write_text(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def load(cls, checkpoint_dir: Path) -> DataPosition:
+        path = checkpoint_dir / DATA_STATE
+        # checkpoints written before the data position was kept: from the start of epoch 0
+        return cls(**json.loads(path.read_text())) if path.is_file() else cls()
+
+
+class DataStream:
+    """This rank's micro-batches across epochs, resumed at a ``DataPosition``.
+
+    The rest of an interrupted epoch comes from the ``resume`` dataset, which drops (before
+    the split) the samples every rank already trained on; later epochs from ``train``.
+    """
+
+    def __init__(self, cfg: FinetuneConfig, processor, position: DataPosition):
+        self.cfg = cfg
+        self.processor = processor
+        self.epoch = position.epoch
+        self.consumed = list(position.consumed)
+
+    def __iter__(self) -> Iterator[tuple[dict, list[str]]]:
+        from pipelines.dataset import iter_train_batches
+        from pipelines.resume import set_skip
+
+        resuming = bool(self.consumed)
+        if resuming:
+            if ray.train.get_context().get_world_rank() == 0:
+                set_skip(self.consumed)
+            # no rank reads the resume dataset before rank 0 has set what it skips
+            torch.distributed.barrier()
+        while True:
+            shard = ray.train.get_dataset_shard(RESUME_DATASET if resuming else TRAIN_DATASET)
+            for batch, ids in iter_train_batches(
+                shard,
+                self.processor,
+                self.cfg.data,
+                batch_size=self.cfg.train.micro_batch_size,
+                epoch=self.epoch,
+                with_ids=True,
+            ):
+                self.consumed += ids
+                yield batch, ids
+            resuming = False
+            self.epoch += 1
+            self.consumed = []
+
+    def state(self) -> DataPosition:
+        """The position of all ranks together (a collective: every rank calls it)."""
+        gathered: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, self.consumed)
+        return DataPosition(epoch=self.epoch, consumed=[i for ids in gathered for i in ids])
+
+
+def _trace(loop_config: dict, rank: int, step: int, epoch: int, ids: list[str]) -> None:
+    """For tests: the sample ids of each optimizer step, one file per rank (with the process
+    id, which tells a restarted attempt's run of a step from the failed attempt's)."""
+    trace = loop_config.get("trace")
+    if trace:
+        with open(Path(trace) / f"rank{rank}.tsv", "a") as f:
+            f.writelines(f"{step}\t{epoch}\t{os.getpid()}\t{i}\n" for i in ids)
 
 
 def _maybe_crash(loop_config: dict, rank: int, step: int) -> None:

@@ -26,23 +26,25 @@ def routing_entropy(report: LayerReport, num_regions: int) -> float:
 
 
 def step_metrics(
-    loss: torch.Tensor,
-    batch: dict,
+    loss: float,
+    batches: list[dict],
     seconds: float,
     world_size: int,
     lr: float,
     reports: dict[int, LayerReport] | None,
-    top_k: int | None,
+    top_k: float | None,
 ) -> dict[str, float]:
-    """One step's metrics (throughput scaled by the number of ranks, which see equal batches)."""
-    tokens = (
-        int(batch["attention_mask"].sum())
-        if "attention_mask" in batch
-        else batch["input_ids"].numel()
+    """One optimizer step's metrics over its micro-``batches`` (throughput scaled by the number
+    of ranks, which see equal batches); ``loss`` is the mean of the micro-batch losses and
+    ``reports`` the gaze reports of the last micro-batch."""
+    tokens = sum(
+        int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+        for b in batches
     )
-    samples = batch["input_ids"].shape[0]
+    samples = sum(b["input_ids"].shape[0] for b in batches)
+    batch = batches[-1]
     row = {
-        "loss": float(loss.detach()),
+        "loss": loss,
         "lr": lr,
         "step_seconds": seconds,
         "tokens_per_s": world_size * tokens / seconds,

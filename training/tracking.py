@@ -28,14 +28,6 @@ TRACKING_ERRORS = (MlflowException, OSError)
 CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 
 
-def resolve_tracking_uri(uri: str | None, base_dir: str | Path = ".") -> str:
-    """The configured URI, else $MLFLOW_TRACKING_URI, else the local sqlite store (absolute path)."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    return f"sqlite:///{Path(base_dir).resolve() / 'mlflow.db'}"
-
-
 def _fail_fast() -> None:
     for key, value in CLIENT_ENV.items():
         os.environ.setdefault(key, value)

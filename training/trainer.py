@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -14,9 +14,26 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from gazeattn.typed_config import flatten, to_dict
+from tracking.storage import (
+    Location,
+    StorageError,
+    check_writable,
+    copy_dir,
+    is_uri,
+    local_copy,
+    open_location,
+    upload_dir,
+)
+from tracking.uri import resolve_tracking_uri
 from training.config import REPO, FinetuneConfig
-from training.loop import EXPORT_SUBDIR, train_loop
-from training.tracking import TRACKING_ERRORS, Tracker, resolve_run, resolve_tracking_uri
+from training.loop import (
+    EXPORT_SUBDIR,
+    RESUME_DATASET,
+    TRAIN_DATASET,
+    deepspeed_config,
+    train_loop,
+)
+from training.tracking import TRACKING_ERRORS, Tracker, resolve_run
 
 log = logging.getLogger(__name__)
 
@@ -25,59 +42,101 @@ PACKAGES = ("torch", "ray", "deepspeed", "transformers", "mlflow", "triton", "we
 
 @dataclass(kw_only=True)
 class FinetuneResult:
-    export_dir: Path
+    # where the export is: a local directory or an object-store URI (run.export_dir)
+    export_dir: str
     metrics: dict
     mlflow_uri: str | None
     mlflow_run_id: str | None
     registered_model: str | None
+    mlflow_model_uri: str | None = None
 
 
-def storage_root(cfg: FinetuneConfig) -> Path:
-    path = Path(cfg.run.storage_path)
-    if "://" in cfg.run.storage_path:
-        raise ValueError("remote storage_path needs a shared filesystem mount in this version")
-    return (path if path.is_absolute() else Path.cwd() / path).resolve()
+def storage_root(cfg: FinetuneConfig) -> Location:
+    """``run.storage_path`` opened and writable: a local directory (relative to the working
+    directory) or an object-store URI; a ``StorageError`` names it otherwise."""
+    return check_writable(cfg.run.storage_path, "run.storage_path")
 
 
-def prepare_model(cfg: FinetuneConfig, root: Path) -> str:
+def export_location(cfg: FinetuneConfig, root: Location) -> Location:
+    if cfg.run.export_dir:
+        return check_writable(cfg.run.export_dir, "run.export_dir")
+    return root.join(cfg.run.name, "export")
+
+
+def prepare_model(cfg: FinetuneConfig, root: Location) -> str:
     """The checkpoint the workers load: a gaze checkpoint, converted once here when needed.
 
     Conversion (stock LLaVA -> gaze, context tokens initialised from visual features) runs
     on the driver with full weights, so that the workers load an ordinary checkpoint that
-    ZeRO-3 partitions at load time. "tiny" builds the offline tiny stock model first.
+    ZeRO-3 partitions at load time. "tiny" builds the offline tiny stock model first. With
+    object storage the converted model is uploaded beside the checkpoints, where every node
+    reads it, and its URI returned. A source that does not exist fails here, at submission.
     """
+    out = root.join(cfg.run.name, "gaze-init")
+    if out.is_file("config.json"):
+        return out.uri
+    with tempfile.TemporaryDirectory(prefix="gazeattn-prepare-") as tmp:
+        work = Path(root.join(cfg.run.name).path) if root.is_local else Path(tmp)
+        source = cfg.model.name_or_path
+        if source == "tiny":
+            from gazeattn.tiny import build_tiny
+
+            source = str(work / "tiny-base")
+            if not (Path(source) / "config.json").exists():
+                build_tiny(source, gaze=False, **cfg.model.tiny_options)
+        if _is_gaze_checkpoint(source):
+            return source
+        converted = work / "gaze-init"
+        print(f"[finetune] converting {source} into a gaze model at {out.uri}", flush=True)
+        _convert(cfg, source, converted)
+        if root.is_local:
+            return str(converted)
+        upload_dir(converted, out)
+    return out.uri
+
+
+def _is_gaze_checkpoint(source: str) -> bool:
+    """Whether ``source`` (a directory, object-store URI or hub name) holds a gaze model."""
     from transformers import AutoConfig
 
+    try:
+        config = AutoConfig.from_pretrained(local_copy(source) if is_uri(source) else source)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(
+            f"model.name_or_path {source}: not a model directory, URI or hub name that "
+            f"resolves ({err})"
+        ) from None
+    return getattr(config, "gaze_config", None) is not None
+
+
+def _convert(cfg: FinetuneConfig, source, out: Path) -> None:
     from gazeattn.model import load_model
 
-    source = cfg.model.name_or_path
-    if source == "tiny":
-        from gazeattn.tiny import build_tiny
-
-        source = root / cfg.run.name / "tiny-base"
-        if not (source / "config.json").exists():
-            build_tiny(source, gaze=False, **cfg.model.tiny_options)
-    if getattr(AutoConfig.from_pretrained(source), "gaze_config", None) is not None:
-        return str(source)
-    out = root / cfg.run.name / "gaze-init"
-    if not (out / "config.json").exists():
-        print(f"[finetune] converting {source} into a gaze model at {out}", flush=True)
-        model, processor = load_model(source, gaze=cfg.model.gaze_config())
-        model.save_pretrained(out)
-        processor.save_pretrained(out)
-    return str(out)
+    model, processor = load_model(source, gaze=cfg.model.gaze_config())
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
 
 
-def run_finetune(cfg: FinetuneConfig, *, crash: dict | None = None) -> FinetuneResult:
-    """Fine-tune as configured and return where the export is; resumes a run of the same name."""
+def run_finetune(
+    cfg: FinetuneConfig, *, crash: dict | None = None, trace: str | None = None
+) -> FinetuneResult:
+    """Fine-tune as configured and return where the export is; resumes a run of the same name.
+
+    ``crash`` and ``trace`` are test hooks (a worker killed at a step; the sample ids of each
+    step written under a directory)."""
     from pipelines.dataset import build_train_dataset
 
+    # bad storage or a missing model fails here, before Ray starts a worker
+    root = storage_root(cfg)
+    export = export_location(cfg, root)
+    model_path = prepare_model(cfg, root)
+    # read before ray.init: in a `ray job submit` driver, ray.init can replace the job's
+    # working directory, after which relative paths (and os.getcwd) fail
+    ds_config = deepspeed_config(cfg)
     if not ray.is_initialized():
         # joins the cluster under `ray job submit` (or RAY_ADDRESS); else starts a local Ray
         ray.init()
-    root = storage_root(cfg)
-    root.mkdir(parents=True, exist_ok=True)
-    model_path = prepare_model(cfg, root)
+    local_model = _local_processor_dir(model_path)
 
     uri = run_id = None
     if cfg.mlflow.enabled:
@@ -94,11 +153,13 @@ def run_finetune(cfg: FinetuneConfig, *, crash: dict | None = None) -> FinetuneR
 
     loop_config = {
         "config": to_dict(cfg),
-        "repo": str(REPO),
+        # the JSON itself: a path of the driver's working directory means nothing on a node
+        "deepspeed": ds_config,
         "model_path": model_path,
         "mlflow_uri": uri,
         "mlflow_run_id": run_id,
         "crash": crash,
+        "trace": trace,
     }
     trainer = TorchTrainer(
         train_loop,
@@ -116,11 +177,17 @@ def run_finetune(cfg: FinetuneConfig, *, crash: dict | None = None) -> FinetuneR
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         run_config=RunConfig(
             name=cfg.run.name,
-            storage_path=str(root),
+            # with a filesystem given, Ray takes the path inside it (bucket/prefix, no scheme)
+            storage_path=root.path,
+            storage_filesystem=None if root.is_local else root.filesystem,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"train": build_train_dataset(cfg.data, model_path)},
+        datasets={
+            TRAIN_DATASET: build_train_dataset(cfg.data, local_model),
+            # the rest of an interrupted epoch; read only by a resumed worker group
+            RESUME_DATASET: build_train_dataset(cfg.data, local_model, resume=True),
+        },
     )
     result = trainer.fit()
     if result.error:
@@ -131,31 +198,49 @@ def run_finetune(cfg: FinetuneConfig, *, crash: dict | None = None) -> FinetuneR
             flush=True,
         )
         return FinetuneResult(
-            export_dir=Path(),
+            export_dir="",
             metrics=result.metrics,
             mlflow_uri=uri,
             mlflow_run_id=run_id,
             registered_model=None,
         )
-    export_dir = _copy_export(cfg, root, result.checkpoint)
-    registered = None
+    _copy_export(result.checkpoint, export)
+    registered = model_uri = None
     if run_id is not None:
-        from training.export import log_model
+        from tracking.models import log_model
 
         try:
-            registered = log_model(uri, run_id, export_dir, cfg.mlflow.registered_model_name)
-        except TRACKING_ERRORS as err:  # the export on disk is the result; MLflow holds a copy
+            with tempfile.TemporaryDirectory(prefix="gazeattn-export-") as tmp:
+                model_uri = log_model(
+                    uri, run_id, _local_export(export, tmp), cfg.mlflow.registered_model_name
+                )
+            registered = cfg.mlflow.registered_model_name
+        except TRACKING_ERRORS as err:  # the export is the result; MLflow holds a copy
             print(
-                f"[finetune] WARNING: could not log the model to MLflow ({err}); it is at {export_dir}",
+                f"[finetune] WARNING: could not log the model to MLflow ({err}); it is at {export.uri}",
                 flush=True,
             )
     return FinetuneResult(
-        export_dir=export_dir,
+        export_dir=export.uri,
         metrics=result.metrics,
         mlflow_uri=uri,
         mlflow_run_id=run_id,
         registered_model=registered,
+        mlflow_model_uri=model_uri,
     )
+
+
+def _local_processor_dir(model_path: str) -> str:
+    """A local directory with the model's processor, for the driver-side pipeline."""
+    return str(local_copy(model_path)) if is_uri(model_path) else model_path
+
+
+def _local_export(export: Location, tmp: str) -> Path:
+    if export.is_local:
+        return Path(export.path)
+    local = open_location(tmp).join("export")
+    copy_dir(export, local)
+    return Path(local.path)
 
 
 def _start_tracking(cfg: FinetuneConfig, uri: str) -> str:
@@ -170,18 +255,19 @@ def _start_tracking(cfg: FinetuneConfig, uri: str) -> str:
     return run_id
 
 
-def _copy_export(cfg: FinetuneConfig, root: Path, checkpoint) -> Path:
-    out = Path(cfg.run.export_dir) if cfg.run.export_dir else root / cfg.run.name / "export"
-    with checkpoint.as_directory() as ckpt:
-        src = Path(ckpt) / EXPORT_SUBDIR
-        if not (src / "config.json").exists():
-            raise RuntimeError(
-                f"the final checkpoint {ckpt} holds no export under {EXPORT_SUBDIR}/"
-            )
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.copytree(src, out)
-    return out
+def _copy_export(checkpoint, export: Location) -> None:
+    """The final checkpoint's HF export (``hf/``) to the export location (any filesystem)."""
+    src = Location(
+        filesystem=checkpoint.filesystem,
+        path=f"{checkpoint.path.rstrip('/')}/{EXPORT_SUBDIR}",
+        uri=f"{checkpoint.path}/{EXPORT_SUBDIR}",
+    )
+    if not src.is_file("config.json"):
+        raise RuntimeError(f"the final checkpoint {checkpoint.path} holds no export under hf/")
+    try:
+        copy_dir(src, export)
+    except OSError as err:
+        raise StorageError(f"could not write the export to {export.uri}: {err}") from err
 
 
 def _git_commit() -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 Routing = Literal["kv_head", "query_head"]
@@ -38,7 +38,10 @@ class GazeConfig:
             )
         object.__setattr__(self, "region_size", region)
         if (self.top_k is None) == (self.keep_ratio is None):
-            raise ValueError("give exactly one of top_k or keep_ratio")
+            raise ValueError(
+                "give exactly one of top_k or keep_ratio (set the other to null), got "
+                f"top_k={self.top_k!r}, keep_ratio={self.keep_ratio!r}"
+            )
         if self.top_k is not None and self.top_k != ALL:
             if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
                 raise ValueError(f"top_k must be an int >= 1 or 'all', got {self.top_k!r}")
@@ -81,3 +84,12 @@ class GazeConfig:
         if "region_size" in data:
             data["region_size"] = tuple(data["region_size"])
         return cls(**data)
+
+
+def dense_twin(config: GazeConfig) -> GazeConfig:
+    """The dense baseline of ``config`` (the paper's "dense twin"): the same regions and context
+    tokens, every visual entry attended (``top_k="all"``) through the dense backend.
+
+    Training (``model.attn: dense``), evaluation (``--attn dense``) and serving
+    (``gaze.attn: dense``) all build their dense runs with this function."""
+    return replace(config, top_k=ALL, keep_ratio=None, backend="dense")

@@ -73,10 +73,14 @@ def config(shards, **kw) -> DataConfig:
     return DataConfig(**{**base, **kw})
 
 
-def test_round_trip_through_ray(ray_session, data):
+@pytest.mark.parametrize("given", ["tars", "directory"])
+def test_round_trip_through_ray(ray_session, data, given):
     root, records, shards = data
     reset_drop_counts()
-    rows = sorted(build_train_dataset(config(shards)).take_all(), key=lambda r: r["key"])
+    # a directory of make_shards output holds manifest.json beside the tars: only tars are read
+    assert (root / "shards" / "manifest.json").is_file()
+    source = shards if given == "tars" else [str(root / "shards")]
+    rows = sorted(build_train_dataset(config(source)).take_all(), key=lambda r: r["key"])
     assert [json.loads(r["record"]) for r in rows] == records
     for row, record in zip(rows, records, strict=True):
         images, videos = decoded_media(row)

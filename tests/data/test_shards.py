@@ -194,10 +194,10 @@ def test_resolve_shards_generates_synthetic_when_none_are_set(tmp_path):
 def test_demo_config_data_section_loads():
     import yaml
 
-    from gazeattn.typed_config import from_dict
+    from gazeattn.typed_config import validate
     from pipelines.config import DataConfig
 
     root = Path(__file__).resolve().parents[2]
     data = yaml.safe_load((root / "configs" / "demo.yaml").read_text())["data"]
-    cfg = from_dict(DataConfig, data)
+    cfg = validate(DataConfig, data)
     assert cfg.synthetic.n_train == data["synthetic"]["n_train"]

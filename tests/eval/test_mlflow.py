@@ -7,7 +7,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from evaluation.cli import compare_main, evaluate_main
-from evaluation.compare import CHART_DPI, CHART_SIZE, SWEEP_TAG
+from evaluation.compare import SWEEP_TAG
 
 METRICS = [
     "eval/accuracy", "eval/samples", "eval/generated_tokens", "eval/visual_entries_per_token",
@@ -119,7 +119,8 @@ def test_sweep_runs_share_one_experiment(sweep, mlflow_server, tmp_path):
                                       str(tmp_path))  # fmt: skip
     with Image.open(chart) as image:
         assert image.format == "PNG"
-        assert image.size == (round(CHART_SIZE[0] * CHART_DPI), round(CHART_SIZE[1] * CHART_DPI))
+        # 6.4 x 4 in at 100 dpi
+        assert image.size == (640, 400)
 
 
 def _chromium(args, timeout=120):
@@ -169,7 +170,7 @@ def test_mlflow_compare_page_shows_the_sweep(sweep, mlflow_server):
 def test_resolve_the_finetune_jobs_pyfunc_model(mlflow_server, tiny_dir):
     """The fine-tuning job's MLflow model (an MLflow 3 logged model) by runs:/, by registered
     version and alias, and by its logged-model id; each names the run that logged it."""
-    from training.export import log_model, resolve_model
+    from tracking.models import log_model, resolve_model
 
     client = MlflowClient(mlflow_server.uri)
     exp_id = client.create_experiment("pyfunc-test")

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import io
-import os
 import threading
 from contextlib import contextmanager
 from functools import partial
@@ -14,34 +12,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tests.servers import free_port
+from serving.images import data_url
+from serving.local import ROOT, local_serve
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@contextmanager
-def local_serve(num_cpus: int = 4):
-    """Local Ray + Serve bound to loopback; yields the HTTP base URL, stops both after."""
-    import ray
-    from ray import serve
-
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "PYTHONPATH")}
-    # workers inherit this: the checkout's packages, not another install's
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), saved["PYTHONPATH"]]))
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    port = free_port()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+__all__ = ["ROOT", "data_url", "image_bytes", "image_part", "local_serve", "static_files", "user"]
 
 
 @contextmanager
@@ -69,10 +43,6 @@ def image_bytes(seed: int = 0, size=(40, 56), fmt: str = "PNG") -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format=fmt)
     return buffer.getvalue()
-
-
-def data_url(data: bytes, mime: str = "image/png") -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
 def image_part(url: str) -> dict:

@@ -72,8 +72,10 @@ def test_load_scales_up_and_back(server):
         while not stop.is_set() and time.monotonic() < deadline:
             try:
                 out = ask(client, i)
-                assert out.choices[0].finish_reason in ("stop", "length")
-                assert out.usage.completion_tokens <= 12
+                used = out.usage.completion_tokens
+                # "length" exactly when the 12-token budget is used up, else an end token
+                assert out.choices[0].finish_reason == ("length" if used == 12 else "stop")
+                assert 1 <= used <= 12
                 done.append(out)
             except Exception as err:  # noqa: BLE001 - every failure is reported below
                 failures.append(repr(err))

@@ -1,6 +1,6 @@
 """``jobs/serve.py`` end to end: a model logged to a real MLflow server, served by its URI.
 
-The model is logged as ``training.export.log_model`` does it (a registered pyfunc model
+The model is logged as ``tracking.models.log_model`` does it (a registered pyfunc model
 with the HF export under ``artifacts/model_dir``).
 
 The job runs as a subprocess (its own local Ray and Serve on 127.0.0.1), prints
@@ -24,7 +24,7 @@ from gazeattn.ops import GazeConfig
 from gazeattn.tiny import build_tiny
 from tests.serve.harness import ROOT, data_url, image_bytes, image_part, user
 from tests.servers import free_port
-from training.export import resolve_model
+from tracking.models import resolve_model
 
 REGISTERED = "serve-job-gaze-tiny"
 
@@ -35,7 +35,7 @@ def logged_run(mlflow_server, tmp_path_factory):
     ``junk`` artifact that is no model."""
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    from training.export import log_model
+    from tracking.models import log_model
 
     model_dir = build_tiny(tmp_path_factory.mktemp("model"), gaze_config=GazeConfig(top_k=2))
     client = MlflowClient(mlflow_server.uri)

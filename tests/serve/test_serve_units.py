@@ -12,6 +12,7 @@ from PIL import Image
 from gazeattn.generation import GenerationRequest, generate_batch
 from gazeattn.model import load_model
 from gazeattn.ops import GazeConfig
+from gazeattn.ops.config import dense_twin
 from gazeattn.tiny import build_tiny
 from serving.errors import BadRequest, NotFound, TooLarge, Unprocessable
 from serving.images import load_image
@@ -160,6 +161,24 @@ def test_gaze_override_replaces_budget_and_backend(model_dir):
     assert dense.backend == "dense" and dense.keep_ratio == 0.3
     top = gaze_config(model_dir, GazeOverride(top_k=3))
     assert top.top_k == 3 and top.keep_ratio is None
+    twin = gaze_config(model_dir, GazeOverride(attn="dense"))
+    assert twin == dense_twin(GazeConfig(keep_ratio=0.3))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"keep_ratio": 1.5}, "keep_ratio must be in"),
+        ({"top_k": 0}, "top_k must be"),
+        ({"top_k": 3, "keep_ratio": 0.5}, "exactly one"),
+        ({"attn": "dense", "top_k": 3}, "takes no top_k"),
+        ({"region_size": [1, 2, 2]}, "Extra inputs"),
+    ],
+    ids=["ratio", "top-k", "both", "dense-with-budget", "not-overridable"],
+)
+def test_bad_gaze_overrides_fail_in_the_settings(override, message):
+    with pytest.raises(ValueError, match=message):
+        ServeSettings.model_validate({"model": "m", "gaze": override})
 
 
 def test_placeholder_tokens_are_never_generated(model_dir):
@@ -215,7 +234,7 @@ def test_a_failing_request_does_not_fail_its_batch(model_dir):
 def test_mlflow_uri_resolves_to_the_model_directory(model_dir, tmp_path, monkeypatch):
     import mlflow
 
-    from training.export import resolve_model
+    from tracking.models import resolve_model
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = mlflow.MlflowClient()

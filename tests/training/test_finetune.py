@@ -3,9 +3,11 @@ a worker process killed mid-run, export and reload, the MLflow server going away
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,6 +65,46 @@ def _fixed_batch(path, seed=0):
     return model, processor.collate([processor.encode_sample(messages, images=[image])])
 
 
+def read_trace(trace) -> dict[int, tuple[int, list[str]]]:
+    """Step -> (epoch, the sample ids every rank trained on), from the loop's trace files; a
+    step that a failed attempt ran and its restart ran again counts as the restart ran it.
+    An id is the tar's name and the key (the tmp directories differ between tests)."""
+    steps: dict[int, tuple[int, list[str]]] = {}
+    for path in sorted(trace.glob("rank*.tsv")):
+        mine: dict[int, tuple[int, list[str]]] = {}
+        last = None
+        for line in path.read_text().splitlines():
+            step, epoch, pid, sample = line.split("\t")
+            step = int(step)
+            if (step, pid) != last:
+                mine[step] = (int(epoch), [])  # a step run again replaces the earlier run
+                last = (step, pid)
+            mine[step][1].append(sample.rsplit("/", 1)[-1])
+        for step, (epoch, ids) in mine.items():
+            steps.setdefault(step, (epoch, []))[1].extend(ids)
+    return steps
+
+
+def training_ids(tmp_path) -> set[str]:
+    """The ids of every training sample, from the shards' manifest."""
+    shards = tmp_path / "data" / "shards" / "train"
+    manifest = json.loads((shards / "manifest.json").read_text())
+    ids = set()
+    for shard in manifest["shards"]:
+        first, last = int(shard["first_key"]), int(shard["last_key"])
+        ids |= {f"{shard['name']}#{k:09d}" for k in range(first, last + 1)}
+    assert len(ids) == EPOCH
+    return ids
+
+
+def epoch_samples(steps, epoch: int) -> Counter:
+    return Counter(i for e, ids in steps.values() if e == epoch for i in ids)
+
+
+# 24 training samples over 2 ranks x micro-batches of 2: an epoch is 6 optimizer steps
+EPOCH = 24
+
+
 def test_stop_resume_crash_recovery_export_and_tracking(local_ray, tmp_path, mlflow_server):
     name = "resume-crash"
     cfg = _config(
@@ -75,16 +117,29 @@ def test_stop_resume_crash_recovery_export_and_tracking(local_ray, tmp_path, mlf
             "train.stop_after": 2,
         },
     )
-    first = run_finetune(cfg)
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    first = run_finetune(cfg, trace=str(trace))
     assert first.metrics["step"] == 2 and first.registered_model is None
 
     # the rerun resumes at step 2; rank 1's process dies at step 3 and Ray restarts the group
     cfg.train.stop_after = None
     marker = tmp_path / "crashed"
-    second = run_finetune(cfg, crash={"rank": 1, "step": 3, "marker": str(marker)})
+    second = run_finetune(
+        cfg, crash={"rank": 1, "step": 3, "marker": str(marker)}, trace=str(trace)
+    )
     assert marker.exists(), "the worker process was not killed"
     assert second.metrics["step"] == 6
     assert second.mlflow_run_id == first.mlflow_run_id
+
+    # exact data resume: stopped at step 2, restarted from it after the crash, the run still
+    # trained on every sample of epoch 0 exactly once (a restarted epoch repeats samples)
+    steps = read_trace(trace)
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]
+    assert {epoch for epoch, _ in steps.values()} == {0}
+    seen = epoch_samples(steps, 0)
+    assert sum(seen.values()) == EPOCH and set(seen.values()) == {1}, seen
+    assert set(seen) == training_ids(tmp_path)
 
     client = MlflowClient(mlflow_server.uri)
     history = client.get_metric_history(second.mlflow_run_id, "loss")
@@ -132,7 +187,12 @@ def test_export_equals_the_zero_checkpoint(local_ray, tmp_path):
     ckpt = sorted(p for p in (tmp_path / "ray" / "export").glob("checkpoint_*") if p.is_dir())[-1]
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="zero")
     reference, _ = load_model(result.export_dir)
-    reference.load_state_dict(state, strict=False)
+    loaded = reference.load_state_dict(state, strict=False)
+    # every saved tensor is a parameter of the model; only the tied output embedding (saved
+    # once, as the input embedding) may be absent from the ZeRO checkpoint
+    assert loaded.unexpected_keys == []
+    tied = {"lm_head.weight"} if reference.config.get_text_config().tie_word_embeddings else set()
+    assert set(loaded.missing_keys) <= tied, loaded.missing_keys
     _, batch = _fixed_batch(result.export_dir)
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, atol=0, rtol=0)
@@ -163,7 +223,11 @@ def test_dense_baseline_lands_beside_gaze_and_survives_mlflow_going_down(local_r
             },
         )
         outcome = {}
-        thread = threading.Thread(target=lambda: outcome.update(result=run_finetune(cfg)))
+        trace = tmp_path / "trace"
+        trace.mkdir()
+        thread = threading.Thread(
+            target=lambda: outcome.update(result=run_finetune(cfg, trace=str(trace)))
+        )
         thread.start()
         deadline = time.monotonic() + 300
         run_id = None
@@ -180,7 +244,13 @@ def test_dense_baseline_lands_beside_gaze_and_survives_mlflow_going_down(local_r
         server.stop()
         thread.join(600)
         assert not thread.is_alive() and outcome["result"].metrics["step"] == 8
-        assert outcome["result"].export_dir.joinpath("config.json").exists()
+        assert (Path(outcome["result"].export_dir) / "config.json").exists()
+        # uninterrupted: epoch 0 is steps 1-6, every sample once; epoch 1 begins at step 7
+        steps = read_trace(trace)
+        assert [steps[s][0] for s in sorted(steps)] == [0] * 6 + [1] * 2
+        seen = epoch_samples(steps, 0)
+        assert sum(seen.values()) == EPOCH and set(seen.values()) == {1}, seen
+        assert set(seen) == training_ids(tmp_path)
         # the dense twin and the gaze run report the same metric names
         assert {"loss", "kv_savings_pct", "visual_attended", "visual_dense"} <= gaze_keys & set(
             dense_metrics

@@ -7,7 +7,8 @@ import logging
 from mlflow.tracking import MlflowClient
 
 from tests.servers import MlflowServer
-from training.tracking import Tracker, resolve_run, resolve_tracking_uri
+from tracking.uri import resolve_tracking_uri
+from training.tracking import Tracker, resolve_run
 
 
 def test_resolve_run_reuses_the_run_of_a_name(mlflow_server):
@@ -66,12 +67,13 @@ def test_logged_model_holds_the_export_where_model_dir_of_looks(mlflow_server, t
     import mlflow
 
     from gazeattn.tiny import build_tiny
-    from training.export import log_model, model_dir_of
+    from tracking.models import log_model, model_dir_of
 
     export = build_tiny(tmp_path / "export")
     run_id = resolve_run(mlflow_server.uri, "exp-model", "run")
     before = mlflow.get_tracking_uri()
-    assert log_model(mlflow_server.uri, run_id, export, "tiny-logged") == "tiny-logged"
+    model_uri = log_model(mlflow_server.uri, run_id, export, "tiny-logged")
+    assert model_uri.startswith("models:/m-")
     assert mlflow.get_tracking_uri() == before
     client = MlflowClient(mlflow_server.uri, registry_uri=mlflow_server.uri)
     versions = client.search_model_versions("name='tiny-logged'")

@@ -1,8 +1,18 @@
-"""The exported gaze model as an MLflow model: logged into the training run and registered,
-and found again (``resolve_model``) by the serving and evaluation jobs."""
+"""The exported gaze model as an MLflow model: logged into the training run and registered
+(``log_model``), and found again (``resolve_model``) by the serving and evaluation jobs.
+
+The logged model is a portable pyfunc: it carries its code (``gazeattn`` and this package,
+as ``code_paths``), a signature with an input example that holds an image, and pip
+requirements that install on a CPU or a GPU machine (torch without a ``+cpu`` local
+version). ``mlflow.pyfunc.load_model("models:/NAME/VERSION")`` then answers image
+questions in any environment with those requirements, without this repository.
+"""
 
 from __future__ import annotations
 
+import base64
+import io
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -17,13 +27,20 @@ from mlflow.tracking import MlflowClient
 
 MODEL_ARTIFACT = "model_dir"
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+# what the pyfunc imports at load and predict time (gazeattn and this package's own)
+REQUIREMENTS = (
+    "torch", "transformers", "tokenizers", "safetensors", "numpy", "pillow", "pyyaml",
+    "mlflow", "pandas",
+)  # fmt: skip
+DEFAULT_MAX_NEW_TOKENS = 32
 
 
 class GazePyfuncModel(mlflow.pyfunc.PythonModel):
-    """Loads the HF-format export with ``gazeattn.load_model``; predicts answers to prompts.
+    """Loads the HF-format export with ``gazeattn.load_model``; answers questions about images.
 
-    Input: a DataFrame or list of dicts with a ``prompt`` column (text-only here;
-    images go through the serving endpoint). Output: the generated answers.
+    Input: a DataFrame (or list of dicts) with a ``prompt`` column and an optional ``image``
+    column (base64 of an image file, or a ``data:image/...;base64,`` URL; empty or missing:
+    a text-only question). Param ``max_new_tokens``. Output: the answers, one per row.
     """
 
     def load_context(self, context) -> None:
@@ -38,14 +55,84 @@ class GazePyfuncModel(mlflow.pyfunc.PythonModel):
         rows = (
             model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
         )
-        max_new = int((params or {}).get("max_new_tokens", 32))
-        requests = [
-            GenerationRequest(
-                messages=[{"role": "user", "content": str(row["prompt"])}], max_new_tokens=max_new
-            )
-            for row in rows
-        ]
+        max_new = int((params or {}).get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+        requests = [_request(row, max_new, GenerationRequest) for row in rows]
         return [r.text for r in generate_batch(self.model, self.processor, requests)]
+
+
+def _request(row: dict, max_new: int, request_type):
+    image = decode_image(row.get("image"))
+    content = [{"type": "text", "text": str(row["prompt"])}]
+    if image is not None:
+        content.insert(0, {"type": "image"})
+    return request_type(
+        messages=[{"role": "user", "content": content}],
+        images=[image] if image is not None else [],
+        max_new_tokens=max_new,
+    )
+
+
+def decode_image(value):
+    """An image column value (base64 string, data URL, raw bytes, None/NaN/"") -> RGB PIL image."""
+    from PIL import Image
+
+    if value is None or isinstance(value, float) or (isinstance(value, str) and not value):
+        return None  # pandas gives NaN for a missing value
+    if isinstance(value, str):
+        data = value.split(",", 1)[1] if value.startswith("data:") else value
+        value = base64.b64decode(data, validate=True)
+    with Image.open(io.BytesIO(value)) as image:
+        return image.convert("RGB")
+
+
+def encode_image(image) -> str:
+    """A PIL image or HWC uint8 array -> the base64 PNG string the ``image`` column takes."""
+    import numpy as np
+    from PIL import Image
+
+    if not hasattr(image, "save"):
+        image = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def input_example():
+    """One image question: a red square on grey, 32 x 32 pixels."""
+    import numpy as np
+    import pandas as pd
+
+    pixels = np.full((32, 32, 3), 90, np.uint8)
+    pixels[8:24, 8:24] = (220, 30, 30)
+    return pd.DataFrame([{"prompt": "What colour is the square?", "image": encode_image(pixels)}])
+
+
+def signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "image", required=False)]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([ParamSpec("max_new_tokens", "long", DEFAULT_MAX_NEW_TOKENS)]),
+    )
+
+
+def pip_requirements() -> list[str]:
+    """Pinned to what is installed here, without local versions: ``torch==2.13.0`` (not
+    ``2.13.0+cpu``) installs the CPU build or the CUDA build, as the machine's index gives."""
+    return [f"{name}=={_public_version(metadata.version(name))}" for name in REQUIREMENTS]
+
+
+def _public_version(version: str) -> str:
+    return re.sub(r"\+.*$", "", version)
+
+
+def code_paths() -> list[str]:
+    """The packages the pyfunc imports: ``gazeattn`` and this one (``tracking``)."""
+    import gazeattn
+
+    return [str(Path(gazeattn.__file__).parent), str(Path(__file__).parent)]
 
 
 def model_dir_of(local_root: str | Path) -> Path:
@@ -70,21 +157,25 @@ class ResolvedModel:
 
 
 def resolve_model(model: str, tracking_uri: str | None = None) -> ResolvedModel:
-    """A local model directory as is; an MLflow URI (models:/, runs:/, mlflow-artifacts:/)
-    downloaded first, from ``tracking_uri`` when given (it becomes the process's tracking URI,
-    as with ``mlflow.set_tracking_uri``: MLflow resolves logged models through that one),
-    else from MLflow's own (MLFLOW_TRACKING_URI).
+    """A local model directory as is; a model on object storage (``s3://...``, any URI
+    ``tracking.storage`` opens) copied into the local cache; an MLflow URI (models:/, runs:/,
+    mlflow-artifacts:/) downloaded first, from ``tracking_uri`` when given (it becomes the
+    process's tracking URI, as with ``mlflow.set_tracking_uri``: MLflow resolves logged models
+    through that one), else from MLflow's own (MLFLOW_TRACKING_URI).
 
-    In the download: the pyfunc model's HF export (``model_dir_of``), else the shallowest
+    In an MLflow download: the pyfunc model's HF export (``model_dir_of``), else the shallowest
     directory holding a config.json. A ``runs:/RUN/NAME`` that names an MLflow 3 logged
     model rather than run artifacts is looked up among the run's logged models.
     """
     if not model.startswith(MLFLOW_SCHEMES):
-        path = Path(model)
-        if not (path / "config.json").is_file():
+        from tracking.storage import StorageError, local_copy
+
+        try:
+            path = local_copy(model)
+        except (FileNotFoundError, StorageError) as err:
             raise FileNotFoundError(
-                f"{model} is not a model directory (no config.json) nor an MLflow URI"
-            )
+                f"{model} is not a model directory (no config.json) nor an MLflow URI: {err}"
+            ) from None
         return ResolvedModel(uri=model, path=path)
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
@@ -144,9 +235,9 @@ def _run_of(client: MlflowClient, uri: str) -> str | None:
     return None
 
 
-def log_model(uri: str, run_id: str, export_dir: Path, registered_name: str | None) -> str | None:
-    """Log ``export_dir`` into run ``run_id`` as a pyfunc model; register it when a name is given."""
-    requirements = [f"{p}=={metadata.version(p)}" for p in ("torch", "transformers", "mlflow")]
+def log_model(uri: str, run_id: str, export_dir: Path, registered_name: str | None) -> str:
+    """Log ``export_dir`` into run ``run_id`` as the portable pyfunc model (registered under
+    ``registered_name`` when given); returns the model's URI."""
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
@@ -158,11 +249,14 @@ def log_model(uri: str, run_id: str, export_dir: Path, registered_name: str | No
                 name="model",
                 python_model=GazePyfuncModel(),
                 artifacts={MODEL_ARTIFACT: str(staged)},
-                pip_requirements=requirements,
+                code_paths=code_paths(),
+                signature=signature(),
+                input_example=input_example(),
+                pip_requirements=pip_requirements(),
                 registered_model_name=registered_name,
             )
     finally:
         # the global tracking URI is process state: give back what the caller had
         mlflow.set_tracking_uri(previous)
     print(f"[finetune] MLflow model: {info.model_uri}", flush=True)
-    return registered_name
+    return info.model_uri
