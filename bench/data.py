@@ -55,26 +55,16 @@ class WdsSamples:
         self.processor, self.cfg = processor, cfg
 
     def __call__(self, sample: dict):
-        import json
 
-        import numpy as np
 
-        from pipelines.dataset import encode_row
+        from pipelines.dataset import decoded_row, encode_row
         from pipelines.decode import BadSample, decode_sample
 
         members = {k: v for k, v in sample.items() if not k.startswith("__")}
+        frames = self.processor.visual_budget.frames_per_video
         try:
-            decoded = decode_sample(
-                members, image_size=self.cfg.image_size, frames=self.cfg.frames_per_video
-            )
-            media = decoded.images + [f for v in decoded.videos for f in v]
-            row = {
-                "record": json.dumps(decoded.record),
-                "num_images": len(decoded.images),
-                "video_frames": [len(v) for v in decoded.videos],
-                "media": np.stack(media).tobytes() if media else b"",
-            }
-            out = encode_row(row, self.processor, self.cfg)
+            decoded = decode_sample(members, frames=frames, max_side=self.cfg.max_image_side)
+            out = encode_row(decoded_row("", "", decoded), self.processor, self.cfg)
         except BadSample:
             return None
         out.pop("truncated")
@@ -112,8 +102,6 @@ def run_mix(name, root, args, processor) -> dict:
     )
     cfg = DataConfig(
         shards=shards,
-        image_size=args.image_size,
-        frames_per_video=args.frames,
         shuffle_files=False,
         progress_bars=False,
         decode_workers=args.workers,
@@ -148,12 +136,14 @@ def main() -> None:
     import ray
 
     from gazeattn.model import load_model
+    from gazeattn.processing import VisualBudget
     from gazeattn.tiny import build_tiny
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         _, processor = load_model(build_tiny(root / "tiny", image_size=args.image_size))
+        processor.with_budget(VisualBudget(frames_per_video=args.frames))
         ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
         try:
             mixes = {name: run_mix(name, root, args, processor) for name in ("images", "video_mix")}

@@ -46,7 +46,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--picture-tokens", type=int, default=6)
     parser.add_argument("--workers", type=int, default=2, help="model actors (--shards)")
     parser.add_argument("--gpus-per-worker", type=float, default=0)
-    parser.add_argument("--frames", type=int, default=4, help="frames sampled per video")
+    parser.add_argument(
+        "--frames",
+        type=int,
+        default=None,
+        help="frames sampled per video (default: the model's visual budget, as in training)",
+    )
     parser.add_argument("--tracking-uri", default=None)
     parser.add_argument("--no-mlflow", action="store_true")
     parser.add_argument("--out", default="eval_out")
@@ -104,6 +109,13 @@ def _load(model: ResolvedModel):
     return loaded, processor
 
 
+def _frames_of(model_path) -> int:
+    """The frames per video of the model's visual budget (saved with its processor)."""
+    from gazeattn.processing import GazeProcessor
+
+    return GazeProcessor.from_pretrained(str(model_path)).visual_budget.frames_per_video
+
+
 def _local_samples(args):
     if args.shards is not None:
         raise ValueError("--shards goes through Ray (evaluate_shards); use --data here")
@@ -127,7 +139,8 @@ def evaluate_main(argv: list[str] | None = None) -> EvalReport:
         report = evaluate_shards(args.shards, model.path, config, workers=args.workers,
                                  gpus_per_worker=args.gpus_per_worker, limit=args.limit,
                                  frames_per_video=args.frames)  # fmt: skip
-        samples = shard_samples(args.shards, limit=config.pictures, frames_per_video=args.frames)
+        frames = args.frames or _frames_of(model.path)
+        samples = shard_samples(args.shards, limit=config.pictures, frames_per_video=frames)
     else:
         samples = _local_samples(args)
         loaded, processor = _load(model)
@@ -177,8 +190,7 @@ def compare_main(argv: list[str] | None = None):
         samples = shard_samples(
             args.shards,
             limit=args.limit,
-            frames_per_video=args.frames,
-            image_size=processor.settings.image_size,
+            frames_per_video=args.frames or processor.visual_budget.frames_per_video,
         )
     result = run_sweep(loaded, processor, samples, configs, args.out, client=client,
                        experiment=args.experiment, model_info=model, sweep_name=args.name,

@@ -26,16 +26,16 @@ from evaluation.runner import (
 )
 
 
-def row_sample(row: dict, frames_per_video: int, image_size: int = 384) -> EvalSample | None:
+def row_sample(row: dict, frames_per_video: int) -> EvalSample | None:
     """A raw tar row -> an evaluation sample; None when the pipeline cannot decode it.
 
-    Media are resized to ``image_size`` (the processor's size); target boxes stay in the
-    record's original pixels (its ``image_size``), so the routing hit rate is unaffected."""
+    Media keep their own size (the model's processor resizes them), so a record's target
+    box, in its original pixels, frames the decoded media too."""
     from pipelines.decode import BadSample, decode_sample
 
     members = dict(zip(row["names"], row["blobs"], strict=True))
     try:
-        decoded = decode_sample(members, image_size=image_size, frames=frames_per_video)
+        decoded = decode_sample(members, frames=frames_per_video)
     except BadSample:
         return None
     return sample_from_record(
@@ -47,14 +47,19 @@ class EvalWorker:
     """A Ray Data actor: the model loaded once, a batch of decoded rows -> result rows."""
 
     def __init__(
-        self, model_path: str, config: EvalConfig, frames_per_video: int, device: str = "cpu"
+        self,
+        model_path: str,
+        config: EvalConfig,
+        frames_per_video: int | None = None,
+        device: str = "cpu",
     ):
         from gazeattn.model import load_model
 
         self.model, self.processor = load_model(model_path, device=device)
         self.model.eval()
         self.config = config
-        self.frames = frames_per_video
+        # the model's own frame budget (the one it was trained with) unless asked otherwise
+        self.frames = frames_per_video or self.processor.visual_budget.frames_per_video
         configure(self.model, config)
         self.layers = routing_layers(self.model, config)
 
@@ -64,8 +69,7 @@ class EvalWorker:
         rows = [
             dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)
         ]
-        size = self.processor.settings.image_size
-        samples = [s for s in (row_sample(row, self.frames, size) for row in rows) if s is not None]
+        samples = [s for s in (row_sample(row, self.frames) for row in rows) if s is not None]
         if not samples:
             return {"id": [], "result": [], "seconds": []}
         start = time.perf_counter()
@@ -91,7 +95,7 @@ def evaluate_dataset(
     model_path: str | Path,
     config: EvalConfig,
     *,
-    frames_per_video: int = 4,
+    frames_per_video: int | None = None,
     workers: int = 2,
     num_cpus: float = 1,
     num_gpus: float = 0,

@@ -36,9 +36,10 @@ def evaluate_shards(
     workers: int = 2,
     gpus_per_worker: float = 0,
     limit: int | None = None,
-    frames_per_video: int = 4,
+    frames_per_video: int | None = None,
 ) -> EvalReport:
-    """Batched greedy evaluation of the shards' samples with ``workers`` model actors."""
+    """Batched greedy evaluation of the shards' samples with ``workers`` model actors
+    (videos sampled to the model's own frame budget unless ``frames_per_video`` is given)."""
     rows = shard_rows(shards, limit)
     return evaluate_dataset(rows, model_path, config, frames_per_video=frames_per_video,
                             workers=workers, num_gpus=gpus_per_worker)  # fmt: skip
@@ -48,10 +49,9 @@ def shard_samples(
     shards: Sequence[str],
     *,
     limit: int | None = None,
-    frames_per_video: int = 4,
-    image_size: int = 384,
+    frames_per_video: int,
 ) -> list[EvalSample]:
     """The first ``limit`` samples of the shards, decoded in this process (pictures, sweeps)."""
     rows = shard_rows(shards, limit).take_all()
-    samples = (row_sample(row, frames_per_video, image_size) for row in rows)
+    samples = (row_sample(row, frames_per_video) for row in rows)
     return [s for s in samples if s is not None]

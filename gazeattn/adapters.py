@@ -4,8 +4,8 @@
   projector (Qwen-VL's merger is the projector: it trains unless asked otherwise).
 - ``apply_lora(model, LoraSettings(...))`` puts peft LoRA adapters on the decoder's
   linear layers only; the context tokens stay fully trainable, and so do the
-  projector and the vision tower when they are not frozen (peft ``modules_to_save``,
-  so an adapter checkpoint holds them).
+  projector and the vision tower when they are not frozen (an adapter checkpoint
+  holds them beside the adapter).
 - ``trainable_report(model)`` is the table a run prints at start: parameters and
   trainable parameters per module.
 - ``save_adapter`` / ``load_adapter``: an adapter checkpoint in peft's format whose
@@ -25,6 +25,8 @@ from gazeattn.families import family_of
 
 ADAPTER_FILE = "adapter_config.json"
 GAZE_BASE_FILE = "gaze_adapter.json"
+# the fully trained tensors of an adapter checkpoint (context tokens, projector, ...)
+TRAINED_FILE = "trained.safetensors"
 DECODER = "model.language_model"
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -91,27 +93,38 @@ def freeze(model: nn.Module, *, vision: bool = True, projector: bool = False) ->
 def apply_lora(
     model: nn.Module, settings: LoraSettings, *, vision: bool = False, projector: bool = True
 ):
-    """A peft model with LoRA on the decoder; context tokens (and ``projector`` / ``vision``
-    when trained) are fully trainable and saved with the adapter."""
+    """A peft model with LoRA on the decoder; the context tokens (and the ``projector`` and
+    ``vision`` tower when trained) stay fully trainable and are saved with the adapter.
+
+    They are trained in place rather than as peft ``modules_to_save`` copies: a copy of a
+    ZeRO-3 partitioned module is not a partitioned module.
+    """
     from peft import LoraConfig, get_peft_model
 
     groups = module_groups(model)
     names = "|".join(re.escape(n) for n in settings.target_modules)
-    save = ["gaze_context"]
-    if vision:
-        save.append(groups["vision_tower"])
-    inside_vision = groups["projector"].startswith(groups["vision_tower"] + ".")
-    if projector and not (vision and inside_vision):
-        save.append(groups["projector"])
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=rf"{re.escape(DECODER)}\..*\.({names})",
-        modules_to_save=save,
     )
-    # peft freezes everything else: the vision tower trains only when saved whole above
-    return get_peft_model(model, config)
+    trained = {"context_tokens"} | ({"projector"} if projector else set())
+    trained |= {"vision_tower"} if vision else set()
+    peft_model = get_peft_model(model, config)
+    for name, param in peft_model.named_parameters():
+        if _group_of(name, groups) in trained:
+            param.requires_grad_(True)
+    return peft_model
+
+
+def _extra_trained(peft_model) -> list[str]:
+    """Names (in the base model) of the trainable parameters that are not LoRA weights."""
+    return [
+        name.removeprefix("base_model.model.")
+        for name, param in peft_model.named_parameters()
+        if param.requires_grad and "lora_" not in name
+    ]
 
 
 def trainable_report(model: nn.Module) -> str:
@@ -119,9 +132,6 @@ def trainable_report(model: nn.Module) -> str:
     groups = module_groups(model)
     rows: dict[str, list[int]] = {}
     for name, param in model.named_parameters():
-        if ".original_module." in name:
-            # peft keeps a frozen original beside each trained copy of a saved module
-            continue
         row = rows.setdefault(_group_of(name, groups), [0, 0])
         count = param.ds_numel if hasattr(param, "ds_numel") else param.numel()
         row[0] += count
@@ -140,25 +150,33 @@ def is_adapter_checkpoint(path: str | Path) -> bool:
 
 
 def save_adapter(peft_model, processor, out: str | Path, *, base: str, state_dict=None) -> None:
-    """The adapter in peft's format (and the processor), whose base is ``base`` (the stock
-    checkpoint id or path) converted with the processor's gaze config; ``load_model(out)``
-    rebuilds the model from both."""
+    """The adapter in peft's format, the fully trained tensors beside it and the processor,
+    whose base is ``base`` (the stock checkpoint id or path) converted with the processor's
+    gaze config; ``load_model(out)`` rebuilds the model from both. ``state_dict``: the
+    model's full state (gathered under ZeRO-3), else read from the model."""
+    from safetensors.torch import save_file
+
     out = Path(out)
-    peft_model.save_pretrained(out, state_dict=state_dict)
+    state = state_dict if state_dict is not None else peft_model.state_dict()
+    peft_model.save_pretrained(out, state_dict=state)
+    extra = {}
+    for name in _extra_trained(peft_model):
+        key = name if name in state else f"base_model.model.{name}"
+        extra[name] = state[key].detach().cpu().contiguous()
+    save_file(extra, str(out / TRAINED_FILE))
     processor.save_pretrained(out)
-    gaze_config = processor.gaze_config.to_dict()
     config = json.loads((out / ADAPTER_FILE).read_text())
     config["base_model_name_or_path"] = base
     (out / ADAPTER_FILE).write_text(json.dumps(config, indent=2))
-    (out / GAZE_BASE_FILE).write_text(
-        json.dumps({"base": base, "gaze_config": gaze_config}, indent=2)
-    )
+    gaze = {"base": base, "gaze_config": processor.gaze_config.to_dict()}
+    (out / GAZE_BASE_FILE).write_text(json.dumps(gaze, indent=2))
 
 
 def load_adapter(path: str | Path, *, merge: bool = False, **kwargs):
     """``(model, processor)`` of an adapter checkpoint: its base converted as at training, the
-    adapter on top (merged into the weights when ``merge``)."""
+    fully trained tensors and the adapter on top (merged into the weights when ``merge``)."""
     from peft import PeftModel
+    from safetensors.torch import load_file
 
     from gazeattn.model import load_model
     from gazeattn.ops import GazeConfig
@@ -167,6 +185,11 @@ def load_adapter(path: str | Path, *, merge: bool = False, **kwargs):
     path = Path(path)
     saved = json.loads((path / GAZE_BASE_FILE).read_text())
     model, _ = load_model(saved["base"], gaze=GazeConfig.from_dict(saved["gaze_config"]), **kwargs)
+    trained = load_file(str(path / TRAINED_FILE))
+    missing = set(trained) - set(model.state_dict())
+    if missing:
+        raise ValueError(f"{path}: trained tensors {sorted(missing)} are not in the base model")
+    model.load_state_dict(trained, strict=False)
     model = PeftModel.from_pretrained(model, path)
     if merge:
         model = model.merge_and_unload()

@@ -204,6 +204,7 @@ def load_model(
     *,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
+    context_init: str = "visual_mean",
     **kwargs,
 ):
     """Load a gaze checkpoint, or a stock one of a supported family (converted when ``gaze`` is given).
@@ -218,7 +219,7 @@ def load_model(
     - A gaze checkpoint loads as saved; ``gaze`` (when given) replaces its routing settings
       (the number of context tokens must match the checkpoint's).
     - A stock checkpoint loads as the stock model when ``gaze`` is None, and is converted
-      into a gaze model (context tokens initialised from visual features) otherwise.
+      into a gaze model otherwise (context tokens initialised as ``context_init`` says).
     Returns (model, processor); any other architecture raises UnsupportedModel.
     """
     from transformers import AutoConfig
@@ -259,7 +260,7 @@ def load_model(
             path, attn_implementation="sdpa", dtype=dtype, **hub, **kwargs
         )
         if gaze is not None:
-            model, processor = convert_to_gaze(model, processor, gaze)
+            model, processor = convert_to_gaze(model, processor, gaze, context_init=context_init)
     if device is not None:
         model = model.to(device)
     return model, processor

@@ -28,8 +28,10 @@ class DataConfig(Settings):
     - ``shards``: tar paths, directories, local globs or URIs that pyarrow/fsspec read
       (``s3://bucket/train/`` is listed by pyarrow, not globbed here). Empty: the synthetic
       dataset is generated and sharded under ``synthetic_dir``.
-    - ``image_size``: images and video frames are resized to this square side at decode time;
-      None: the processor's image size (so the processor does no second resize).
+    - ``max_image_side``: images and video frames keep their own size at decode time (the
+      checkpoint's image processor resizes them once, as when serving); a number bounds the
+      longer side first, to limit memory on very large media. How many frames a video gives
+      is the model's visual budget (``model.visual_budget``), not a data setting.
     - ``length_policy``: a sample longer than ``max_length`` tokens is ``truncate``d (only when
       the cut falls in the text after the last image/frame; otherwise dropped) or ``drop``ped;
       both counted.
@@ -44,8 +46,7 @@ class DataConfig(Settings):
     shards: list[str] = Field(default_factory=list)
     synthetic_dir: str = "outputs/data"
     synthetic: SyntheticSettings = Field(default_factory=SyntheticSettings)
-    image_size: int | None = Field(None, ge=1)
-    frames_per_video: int = Field(4, ge=1)
+    max_image_side: int | None = Field(None, ge=1)
     max_length: int = Field(4096, ge=1)
     length_policy: Literal["truncate", "drop"] = "drop"
     text_only: Literal["dummy_image", "drop"] = "dummy_image"

@@ -6,7 +6,8 @@
                                     batch_size=8, epoch=epoch):
         loss = model(**batch).loss                      # in each worker
 
-Decoding (PIL images, PyAV videos, resized to ``cfg.image_size``) runs in Ray
+Decoding (PIL images, PyAV videos with the processor's frame budget; media keep
+their own size, ``cfg.max_image_side`` bounding the longer side) runs in Ray
 Data tasks on the CPU pool; tokenising with the processor runs in each worker,
 where the processor is, or also in the pipeline when ``build_train_dataset`` is
 given the processor (faster: the CPU pool does it, see bench/data.py). Every bad sample or tar is dropped, logged once with
@@ -28,6 +29,7 @@ collective calls:
 from __future__ import annotations
 
 import glob
+import io
 import json
 import logging
 import tarfile
@@ -41,10 +43,11 @@ import pyarrow as pa
 import ray
 from ray.data.datasource import FileBasedDatasource, FileShuffleConfig
 
+from gazeattn.processing import VisualBudget
 from pipelines.accounting import drop_counter, drop_counts, report_drops, truncated_count
 from pipelines.config import DataConfig
 from pipelines.conversation import add_dummy_image, to_messages
-from pipelines.decode import BadSample, decode_sample
+from pipelines.decode import BadSample, Decoded, decode_sample
 
 __all__ = [
     "build_dataset",
@@ -73,7 +76,8 @@ DECODED_SCHEMA = pa.schema(
         ("record", pa.string()),  # the LLaVA record as JSON (extra fields kept)
         ("num_images", pa.int64()),
         ("video_frames", pa.list_(pa.int64())),  # frames of each video
-        ("media", pa.binary()),  # [images + frames, S, S, 3] uint8, C order
+        ("media_shapes", pa.list_(pa.list_(pa.int64()))),  # (h, w) of each image and frame
+        ("media", pa.binary()),  # images, then frames, each [h, w, 3] uint8, C order
     ]
 )
 ENCODED_SCHEMA = pa.schema(
@@ -82,12 +86,13 @@ ENCODED_SCHEMA = pa.schema(
         ("url", pa.string()),
         ("input_ids", pa.list_(pa.int64())),
         ("labels", pa.list_(pa.int64())),
-        ("pixel_values", pa.binary()),  # [N, 3, P, P] float32, C order
-        ("pixel_size", pa.int64()),  # P
+        ("vision", pa.binary()),  # the processor's pixel inputs (name -> array) as .npz
         ("parts", pa.string()),  # the processor's parts as JSON
     ]
 )
 READ_CHUNK = 64
+# a text-only sample's black image: the processor resizes it as any other
+DUMMY_SIDE = 64
 
 
 class TolerantWebDataset(FileBasedDatasource):
@@ -165,7 +170,9 @@ def resolve_shards(cfg: DataConfig, split: str = "train") -> list[str]:
     return out
 
 
-def decode_batch(batch: pa.Table, *, image_size: int, frames: int, counter) -> pa.Table:
+def decode_batch(
+    batch: pa.Table, *, frames: int, counter, max_side: int | None = None
+) -> pa.Table:
     """Raw rows -> decoded rows; bad ones are dropped and reported to the counter."""
     rows, events = [], []
     for row in batch.to_pylist():
@@ -174,29 +181,41 @@ def decode_batch(batch: pa.Table, *, image_size: int, frames: int, counter) -> p
             continue
         members = dict(zip(row["names"], row["blobs"], strict=True))
         try:
-            sample = decode_sample(members, image_size=image_size, frames=frames)
+            sample = decode_sample(members, frames=frames, max_side=max_side)
         except BadSample as bad:
             events.append((row["url"], row["key"], bad.reason, bad.detail))
             continue
-        media = sample.images + [frame for video in sample.videos for frame in video]
-        rows.append(
-            {
-                "key": row["key"],
-                "url": row["url"],
-                "record": json.dumps(sample.record),
-                "num_images": len(sample.images),
-                "video_frames": [len(v) for v in sample.videos],
-                "media": np.stack(media).tobytes() if media else b"",
-            }
-        )
+        rows.append(decoded_row(row["key"], row["url"], sample))
     report_drops(counter, events)
     return pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
 
 
+def decoded_row(key: str, url: str, sample: Decoded) -> dict[str, Any]:
+    """A decoded sample as a row of ``DECODED_SCHEMA``."""
+    media = sample.images + [frame for video in sample.videos for frame in video]
+    return {
+        "key": key,
+        "url": url,
+        "record": json.dumps(sample.record),
+        "num_images": len(sample.images),
+        "video_frames": [len(v) for v in sample.videos],
+        "media_shapes": [list(m.shape[:2]) for m in media],
+        "media": b"".join(np.ascontiguousarray(m).tobytes() for m in media),
+    }
+
+
 def build_dataset(
-    cfg: DataConfig, processor=None, split: str = "train", *, resume: bool = False
+    cfg: DataConfig,
+    processor=None,
+    split: str = "train",
+    *,
+    resume: bool = False,
+    budget: VisualBudget | None = None,
 ) -> ray.data.Dataset:
     """Shards -> a dataset of decoded samples (columns of ``DECODED_SCHEMA``).
+
+    Videos are sampled to the frames of the processor's visual budget (``budget`` when no
+    processor is given; the default budget when neither is).
 
     With ``resume``, the samples that the job's resume state holds are dropped first
     (``pipelines.resume``: the rest of an interrupted epoch).
@@ -211,9 +230,8 @@ def build_dataset(
         from gazeattn.processing import GazeProcessor
 
         processor = GazeProcessor.from_pretrained(processor)
-    image_size = cfg.image_size or (processor.settings.image_size if processor else None)
-    if image_size is None:
-        raise ValueError("DataConfig.image_size is needed when no processor is given")
+    if processor is not None:
+        budget = processor.visual_budget
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress_bars
     counter = drop_counter(create=True)
@@ -234,10 +252,13 @@ def build_dataset(
 
         resume_state(create=True)
         ds = ds.map_batches(SkipConsumed, batch_format="pyarrow", num_cpus=0, concurrency=1)
-    ds = ds.map_batches(
-        partial(decode_batch, image_size=image_size, frames=cfg.frames_per_video, counter=counter),
-        **stage,
+    decode = partial(
+        decode_batch,
+        frames=(budget or VisualBudget()).frames_per_video,
+        max_side=cfg.max_image_side,
+        counter=counter,
     )
+    ds = ds.map_batches(decode, **stage)
     if processor is not None:
         ds = ds.map_batches(
             partial(encode_batch, processor=processor, cfg=cfg, counter=counter), **stage
@@ -245,9 +266,11 @@ def build_dataset(
     return ds
 
 
-def build_train_dataset(cfg: DataConfig, processor=None, *, resume: bool = False):
+def build_train_dataset(
+    cfg: DataConfig, processor=None, *, resume: bool = False, budget: VisualBudget | None = None
+):
     """The training split (see ``build_dataset``)."""
-    return build_dataset(cfg, processor, "train", resume=resume)
+    return build_dataset(cfg, processor, "train", resume=resume, budget=budget)
 
 
 def encode_batch(batch: pa.Table, *, processor, cfg: DataConfig, counter) -> pa.Table:
@@ -261,15 +284,13 @@ def encode_batch(batch: pa.Table, *, processor, cfg: DataConfig, counter) -> pa.
             continue
         if sample["truncated"]:
             events.append((row["url"], row["key"], "truncated", ""))
-        pixels = np.ascontiguousarray(sample["pixel_values"], np.float32)
         rows.append(
             {
                 "key": row["key"],
                 "url": row["url"],
                 "input_ids": sample["input_ids"].tolist(),
                 "labels": sample["labels"].tolist(),
-                "pixel_values": pixels.tobytes(),
-                "pixel_size": pixels.shape[-1],
+                "vision": pack_arrays(sample["vision"]),
                 "parts": json.dumps(sample["parts"]),
             }
         )
@@ -282,38 +303,46 @@ def encoded_table_samples(table: pa.Table) -> Iterator[dict[str, Any]]:
     buffers without building Python lists of every token."""
     ids = table.column("input_ids").combine_chunks()
     labels = table.column("labels").combine_chunks()
-    pixels = table.column("pixel_values").combine_chunks()
-    sizes = table.column("pixel_size").to_numpy()
+    vision = table.column("vision").to_pylist()
     parts = table.column("parts").to_pylist()
     keys, urls = table.column("key").to_pylist(), table.column("url").to_pylist()
     offsets = ids.offsets.to_numpy()
     flat_ids, flat_labels = ids.values.to_numpy(), labels.values.to_numpy()
     for i in range(len(table)):
         start, end = offsets[i], offsets[i + 1]
-        size = int(sizes[i])
-        pixel = np.frombuffer(pixels[i].as_buffer(), np.float32)
         yield {
             "sample_id": sample_id(urls[i], keys[i]),
             # copies: arrow buffers are read-only and torch wants writable arrays
             "input_ids": flat_ids[start:end].copy(),
             "labels": flat_labels[start:end].copy(),
-            "pixel_values": pixel.reshape(-1, 3, size, size).copy(),
+            "vision": unpack_arrays(vision[i]),
             "parts": json.loads(parts[i]),
         }
 
 
+def pack_arrays(arrays: dict[str, np.ndarray]) -> bytes:
+    """Named arrays -> .npz bytes (no pickling)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def unpack_arrays(data: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files}
+
+
 def decoded_media(row: dict[str, Any]) -> tuple[list, list]:
-    """A decoded row -> (images [S, S, 3] list, videos [F, S, S, 3] list)."""
+    """A decoded row -> (images [h, w, 3] list, videos as lists of [h, w, 3] frames)."""
+    frames, start = [], 0
+    for h, w in row["media_shapes"]:
+        size = int(h) * int(w) * 3
+        frames.append(np.frombuffer(row["media"][start : start + size], np.uint8).reshape(h, w, 3))
+        start += size
     n = int(row["num_images"])
-    total = n + sum(int(c) for c in row["video_frames"])
-    if total == 0:
-        return [], []
-    side = int(round((len(row["media"]) // (3 * total)) ** 0.5))
-    media = np.frombuffer(row["media"], np.uint8).reshape(total, side, side, 3)
-    images = list(media[:n])
-    videos, start = [], n
+    images, videos, start = frames[:n], [], n
     for count in row["video_frames"]:
-        videos.append(list(media[start : start + int(count)]))
+        videos.append(frames[start : start + int(count)])
         start += int(count)
     return images, videos
 
@@ -335,8 +364,7 @@ def encode_row(row: dict[str, Any], processor, cfg: DataConfig) -> dict[str, Any
         if cfg.text_only == "drop":
             raise BadSample("text_only")
         messages = add_dummy_image(messages)
-        size = cfg.image_size or processor.settings.image_size
-        images = [np.zeros((size, size, 3), np.uint8)]
+        images = [np.zeros((DUMMY_SIDE, DUMMY_SIDE, 3), np.uint8)]
     try:
         sample = processor.encode_sample(messages, images=images, videos=videos, max_length=None)
     except SequenceTooLong as error:

@@ -103,7 +103,7 @@ def prepare(
         seed=body.seed,
         stop=tuple(body.stop_list()),
     )
-    limit = settings.max_prompt_tokens or processor.settings.max_length
+    limit = settings.max_prompt_tokens or processor.max_length
     try:
         sample = processor.encode_sample(
             messages, images=images, videos=videos, add_generation_prompt=True
@@ -119,7 +119,7 @@ def prepare(
             param="messages",
             code="context_length_exceeded",
         )
-    context = processor.settings.max_length
+    context = processor.max_length
     if prompt_tokens + max_new > context:
         raise BadRequest(
             f"{prompt_tokens} prompt tokens + max_tokens={max_new} exceed the model's context "

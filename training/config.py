@@ -8,7 +8,9 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, model_validator
 
+from gazeattn.adapters import LoraSettings
 from gazeattn.ops.config import GazeConfig, dense_twin
+from gazeattn.processing import VisualBudget
 from gazeattn.typed_config import Settings, load_yaml
 from pipelines.config import DataConfig
 
@@ -24,8 +26,21 @@ class ModelSettings(Settings):
     attn: Literal["gaze", "dense"] = "gaze"
     # the gaze settings (``gazeattn.ops.GazeConfig``); either budget alone: top_k or keep_ratio
     gaze: GazeConfig = Field(default_factory=lambda: GazeConfig(keep_ratio=0.25))
+    # how much of each image and video the model sees (Qwen-VL's min/max pixels, frames per
+    # video): saved with the model, so evaluation and serving see media as training did
+    visual_budget: VisualBudget = Field(default_factory=VisualBudget)
+    # how a stock checkpoint's new context tokens start: the mean visual embedding, or noise
+    context_init: Literal["visual_mean", "normal"] = "visual_mean"
     freeze_vision: bool = True
+    # the projector (LLaVA's multi_modal_projector, Qwen-VL's merger) trains unless frozen here
+    freeze_projector: bool = False
+    # LoRA adapters (peft) on the decoder's projections; None trains the decoder fully
+    lora: LoraSettings | None = None
+    # with lora: merge the adapters into the export (a plain gaze checkpoint), or export them
+    # in peft's format beside the base model ("adapter"); gazeattn.load_model reads both
+    export_adapter: Literal["merge", "adapter"] = "merge"
     gradient_checkpointing: bool = False
+    # gazeattn.tiny.build_tiny options for name_or_path "tiny", e.g. {"family": "qwen2.5-vl"}
     tiny_options: dict[str, Any] = Field(default_factory=dict)
 
     def gaze_config(self) -> GazeConfig:

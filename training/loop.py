@@ -120,13 +120,14 @@ def run_steps(
     (``step`` counts optimizer steps, as every schedule and interval of the config does;
     ``world``: the number of ranks, for the throughput metrics)."""
     while step < cfg.train.max_steps:
-        budget = _apply_schedule(cfg, model, processor, step)
+        budget = _apply_schedule(cfg, model, step)
         # the LR this step's update used (the scheduler moves on at the boundary)
         lr = scheduler.get_last_lr()[0]
         result = optimizer_step(engine, batches, cfg.train.grad_accum)
         step += 1
+        reported = _budget_metric(budget, result.batches[-1])
         row = step_metrics(
-            result.loss, result.batches, result.seconds, world, lr, result.reports, budget
+            result.loss, result.batches, result.seconds, world, lr, result.reports, reported
         )
         yield step, row, result
 
@@ -149,7 +150,7 @@ def train_loop(loop_config: dict) -> None:
     ds_config = loop_config["deepspeed"]
     # alive while loading, so transformers partitions the weights at load (ZeRO-3 init)
     hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841
-    model, processor = _build_model(cfg, loop_config["model_path"])
+    model, processor = _build_model(cfg, loop_config["model_path"], report=rank == 0)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     def make_scheduler(optimizer):
@@ -192,7 +193,10 @@ def train_loop(loop_config: dict) -> None:
             last = step >= cfg.train.max_steps
             stop = cfg.train.stop_after is not None and attempt_steps >= cfg.train.stop_after
             if last or stop or step % cfg.train.checkpoint_every == 0:
-                _checkpoint(engine, model, processor, step, row, stream.state(), export=last)
+                _checkpoint(
+                    engine, model, processor, step, row, stream.state(),
+                    export=last, adapter_base=loop_config.get("adapter_base"),
+                )  # fmt: skip
             if stop and not last:
                 break
             _maybe_crash(loop_config, rank, step)
@@ -201,20 +205,32 @@ def train_loop(loop_config: dict) -> None:
             tracker.close()
 
 
-def _build_model(cfg: FinetuneConfig, model_path: str):
+def _build_model(cfg: FinetuneConfig, model_path: str, *, report: bool = False):
+    """The model and processor a worker trains: frozen parts, LoRA adapters and gradient
+    checkpointing as configured; ``report`` prints the per-module trainable parameters."""
     from gazeattn import load_model
+    from gazeattn.adapters import apply_lora, freeze, trainable_report
     from tracking.storage import is_uri, local_copy
 
+    settings = cfg.model
     # a model on object storage is read from this node's copy (downloaded once per node)
     source = local_copy(model_path) if is_uri(model_path) else model_path
-    model, processor = load_model(source, gaze=cfg.model.gaze_config())
-    if cfg.model.freeze_vision:
-        for p in model.model.vision_tower.parameters():
-            p.requires_grad_(False)
-    if cfg.model.gradient_checkpointing:
+    model, processor = load_model(source, gaze=settings.gaze_config())
+    processor.with_budget(settings.visual_budget)
+    freeze(model, vision=settings.freeze_vision, projector=settings.freeze_projector)
+    if settings.gradient_checkpointing:
         # non-reentrant checkpointing fails with frozen parameters under ZeRO-3 (STACK.md)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         model.enable_input_require_grads()
+    if settings.lora is not None:
+        model = apply_lora(
+            model,
+            settings.lora,
+            vision=not settings.freeze_vision,
+            projector=not settings.freeze_projector,
+        )
+    if report:
+        print(f"[train] trainable parameters:\n{trainable_report(model)}", flush=True)
     model.train()
     return model, processor
 
@@ -237,35 +253,53 @@ def _resume(engine) -> tuple[int, DataPosition]:
 
 
 def _checkpoint(
-    engine, model, processor, step: int, row: dict, position: DataPosition, *, export: bool
+    engine,
+    model,
+    processor,
+    step: int,
+    row: dict,
+    position: DataPosition,
+    *,
+    export: bool,
+    adapter_base: str | None = None,
 ) -> None:
+    """A checkpoint (every rank's shards, the data position); with ``export`` also the HF
+    export under ``hf/`` (``adapter_base``: see ``_export``)."""
     rank = ray.train.get_context().get_world_rank()
     with tempfile.TemporaryDirectory() as tmp:
         engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={"step": step})
         if rank == 0:
             position.save(Path(tmp))
         if export:
-            _export(model, processor, Path(tmp) / EXPORT_SUBDIR)
+            _export(model, processor, Path(tmp) / EXPORT_SUBDIR, adapter_base=adapter_base)
         ray.train.report({**row, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _export(model, processor, out: Path) -> None:
-    """Consolidated full weights (gathered from every rank) in HF format, written by rank 0."""
+def _export(model, processor, out: Path, *, adapter_base=None) -> None:
+    """Consolidated weights (gathered from every rank), written by rank 0: the full model in
+    HF format, or for a LoRA model its adapter in peft's format beside ``adapter_base``."""
     import deepspeed
+
+    from gazeattn.adapters import save_adapter
 
     rank = ray.train.get_context().get_world_rank()
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
         if rank == 0:
             state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    if rank == 0:
+    if rank != 0:
+        return
+    if adapter_base is not None:
+        save_adapter(model, processor, out, base=adapter_base, state_dict=state)
+    else:
         model.save_pretrained(out, state_dict=state, safe_serialization=True)
         processor.save_pretrained(out)
 
 
-def _apply_schedule(cfg: FinetuneConfig, model, processor, step: int) -> float | None:
-    """Progressive Top-K: set this step's budget; returns it (regions, or the keep ratio)."""
-    from gazeattn.model import set_gaze_budget
-    from gazeattn.ops import keep_ratio_schedule, top_k_schedule
+def _apply_schedule(cfg: FinetuneConfig, model, step: int):
+    """Progressive Top-K: set this step's budget; returns it (a Progressive Top-K, the keep
+    ratio, or None). Each query's budget shrinks from the regions it sees itself."""
+    from gazeattn.model import set_gaze_budget, set_gaze_top_k
+    from gazeattn.ops import Progressive, keep_ratio_schedule, schedule_progress
 
     target = cfg.model.gaze_config()
     if cfg.model.attn == "dense":
@@ -277,13 +311,20 @@ def _apply_schedule(cfg: FinetuneConfig, model, processor, step: int) -> float |
         return ratio
     if target.top_k == "all":
         return None
-    # dense at step 0 means every region of the largest sample the data can hold
-    total = max(target.top_k, processor.regions_per_frame * max(cfg.data.frames_per_video, 1))
-    k = top_k_schedule(
-        step, total_regions=total, target=target.top_k, warmup_steps=warmup, kind=kind
-    )
-    set_gaze_budget(model, top_k=k)
-    return float(k)
+    budget = Progressive(target.top_k, schedule_progress(step, warmup_steps=warmup, kind=kind))
+    set_gaze_top_k(model, budget)
+    return budget
+
+
+def _budget_metric(budget, batch: dict) -> float | None:
+    """The logged budget: a keep ratio as is; a progressive Top-K as the regions kept by the
+    batch's query that sees the most."""
+    from gazeattn.ops import GazeConfig, Progressive, budgets
+
+    if not isinstance(budget, Progressive):
+        return budget
+    most = batch["gaze_layout"].regions.count.max().reshape(1)
+    return float(budgets(GazeConfig(top_k=budget.target), most, budget)[0])
 
 
 def _drop_metrics() -> dict[str, float]:

@@ -112,9 +112,21 @@ def _is_gaze_checkpoint(source: str) -> bool:
 def _convert(cfg: FinetuneConfig, source, out: Path) -> None:
     from gazeattn.model import load_model
 
-    model, processor = load_model(source, gaze=cfg.model.gaze_config())
+    model, processor = load_model(
+        source, gaze=cfg.model.gaze_config(), context_init=cfg.model.context_init
+    )
+    processor.with_budget(cfg.model.visual_budget)
     model.save_pretrained(out)
     processor.save_pretrained(out)
+
+
+def adapter_base(cfg: FinetuneConfig, model_path: str) -> str | None:
+    """The base an adapter export names (None without LoRA): the checkpoint the run started
+    from (a hub id or path, converted again the same way at load time), or for the tiny model
+    the converted start itself."""
+    if cfg.model.lora is None:
+        return None
+    return model_path if cfg.model.name_or_path == "tiny" else cfg.model.name_or_path
 
 
 def run_finetune(
@@ -136,7 +148,7 @@ def run_finetune(
     if not ray.is_initialized():
         # joins the cluster under `ray job submit` (or RAY_ADDRESS); else starts a local Ray
         ray.init()
-    local_model = _local_processor_dir(model_path)
+    processor = _pipeline_processor(cfg, model_path)
 
     uri = run_id = None
     if cfg.mlflow.enabled:
@@ -160,6 +172,7 @@ def run_finetune(
         "mlflow_run_id": run_id,
         "crash": crash,
         "trace": trace,
+        "adapter_base": adapter_base(cfg, model_path),
     }
     trainer = TorchTrainer(
         train_loop,
@@ -184,9 +197,9 @@ def run_finetune(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
         datasets={
-            TRAIN_DATASET: build_train_dataset(cfg.data, local_model),
+            TRAIN_DATASET: build_train_dataset(cfg.data, processor),
             # the rest of an interrupted epoch; read only by a resumed worker group
-            RESUME_DATASET: build_train_dataset(cfg.data, local_model, resume=True),
+            RESUME_DATASET: build_train_dataset(cfg.data, processor, resume=True),
         },
     )
     result = trainer.fit()
@@ -204,7 +217,7 @@ def run_finetune(
             mlflow_run_id=run_id,
             registered_model=None,
         )
-    _copy_export(result.checkpoint, export)
+    _copy_export(result.checkpoint, export, merge=cfg.model.export_adapter == "merge")
     registered = model_uri = None
     if run_id is not None:
         from tracking.models import log_model
@@ -230,9 +243,12 @@ def run_finetune(
     )
 
 
-def _local_processor_dir(model_path: str) -> str:
-    """A local directory with the model's processor, for the driver-side pipeline."""
-    return str(local_copy(model_path)) if is_uri(model_path) else model_path
+def _pipeline_processor(cfg: FinetuneConfig, model_path: str):
+    """The processor the driver-side pipeline encodes with: the model's, at the run's budget."""
+    from gazeattn.processing import GazeProcessor
+
+    local = str(local_copy(model_path)) if is_uri(model_path) else model_path
+    return GazeProcessor.from_pretrained(local).with_budget(cfg.model.visual_budget)
 
 
 def _local_export(export: Location, tmp: str) -> Path:
@@ -255,19 +271,41 @@ def _start_tracking(cfg: FinetuneConfig, uri: str) -> str:
     return run_id
 
 
-def _copy_export(checkpoint, export: Location) -> None:
-    """The final checkpoint's HF export (``hf/``) to the export location (any filesystem)."""
+def _copy_export(checkpoint, export: Location, *, merge: bool = True) -> None:
+    """The final checkpoint's HF export (``hf/``) to the export location (any filesystem).
+
+    An adapter export (LoRA) is merged into its base here when ``merge``: the export is then
+    a plain gaze checkpoint."""
+    from gazeattn.adapters import ADAPTER_FILE
+
     src = Location(
         filesystem=checkpoint.filesystem,
         path=f"{checkpoint.path.rstrip('/')}/{EXPORT_SUBDIR}",
         uri=f"{checkpoint.path}/{EXPORT_SUBDIR}",
     )
-    if not src.is_file("config.json"):
+    if not (src.is_file("config.json") or src.is_file(ADAPTER_FILE)):
         raise RuntimeError(f"the final checkpoint {checkpoint.path} holds no export under hf/")
     try:
-        copy_dir(src, export)
+        if merge and src.is_file(ADAPTER_FILE):
+            _merge_adapter(src, export)
+        else:
+            copy_dir(src, export)
     except OSError as err:
         raise StorageError(f"could not write the export to {export.uri}: {err}") from err
+
+
+def _merge_adapter(src: Location, export: Location) -> None:
+    from gazeattn import load_model
+
+    with tempfile.TemporaryDirectory(prefix="gazeattn-merge-") as tmp:
+        adapter = open_location(tmp).join("adapter")
+        copy_dir(src, adapter)
+        model, processor = load_model(adapter.path, merge_adapter=True)
+        merged = Path(tmp) / "merged"
+        model.save_pretrained(merged)
+        processor.save_pretrained(merged)
+        print(f"[finetune] merged the LoRA adapters into the export {export.uri}", flush=True)
+        copy_dir(open_location(str(merged)), export)
 
 
 def _git_commit() -> str:

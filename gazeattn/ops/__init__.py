@@ -12,6 +12,7 @@ from gazeattn.ops.layout import (
     build_layout,
 )
 from gazeattn.ops.routing import (
+    Progressive,
     budgets,
     keep_ratio_schedule,
     region_descriptors,
@@ -27,6 +28,7 @@ __all__ = [
     "GazeLayout",
     "GazeStats",
     "Image",
+    "Progressive",
     "RegionTable",
     "TokenKind",
     "Video",

@@ -7,6 +7,7 @@ same set: regions ranked by score, ties broken towards the lower region id.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -60,11 +61,31 @@ def visible_regions(layout: GazeLayout, q_pos: torch.Tensor, q_kind: torch.Tenso
     return before & (q_kind == TokenKind.TEXT)[:, :, None]
 
 
+@dataclass(frozen=True)
+class Progressive:
+    """A Top-K budget on its way from dense to ``target`` (the progressive schedule).
+
+    Each query keeps ``round(n - progress * (n - min(target, n)))`` of the ``n`` regions it
+    sees: all of them at progress 0, ``target`` at progress 1, shrinking from its own count.
+    """
+
+    target: int
+    progress: float
+
+    def __post_init__(self) -> None:
+        if self.target < 1 or not 0.0 <= self.progress <= 1.0:
+            raise ValueError(f"target must be >= 1 and progress in [0, 1]: {self}")
+
+
 def budgets(
-    config: GazeConfig, visible_count: torch.Tensor, top_k: int | None = None
+    config: GazeConfig, visible_count: torch.Tensor, top_k: int | Progressive | None = None
 ) -> torch.Tensor:
     """K per query from the number of regions it sees (same shape, int64); ``top_k`` overrides."""
     visible_count = visible_count.to(torch.int64)
+    if isinstance(top_k, Progressive):
+        floor = visible_count.clamp(max=top_k.target)
+        k = visible_count - top_k.progress * (visible_count - floor).to(torch.float64)
+        return torch.round(k).to(torch.int64).clamp(min=floor)
     if top_k is not None:
         return visible_count.clamp(max=top_k)
     if config.top_k == ALL:

@@ -193,13 +193,11 @@ def test_decode_batch_keeps_good_rows_and_reports_bad(caplog):
         {"key": "", "url": "s.tar", "error": "ReadError: unexpected end", "names": [], "blobs": []},
     ]
     with caplog.at_level("WARNING", logger="pipelines.data"):
-        out = decode_batch(
-            pa.Table.from_pylist(rows, schema=RAW_SCHEMA), image_size=4, frames=2, counter=None
-        )
+        out = decode_batch(pa.Table.from_pylist(rows, schema=RAW_SCHEMA), frames=2, counter=None)
     assert out.column("key").to_pylist() == ["a"]
     assert "bad_json s.tar key=b" in caplog.text and "bad_tar s.tar" in caplog.text
     images, videos = decoded_media(out.to_pylist()[0])
-    assert len(images) == 1 and images[0].shape == (4, 4, 3) and videos == []
+    assert len(images) == 1 and images[0].shape == (8, 8, 3) and videos == []
 
 
 def test_fit_length_policy():

@@ -30,7 +30,7 @@ WORKER = textwrap.dedent(
         value = "<image> colour?" if media else "colour?"
         record = {"conversations": [{"from": "human", "value": value}, {"from": "gpt", "value": "red"}]}
         return {"key": f"{i:03d}", "url": "x.tar", "record": json.dumps(record),
-                "num_images": int(media), "video_frames": [],
+                "num_images": int(media), "video_frames": [], "media_shapes": [[16, 16]] * int(media),
                 "media": np.zeros((int(media), 16, 16, 3), np.uint8).tobytes()}
 
     tiny, out, distributed = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
@@ -39,7 +39,7 @@ WORKER = textwrap.dedent(
         dist.init_process_group("gloo")
     # rank 1 has two text-only rows, dropped by text_only="drop": 3 local batches vs 2
     rows = [row(i, media=not (rank == 1 and i in (1, 4))) for i in range(6)]
-    cfg = DataConfig(image_size=16, text_only="drop")
+    cfg = DataConfig(text_only="drop")
     processor = GazeProcessor.from_pretrained(tiny)
     steps = sum(1 for _ in iter_train_batches(Shard(rows), processor, cfg, batch_size=2, epoch=0))
     with open(f"{out}/rank{rank}.json", "w") as f:

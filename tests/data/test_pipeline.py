@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from gazeattn.processing import VisualBudget
 from pipelines.accounting import drop_counts, reset_drop_counts, truncated_count
 from pipelines.config import DataConfig
 from pipelines.dataset import build_train_dataset, decoded_media, iter_train_batches
@@ -59,14 +60,13 @@ def tiny(tmp_path_factory):
 
     path = build_tiny(tmp_path_factory.mktemp("tiny"), image_size=IMAGE_SIZE, patch_size=8)
     model, processor = load_model(path)
+    processor.with_budget(VisualBudget(frames_per_video=3))
     return model.eval(), processor
 
 
 def config(shards, **kw) -> DataConfig:
     base = dict(
         shards=shards,
-        image_size=IMAGE_SIZE,
-        frames_per_video=3,
         shuffle_files=False,
         progress_bars=False,
     )
@@ -80,7 +80,9 @@ def test_round_trip_through_ray(ray_session, data, given):
     # a directory of make_shards output holds manifest.json beside the tars: only tars are read
     assert (root / "shards" / "manifest.json").is_file()
     source = shards if given == "tars" else [str(root / "shards")]
-    rows = sorted(build_train_dataset(config(source)).take_all(), key=lambda r: r["key"])
+    budget = VisualBudget(frames_per_video=3)
+    rows = build_train_dataset(config(source), budget=budget).take_all()
+    rows = sorted(rows, key=lambda r: r["key"])
     assert [json.loads(r["record"]) for r in rows] == records
     for row, record in zip(rows, records, strict=True):
         images, videos = decoded_media(row)
@@ -185,7 +187,8 @@ def check_layout(batch, processor):
     assert torch.equal(kinds == TokenKind.VISUAL, ids == processor.image_token_id)
     assert torch.equal(kinds == TokenKind.CONTEXT, ids == processor.context_token_id)
     assert torch.equal(kinds == TokenKind.PAD, mask == 0)
-    grid = processor.grid
+    # the tiny tower's 48 x 48 input at patch 8: a 6 x 6 grid per image or frame
+    grid = IMAGE_SIZE // 8
     assert batch["pixel_values"].shape[0] * grid * grid == int(
         (ids == processor.image_token_id).sum()
     )
@@ -219,7 +222,7 @@ def test_length_policy_and_text_only_drop(ray_session, data, tiny, policy):
 
     _, _, shards = data
     _, processor = tiny
-    ds = build_train_dataset(config(shards))
+    ds = build_train_dataset(config(shards), budget=processor.visual_budget)
     full = [
         (json.loads(r["record"])["id"], encode_row(r, processor, config(shards, max_length=10**6)))
         for r in ds.take_all()
@@ -250,7 +253,8 @@ def test_pipeline_encoding_equals_worker_encoding(ray_session, data, tiny):
     _, _, shards = data
     _, processor = tiny
     cfg = config(shards)
-    decoded = {r["key"]: r for r in build_train_dataset(cfg).take_all()}
+    decoded = build_train_dataset(cfg, budget=processor.visual_budget).take_all()
+    decoded = {r["key"]: r for r in decoded}
     encoded = build_train_dataset(cfg, processor).to_arrow_refs()
     import pyarrow as pa
     import ray
@@ -262,5 +266,7 @@ def test_pipeline_encoding_equals_worker_encoding(ray_session, data, tiny):
         expected = encode_row(decoded[key], processor, cfg)
         np.testing.assert_array_equal(sample["input_ids"], expected["input_ids"])
         np.testing.assert_array_equal(sample["labels"], expected["labels"])
-        np.testing.assert_array_equal(sample["pixel_values"], expected["pixel_values"])
+        assert sample["vision"].keys() == expected["vision"].keys()
+        for name, array in expected["vision"].items():
+            np.testing.assert_array_equal(sample["vision"][name], array)
         assert sample["parts"] == [list(p) for p in expected["parts"]]

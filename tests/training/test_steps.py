@@ -55,7 +55,7 @@ def _config(grad_accum: int, micro: int):
         # 9 regions per 6 x 6 image grid
         "model.gaze.region_size": "[1, 2, 2]",
         "top_k_schedule.warmup_steps": 3,
-        "data.frames_per_video": 1,
+        "model.visual_budget.frames_per_video": 1,
     }
     return load_config("configs/demo.yaml", [f"{k}={v}" for k, v in sets.items()])
 
