@@ -56,7 +56,6 @@ class WdsSamples:
 
     def __call__(self, sample: dict):
 
-
         from pipelines.dataset import decoded_row, encode_row
         from pipelines.decode import BadSample, decode_sample
 

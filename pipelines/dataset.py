@@ -170,9 +170,7 @@ def resolve_shards(cfg: DataConfig, split: str = "train") -> list[str]:
     return out
 
 
-def decode_batch(
-    batch: pa.Table, *, frames: int, counter, max_side: int | None = None
-) -> pa.Table:
+def decode_batch(batch: pa.Table, *, frames: int, counter, max_side: int | None = None) -> pa.Table:
     """Raw rows -> decoded rows; bad ones are dropped and reported to the counter."""
     rows, events = [], []
     for row in batch.to_pylist():
