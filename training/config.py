@@ -89,6 +89,8 @@ class ScalingSettings(Settings):
     resources_per_worker: dict[str, float] = Field(default_factory=dict)
     # Ray placement group strategy of the worker group; STRICT_SPREAD: one worker per node
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # how long a collective waits for a peer before the run fails (torch.distributed timeout)
+    collective_timeout_s: int = Field(1800, ge=10)
 
 
 class RunSettings(Settings):

@@ -187,7 +187,10 @@ def run_finetune(
             },
             placement_strategy=cfg.scaling.placement_strategy,
         ),
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        torch_config=TorchConfig(
+            backend="nccl" if cfg.scaling.use_gpu else "gloo",
+            timeout_s=cfg.scaling.collective_timeout_s,
+        ),
         run_config=RunConfig(
             name=cfg.run.name,
             # with a filesystem given, Ray takes the path inside it (bucket/prefix, no scheme)

@@ -104,18 +104,27 @@ class _GazeQwenVL(GazeModelMixin):
         return [self.config.image_token_id, self.config.video_token_id]
 
     def _visual_embeds(self, vision: dict) -> list[tuple[int, torch.Tensor]]:
-        out = []
-        pixels, videos = vision.get("pixel_values"), vision.get("pixel_values_videos")
-        if pixels is not None and pixels.shape[0] > 0:
-            features = self.model.get_image_features(
-                pixels.to(self.dtype), vision["image_grid_thw"], return_dict=True
-            ).pooler_output
-            out.append((self.config.image_token_id, torch.cat(list(features), dim=0)))
-        if videos is not None and videos.shape[0] > 0:
-            features = self.model.get_video_features(
-                videos.to(self.dtype), vision["video_grid_thw"], return_dict=True
-            ).pooler_output
-            out.append((self.config.video_token_id, torch.cat(list(features), dim=0)))
+        # images and videos go through the tower in one call: under ZeRO-3 every rank must
+        # gather the tower's parameters as often as the others, whatever its batch holds
+        kinds = []
+        for token, pixels, grid in (
+            (self.config.image_token_id, "pixel_values", "image_grid_thw"),
+            (self.config.video_token_id, "pixel_values_videos", "video_grid_thw"),
+        ):
+            if vision.get(pixels) is not None and vision[pixels].shape[0] > 0:
+                kinds.append((token, vision[pixels], vision[grid]))
+        if not kinds:
+            return []
+        features = self.model.get_image_features(
+            torch.cat([pixels for _, pixels, _ in kinds]).to(self.dtype),
+            torch.cat([grid for _, _, grid in kinds]),
+            return_dict=True,
+        ).pooler_output
+        out, start = [], 0
+        for token, _, grid in kinds:
+            items = features[start : start + grid.shape[0]]
+            out.append((token, torch.cat(list(items), dim=0)))
+            start += grid.shape[0]
         return out
 
     def _blank_vision(self) -> dict:
