@@ -37,5 +37,7 @@ def test_shards_match_local_evaluation(tiny_dir, tiny, json_data, tmp_path, ray_
     for name in ("eval/accuracy", "eval/visual_entries_per_token", "eval/routing_hit_rate"):
         assert report.metrics[name] == pytest.approx(local.metrics[name])
     assert report.metrics["eval/decode_tokens_per_s"] > 0
-    firsts = shard_samples(shards, limit=2, frames_per_video=processor.visual_budget.frames_per_video)
+    firsts = shard_samples(
+        shards, limit=2, frames_per_video=processor.visual_budget.frames_per_video
+    )
     assert len(firsts) == 2 and firsts[0].target_box is not None
