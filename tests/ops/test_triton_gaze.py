@@ -14,7 +14,9 @@ import torch
 
 from gazeattn.ops import GazeConfig, Image, Video, build_layout, gaze_attention
 from gazeattn.ops.gaze import resolve_backend
-from gazeattn.ops.gaze.fused import _launch_config, build_plan, gaze_attention_triton
+from gazeattn.ops.gaze.fused import gaze_attention_triton
+from gazeattn.ops.gaze.launch import INTERPRETER, fused_launch
+from gazeattn.ops.gaze.plan import build_plan
 from gazeattn.ops.gaze.naive import gaze_attention_reference
 
 # (atol, rtol) of the output and of the gradients against the fp32 reference. fp32 is
@@ -132,7 +134,7 @@ def test_unmasked_tiles_after_left_padding(hq, hkv):
     case_id = "left-pad-16x16"
     layout = _layout(case_id)
     config = _config(case_id)
-    lc = _launch_config(torch.empty(1, hq, 1, 32), hkv, layout.max_region_tokens)
+    lc = fused_launch(torch.float32, 32, hq // hkv, layout.max_region_tokens, INTERPRETER)
     q_pos = torch.arange(layout.length)
     chosen = torch.zeros(2, hkv, layout.length, layout.max_regions, dtype=torch.bool)
     plan = build_plan(layout, chosen, layout.length, layout.length, hkv, lc.block_q, lc.block_n)
