@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import triton
 import triton.language as tl
 
 from gazeattn.ops.gaze.plan import ROWS_CAUSAL, ROWS_TEXT, ROWS_VISUAL_ONLY
@@ -26,3 +27,32 @@ PAD = tl.constexpr(int(TokenKind.PAD))
 FLAG_CAUSAL = tl.constexpr(ROWS_CAUSAL)
 FLAG_TEXT = tl.constexpr(ROWS_TEXT)
 FLAG_VISUAL_ONLY = tl.constexpr(ROWS_VISUAL_ONLY)
+
+
+# fmt: off
+
+
+@triton.jit
+def dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    # the interpreter stores bf16 as uint16 and tl.dot on it returns garbage
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def softmax_tile(acc, m_i, l_i, q, kk, vv, allowed, scale_log2, MASKED: tl.constexpr,
+                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """One online-softmax step over a tile of keys (unmasked tiles skip the select)."""
+    s = dot(q, tl.trans(kk), UPCAST, PRECISION) * scale_log2
+    if MASKED:
+        s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + dot(p.to(vv.dtype), vv, UPCAST, PRECISION)
+    return acc, m_new, l_i
+
+
+# fmt: on

@@ -8,12 +8,12 @@ region). The list is cut into ``num_splits`` chunks, one program per (sequence,
 routing head, chunk), so batch 1 with few KV heads still fills the GPU; a second
 kernel merges the chunks by log-sum-exp.
 
-A program holds the query heads that share one selection (the KV head's group,
-or one head under per-query-head routing) as rows of plain broadcast products,
-so a group of 2 is not padded to 16 rows as a ``tl.dot`` would need. Block
-sizes and warps come from ``gazeattn.ops.gaze.launch``; head counts, lengths
-and the number of chunks are runtime arguments (one binary per dtype, padded
-head dim and padded group).
+A program holds up to 16 query heads that share one selection (the KV head's
+group, or one head under per-query-head routing) as the rows of ``tl.dot``s:
+decode reads every key once per program and is bound by memory, so the rows a
+small group pads to cost tensor-core cycles, not bytes. Block sizes and warps
+come from ``gazeattn.ops.gaze.launch``; head counts, lengths and the number of
+chunks are runtime arguments (one binary per dtype and padded head dim).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from gazeattn.ops.config import GazeConfig
-from gazeattn.ops.gaze.common import LOG2E
+from gazeattn.ops.gaze.common import LOG2E, softmax_tile
 from gazeattn.ops.gaze.launch import (
     MAX_SPLITS,
     DecodeLaunch,
@@ -39,26 +39,30 @@ from gazeattn.ops.routing import route
 
 
 # sizes and counts change per call but not the compiled code: not specialised
-@triton.jit(do_not_specialize=["N_DENSE", "K_MAX", "R", "SPLIT_LEN", "HQ", "HKV", "HR", "GR", "NUM_SPLITS", "S"])
+@triton.jit(do_not_specialize=["N_DENSE", "K_MAX", "R", "SPLIT_LEN", "HQ", "HKV", "HR", "GR", "CHUNKS", "NUM_SPLITS", "S"])
 def _gaze_decode_fwd_kernel(
     Q, K, V, O_PART, M_PART, L_PART, DENSE_IDX, DENSE_CNT, IDS, ID_CNT, TOKENS,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-    N_DENSE, K_MAX, R, SPLIT_LEN, HQ, HKV, HR, GR, NUM_SPLITS, S, D, scale_log2,
-    GR_PAD: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+    N_DENSE, K_MAX, R, SPLIT_LEN, HQ, HKV, HR, GR, CHUNKS, NUM_SPLITS, S, D, scale_log2,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
+    """Chunk ``split`` of the keys of one (sequence, routing head) for its GR query heads,
+    ROWS at a time (CHUNKS programs per head when GR > ROWS; padding rows are discarded)."""
     split = tl.program_id(0)
-    bh = tl.program_id(1)
+    bhc = tl.program_id(1)
+    chunk = bhc % CHUNKS
+    bh = bhc // CHUNKS
     # int64: batch offsets (b * stride) pass 2**31 on long multi-frame batches
     b = (bh // HR).to(tl.int64)
     hr = bh % HR
     kvh = hr // (HR // HKV)
-    g = tl.arange(0, GR_PAD)
+    g = chunk * ROWS + tl.arange(0, ROWS)
     g_ok = g < GR
     head = hr * GR + g
     d = tl.arange(0, D_PAD)
     d_ok = d < D
     q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + d[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0)
-    q = q.to(tl.float32) * scale_log2
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
 
@@ -66,9 +70,9 @@ def _gaze_decode_fwd_kernel(
     total = n_dense + tl.load(ID_CNT + b * HR + hr) * S
     start = split * SPLIT_LEN
     end = tl.minimum(start + SPLIT_LEN, total)
-    m_i = tl.full([GR_PAD], -1e30, tl.float32)
-    l_i = tl.zeros([GR_PAD], tl.float32)
-    acc = tl.zeros([GR_PAD, D_PAD], tl.float32)
+    m_i = tl.full([ROWS], -1e30, tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, D_PAD], tl.float32)
     for j0 in range(start, end, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         j_ok = j < end
@@ -83,15 +87,8 @@ def _gaze_decode_fwd_kernel(
         kv_mask = k_ok[:, None] & d_ok[None, :]
         kk = tl.load(k_base + kpos[:, None] * stride_kt + d[None, :], mask=kv_mask, other=0.0)
         vv = tl.load(v_base + kpos[:, None] * stride_vt + d[None, :], mask=kv_mask, other=0.0)
-        # [GR_PAD, BLOCK_N]: a few rows, so broadcast products instead of a padded tl.dot
-        s = tl.sum(q[:, None, :] * kk.to(tl.float32)[None, :, :], 2)
-        s = tl.where(k_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vv.to(tl.float32)[None, :, :], 1)
-        m_i = m_new
+        # a tl.dot of ROWS (16) rows: the padding rows cost tensor-core cycles, not bytes
+        acc, m_i, l_i = softmax_tile(acc, m_i, l_i, q, kk, vv, k_ok[None, :], scale_log2, True, UPCAST, PRECISION)
     part = (b * HQ + head) * NUM_SPLITS + split
     tl.store(O_PART + part[:, None] * D_PAD + d[None, :], acc, mask=g_ok[:, None])
     tl.store(M_PART + part, m_i, mask=g_ok)
@@ -166,13 +163,15 @@ def gaze_decode_fwd(
     o_part = torch.empty(batch, hq, splits, lc.d_pad, device=q.device, dtype=torch.float32)
     m_part = torch.empty(batch, hq, splits, device=q.device, dtype=torch.float32)
     l_part = torch.empty_like(m_part)
-    _gaze_decode_fwd_kernel[(splits, batch * hr)](
+    chunks = triton.cdiv(hq // hr, lc.rows)
+    _gaze_decode_fwd_kernel[(splits, batch * hr * chunks)](
         q, k, v, o_part, m_part, l_part, dense_idx, dense_cnt, ids, id_cnt, tokens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        dense_idx.shape[1], max(k_max, 1), num_r, split_len, hq, hkv, hr, hq // hr, splits,
-        max(region_tokens, 1), dim, scale * LOG2E,
-        GR_PAD=lc.rows_pad, BLOCK_N=lc.block_n, D_PAD=lc.d_pad, **lc.fwd.kwargs(),
+        dense_idx.shape[1], max(k_max, 1), num_r, split_len, hq, hkv, hr, hq // hr, chunks,
+        splits, max(region_tokens, 1), dim, scale * LOG2E,
+        ROWS=lc.rows, BLOCK_N=lc.block_n, D_PAD=lc.d_pad, UPCAST=lc.upcast,
+        PRECISION=lc.precision, **lc.fwd.kwargs(),
     )  # fmt: skip
     out = torch.empty(batch, hq, 1, dim, device=q.device, dtype=q.dtype)
     _gaze_decode_merge_kernel[(batch * hq,)](
@@ -202,9 +201,10 @@ def decode_config(
     batch, hq, _, dim = q.shape
     hr = ids.shape[1]
     spec = device_spec(q.device)
-    lc = decode_launch(q.dtype, dim, hq // hr, spec)
+    lc = decode_launch(q.dtype, dim, spec)
     keys = dense_width + ids.shape[2] * region_tokens
-    return lc, decode_splits(batch * hr, keys, lc.block_n, spec)
+    programs = batch * hr * -(-(hq // hr) // lc.rows)
+    return lc, decode_splits(programs, keys, lc.block_n, spec)
 
 
 def gaze_decode_triton(

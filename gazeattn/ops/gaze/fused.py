@@ -44,6 +44,8 @@ from gazeattn.ops.gaze.common import (
     PAD,
     TEXT,
     VISUAL,
+    dot,
+    softmax_tile,
 )
 from gazeattn.ops.gaze.launch import FusedLaunch, device_spec, fused_launch
 from gazeattn.ops.gaze.plan import GazePlan, build_plan
@@ -53,14 +55,6 @@ from gazeattn.ops.routing import route
 
 # The kernels keep their argument lists compact (as Triton code usually does).
 # fmt: off
-
-
-@triton.jit
-def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    # the interpreter stores bf16 as uint16 and tl.dot on it returns garbage
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit
@@ -161,25 +155,10 @@ def _load_keys(k_base, v_base, kpos, k_ok, stride_kt, stride_vt, d, d_ok):
 
 
 @triton.jit
-def _softmax_tile(acc, m_i, l_i, q, kk, vv, allowed, scale_log2, MASKED: tl.constexpr,
-                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """One online-softmax step over a tile of keys (unmasked tiles skip the select)."""
-    s = _dot(q, tl.trans(kk), UPCAST, PRECISION) * scale_log2
-    if MASKED:
-        s = tl.where(allowed, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _dot(p.to(vv.dtype), vv, UPCAST, PRECISION)
-    return acc, m_new, l_i
-
-
-@triton.jit
 def _probs(q, kk, lse, allowed, scale_log2, MASKED: tl.constexpr, UPCAST: tl.constexpr,
            PRECISION: tl.constexpr):
     """Recomputed probabilities of a tile from the saved log-sum-exp (log2 domain)."""
-    p = tl.exp2(_dot(q, tl.trans(kk), UPCAST, PRECISION) * scale_log2 - lse[:, None])
+    p = tl.exp2(dot(q, tl.trans(kk), UPCAST, PRECISION) * scale_log2 - lse[:, None])
     if MASKED:
         p = tl.where(allowed, p, 0.0)
     return p
@@ -190,8 +169,8 @@ def _dq_tile(dq, q, do, lse, delta, kk, vv, allowed, scale_log2, MASKED: tl.cons
              UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """dq contribution of a tile of keys (before the final multiplication by the scale)."""
     p = _probs(q, kk, lse, allowed, scale_log2, MASKED, UPCAST, PRECISION)
-    ds = p * (_dot(do, tl.trans(vv), UPCAST, PRECISION) - delta[:, None])
-    return dq + _dot(ds.to(kk.dtype), kk, UPCAST, PRECISION)
+    ds = p * (dot(do, tl.trans(vv), UPCAST, PRECISION) - delta[:, None])
+    return dq + dot(ds.to(kk.dtype), kk, UPCAST, PRECISION)
 
 
 @triton.jit
@@ -199,9 +178,9 @@ def _dkdv_tile(dk, dv, kk, vv, q, do, lse, delta, allowed, scale_log2, MASKED: t
                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """dk (before the scale) and dv contributions of a block of rows to a tile of keys."""
     p = _probs(q, kk, lse, allowed, scale_log2, MASKED, UPCAST, PRECISION)
-    dv = dv + _dot(tl.trans(p.to(do.dtype)), do, UPCAST, PRECISION)
-    ds = p * (_dot(do, tl.trans(vv), UPCAST, PRECISION) - delta[:, None])
-    dk = dk + _dot(tl.trans(ds.to(q.dtype)), q, UPCAST, PRECISION)
+    dv = dv + dot(tl.trans(p.to(do.dtype)), do, UPCAST, PRECISION)
+    ds = p * (dot(do, tl.trans(vv), UPCAST, PRECISION) - delta[:, None])
+    dk = dk + dot(tl.trans(ds.to(q.dtype)), q, UPCAST, PRECISION)
     return dk, dv
 
 
@@ -242,12 +221,12 @@ def _gaze_fwd_kernel(
         k_ok = kpos < end
         allowed = _causal_tile(kpos, k_ok, KIND, SEG, b, Tk, qpos, qkind, qseg)
         kk, vv = _load_keys(k_base, v_base, kpos, k_ok, stride_kt, stride_vt, d, d_ok)
-        acc, m_i, l_i = _softmax_tile(acc, m_i, l_i, q, kk, vv, allowed, scale_log2, True, UPCAST, PRECISION)
+        acc, m_i, l_i = softmax_tile(acc, m_i, l_i, q, kk, vv, allowed, scale_log2, True, UPCAST, PRECISION)
     # 2. the stretch every row sees in full (blocks of visual rows only, below their first query)
     for start in range(full_lo, full_hi, BLOCK_N):
         kpos = start + offs
         kk, vv = _load_keys(k_base, v_base, kpos, kpos < full_hi, stride_kt, stride_vt, d, d_ok)
-        acc, m_i, l_i = _softmax_tile(acc, m_i, l_i, q, kk, vv, None, scale_log2, False, UPCAST, PRECISION)
+        acc, m_i, l_i = softmax_tile(acc, m_i, l_i, q, kk, vv, None, scale_log2, False, UPCAST, PRECISION)
 
     # 3. text rows over the earlier text and context keys, then their selected regions' tokens
     n_dense = tl.load(DENSE_CNT + b * NQB + qb)
@@ -256,7 +235,7 @@ def _gaze_fwd_kernel(
     for start in range(0, n_total, BLOCK_N):
         kpos, k_ok, allowed = _gather_tile(start + offs, n_dense, n_total, DENSE_IDX, UNION + block * U_MAX, TOKENS, CHOSEN, b, N_DENSE, R, Tq, S, HR_TOTAL, hr, qi, qpos, qkind)
         kk, vv = _load_keys(k_base, v_base, kpos, k_ok, stride_kt, stride_vt, d, d_ok)
-        acc, m_i, l_i = _softmax_tile(acc, m_i, l_i, q, kk, vv, allowed, scale_log2, True, UPCAST, PRECISION)
+        acc, m_i, l_i = softmax_tile(acc, m_i, l_i, q, kk, vv, allowed, scale_log2, True, UPCAST, PRECISION)
 
     # rows with no key (padding queries) output 0
     has_key = l_i > 0

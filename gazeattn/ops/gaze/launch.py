@@ -48,6 +48,9 @@ MIN_CAPABILITY = (8, 0)
 MAX_HEAD_DIM = 128
 # chunks of the split-K decode (the merge kernel's tile)
 MAX_SPLITS = 64
+# query heads one decode program holds, the rows of its tl.dots (16, the smallest an MMA
+# takes; larger groups take several programs per head)
+DECODE_ROWS = 16
 
 
 def interpreted() -> bool:
@@ -130,11 +133,13 @@ def _check(dtype: torch.dtype, head_dim: int, device: DeviceSpec) -> None:
         )
 
 
-def head_dim_pad(head_dim: int, device: DeviceSpec) -> int:
-    """Padded head dim of the kernels' tiles: on GPUs 64 or 128 only (two binaries)."""
+def head_dim_pad(head_dim: int, dtype: torch.dtype, device: DeviceSpec) -> int:
+    """Padded head dim of the kernels' tiles. On GPUs 64 or 128 for 16-bit inputs, and 128 for
+    fp32 (a correctness path: one tile shape), so every head dim up to 128 is one of three
+    binaries per kernel and architecture."""
     if device.interpreted:
         return max(_next_pow2(head_dim), 16)
-    return 64 if head_dim <= 64 else 128
+    return 64 if head_dim <= 64 and dtype != torch.float32 else 128
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -185,7 +190,7 @@ def fused_launch(
     _check(dtype, head_dim, device)
     group_pad = _next_pow2(group)
     precision = "ieee" if dtype == torch.float32 else "tf32"
-    d_pad = head_dim_pad(head_dim, device)
+    d_pad = head_dim_pad(head_dim, dtype, device)
     if device.interpreted:
         # the interpreter pays per program and loop step, not per FLOP: large tiles;
         # it stores bf16 as uint16 and tl.dot on it returns garbage: upcast
@@ -203,11 +208,16 @@ def fused_launch(
             dkdv=_SERIAL,
             region=_SERIAL,
         )
-    tile = _fused_tile(dtype, d_pad, device)
+    tile = _fused_tile(dtype, device)
+    if group_pad > tile.rows:
+        raise ValueError(
+            f"{group} query heads per KV head is more than the fused kernels' {tile.rows}-row "
+            f"blocks hold for {dtype}; use backend='reference' or 'dense'"
+        )
     return FusedLaunch(
         group=group,
         group_pad=group_pad,
-        rows=max(tile.rows, group_pad),
+        rows=tile.rows,
         block_n=tile.block_n,
         block_s=tile.block_s,
         d_pad=d_pad,
@@ -231,65 +241,96 @@ class _Tile:
     region: KernelOptions
 
 
-def _opts(num_warps: int, *stages: int) -> tuple[KernelOptions, ...]:
-    return tuple(KernelOptions(num_warps=num_warps, num_stages=s) for s in stages)
+def _tile(rows, block_n, block_s, *, fwd, dq, dkdv, region) -> _Tile:
+    def opts(warps_stages):
+        return KernelOptions(num_warps=warps_stages[0], num_stages=warps_stages[1])
+
+    return _Tile(
+        rows=rows,
+        block_n=block_n,
+        block_s=block_s,
+        fwd=opts(fwd),
+        dq=opts(dq),
+        dkdv=opts(dkdv),
+        region=opts(region),
+    )
 
 
-def _fused_tile(dtype: torch.dtype, d_pad: int, device: DeviceSpec) -> _Tile:
-    """Tiles by shared memory: the figures in the comments are ``compiled.metadata.shared``
-    of each kernel (fwd, dq, dkdv, region) as the compile test prints them."""
-    large = device.smem_per_block >= SMEM_PER_BLOCK[(8, 0)]
+# 16-bit tiles by per-block shared memory, the first row a device reaches; (warps, stages)
+# per kernel. Untuned (no GPU has timed them yet); the compile test prints what each needs
+# (bf16, head dim 128: sm_80 fwd 74 KB, dq 105 KB, dkdv 80 KB, region 88 KB; sm_86 with
+# the second row: 57, 56, 40 and 52 KB).
+_TILES_16BIT = (
+    # sm_80, sm_87, sm_90, sm_100: 163 KB and more
+    (163 * 1024, _tile(128, 64, 32, fwd=(8, 2), dq=(8, 2), dkdv=(8, 2), region=(8, 1))),
+    # sm_86, sm_89, sm_120 (A10G, L4, L40S, RTX 30/40/50): 99 KB
+    (99 * 1024, _tile(64, 64, 32, fwd=(4, 2), dq=(4, 1), dkdv=(4, 1), region=(4, 1))),
+)
+# fp32 dots run on the FMA units (input_precision "ieee", exact): a correctness path (tests,
+# debugging), not a fast one; small tiles keep its registers, shared memory and compile time
+# low (16 x 16: a quarter of the FMA code of 32 x 32)
+_TILE_FP32 = _tile(16, 16, 16, fwd=(4, 1), dq=(4, 1), dkdv=(4, 1), region=(4, 1))
+
+
+def _fused_tile(dtype: torch.dtype, device: DeviceSpec) -> _Tile:
     if dtype == torch.float32:
-        # fp32 dots run on FMA units (ieee): small tiles keep registers and shared memory low
-        fwd, dq, dkdv, region = _opts(4, 1, 1, 1, 1)
-        return _Tile(rows=32, block_n=32, block_s=32, fwd=fwd, dq=dq, dkdv=dkdv, region=region)
-    if large:
-        fwd, dq, dkdv, region = _opts(8, 2, 2, 2, 1)
-        return _Tile(rows=128, block_n=64, block_s=32, fwd=fwd, dq=dq, dkdv=dkdv, region=region)
-    fwd, dq, dkdv, region = _opts(4, 2, 1, 1, 1)
-    return _Tile(rows=64, block_n=64, block_s=32, fwd=fwd, dq=dq, dkdv=dkdv, region=region)
+        return _TILE_FP32
+    for smem, tile in _TILES_16BIT:
+        if device.smem_per_block >= smem:
+            return tile
+    raise ValueError(
+        f"{device.name}: {device.smem_per_block} bytes of shared memory per block is less than "
+        f"any fused-kernel configuration needs; use backend='reference' or 'dense'"
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
 class DecodeLaunch:
-    """Split-K decode: ``rows`` query heads share one selection (padded to a power of two),
-    ``block_n`` keys per step; the merge kernel has its own options."""
+    """Split-K decode: a program takes ``rows`` of the query heads that share one selection
+    (the rows of its tl.dots; larger groups take several programs) and ``block_n`` keys per
+    step; the merge kernel has its own options."""
 
     rows: int
-    rows_pad: int
     block_n: int
     d_pad: int
+    upcast: bool
+    precision: str
     fwd: KernelOptions
     merge: KernelOptions
 
 
-def decode_launch(dtype: torch.dtype, head_dim: int, rows: int, device: DeviceSpec) -> DecodeLaunch:
-    """The decode kernels' configuration for ``rows`` query heads per selection."""
+def decode_launch(dtype: torch.dtype, head_dim: int, device: DeviceSpec) -> DecodeLaunch:
+    """The decode kernels' configuration (the same for every group size)."""
     _check(dtype, head_dim, device)
-    rows_pad = _next_pow2(rows)
-    d_pad = head_dim_pad(head_dim, device)
+    d_pad = head_dim_pad(head_dim, dtype, device)
+    precision = "ieee" if dtype == torch.float32 else "tf32"
     if device.interpreted:
-        # the interpreter pays per loop step
+        # the interpreter pays per loop step; bf16 dots are upcast (see fused_launch)
         return DecodeLaunch(
-            rows=rows, rows_pad=rows_pad, block_n=64, d_pad=d_pad, fwd=_SERIAL, merge=_SERIAL
+            rows=DECODE_ROWS,
+            block_n=64,
+            d_pad=d_pad,
+            upcast=dtype == torch.bfloat16,
+            precision=precision,
+            fwd=_SERIAL,
+            merge=_SERIAL,
         )
-    # the [rows, block_n, D] broadcast products live in registers: fewer keys per step
-    # for more rows
-    block_n = 32 if rows_pad <= 4 else 16
     return DecodeLaunch(
-        rows=rows,
-        rows_pad=rows_pad,
-        block_n=block_n,
+        rows=DECODE_ROWS,
+        block_n=32,
         d_pad=d_pad,
-        fwd=KernelOptions(num_warps=4, num_stages=3),
+        upcast=False,
+        precision=precision,
+        fwd=KernelOptions(num_warps=4, num_stages=2 if dtype == torch.float32 else 3),
         merge=KernelOptions(num_warps=4, num_stages=1),
     )
 
 
-def decode_splits(batch_heads: int, keys: int, block_n: int, device: DeviceSpec) -> int:
-    """Chunks per (sequence, head) of the split-K decode: enough programs to fill the
-    device (two per multiprocessor), at least a block of keys each, at most MAX_SPLITS."""
-    wanted = -(-2 * device.multiprocessors // max(batch_heads, 1))
+def decode_splits(programs: int, keys: int, block_n: int, device: DeviceSpec) -> int:
+    """Chunks of each (sequence, head) key list in the split-K decode, given the ``programs``
+    one chunk takes: enough to fill the device (two programs per multiprocessor), at least a
+    block of keys each, at most MAX_SPLITS."""
+    wanted = -(-2 * device.multiprocessors // max(programs, 1))
     return max(1, min(wanted, -(-keys // block_n), MAX_SPLITS))
 
 
@@ -305,7 +346,7 @@ def descriptor_launch(
 ) -> DescriptorLaunch:
     """The region-mean kernel: a region's tokens ``block_s`` at a time."""
     _check(dtype, head_dim, device)
-    d_pad = head_dim_pad(head_dim, device)
+    d_pad = head_dim_pad(head_dim, dtype, device)
     if device.interpreted:
         return DescriptorLaunch(
             block_s=max(_next_pow2(region_tokens), 16), d_pad=d_pad, options=_SERIAL
