@@ -284,20 +284,24 @@ def main(argv: list[str]) -> int:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as cache:
         results = compile_all(archs, cases(), cache_dir=cache)
-    print(f"{'arch':<7} {'kernel':<26} {'dtype':<6} {'config':<34} {'shared':>8} {'limit':>7}")
+    print(
+        f"{'arch':<7} {'kernel':<14} {'dtype':<5} {'configuration':<58} {'shared':>7} {'limit':>7}"
+    )
     for arch, res in results.items():
-        for key, out in sorted(res["binaries"].items()):
-            req = json.loads(key)
+        rows = []
+        requests = {binary_key(r): r for r in res["launches"]}
+        for key, out in res["binaries"].items():
+            req = requests[key]
             name = req["kernel"].split(":")[1].removeprefix("_gaze_").removesuffix("_kernel")
             sig = req["signature"]
             dtype = (sig.get("Q") or sig.get("K") or sig.get("OUT"))[1:]
-            consts = {k: v for k, v in req["constexprs"].items() if not isinstance(v, bool)}
-            config = ",".join(str(v) for v in consts.values() if not isinstance(v, str))
+            named = {k: v for k, v in req["named"].items() if k.isupper()}
+            config = " ".join(f"{k}={v}" for k, v in named.items() if not isinstance(v, bool))
             opts = req["options"]
-            config += f" w{opts['num_warps']} s{opts['num_stages']}"
-            print(
-                f"{arch:<7} {name:<26} {dtype:<6} {config:<34} {out['shared']:>8} {ARCHS[arch][1]:>7}"
-            )
+            config += f" warps={opts['num_warps']} stages={opts['num_stages']}"
+            rows.append((name.lstrip("_"), dtype, config, out["shared"]))
+        for name, dtype, config, shared in sorted(rows):
+            print(f"{arch:<7} {name:<14} {dtype:<5} {config:<58} {shared:>7} {ARCHS[arch][1]:>7}")
     per_kernel = {}
     for res in results.values():
         for key, out in res["binaries"].items():

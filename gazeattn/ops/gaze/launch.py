@@ -257,9 +257,10 @@ def _tile(rows, block_n, block_s, *, fwd, dq, dkdv, region) -> _Tile:
 
 
 # 16-bit tiles by per-block shared memory, the first row a device reaches; (warps, stages)
-# per kernel. Untuned (no GPU has timed them yet); the compile test prints what each needs
-# (bf16, head dim 128: sm_80 fwd 74 KB, dq 105 KB, dkdv 80 KB, region 88 KB; sm_86 with
-# the second row: 57, 56, 40 and 52 KB).
+# per kernel. Untuned (no GPU has timed them yet); the compile test prints what each needs,
+# e.g. bf16 at head dim 128, fwd / dq / dkdv / region bytes: sm_80 74240 / 107008 / 81920 /
+# 90112, sm_90 107008 / 139776 / 114688 / 147456; sm_86 with the second row 57856 / 57344 /
+# 40960 / 53248 (bench/RESULTS.md has every architecture).
 _TILES_16BIT = (
     # sm_80, sm_87, sm_90, sm_100: 163 KB and more
     (163 * 1024, _tile(128, 64, 32, fwd=(8, 2), dq=(8, 2), dkdv=(8, 2), region=(8, 1))),
