@@ -2,7 +2,7 @@ PY := .venv/bin/python
 PIP := .venv/bin/pip
 STAMP := .venv/.installed
 
-.PHONY: setup test test-default test-cluster browser lint format demo bench clean
+.PHONY: setup test test-default test-cluster browser lint format demo bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,11 @@ bench: setup
 	$(PY) bench/attention.py
 	$(PY) bench/attention_gpu.py
 	$(PY) bench/decode_model.py
+
+# the prepared GPU run (bench/gpu_check.py, about 8 minutes): the gpu tests, the attention
+# benchmark and a 3B-shaped model; runs with the machine's own Python when there is no .venv
+gpu-check:
+	PYTHONPATH=. $(if $(wildcard $(PY)),$(PY),python3) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf .venv build *.egg-info
