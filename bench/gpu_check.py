@@ -400,7 +400,7 @@ def model_train(model, layout, steps: int, attn: str) -> dict:
         for _ in range(steps + 1):  # the first step compiles and allocates
             _sync()
             start = time.perf_counter()
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
