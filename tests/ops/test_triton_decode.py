@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from gazeattn.ops import GazeConfig, Image, Video, build_layout, gaze_attention, region_descriptors
+from gazeattn.ops.gaze import decode_triton, descriptors, launch
 from gazeattn.ops.gaze.decode_triton import gaze_decode_triton
 from gazeattn.ops.gaze.descriptors import region_descriptors_triton
 from gazeattn.ops.gaze.naive import gaze_attention_reference
@@ -131,6 +134,36 @@ def test_region_descriptors(region, dtype):
     k = torch.randn(2, 3, layout.length, 80, generator=gen).to(dtype)
     got = region_descriptors_triton(k, layout)
     torch.testing.assert_close(got, region_descriptors(k, layout), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gpu_tiles_under_the_interpreter(monkeypatch, dtype):
+    """The decode and descriptor tiles a GPU picks (32 keys a step, head dim 32 padded to
+    64 or 128, regions of 36 read 32 tokens at a time) give the reference's values."""
+    spec = launch.gpu_spec((8, 9))
+
+    def gpu_decode(dtype, head_dim, device):
+        lc = launch.decode_launch(dtype, head_dim, spec)
+        assert lc.block_n == 32 and lc.d_pad > head_dim
+        return dataclasses.replace(lc, upcast=dtype == torch.bfloat16)
+
+    def gpu_descriptors(dtype, head_dim, region_tokens, device):
+        lc = launch.descriptor_launch(dtype, head_dim, region_tokens, spec)
+        assert lc.block_s < region_tokens
+        return lc
+
+    monkeypatch.setattr(decode_triton, "decode_launch", gpu_decode)
+    monkeypatch.setattr(descriptors, "descriptor_launch", gpu_descriptors)
+    layout = build_layout(VARIABLE, padding_side="left", num_context_tokens=2)
+    config = GazeConfig(keep_ratio=0.3, num_context_tokens=2)
+    check_decode(layout, config, 8, 2, dtype=dtype, seed=5, num_splits=3)
+    k = torch.randn(3, 2, layout.length, 32).to(dtype)
+    torch.testing.assert_close(
+        descriptors.region_descriptors_triton(k, layout),
+        region_descriptors(k, layout),
+        atol=1e-6,
+        rtol=1e-6,
+    )
 
 
 @pytest.mark.slow

@@ -7,13 +7,14 @@ are marked slow. Reference values are computed in fp32 from the same (rounded) i
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
 import torch
 
 from gazeattn.ops import GazeConfig, Image, Video, build_layout, gaze_attention
-from gazeattn.ops.gaze import resolve_backend
+from gazeattn.ops.gaze import fused, launch, resolve_backend
 from gazeattn.ops.gaze.fused import gaze_attention_triton
 from gazeattn.ops.gaze.launch import INTERPRETER, fused_launch
 from gazeattn.ops.gaze.naive import gaze_attention_reference
@@ -209,6 +210,26 @@ def test_mixed_dtypes_are_rejected():
     q, k, v = _inputs(layout, 2, 1, 32, torch.float32, seed=0)
     with pytest.raises(ValueError, match="share a dtype"):
         gaze_attention_triton(q.half(), k, v, layout, _config("ragged-7x9-4x4"))
+
+
+@pytest.mark.parametrize(
+    "capability,dtype",
+    [((8, 0), torch.float16), ((8, 6), torch.bfloat16), ((9, 0), torch.float32)],
+    ids=["sm80-fp16", "sm86-bf16", "sm90-fp32"],
+)
+def test_gpu_tiles_under_the_interpreter(monkeypatch, capability, dtype):
+    """The tiles a GPU picks (128 or 64 rows, fp32's 16 x 16, head dim 32 padded to 64 or
+    128, region tokens 32 or 16 at a time, so a region of 36 spans several tiles) give the
+    reference's values; only the bf16 upcast is the interpreter's."""
+
+    def gpu_launch(dtype, head_dim, group, region_tokens, device):
+        lc = fused_launch(dtype, head_dim, group, region_tokens, launch.gpu_spec(capability))
+        assert lc.block_s < region_tokens and lc.d_pad > head_dim
+        return dataclasses.replace(lc, upcast=dtype == torch.bfloat16)
+
+    monkeypatch.setattr(fused, "fused_launch", gpu_launch)
+    case_id = "two-images-6x6"
+    check_against_reference(_layout(case_id), _config(case_id), 8, 2, dtype=dtype, seed=7)
 
 
 @pytest.mark.slow
