@@ -206,7 +206,9 @@ class GazeLayout:
         if key not in self._derived:
             kinds, _, _ = self.padded(total)
             keep = (kinds == TokenKind.TEXT) | (kinds == TokenKind.CONTEXT)
-            self._derived[key] = _compact(keep)
+            index, count = compact(keep)
+            valid = torch.arange(index.shape[-1], device=keep.device) < count[:, None]
+            self._derived[key] = (index, valid)
         return self._derived[key]
 
     @classmethod
@@ -244,14 +246,20 @@ class GazeLayout:
         )
 
 
-def _compact(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of True entries per row, left-aligned and padded with 0: [B, N] and validity."""
-    count = keep.sum(-1)
-    width = int(count.max()) if keep.numel() else 0
-    # A stable sort puts the kept positions first, in order.
-    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[:, :width]
-    valid = torch.arange(width, device=keep.device)[None, :] < count[:, None]
-    return torch.where(valid, order, 0), valid
+def compact(mask: torch.Tensor, *, min_width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the True entries along the last dim, in order, left-aligned and 0-padded.
+
+    mask [..., L] bool -> indices [..., W] int64 and counts [...] int64, where W is the
+    largest count (at least ``min_width``: kernels are never given an empty tensor).
+    """
+    count = mask.sum(-1)
+    width = max(int(count.max()) if count.numel() else 0, min_width)
+    # a stable sort puts the kept positions first, in order
+    order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[..., :width]
+    if order.shape[-1] < width:
+        order = torch.nn.functional.pad(order, (0, width - order.shape[-1]))
+    valid = torch.arange(width, device=mask.device) < count[..., None]
+    return torch.where(valid, order, 0), count
 
 
 def _fill_sequence(kinds, segment, region, spans, region_size):

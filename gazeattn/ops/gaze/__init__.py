@@ -7,6 +7,7 @@ import torch
 from gazeattn.ops.config import GazeConfig
 from gazeattn.ops.gaze.decode import can_decode, gaze_decode
 from gazeattn.ops.gaze.dense import dense_attention
+from gazeattn.ops.gaze.launch import interpreted
 from gazeattn.ops.gaze.naive import gaze_attention_reference
 from gazeattn.ops.gaze.stats import GazeStats
 from gazeattn.ops.layout import GazeLayout
@@ -19,9 +20,7 @@ def resolve_backend(config: GazeConfig, device: torch.device) -> str:
     if config.backend == "auto":
         return "triton" if device.type == "cuda" else "reference"
     if config.backend == "triton" and device.type != "cuda":
-        import os
-
-        if os.environ.get("TRITON_INTERPRET") != "1":
+        if not interpreted():
             raise RuntimeError(
                 "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for tests); "
                 f"got tensors on {device}. Use backend='auto' or 'reference' on CPU."

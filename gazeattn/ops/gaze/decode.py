@@ -13,14 +13,7 @@ import torch
 from gazeattn.ops.config import GazeConfig
 from gazeattn.ops.gaze.stats import GazeStats, compute_stats
 from gazeattn.ops.layout import GazeLayout, TokenKind
-from gazeattn.ops.routing import (
-    budgets,
-    query_positions,
-    region_descriptors,
-    region_scores,
-    select_regions,
-    visible_regions,
-)
+from gazeattn.ops.routing import route
 
 
 def can_decode(q: torch.Tensor, k: torch.Tensor, layout: GazeLayout) -> bool:
@@ -65,15 +58,9 @@ def gaze_decode(
     batch, hq, _, dim = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     scale = dim**-0.5 if scale is None else scale
-    q_pos = query_positions(1, tk, q.device)
-    q_kind = torch.full((batch, 1), int(TokenKind.TEXT), device=q.device)
-    visible = visible_regions(layout, q_pos, q_kind)
-    if descriptors is None:
-        descriptors = region_descriptors(k, layout)
-    scores = region_scores(q, descriptors, config.routing)
-    ids, chosen = select_regions(scores, visible, budgets(config, visible.sum(-1), top_k))
-    hr = scores.shape[1]
-    positions, valid = gather_plan(layout, ids[:, :, 0], tk)
+    routed = route(q, k, layout, config, descriptors=descriptors, top_k=top_k)
+    hr = routed.ids.shape[1]
+    positions, valid = gather_plan(layout, routed.ids[:, :, 0], tk)
     # row of each gathered key in k viewed as [B * Hkv * Tk, D]
     kv_head = torch.arange(hr, device=q.device) // (hr // hkv)
     rows = (
@@ -88,5 +75,4 @@ def gaze_decode(
     logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1).to(v.dtype)
     out = (probs @ vg).view(batch, hq, 1, dim)
-    stats = compute_stats(layout, q_pos, q_kind, chosen, visible, ids if return_selection else None)
-    return out, stats
+    return out, compute_stats(layout, routed, return_selection)
