@@ -58,6 +58,8 @@ class GenerationResult:
     # [{"box": [span, t0, t1, h0, h1, w0, w1], "heads": n}, ...] (most heads first)
     routing: list[list[dict]] | None = None
     grids: list[list[int]] = field(default_factory=list)  # (t, h, w) of each image/video span
+    # per generated token, when asked (gazeattn.engine.TokenLogprob)
+    logprobs: list | None = None
 
 
 def generate_batch(
