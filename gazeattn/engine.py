@@ -93,6 +93,7 @@ class EngineSequence:
         self.frequency_penalty: float = options["frequency_penalty"]
         self.logit_bias: dict[int, float] = options["logit_bias"]
         self.peak_batch = 0  # the most sequences it decoded together with (itself included)
+        self.tag: Any = None
         self.prompt_tokens = len(sample["input_ids"])
         self.tokens: list[int] = []
         self.sent = ""  # text emitted so far
@@ -174,6 +175,7 @@ class Engine:
         presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0,
         logit_bias: dict[int, float] | None = None,
+        tag: Any = None,
     ) -> EngineSequence:
         """Queue a request; ``sample`` is its ``processor.encode_sample`` (encoded here when not
         given). Raises ValueError / ProcessorInputError for a request that cannot run.
@@ -182,6 +184,7 @@ class Engine:
         - ``presence_penalty`` / ``frequency_penalty`` (OpenAI's, in [-2, 2]): subtracted from
           the logit of every token generated so far, once / once per occurrence.
         - ``logit_bias``: token id -> bias in [-100, 100], added to that token's logit.
+        - ``tag``: anything the caller wants back on the sequence (``seq.tag``).
         """
         logit_bias = dict(logit_bias or {})
         _check(request, top_logprobs, presence_penalty, frequency_penalty, logit_bias, self)
@@ -201,6 +204,7 @@ class Engine:
             logit_bias=logit_bias,
         )
         seq = EngineSequence(request, sample, options)
+        seq.tag = tag
         with self._work:
             self._waiting.append(seq)
             self._work.notify_all()
@@ -257,6 +261,18 @@ class Engine:
                 publish(self._decode())
             self._retire()
         return outputs
+
+    def abort(self, error: Exception) -> list[StepOutput]:
+        """End every running and waiting sequence with ``error`` and start an empty batch
+        (after a step failed in a way that leaves the batch unknown)."""
+        with self._lock:
+            seqs = [*self.running, *self._waiting]
+            self._waiting.clear()
+        for seq in seqs:
+            seq.done = True
+        self.running, self._offsets, self._deltas = [], [], []
+        self.cache = self._new_cache()
+        return [StepOutput(sequence=s, error=error) for s in seqs if not s.cancelled]
 
     def run(self, requests: Sequence[GenerationRequest], **options) -> list[GenerationResult]:
         """Submit ``requests`` and step until all are done; results in order."""

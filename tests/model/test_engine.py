@@ -17,7 +17,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from gazeattn.cache import BatchCache
 from gazeattn.engine import Engine
-from gazeattn.generation import GazeCache, GenerationRequest, generate_batch
+from gazeattn.generation import GazeCache, GenerationRequest, generate_batch, stream_generate
 from gazeattn.model import load_model
 from gazeattn.ops import GazeConfig
 from tests.model.conftest import image_chat, random_image, video_chat
@@ -182,6 +182,15 @@ def test_stop_strings_never_reach_the_output(loaded):
         assert streamed == result.text == full[: full.index(stop)]
         assert result.finish_reason == "stop" and seq.done
         assert generate_batch(model, processor, [stopped])[0].text == result.text
+        # the library's one-request stream holds the stop string back too
+        pieces, stream = [], stream_generate(model, processor, stopped)
+        while True:
+            try:
+                pieces.append(next(stream))
+            except StopIteration as done:
+                assert done.value.text == result.text
+                break
+        assert "".join(pieces) == result.text
 
 
 def test_cancel_frees_the_slot_and_spares_the_others(loaded):
