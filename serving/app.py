@@ -80,26 +80,30 @@ api = FastAPI(title="gazeattn", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 def request_id(request: Request) -> str:
+    """The request's id: Serve's (its proxy sets ``X-Request-Id`` on the request, taking the
+    client's when given, and returns it on the response; its replica logs carry it)."""
     if not hasattr(request.state, "request_id"):
-        request.state.request_id = uuid.uuid4().hex
+        request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
     return request.state.request_id
 
 
 @api.exception_handler(RequestError)
 async def _request_error(request: Request, err: RequestError) -> JSONResponse:
-    return err.response(request_id(request))
+    return err.response(request_id(request), echo=_echo(request))
 
 
 @api.exception_handler(ProcessorInputError)
 async def _processor_error(request: Request, err: ProcessorInputError) -> JSONResponse:
-    return BadRequest(str(err)).response(request_id(request))
+    return BadRequest(str(err)).response(request_id(request), echo=_echo(request))
 
 
 @api.exception_handler(HTTPException)
 async def _http_error(request: Request, err: HTTPException) -> JSONResponse:
     # unknown routes (404) and methods (405), in OpenAI's format too
     kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
-    headers = {**(err.headers or {}), "X-Request-Id": request_id(request)}
+    headers = dict(err.headers or {})
+    if _echo(request):
+        headers["X-Request-Id"] = request_id(request)
     return error_response(err.status_code, str(err.detail), kind, headers=headers)
 
 
@@ -107,7 +111,14 @@ async def _http_error(request: Request, err: HTTPException) -> JSONResponse:
 async def _server_error(request: Request, err: Exception) -> JSONResponse:
     rid = request_id(request)
     logger.error("request %s failed", rid, exc_info=err)
-    return ServerError(f"internal server error (request id {rid})").response(rid)
+    return ServerError(f"internal server error (request id {rid})").response(
+        rid, echo=_echo(request)
+    )
+
+
+def _echo(request: Request) -> bool:
+    """Whether the response must carry the request id itself (Serve adds it when it set it)."""
+    return request.headers.get("x-request-id") is None
 
 
 def usage(result: GenerationResult) -> Usage:
@@ -174,6 +185,22 @@ def gaze_config(path: Path, override: GazeOverride | None) -> GazeConfig | None:
     if budget["top_k"] is None and budget["keep_ratio"] is None:
         budget = {"top_k": base.top_k, "keep_ratio": base.keep_ratio}
     return dataclasses.replace(base, backend=override.backend, **budget)
+
+
+def _error_event(err: Exception, rid: str) -> str:
+    if isinstance(err, RequestError):
+        body = {"message": err.message, "type": err.type, "param": err.param, "code": err.code}
+    elif isinstance(err, ProcessorInputError | ValueError):
+        body = {"message": str(err), "type": "invalid_request_error", "param": None, "code": None}
+    else:
+        logger.error("request %s failed in decoding", rid, exc_info=err)
+        body = {
+            "message": f"internal server error (request id {rid})",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+    return f"data: {json.dumps({'error': body})}\n\n"
 
 
 # Serve pickles the class by value when it is decorated: everything it uses is defined above.
@@ -270,9 +297,11 @@ class GazeChat:
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 events = self.events(stream, prepared, rid, include_usage, body.logprobs)
                 return StreamingResponse(
-                    events, media_type="text/event-stream", headers={"X-Request-Id": rid}
+                    events, media_type="text/event-stream", headers=self.id_header(request)
                 )
-            return await self.complete(stream, prepared, rid, body.logprobs)
+            response = await self.complete(stream, prepared, body.logprobs)
+            response.headers.update(self.id_header(request))
+            return response
         except (RequestError, ProcessorInputError, ValueError) as err:
             self.metrics.outcome("client_error")
             if isinstance(err, RequestError | ProcessorInputError):
@@ -318,7 +347,7 @@ class GazeChat:
                 self.scheduler.cancel(stream)
 
     async def complete(
-        self, stream: RequestStream, prepared: Prepared, rid: str, logprobs: bool | None
+        self, stream: RequestStream, prepared: Prepared, logprobs: bool | None
     ) -> JSONResponse:
         result = None
         async for out in self.outputs(stream):
@@ -327,7 +356,7 @@ class GazeChat:
             result = out.result or result
         self.metrics.outcome("ok")
         completion = ChatCompletion(
-            id=f"chatcmpl-{rid}",
+            id=f"chatcmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
             model=self.model_name,
             choices=[
@@ -340,7 +369,7 @@ class GazeChat:
             usage=usage(result),
             gaze=self.report(result, prepared) if prepared.gaze else None,
         )
-        headers = {"X-Batch-Size": str(stream.sequence.peak_batch), "X-Request-Id": rid}
+        headers = {"X-Batch-Size": str(stream.sequence.peak_batch)}
         return JSONResponse(completion.model_dump(exclude_none=True), headers=headers)
 
     async def events(
@@ -352,7 +381,7 @@ class GazeChat:
         logprobs: bool | None,
     ) -> AsyncIterator[str]:
         """Server-sent events in the OpenAI chunk format, ending with ``data: [DONE]``."""
-        created = int(time.time())
+        created, ident = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
 
         def chunk(delta: Delta | None, finish=None, entries=None, **extra) -> str:
             choices = []
@@ -360,7 +389,7 @@ class GazeChat:
                 choice_logprobs = self.logprobs(entries) if logprobs and entries else None
                 choices = [ChunkChoice(delta=delta, finish_reason=finish, logprobs=choice_logprobs)]
             body = ChatCompletionChunk(
-                id=f"chatcmpl-{rid}",
+                id=ident,
                 created=created,
                 model=self.model_name,
                 choices=choices,
@@ -373,6 +402,8 @@ class GazeChat:
             async for out in self.outputs(stream):
                 if out.error is not None:
                     # the headers are sent: report the error as an event, as OpenAI does
+                    client = isinstance(out.error, RequestError | ProcessorInputError | ValueError)
+                    self.metrics.outcome("client_error" if client else "server_error")
                     yield _error_event(out.error, rid)
                     return
                 if out.text or out.logprobs:
@@ -385,15 +416,21 @@ class GazeChat:
                         yield chunk(None, usage=usage(result))
                     yield "data: [DONE]\n\n"
                     self.metrics.outcome("ok")
-        except asyncio.CancelledError:
-            self.metrics.outcome("cancelled")
-            raise
         except Exception as err:
             self.metrics.outcome("server_error")
             logger.error("request %s failed while streaming", rid, exc_info=err)
             yield _error_event(err, rid)
+        finally:
+            # the client went away (the stream was closed or cancelled): free the slot now
+            if not stream.finished:
+                self.scheduler.cancel(stream)
+                self.metrics.outcome("cancelled")
 
     # ---- helpers
+
+    @staticmethod
+    def id_header(request: Request) -> dict[str, str]:
+        return {"X-Request-Id": request_id(request)} if _echo(request) else {}
 
     def authorize(self, request: Request) -> None:
         if self.api_key is None:
@@ -437,22 +474,6 @@ class GazeChat:
                 for tok, regions in zip(ids, routing, strict=False)
             ],
         )
-
-
-def _error_event(err: Exception, rid: str) -> str:
-    if isinstance(err, RequestError):
-        body = {"message": err.message, "type": err.type, "param": err.param, "code": err.code}
-    elif isinstance(err, ProcessorInputError | ValueError):
-        body = {"message": str(err), "type": "invalid_request_error", "param": None, "code": None}
-    else:
-        logger.error("request %s failed in decoding", rid, exc_info=err)
-        body = {
-            "message": f"internal server error (request id {rid})",
-            "type": "server_error",
-            "param": None,
-            "code": None,
-        }
-    return f"data: {json.dumps({'error': body})}\n\n"
 
 
 def build_app(args: dict) -> Application:

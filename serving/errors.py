@@ -19,9 +19,10 @@ class RequestError(Exception):
         super().__init__(message)
         self.message, self.param, self.code = message, param, code
 
-    def response(self, request_id: str | None = None) -> JSONResponse:
+    def response(self, request_id: str | None = None, *, echo: bool = True) -> JSONResponse:
+        """The error in OpenAI's format; ``echo`` adds the request id as ``X-Request-Id``."""
         headers = dict(self.headers or {})
-        if request_id:
+        if request_id and echo:
             headers["X-Request-Id"] = request_id
         return error_response(
             self.status, self.message, self.type, self.param, self.code, headers=headers

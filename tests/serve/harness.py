@@ -20,8 +20,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @contextmanager
-def local_serve(num_cpus: int = 4):
-    """Local Ray + Serve bound to loopback; yields the HTTP base URL, stops both after."""
+def local_serve(num_cpus: int = 4, metrics_port: int | None = None):
+    """Local Ray + Serve bound to loopback; yields the HTTP base URL, stops both after.
+
+    ``metrics_port``: Ray's Prometheus endpoint on that port, reported every half second.
+    """
     import ray
     from ray import serve
 
@@ -30,7 +33,13 @@ def local_serve(num_cpus: int = 4):
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), saved["PYTHONPATH"]]))
     os.environ["RAY_AUTH_MODE"] = "disabled"
     port = free_port()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    metrics = {}
+    if metrics_port is not None:
+        metrics = dict(
+            _metrics_export_port=metrics_port,
+            _system_config={"metrics_report_interval_ms": 500},
+        )
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, **metrics)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         yield f"http://127.0.0.1:{port}"
