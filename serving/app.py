@@ -164,13 +164,27 @@ def parse_body(raw: bytes) -> ChatCompletionRequest:
         # a field this server does not know is refused by name (never silently ignored)
         extra = [e for e in err.errors() if e["type"] == "extra_forbidden"]
         if extra:
-            where = ".".join(str(p) for p in extra[0]["loc"])
+            where = ".".join(str(p) for p in _data_path(data, extra[0]["loc"]))
             raise BadRequest(
                 f"unknown field {where!r}: not part of the chat completions API served here",
                 param=where,
                 code="unknown_parameter",
             ) from None
         raise Unprocessable.from_validation(err) from None
+
+
+def _data_path(data, loc: tuple) -> list:
+    """A validation error's location as a path into the body: pydantic's union member and
+    tag labels (``list[tagged-union[...]]``, the part type) are not keys of the data."""
+    path, node = [], data
+    for item in loc:
+        if isinstance(node, list) and isinstance(item, int) and item < len(node):
+            path.append(item)
+            node = node[item]
+        elif isinstance(node, dict) and item in node:
+            path.append(item)
+            node = node[item]
+    return path or list(loc)
 
 
 def gaze_config(path: Path, override: GazeOverride | None) -> GazeConfig | None:
