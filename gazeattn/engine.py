@@ -376,6 +376,7 @@ class Engine:
                 layout=stack_rows([], [], 0, device=self.device),
                 config=inner.gaze_config,
                 layers=inner.gaze_layers,
+                summarize=False,
             )
         return cache
 

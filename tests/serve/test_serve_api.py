@@ -28,6 +28,7 @@ from tests.serve.harness import (
 )
 
 MODEL = "gaze-tiny"
+SERVED: dict = {}  # the served checkpoint's directory (set by the server fixture)
 KEY = "test-key-0123"
 LAYERS = 2
 # one image of the tiny model: a 12 x 12 grid and 4 context tokens
@@ -79,6 +80,7 @@ def server(tmp_path_factory, files):
         serve.run(app(settings, **options), name="open", route_prefix="/")
         secure_options = {**options, "ray_actor_options": env}
         serve.run(app(secure, **secure_options), name="secure", route_prefix="/secure")
+        SERVED["model_dir"] = model_dir
         yield url
 
 
@@ -200,6 +202,52 @@ def test_continuous_batches_give_the_single_answers(client):
     for (one, _), (many, _) in zip(single, batched, strict=True):
         assert many.choices[0].message.content == one.choices[0].message.content
         assert many.usage.model_dump() == one.usage.model_dump()
+
+
+def test_served_answers_equal_generate_on_the_checkpoint(client):
+    """Greedy answers of the server, concurrent, equal transformers' generate on the
+    checkpoint loaded through the Auto classes (the same prompts, images and template)."""
+    import numpy as np
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from gazeattn.generation import GazeCache
+
+    path = SERVED["model_dir"]
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    pngs = [image_bytes(30), image_bytes(31, size=(70, 30)), image_bytes(32)]
+    golden = [
+        (user(image_part(data_url(pngs[0]))), [pngs[0]]),
+        (user(image_part(data_url(pngs[1])), image_part(data_url(pngs[2]))), pngs[1:]),
+        (user(text="how many circles?"), []),
+    ]
+
+    def ask(messages):
+        out = chat(client, messages, max_tokens=8, extra_body={"gaze": True})
+        return [t["token_id"] for t in out.model_extra["gaze"]["tokens"]][
+            : out.usage.completion_tokens
+        ]
+
+    with ThreadPoolExecutor(len(golden)) as pool:
+        served = list(pool.map(ask, [m for m, _ in golden]))
+    for (messages, images), tokens in zip(golden, served, strict=True):
+        parts = [
+            {"type": "image"} if p["type"] == "image_url" else p for p in messages[0]["content"]
+        ]
+        prompt = processor.apply_chat_template(
+            [{"role": "user", "content": parts}], add_generation_prompt=True
+        )
+        arrays = [np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for png in images]
+        inputs = processor(text=prompt, images=arrays)
+        out = model.generate(
+            **inputs,
+            cache=GazeCache(),
+            max_new_tokens=8,
+            do_sample=False,
+            eos_token_id=-1,
+            pad_token_id=processor.tokenizer.pad_token_id,
+        )
+        assert out[0, inputs["input_ids"].shape[1] :].tolist()[: len(tokens)] == tokens
 
 
 def test_sampling_with_a_seed_repeats(client):

@@ -70,11 +70,21 @@ def dense_decode(
     key_ok = key_padding_mask(layout, tk)
     grouped = q.reshape(batch, hkv, hq // hkv, dim)
     out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=key_ok, scale=scale)
-    q_pos = query_positions(1, tk, q.device)
-    q_kind = torch.full((batch, 1), int(TokenKind.TEXT), device=q.device)
-    visible = visible_regions(layout, q_pos, q_kind)
-    stats = compute_stats(layout, q_pos, q_kind, visible[:, None], visible, None)
-    return out.reshape(batch, hq, 1, dim), stats
+    return out.reshape(batch, hq, 1, dim), _decode_stats(layout, tk, q.device)
+
+
+def _decode_stats(layout: GazeLayout, tk: int, device) -> GazeStats:
+    """A dense decode step's stats: the same at every layer, and past the layout the same at
+    every step (such a query sees every region and context token), so computed once."""
+    past = tk > layout.length
+    key = ("dense_decode_stats",) if past else ("dense_decode_stats", tk)
+    if key not in layout._derived:
+        q_pos = query_positions(1, tk, device)
+        q_kind = torch.full((layout.batch_size, 1), int(TokenKind.TEXT), device=device)
+        visible = visible_regions(layout, q_pos, q_kind)
+        stats = compute_stats(layout, q_pos, q_kind, visible[:, None], visible, None)
+        layout._derived[key] = stats
+    return layout._derived[key]
 
 
 def key_padding_mask(layout: GazeLayout, tk: int) -> torch.Tensor | None:
