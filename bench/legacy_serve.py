@@ -11,8 +11,7 @@ the end-of-turn tokens through ``logit_bias``, which ``generate_batch`` does not
 this app clears the processor's stop tokens instead (the same decode work).
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations`: FastAPI must see the Request annotation as a class
 import asyncio
 import threading
 import time

@@ -22,7 +22,7 @@ output tokens/s over the level's wall time, time to first token and inter-token 
 the same run are printed; the figures and the KV share of a decode step's bytes go to
 bench/results/serve.json.
 
-Run: PYTHONPATH=. python bench/serve.py [--frames 4] [--tokens 128] [--concurrency 1 4 16 32]
+Run: PYTHONPATH=. python bench/serve.py [--frames 4] [--tokens 256] [--concurrency 1 4 16 32]
 """
 
 from __future__ import annotations
@@ -112,15 +112,21 @@ def one_request(client, messages, tokens: int, stream: bool, bias: dict) -> dict
         stream=True,
         stream_options={"include_usage": True},
         logit_bias=bias,
+        # every token then comes with its chunk, even one whose text is not complete yet
+        # (a partial UTF-8 character): inter-token latency is per token, not per text piece
+        logprobs=True,
     )
-    arrivals, generated = [], 0
+    arrivals, generated = [], 0  # (seconds since the request, tokens in the chunk)
     for chunk in stream_out:
-        if chunk.choices and chunk.choices[0].delta.content:
-            arrivals.append(time.perf_counter() - start)
+        choice = chunk.choices[0] if chunk.choices else None
+        if choice is not None and choice.logprobs and choice.logprobs.content:
+            arrivals.append((time.perf_counter() - start, len(choice.logprobs.content)))
         if chunk.usage is not None:
             generated = chunk.usage.completion_tokens
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
-    ttft = arrivals[0] if arrivals else float("nan")
+    gaps = []
+    for (a, _), (b, n) in zip(arrivals, arrivals[1:], strict=False):
+        gaps += [(b - a) / n] * n
+    ttft = arrivals[0][0] if arrivals else float("nan")
     return {"ttft": ttft, "gaps": gaps, "tokens": generated, "end": time.perf_counter() - start}
 
 
@@ -199,22 +205,25 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--keep", type=float, default=0.16)
-    parser.add_argument("--tokens", type=int, default=128, help="new tokens per request")
+    parser.add_argument("--tokens", type=int, default=256, help="new tokens per request")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("--rounds", type=int, default=1, help="requests per client")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--replica-cpus", type=int, default=1, help="torch threads per replica")
+    parser.add_argument(
+        "--prefill-tokens",
+        type=int,
+        default=0,
+        help="max_prefill_tokens of the app (0: one prompt, so a step prefills one request)",
+    )
     args = parser.parse_args()
-
-    from ray import serve
 
     from bench.legacy_serve import LegacyChat
     from serving.app import app
 
     messages = video_messages(args.frames)
-    results: dict[str, list[dict]] = {}
     top = max(args.concurrency)
-    with tempfile.TemporaryDirectory() as tmp, local_serve(num_cpus=4) as url:
+    with tempfile.TemporaryDirectory() as tmp:
         stock_dir, gaze_dir = build_models(Path(tmp), args)
         from gazeattn.model import load_model
 
@@ -227,6 +236,7 @@ def main() -> None:
             )["input_ids"]
         )
         bias = {str(i): -100 for i in processor.stop_token_ids}
+        deployments = {}
         for mode in args.modes:
             settings = ServeSettings(
                 model=str(stock_dir if mode == "stock" else gaze_dir),
@@ -236,7 +246,7 @@ def main() -> None:
                 max_pending=4 * top,
                 max_images=args.frames,
                 max_tokens_limit=args.tokens,
-                max_prefill_tokens=8192,
+                max_prefill_tokens=args.prefill_tokens or prompt_tokens,
             )
             options = dict(
                 num_replicas=1,
@@ -244,22 +254,12 @@ def main() -> None:
                 ray_actor_options={"num_cpus": args.replica_cpus},
             )
             if mode == "legacy":
-                deployment = LegacyChat.options(**options).bind(settings.model_dump(), top, 0.02)
+                deployments[mode] = LegacyChat.options(**options).bind(
+                    settings.model_dump(), top, 0.02
+                )
             else:
-                deployment = app(settings, **options)
-            # one mode at a time, so that they never share the CPU
-            serve.run(deployment, name=mode, route_prefix=f"/{mode}")
-            base = f"{url}/{mode}/v1"
-            stream = mode != "legacy"
-            run_level(
-                base, messages, 1, argparse.Namespace(**{**vars(args), "rounds": 1}), stream, bias
-            )
-            results[mode] = []
-            for c in args.concurrency:
-                row = run_level(base, messages, c, args, stream, bias)
-                results[mode].append(row)
-                print(f"{mode:6} c={c:>2} {_fmt(row)}", flush=True)
-            serve.delete(mode)
+                deployments[mode] = app(settings, **options)
+        results = run_all(deployments, messages, args, bias)
 
     ratios = _ratios(results, args.concurrency)
     share = kv_share(args, prompt_tokens)
@@ -286,6 +286,37 @@ def main() -> None:
         },
     )
     print(f"wrote {path}")
+
+
+def run_all(deployments: dict, messages, args, bias: dict, attempts: int = 4) -> dict:
+    """Every mode at every concurrency level, the modes interleaved level by level (so that a
+    change of the machine's load between levels reaches every mode alike). All the apps are
+    deployed on one local Ray; only one is asked at a time, and an idle replica's scheduler
+    only waits. A level that loses its connections (on a shared machine another user's
+    ``ray stop`` ends every Ray process) is run again on a fresh Ray."""
+    import openai
+    from ray import serve
+
+    results: dict[str, list[dict]] = {mode: [] for mode in deployments}
+    todo = [(c, mode) for c in args.concurrency for mode in deployments]
+    for attempt in range(1, attempts + 1):
+        try:
+            with local_serve(num_cpus=4 + len(deployments)) as url:
+                for mode, deployment in deployments.items():
+                    serve.run(deployment, name=mode, route_prefix=f"/{mode}")
+                    warm = argparse.Namespace(**{**vars(args), "rounds": 1})
+                    run_level(f"{url}/{mode}/v1", messages, 1, warm, mode != "legacy", bias)
+                while todo:
+                    c, mode = todo[0]
+                    base = f"{url}/{mode}/v1"
+                    row = run_level(base, messages, c, args, mode != "legacy", bias)
+                    results[mode].append(row)
+                    todo.pop(0)
+                    print(f"{mode:6} c={c:>2} {_fmt(row)}", flush=True)
+                return results
+        except (openai.APIConnectionError, openai.InternalServerError) as err:
+            print(f"attempt {attempt} lost its server ({err!r}); again on a fresh Ray", flush=True)
+    raise RuntimeError("every attempt lost its server")
 
 
 def _fmt(row: dict) -> str:
@@ -322,10 +353,12 @@ def _ratios(results: dict, levels: list[int]) -> dict:
             f"c={c:>2}: "
             + ", ".join(f"{k} {v:.2f}x" for k, v in entry.items() if k != "concurrency" and v)
         )
+    top = 16 if 16 in levels else max(levels)
     for mode in results:
-        low, high = rate(mode, min(levels)), rate(mode, 16 if 16 in levels else max(levels))
+        low, high = rate(mode, min(levels)), rate(mode, top)
         if low and high:
-            lines.append(f"{mode}: tokens/s at c=16 over c=1 {high / low:.2f}x")
+            lines.append(f"{mode}: tokens/s at c={top} over c={min(levels)} {high / low:.2f}x")
+            table.append({"mode": mode, f"scaling_c{top}_over_c{min(levels)}": high / low})
     return {"table": table, "lines": lines}
 
 

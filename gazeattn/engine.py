@@ -97,6 +97,7 @@ class EngineSequence:
         self.prompt_tokens = len(sample["input_ids"])
         self.tokens: list[int] = []
         self.sent = ""  # text emitted so far
+        self.final: str | None = None  # the whole text, once done
         self.done = False
         self.cancelled = False
         self.finish_reason = "length"
@@ -597,6 +598,10 @@ class Engine:
             while text.endswith("\ufffd"):
                 text = text[:-1]
             text = text[: len(text) - hold] if hold else text
+        if seq.done:
+            # the result's text; the same as what was streamed unless decoding more tokens
+            # rewrote earlier characters (then the result is the exact one)
+            seq.final = text
         if not text.startswith(seq.sent) or len(text) <= len(seq.sent):
             return ""
         delta = text[len(seq.sent) :]
@@ -605,7 +610,7 @@ class Engine:
 
     def _result(self, seq: EngineSequence) -> GenerationResult:
         return GenerationResult(
-            text=seq.sent,
+            text=seq.final if seq.final is not None else seq.sent,
             token_ids=list(seq.tokens),
             finish_reason=seq.finish_reason,
             prompt_tokens=seq.prompt_tokens,

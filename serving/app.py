@@ -283,6 +283,7 @@ class GazeChat:
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
+        arrived = time.perf_counter()
         rid = request_id(request)
         try:
             self.authorize(request)
@@ -309,11 +310,11 @@ class GazeChat:
             prepared_done = True
             if body.stream:
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
-                events = self.events(stream, prepared, rid, include_usage, body.logprobs)
+                events = self.events(stream, prepared, rid, include_usage, body.logprobs, arrived)
                 return StreamingResponse(
                     events, media_type="text/event-stream", headers=self.id_header(request)
                 )
-            response = await self.complete(stream, prepared, body.logprobs)
+            response = await self.complete(stream, prepared, body.logprobs, arrived)
             response.headers.update(self.id_header(request))
             return response
         except (RequestError, ProcessorInputError, ValueError) as err:
@@ -334,9 +335,9 @@ class GazeChat:
 
     # ---- decoding
 
-    async def outputs(self, stream: RequestStream) -> AsyncIterator[StepOutput]:
+    async def outputs(self, stream: RequestStream, arrived: float) -> AsyncIterator[StepOutput]:
         """The request's outputs with its latency metrics; cancels it if the reader leaves."""
-        start = last = time.perf_counter()
+        start = last = arrived
         first = True
         try:
             async for out in stream:
@@ -361,10 +362,10 @@ class GazeChat:
                 self.scheduler.cancel(stream)
 
     async def complete(
-        self, stream: RequestStream, prepared: Prepared, logprobs: bool | None
+        self, stream: RequestStream, prepared: Prepared, logprobs: bool | None, arrived: float
     ) -> JSONResponse:
         result = None
-        async for out in self.outputs(stream):
+        async for out in self.outputs(stream, arrived):
             if out.error is not None:
                 raise out.error
             result = out.result or result
@@ -393,6 +394,7 @@ class GazeChat:
         rid: str,
         include_usage: bool,
         logprobs: bool | None,
+        arrived: float,
     ) -> AsyncIterator[str]:
         """Server-sent events in the OpenAI chunk format, ending with ``data: [DONE]``."""
         created, ident = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
@@ -413,7 +415,7 @@ class GazeChat:
 
         try:
             yield chunk(Delta(role="assistant", content=""))
-            async for out in self.outputs(stream):
+            async for out in self.outputs(stream, arrived):
                 if out.error is not None:
                     # the headers are sent: report the error as an event, as OpenAI does
                     client = isinstance(out.error, RequestError | ProcessorInputError | ValueError)
