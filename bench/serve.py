@@ -18,7 +18,8 @@ requests, one after the other: the same video and question, greedy, exactly
 ``--tokens`` new tokens (the end-of-turn tokens are banned through ``logit_bias``), the
 streamed ones through the official openai client. Reported per mode and concurrency:
 output tokens/s over the level's wall time, time to first token and inter-token latency
-(p50/p95; for ``legacy``, non-streamed, TTFT is the whole latency). Ratios measured in
+(p50/p95 over the requests; a request's ITL is the time from its first to its last text
+chunk over its tokens; for ``legacy``, non-streamed, TTFT is the whole latency). Ratios measured in
 the same run are printed; the figures and the KV share of a decode step's bytes go to
 bench/results/serve.json.
 
@@ -103,7 +104,7 @@ def one_request(client, messages, tokens: int, stream: bool, bias: dict) -> dict
             model="bench", messages=messages, max_tokens=tokens, temperature=0
         )
         latency = time.perf_counter() - start
-        return {"ttft": latency, "gaps": [], "tokens": out.usage.completion_tokens, "end": latency}
+        return {"ttft": latency, "itl": None, "tokens": out.usage.completion_tokens, "end": latency}
     stream_out = client.chat.completions.create(
         model="bench",
         messages=messages,
@@ -112,22 +113,20 @@ def one_request(client, messages, tokens: int, stream: bool, bias: dict) -> dict
         stream=True,
         stream_options={"include_usage": True},
         logit_bias=bias,
-        # every token then comes with its chunk, even one whose text is not complete yet
-        # (a partial UTF-8 character): inter-token latency is per token, not per text piece
-        logprobs=True,
     )
-    arrivals, generated = [], 0  # (seconds since the request, tokens in the chunk)
+    first = last = None
+    generated = 0
     for chunk in stream_out:
-        choice = chunk.choices[0] if chunk.choices else None
-        if choice is not None and choice.logprobs and choice.logprobs.content:
-            arrivals.append((time.perf_counter() - start, len(choice.logprobs.content)))
+        if chunk.choices and chunk.choices[0].delta.content:
+            last = time.perf_counter() - start
+            first = last if first is None else first
         if chunk.usage is not None:
             generated = chunk.usage.completion_tokens
-    gaps = []
-    for (a, _), (b, n) in zip(arrivals, arrivals[1:], strict=False):
-        gaps += [(b - a) / n] * n
-    ttft = arrivals[0][0] if arrivals else float("nan")
-    return {"ttft": ttft, "gaps": gaps, "tokens": generated, "end": time.perf_counter() - start}
+    # a chunk carries the text of one or more tokens (a partial UTF-8 character waits for
+    # the next one): the request's inter-token latency is its decode time over its tokens
+    itl = (last - first) / (generated - 1) if first is not None and generated > 1 else None
+    ttft = first if first is not None else float("nan")
+    return {"ttft": ttft, "itl": itl, "tokens": generated, "end": time.perf_counter() - start}
 
 
 def run_level(base: str, messages, concurrency: int, args, stream: bool, bias: dict) -> dict:
@@ -145,7 +144,7 @@ def run_level(base: str, messages, concurrency: int, args, stream: bool, bias: d
         done = [r for rs in pool.map(client_loop, range(concurrency)) for r in rs]
     wall = time.perf_counter() - start
     ttft = [r["ttft"] for r in done]
-    gaps = [g for r in done for g in r["gaps"]]
+    gaps = [r["itl"] for r in done if r["itl"] is not None]
     generated = sum(r["tokens"] for r in done)
     return {
         "concurrency": concurrency,
