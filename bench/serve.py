@@ -3,8 +3,7 @@
 A LLaVA-architecture model whose decode steps read mostly KV cache (by default hidden
 512, 4 layers, 8 query / 2 KV heads of dim 64, and 4 video frames x 576 visual tokens
 per request; ``--hidden 1024 --layers 8 --heads 16 --frames 16`` is the issue's GPU-sized
-configuration) is served on 127.0.0.1, one mode at a time, by the continuous-batching
-app (``serving.app``):
+configuration) is served on 127.0.0.1 by the continuous-batching app (``serving.app``):
 
 - ``gaze``: the converted model (keep ratio 0.16, 4 context tokens per frame);
 - ``dense``: the same checkpoint with the dense backend over every visual entry;
@@ -16,11 +15,12 @@ app (``serving.app``):
 At each concurrency (1, 4, 16, 32 by default) that many clients each send ``--rounds``
 requests, one after the other: the same video and question, greedy, exactly
 ``--tokens`` new tokens (the end-of-turn tokens are banned through ``logit_bias``), the
-streamed ones through the official openai client. Reported per mode and concurrency:
-output tokens/s over the level's wall time, time to first token and inter-token latency
-(p50/p95 over the requests; a request's ITL is the time from its first to its last text
-chunk over its tokens; for ``legacy``, non-streamed, TTFT is the whole latency). Ratios measured in
-the same run are printed; the figures and the KV share of a decode step's bytes go to
+streamed ones through the official openai client. The modes take turns level by level,
+one at a time. Reported per mode and concurrency: output tokens/s over the level's wall
+time, time to first token, and inter-token latency (p50/p95 over the requests; a
+request's ITL is the time from its first to its last text chunk over its tokens; for
+``legacy``, non-streamed, TTFT is the whole latency). Ratios measured in the same run are
+printed; the figures and the KV share of a decode step's bytes go to
 bench/results/serve.json.
 
 Run: PYTHONPATH=. python bench/serve.py [--frames 4] [--tokens 256] [--concurrency 1 4 16 32]

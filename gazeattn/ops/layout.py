@@ -230,7 +230,11 @@ class GazeLayout:
         """Cache ``value`` under ``key`` = (name, total), dropping the entries of other totals
         past the layout: a decode step asks for one more key each time, and a long generation
         must not keep one copy per step."""
-        stale = [k for k in self._derived if k[0] == key[0] and k[1] > self.length]
+        stale = [
+            k
+            for k in self._derived
+            if k[0] == key[0] and len(k) > 1 and isinstance(k[1], int) and k[1] > self.length
+        ]
         for k in stale:
             del self._derived[k]
         self._derived[key] = value

@@ -67,13 +67,11 @@ def gaze_decode(
     batch, hq, _, dim = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     scale = dim**-0.5 if scale is None else scale
-    q_pos = query_positions(1, tk, q.device)
-    q_kind = torch.full((batch, 1), int(TokenKind.TEXT), device=q.device)
-    visible = visible_regions(layout, q_pos, q_kind)
+    plan = _step_plan(layout, tk, q.device, config, top_k)
     if descriptors is None:
         descriptors = region_descriptors(k, layout)
     scores = region_scores(q, descriptors, config.routing)
-    ids, chosen = select_regions(scores, visible, budgets(config, visible.sum(-1), top_k))
+    ids, chosen = select_regions(scores, plan["visible"], plan["k"])
     hr = scores.shape[1]
     positions, valid = gather_plan(layout, ids[:, :, 0], tk)
     kv_head = torch.arange(hr, device=q.device) // (hr // hkv)
@@ -86,8 +84,39 @@ def gaze_decode(
     logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1).to(v.dtype)
     out = (probs @ vg).view(batch, hq, 1, dim)
-    stats = compute_stats(layout, q_pos, q_kind, chosen, visible, ids if return_selection else None)
+    # compute_stats' counts, from the step's shared parts: routed entries + context tokens
+    attended = (chosen.to(torch.float32) @ plan["size"]).squeeze(-1) + plan["context"]
+    stats = GazeStats(
+        attended=attended,
+        dense=plan["dense"],
+        routed=plan["routed"],
+        selected=ids if return_selection else None,
+    )
     return out, stats
+
+
+def _step_plan(layout: GazeLayout, tk: int, device, config: GazeConfig, top_k) -> dict:
+    """What every layer of one decode step shares (the query, the regions it sees, its K,
+    the dense counts): computed at the first layer, not at each."""
+    key = ("decode_plan", tk, device, config, top_k)
+    if key not in layout._derived:
+        q_pos = query_positions(1, tk, device)
+        q_kind = torch.full((layout.batch_size, 1), int(TokenKind.TEXT), device=device)
+        visible = visible_regions(layout, q_pos, q_kind)
+        base = compute_stats(layout, q_pos, q_kind, visible[:, None], visible, None)
+        size = layout.regions.size.to(device=device, dtype=torch.float32)[:, None, :, None]
+        dense = base.dense  # [B, 1]: every visible region, in visual entries
+        plan = {
+            "visible": visible,
+            "k": budgets(config, visible.sum(-1), top_k),
+            "size": size,
+            "dense": dense,
+            "routed": base.routed,
+            # the context tokens before the query: attended - the visible regions' entries
+            "context": (base.attended - dense[:, None, :]),
+        }
+        layout._keep_latest(key, plan)
+    return layout._derived[key]
 
 
 def _gather_rows(x: torch.Tensor, kv_head: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
