@@ -295,6 +295,7 @@ def run_all(deployments: dict, messages, args, bias: dict, attempts: int = 4) ->
     ``ray stop`` ends every Ray process) is run again on a fresh Ray."""
     import openai
     from ray import serve
+    from ray.exceptions import RayError
 
     results: dict[str, list[dict]] = {mode: [] for mode in deployments}
     todo = [(c, mode) for c in args.concurrency for mode in deployments]
@@ -313,7 +314,7 @@ def run_all(deployments: dict, messages, args, bias: dict, attempts: int = 4) ->
                     todo.pop(0)
                     print(f"{mode:6} c={c:>2} {_fmt(row)}", flush=True)
                 return results
-        except (openai.APIConnectionError, openai.InternalServerError) as err:
+        except (openai.APIConnectionError, openai.InternalServerError, RayError) as err:
             print(f"attempt {attempt} lost its server ({err!r}); again on a fresh Ray", flush=True)
     raise RuntimeError("every attempt lost its server")
 
