@@ -49,10 +49,16 @@ def compute_stats(layout: GazeLayout, routed: Route, return_selection: bool = Fa
     chosen, visible, q_pos = routed.chosen, routed.visible, routed.q_pos
     size = layout.regions.size.to(chosen.device).to(torch.float32)
     routed_q = routed.q_kind == TokenKind.TEXT
-    kinds = layout.kinds.to(chosen.device)
     # context tokens of the layout before each query, [B, Tq]: a prefix sum (cum[:, p] counts
-    # the positions < p), so no [Tq, T] comparison is materialised
-    cum = torch.nn.functional.pad((kinds == TokenKind.CONTEXT).to(torch.int64).cumsum(-1), (1, 0))
+    # the positions < p), so no [Tq, T] comparison is materialised; once per layout, not per
+    # call (every layer of every decode step asks)
+    cum = layout._derived.get(("context_cumsum", chosen.device))
+    if cum is None:
+        kinds = layout.kinds.to(chosen.device)
+        cum = torch.nn.functional.pad(
+            (kinds == TokenKind.CONTEXT).to(torch.int64).cumsum(-1), (1, 0)
+        )
+        layout._derived[("context_cumsum", chosen.device)] = cum
     ctx_before = cum[:, q_pos.clamp(max=layout.length)]
     attended = chosen.to(torch.float32) @ size[:, None, :, None]
     dense = visible.to(torch.float32) @ size[:, :, None]
