@@ -7,7 +7,7 @@ DEV_LOCK := requirements/dev-lock.txt
 COMPILE := DS_BUILD_OPS=0 .venv/bin/pip-compile --quiet --strip-extras --no-emit-index-url \
 	--no-emit-find-links --constraint requirements/pins.txt
 
-.PHONY: setup test test-default test-cluster browser lint format demo bench lock clean
+.PHONY: setup test test-default test-cluster browser lint format demo bench gpu-check lock clean
 
 setup: $(STAMP)
 
@@ -56,6 +56,11 @@ bench: setup
 	$(PY) bench/attention.py
 	$(PY) bench/attention_gpu.py
 	$(PY) bench/decode_model.py
+
+# the prepared GPU run (bench/gpu_check.py, about 8 minutes): the gpu tests, the attention
+# benchmark and a 3B-shaped model; runs with the machine's own Python when there is no .venv
+gpu-check:
+	PYTHONPATH=. $(if $(wildcard $(PY)),$(PY),python3) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf .venv build *.egg-info

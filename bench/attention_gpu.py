@@ -72,8 +72,14 @@ def decode_case(
     device="cuda",
     repeat=50,
 ) -> dict:
-    from gazeattn.ops.gaze.decode_triton import gaze_decode_fwd, gaze_decode_triton
+    from gazeattn.ops.gaze.decode_triton import (
+        decode_config,
+        decode_tables,
+        gaze_decode_fwd,
+        gaze_decode_triton,
+    )
     from gazeattn.ops.gaze.descriptors import region_descriptors_triton
+    from gazeattn.ops.routing import route
 
     device = torch.device(device)
     layout = build_layout([sequence(frames)] * batch, num_context_tokens=4).to(device)
@@ -94,15 +100,14 @@ def decode_case(
 
     with torch.no_grad():
         _, stats = gaze()
-        ids = stats_ids(q, k, layout, config, desc)
-        dense_idx, dense_ok = layout.dense_index(tk)
-        dense_cnt = dense_ok.sum(-1).to(torch.int32)
-        dense_idx = dense_idx.to(torch.int32).contiguous()
-        tokens = layout.regions.tokens.to(torch.int32)
+        # the selected regions [B, Hr, K] int32 of this step, as the decode path routes
+        ids = route(q, k, layout, config, descriptors=desc).ids[:, :, 0].to(torch.int32)
+        dense_idx, dense_cnt, tokens = decode_tables(layout, tk, q.device)
+        lc, splits = decode_config(q, ids, dense_idx.shape[1], tokens.shape[2])
         scale = DIM**-0.5
 
         def kernel_only():
-            return gaze_decode_fwd(q, k, v, dense_idx, dense_cnt, ids, tokens, scale)
+            return gaze_decode_fwd(q, k, v, dense_idx, dense_cnt, ids, tokens, scale, lc, splits)
 
         dense_ms = time_ms(dense, repeat=repeat)
         gaze_ms = time_ms(gaze, repeat=repeat)
@@ -130,6 +135,7 @@ def decode_case(
         "gaze_kernel_ms": kernel_ms,
         "speedup": dense_ms / gaze_ms,
         "speedup_kernel": dense_ms / kernel_ms,
+        "num_splits": splits,
         "ideal_bytes_ratio": dense_bytes / gaze_bytes,
         "dense_bytes": dense_bytes,
         "gaze_bytes": gaze_bytes,
@@ -142,27 +148,9 @@ def decode_case(
     }
 
 
-def stats_ids(q, k, layout, config, desc) -> torch.Tensor:
-    """The selected regions [B, Hr, K] int32 of a decode step, as the decode path routes."""
-    from gazeattn.ops.routing import (
-        budgets,
-        query_positions,
-        region_scores,
-        select_regions,
-        visible_regions,
-    )
-
-    q_pos = query_positions(1, k.shape[2], q.device)
-    q_kind = torch.zeros(q.shape[0], 1, dtype=torch.long, device=q.device)
-    visible = visible_regions(layout, q_pos, q_kind)
-    scores = region_scores(q, desc, config.routing)
-    ids, _ = select_regions(scores, visible, budgets(config, visible.sum(-1)))
-    return ids[:, :, 0].to(torch.int32)
-
-
 def train_case(frames: int, dtype: torch.dtype, keep: float, device="cuda", repeat=10) -> dict:
     from gazeattn.ops.gaze.fused import gaze_attention_triton
-    from gazeattn.ops.gaze.naive import gaze_route
+    from gazeattn.ops.routing import route
 
     device = torch.device(device)
     layout = build_layout([sequence(frames)], num_context_tokens=4).to(device)
@@ -198,7 +186,7 @@ def train_case(frames: int, dtype: torch.dtype, keep: float, device="cuda", repe
 
     def routing_only():
         with torch.no_grad():
-            return gaze_route(q, k, layout, config)
+            return route(q, k, layout, config)
 
     dense_ms = time_ms(flash(dense_step), repeat=repeat)
     gaze_ms = time_ms(gaze_step, repeat=repeat)
@@ -224,6 +212,99 @@ def verdict(row: dict) -> str:
     return "met" if row["speedup"] >= target else "MISSED"
 
 
+def run(
+    frames: list[int],
+    batches: list[int],
+    dtype: torch.dtype,
+    keep: float,
+    train: bool = True,
+    device: str = "cuda",
+) -> dict:
+    """Every decode (frames x batch) and training (frames) case; the payload of the JSON."""
+    device = torch.device(device)
+    bandwidth = copy_bandwidth(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    print(f"{name}: measured copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    print(f"{HEADS}q/{KV_HEADS}kv heads, dim {DIM}, {dtype}, keep {keep:.0%}, regions 6x6")
+    rows = []
+    print(
+        f"{'decode':>7} {'frames':>6} {'batch':>5} {'keys':>6} {'dense ms':>9} {'gaze ms':>8} "
+        f"{'kernel':>7} {'speed-up':>9} {'ideal':>6} {'bw %':>5} {'target':>7}"
+    )
+    for n_frames in frames:
+        for batch in batches:
+            row = decode_case(n_frames, batch, dtype, keep, bandwidth, device)
+            rows.append(row)
+            target = row["target"]
+            print(
+                f"{'':>7} {n_frames:>6} {batch:>5} {row['keys']:>6} {row['dense_ms']:>9.3f} "
+                f"{row['gaze_ms']:>8.3f} {row['gaze_kernel_ms']:>7.3f} {row['speedup']:>8.2f}x "
+                f"{row['ideal_bytes_ratio']:>5.2f}x {100 * row['gaze_kernel_bandwidth_fraction']:>4.0f}% "
+                f"{'' if target is None else f'{target:.1f}x'} {verdict(row)}"
+            )
+            torch.cuda.empty_cache()
+    if train:
+        print(
+            f"{'train':>7} {'frames':>6} {'tokens':>6} {'dense ms':>9} {'gaze ms':>8} {'routing':>8} {'speed-up':>9}"
+        )
+        for n_frames in frames:
+            row = train_case(n_frames, dtype, keep, device)
+            rows.append(row)
+            print(
+                f"{'':>7} {n_frames:>6} {row['tokens']:>6} {row['dense_ms']:>9.2f} {row['gaze_ms']:>8.2f} "
+                f"{row['gaze_routing_ms']:>8.2f} {row['speedup']:>8.2f}x {verdict(row)}"
+            )
+            torch.cuda.empty_cache()
+    return {
+        "rows": rows,
+        "keep_ratio": keep,
+        "dtype": str(dtype).removeprefix("torch."),
+        "copy_bandwidth": bandwidth,
+        "bandwidth_target": BANDWIDTH_TARGET,
+        "heads": [HEADS, KV_HEADS, DIM],
+    }
+
+
+def markdown(payload: dict) -> str:
+    """The decode and training tables of a run, as RESULTS.md shows them."""
+    bw = payload["copy_bandwidth"]
+    lines = [
+        f"Measured copy bandwidth {bw / 1e9:.0f} GB/s (read + write). {payload['heads'][0]} query "
+        f"/ {payload['heads'][1]} KV heads, dim {payload['heads'][2]}, {payload['dtype']}, keep "
+        f"{payload['keep_ratio']:.0%}, regions 6x6, 4 context tokens per frame, {TEXT} text "
+        "tokens. Baseline: SDPA restricted to FlashAttention, same run.",
+        "",
+        "| decode | frames | batch | keys | dense ms | gaze ms | kernel ms | speed-up | "
+        "ideal bytes ratio | kernel bandwidth | target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in payload["rows"]:
+        if r["kind"] != "decode":
+            continue
+        target = "" if r["target"] is None else f"{r['target']:.1f}x, {verdict(r)}"
+        lines.append(
+            f"| | {r['frames']} | {r['batch']} | {r['keys']} | {r['dense_ms']:.3f} | "
+            f"{r['gaze_ms']:.3f} | {r['gaze_kernel_ms']:.3f} | {r['speedup']:.2f}x | "
+            f"{r['ideal_bytes_ratio']:.2f}x | {100 * r['gaze_kernel_bandwidth_fraction']:.0f}% | "
+            f"{target} |"
+        )
+    train = [r for r in payload["rows"] if r["kind"] == "train_fwd_bwd"]
+    if train:
+        lines += [
+            "",
+            "| training fwd+bwd | frames | tokens | dense ms | gaze ms | of which routing | "
+            "speed-up | dense variant |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in train:
+            target = "" if r["target"] is None else f" ({verdict(r)})"
+            lines.append(
+                f"| | {r['frames']} | {r['tokens']} | {r['dense_ms']:.2f} | {r['gaze_ms']:.2f} | "
+                f"{r['gaze_routing_ms']:.2f} | {r['speedup']:.2f}x{target} | {r['dense_variant']} |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, nargs="+", default=[1, 8, 32])
@@ -236,54 +317,8 @@ def main() -> int:
         print("GPU section skipped: no CUDA device on this machine (the kernels are tested on CPU")
         print("under TRITON_INTERPRET=1 for correctness only; run this on a GPU for timings).")
         return 0
-
-    dtype = getattr(torch, args.dtype)
-    device = torch.device("cuda")
-    bandwidth = copy_bandwidth(device)
-    print(f"{torch.cuda.get_device_name()}: measured copy bandwidth {bandwidth / 1e9:.0f} GB/s")
-    print(
-        f"{HEADS}q/{KV_HEADS}kv heads, dim {DIM}, {args.dtype}, keep {args.keep:.0%}, regions 6x6"
-    )
-    rows = []
-    print(
-        f"{'decode':>7} {'frames':>6} {'batch':>5} {'keys':>6} {'dense ms':>9} {'gaze ms':>8} "
-        f"{'kernel':>7} {'speed-up':>9} {'ideal':>6} {'bw %':>5} {'target':>7}"
-    )
-    for frames in args.frames:
-        for batch in args.batch:
-            row = decode_case(frames, batch, dtype, args.keep, bandwidth)
-            rows.append(row)
-            target = row["target"]
-            print(
-                f"{'':>7} {frames:>6} {batch:>5} {row['keys']:>6} {row['dense_ms']:>9.3f} "
-                f"{row['gaze_ms']:>8.3f} {row['gaze_kernel_ms']:>7.3f} {row['speedup']:>8.2f}x "
-                f"{row['ideal_bytes_ratio']:>5.2f}x {100 * row['gaze_kernel_bandwidth_fraction']:>4.0f}% "
-                f"{'' if target is None else f'{target:.1f}x'} {verdict(row)}"
-            )
-            torch.cuda.empty_cache()
-    if not args.no_train:
-        print(
-            f"{'train':>7} {'frames':>6} {'tokens':>6} {'dense ms':>9} {'gaze ms':>8} {'routing':>8} {'speed-up':>9}"
-        )
-        for frames in args.frames:
-            row = train_case(frames, dtype, args.keep)
-            rows.append(row)
-            print(
-                f"{'':>7} {frames:>6} {row['tokens']:>6} {row['dense_ms']:>9.2f} {row['gaze_ms']:>8.2f} "
-                f"{row['gaze_routing_ms']:>8.2f} {row['speedup']:>8.2f}x {verdict(row)}"
-            )
-            torch.cuda.empty_cache()
-    path = write_results(
-        "attention_gpu",
-        {
-            "rows": rows,
-            "keep_ratio": args.keep,
-            "dtype": args.dtype,
-            "copy_bandwidth": bandwidth,
-            "bandwidth_target": BANDWIDTH_TARGET,
-            "heads": [HEADS, KV_HEADS, DIM],
-        },
-    )
+    payload = run(args.frames, args.batch, getattr(torch, args.dtype), args.keep, not args.no_train)
+    path = write_results("attention_gpu", payload)
     print(f"wrote {path}")
     return 0
 

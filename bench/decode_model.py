@@ -1,16 +1,26 @@
-"""End-to-end CPU decode: a small gaze model vs its dense twin and stock SDPA, in one run.
+"""End-to-end CPU decode through the serving engine: a gaze model vs its dense twin and stock SDPA.
 
 A LLaVA-architecture model with a few decoder layers (hidden 512, 8 query / 2 KV
-heads of dim 64) reads a video of 8 frames x 576 visual tokens (384 px, patch 16)
-and decodes greedily. Prints decode tokens/s and the ratios, writes
+heads of dim 64) reads a video of F frames x 576 visual tokens (384 px, patch 16),
+or one image (a short prompt), and decodes greedily with ``gazeattn.engine.Engine``
+(the batch cache and paths the server uses) at several batch sizes: B copies of the
+prompt decode together. Modes, on the same weights:
+
+- ``gaze``: the converted model, keep ratio 0.16;
+- ``dense-twin``: the same model with the dense backend over every visual entry;
+- ``stock-sdpa``: the stock checkpoint (no context tokens) with transformers' SDPA.
+
+The modes run interleaved, ``--repeats`` times; the median decode step is reported
+(the machine may be shared). Prints decode tokens/s and the ratios, writes
 bench/results/decode_model.json.
 
-Run: python bench/decode_model.py [--frames 8] [--tokens 32] [--keep 0.16]
+Run: python bench/decode_model.py [--frames 4] [--batch 1 8 16] [--tokens 16] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -22,108 +32,132 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import write_results  # noqa: E402
-from gazeattn.generation import GazeCache  # noqa: E402
+from gazeattn.engine import Engine  # noqa: E402
+from gazeattn.generation import GenerationRequest  # noqa: E402
 from gazeattn.model import load_model  # noqa: E402
 from gazeattn.ops import GazeConfig  # noqa: E402
-from gazeattn.tiny import build_tiny  # noqa: E402
+from gazeattn.tiny import build_stock  # noqa: E402
 
 SIZE = dict(
     image_size=384, patch_size=16, hidden=512, layers=4, heads=8, kv_heads=2, vision_hidden=32
 )
 
 
-def decode_rate(model, batch, tokens: int, *, stock: bool = False) -> tuple[float, float]:
-    """(prefill seconds, decode tokens/s) for greedy decoding of ``tokens`` tokens."""
-    from transformers import DynamicCache
+def decode_step_s(model, processor, prompt: dict, batch: int, tokens: int) -> tuple[float, float]:
+    """(prefill seconds per sequence, median seconds of a decode step) for ``batch`` rows."""
+    engine = Engine(model, processor, max_batch_size=batch, max_prefill_tokens=10**9)
+    request = GenerationRequest(**prompt, max_new_tokens=10**6)
+    sample = processor.encode_sample(
+        prompt["messages"],
+        images=prompt.get("images"),
+        videos=prompt.get("videos"),
+        add_generation_prompt=True,
+    )
+    # the end of turn is never chosen: every row decodes all the steps
+    never_stop = {i: -100.0 for i in processor.stop_token_ids}
+    seqs = [engine.submit(request, sample=sample, logit_bias=never_stop) for _ in range(batch)]
+    start = time.perf_counter()
+    while engine.num_running < batch:
+        engine.step()
+    prefill = (time.perf_counter() - start) / batch
+    engine.step()
+    steps = []
+    for _ in range(tokens):
+        start = time.perf_counter()
+        engine.step()
+        steps.append(time.perf_counter() - start)
+    for seq in seqs:
+        engine.cancel(seq)
+    engine.step()
+    return prefill, statistics.median(steps)
 
-    cache = DynamicCache() if stock else GazeCache()
-    extra = {} if stock else {"gaze_layout": batch["gaze_layout"]}
-    mask = batch["attention_mask"]
-    with torch.no_grad():
-        start = time.perf_counter()
-        out = model(
-            input_ids=batch["input_ids"],
-            pixel_values=batch["pixel_values"],
-            attention_mask=mask,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-            **extra,
-        )
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        for _ in range(tokens):
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            out = model(
-                input_ids=nxt,
-                attention_mask=mask,
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-                **extra,
-            )
-        return prefill, tokens / (time.perf_counter() - start)
+
+def prompts(frames: int) -> dict[str, dict]:
+    rng = np.random.default_rng(0)
+    video = [rng.integers(0, 256, (384, 384, 3), dtype=np.uint8) for _ in range(frames)]
+    ask = {"type": "text", "text": "describe it"}
+    return {
+        f"video-{frames}x576": {
+            "messages": [{"role": "user", "content": [{"type": "video"}, ask]}],
+            "videos": [video],
+        },
+        "image-576": {
+            "messages": [{"role": "user", "content": [{"type": "image"}, ask]}],
+            "images": [video[0]],
+        },
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--frames", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=16, help="timed decode steps")
     parser.add_argument("--keep", type=float, default=0.16)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 16])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
-        stock_dir = build_tiny(Path(tmp) / "stock", gaze=False, **SIZE)
-        stock, _ = load_model(stock_dir)
+        stock_dir = build_stock(Path(tmp) / "stock", **SIZE)
+        stock, stock_processor = load_model(stock_dir)
         gaze, processor = load_model(stock_dir, gaze=GazeConfig(keep_ratio=args.keep))
-    rng = np.random.default_rng(0)
-    frames = [rng.integers(0, 256, (384, 384, 3), dtype=np.uint8) for _ in range(args.frames)]
-    messages = [
-        {
-            "role": "user",
-            "content": [{"type": "video"}, {"type": "text", "text": "describe the video"}],
-        }
-    ]
-    sample = processor.encode_sample(messages, videos=[frames], add_generation_prompt=True)
-    batch = processor.collate([sample])
-    print(
-        f"prompt: {len(sample['input_ids'])} tokens ({args.frames} frames x 576 visual + 4 context each)"
-    )
-
-    rows = {}
-    twins = {
+    stock.eval()
+    gaze.eval()
+    configs = {
         "gaze": GazeConfig(keep_ratio=args.keep),
         "dense-twin": GazeConfig(top_k="all", backend="dense"),
     }
-    for name, config in twins.items():
-        gaze.gaze_config = config
-        decode_rate(gaze, batch, 2)
-        rows[name] = decode_rate(gaze, batch, args.tokens)
-    # the stock model reads the same frames without context tokens
-    processor.settings.num_context_tokens = 0
-    stock_batch = processor.collate(
-        [processor.encode_sample(messages, videos=[frames], add_generation_prompt=True)]
-    )
-    decode_rate(stock, stock_batch, 2, stock=True)
-    rows["stock-sdpa"] = decode_rate(stock, stock_batch, args.tokens, stock=True)
-
-    print(f"{'model':>11} {'prefill s':>10} {'decode tok/s':>13}")
-    for name, (prefill, rate) in rows.items():
-        print(f"{name:>11} {prefill:>10.2f} {rate:>13.1f}")
-    vs_twin = rows["gaze"][1] / rows["dense-twin"][1]
-    vs_stock = rows["gaze"][1] / rows["stock-sdpa"][1]
-    print(f"gaze decode speed-up: {vs_twin:.2f}x vs the dense twin, {vs_stock:.2f}x vs stock SDPA")
+    rows = []
+    for name, prompt in prompts(args.frames).items():
+        length = len(processor.encode_sample(add_generation_prompt=True, **prompt)["input_ids"])
+        for batch in args.batch:
+            runs: dict[str, list[tuple[float, float]]] = {m: [] for m in (*configs, "stock-sdpa")}
+            for _ in range(args.repeats):
+                for mode, config in configs.items():
+                    gaze.gaze_config = config
+                    runs[mode].append(decode_step_s(gaze, processor, prompt, batch, args.tokens))
+                runs["stock-sdpa"].append(
+                    decode_step_s(stock, stock_processor, prompt, batch, args.tokens)
+                )
+            row = {"prompt": name, "prompt_tokens": length, "batch": batch}
+            for mode, values in runs.items():
+                step = statistics.median(v[1] for v in values)
+                row[mode] = {
+                    "prefill_s_per_sequence": statistics.median(v[0] for v in values),
+                    "decode_step_ms": 1e3 * step,
+                    "decode_tokens_per_s": batch / step,
+                }
+            row["gaze_vs_twin"] = (
+                row["gaze"]["decode_tokens_per_s"] / row["dense-twin"]["decode_tokens_per_s"]
+            )
+            row["gaze_vs_stock"] = (
+                row["gaze"]["decode_tokens_per_s"] / row["stock-sdpa"]["decode_tokens_per_s"]
+            )
+            row["twin_vs_stock"] = (
+                row["dense-twin"]["decode_tokens_per_s"] / row["stock-sdpa"]["decode_tokens_per_s"]
+            )
+            rows.append(row)
+            print(
+                f"{name:>13} ({length} tokens) B={batch:>2}: tok/s gaze "
+                f"{row['gaze']['decode_tokens_per_s']:.0f}, twin "
+                f"{row['dense-twin']['decode_tokens_per_s']:.0f}, stock "
+                f"{row['stock-sdpa']['decode_tokens_per_s']:.0f} | gaze/twin "
+                f"{row['gaze_vs_twin']:.2f}x, gaze/stock {row['gaze_vs_stock']:.2f}x, "
+                f"twin/stock {row['twin_vs_stock']:.2f}x",
+                flush=True,
+            )
     path = write_results(
         "decode_model",
         {
             "frames": args.frames,
             "keep_ratio": args.keep,
-            "tokens": args.tokens,
+            "timed_steps": args.tokens,
+            "repeats": args.repeats,
+            "threads": args.threads,
             "model": SIZE,
-            "rows": {k: {"prefill_s": v[0], "decode_tokens_per_s": v[1]} for k, v in rows.items()},
-            "speedup_vs_dense_twin": vs_twin,
-            "speedup_vs_stock_sdpa": vs_stock,
+            "rows": rows,
         },
     )
     print(f"wrote {path}")

@@ -1,20 +1,35 @@
-"""Serving benchmark: gaze vs dense decoding behind the same Ray Serve app, in one run.
+"""Serving benchmark: gaze vs its dense twin vs the stock model, behind the same Ray Serve app.
 
-A tiny-but-long-context gaze model (8 video frames of 18 x 18 visual tokens at the
-defaults, 4 context tokens each) is served twice on 127.0.0.1: as saved (gaze,
-keep ratio 0.16) and with the dense backend over every visual entry. Clients send
-the same video + question at concurrency 1, 4 and 16 (greedy, a fixed number of
-new tokens) through the official openai client. Prints completion tokens/s and
-p50/p99 latency per mode and the gaze/dense ratios; writes bench/results/serve.json.
+A LLaVA-architecture model whose decode steps read mostly KV cache (by default hidden
+512, 4 layers, 8 query / 2 KV heads of dim 64, and 4 video frames x 576 visual tokens
+per request; ``--hidden 1024 --layers 8 --heads 16 --frames 16`` is the issue's GPU-sized
+configuration) is served on 127.0.0.1 by the continuous-batching app (``serving.app``):
 
-Run: PYTHONPATH=. python bench/serve.py [--frames 8] [--image-size 144] [--tokens 16]
+- ``gaze``: the converted model (keep ratio 0.16, 4 context tokens per frame);
+- ``dense``: the same checkpoint with the dense backend over every visual entry;
+- ``stock``: the stock checkpoint it was converted from (transformers' SDPA, no context
+  tokens);
+- ``legacy``: the gaze model behind the app as it was before continuous batching
+  (``bench/legacy_serve.py``: ``@serve.batch`` into ``generate_batch``, non-streamed).
+
+At each concurrency (1, 4, 16, 32 by default) that many clients each send ``--rounds``
+requests, one after the other: the same video and question, greedy, exactly
+``--tokens`` new tokens (the end-of-turn tokens are banned through ``logit_bias``), the
+streamed ones through the official openai client. The modes take turns level by level,
+one at a time. Reported per mode and concurrency: output tokens/s over the level's wall
+time, time to first token, and inter-token latency (p50/p95 over the requests; a
+request's ITL is the time from its first to its last text chunk over its tokens; for
+``legacy``, non-streamed, TTFT is the whole latency). Ratios measured in the same run are
+printed; the figures and the KV share of a decode step's bytes go to
+bench/results/serve.json.
+
+Run: PYTHONPATH=. python bench/serve.py [--frames 4] [--tokens 256] [--concurrency 1 4 16 32]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
+import io
 import sys
 import tempfile
 import time
@@ -22,46 +37,56 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import write_results  # noqa: E402
 from gazeattn.ops import GazeConfig  # noqa: E402
-from gazeattn.tiny import build_tiny  # noqa: E402
+from gazeattn.tiny import build_stock  # noqa: E402
+from serving.settings import GazeOverride, ServeSettings  # noqa: E402
 from serving.images import data_url  # noqa: E402
 from serving.local import local_serve  # noqa: E402
-from serving.settings import GazeOverride, ServeSettings  # noqa: E402
 
-MODES = {"gaze": None, "dense": GazeOverride(attn="dense")}
+MODES = ("gaze", "dense", "stock", "legacy")
+BYTES = 4  # fp32 on CPU
 
 
-def build_model(out: Path, args) -> Path:
-    return build_tiny(
-        out,
-        gaze_config=GazeConfig(keep_ratio=args.keep),
-        image_size=args.image_size,
-        patch_size=8,
+def build_models(root: Path, args) -> tuple[Path, Path]:
+    """(stock checkpoint, gaze checkpoint converted from it)."""
+    from gazeattn.model import load_model
+
+    stock = build_stock(
+        root / "stock",
+        image_size=384,
+        patch_size=16,
         hidden=args.hidden,
         layers=args.layers,
-        heads=8,
-        kv_heads=2,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        vision_hidden=32,
     )
+    model, processor = load_model(stock, gaze=GazeConfig(keep_ratio=args.keep))
+    gaze = root / "gaze"
+    model.save_pretrained(gaze)
+    processor.save_pretrained(gaze)
+    return stock, gaze
 
 
-def frame_png(seed: int, size: int) -> bytes:
-    """A random RGB frame as PNG bytes."""
-    import io
-
-    from PIL import Image
-
-    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+def frame_png(i: int) -> bytes:
+    """A 384 px frame with a moving shape (small as PNG, unlike noise)."""
+    image = Image.new("RGB", (384, 384), (20 + 10 * i % 200, 60, 90))
+    draw = ImageDraw.Draw(image)
+    x = 20 + 37 * i % 300
+    draw.ellipse((x, 120, x + 60, 180), fill=(230, 40, 40))
+    draw.rectangle((200, 40 + 11 * i % 300, 260, 100 + 11 * i % 300), fill=(40, 200, 60))
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
+    image.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def video_messages(frames: int, size: int) -> list[dict]:
-    urls = [{"url": data_url(frame_png(i, size))} for i in range(frames)]
+def video_messages(frames: int) -> list[dict]:
+    urls = [{"url": data_url(frame_png(i))} for i in range(frames)]
     return [
         {
             "role": "user",
@@ -73,110 +98,269 @@ def video_messages(frames: int, size: int) -> list[dict]:
     ]
 
 
-def run_level(base: str, messages, concurrency: int, requests: int, tokens: int) -> dict:
-    import openai
-
-    client = openai.OpenAI(base_url=base, api_key="-", max_retries=0, timeout=600)
-
-    def one(_):
-        start = time.perf_counter()
+def one_request(client, messages, tokens: int, stream: bool, bias: dict) -> dict:
+    start = time.perf_counter()
+    if not stream:
         out = client.chat.completions.create(
             model="bench", messages=messages, max_tokens=tokens, temperature=0
         )
-        return time.perf_counter() - start, out.usage.completion_tokens
+        latency = time.perf_counter() - start
+        return {"ttft": latency, "itl": None, "tokens": out.usage.completion_tokens, "end": latency}
+    stream_out = client.chat.completions.create(
+        model="bench",
+        messages=messages,
+        max_tokens=tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        logit_bias=bias,
+    )
+    first = last = None
+    generated = 0
+    for chunk in stream_out:
+        if chunk.choices and chunk.choices[0].delta.content:
+            last = time.perf_counter() - start
+            first = last if first is None else first
+        if chunk.usage is not None:
+            generated = chunk.usage.completion_tokens
+    # a chunk carries the text of one or more tokens (a partial UTF-8 character waits for
+    # the next one): the request's inter-token latency is its decode time over its tokens
+    itl = (last - first) / (generated - 1) if first is not None and generated > 1 else None
+    ttft = first if first is not None else float("nan")
+    return {"ttft": ttft, "itl": itl, "tokens": generated, "end": time.perf_counter() - start}
+
+
+def run_level(base: str, messages, concurrency: int, args, stream: bool, bias: dict) -> dict:
+    import openai
+
+    client = openai.OpenAI(base_url=base, api_key="-", max_retries=0, timeout=3600)
+
+    def client_loop(_):
+        return [
+            one_request(client, messages, args.tokens, stream, bias) for _ in range(args.rounds)
+        ]
 
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(one, range(requests)))
+        done = [r for rs in pool.map(client_loop, range(concurrency)) for r in rs]
     wall = time.perf_counter() - start
-    latencies = sorted(r[0] for r in results)
-    generated = sum(r[1] for r in results)
+    ttft = [r["ttft"] for r in done]
+    gaps = [r["itl"] for r in done if r["itl"] is not None]
+    generated = sum(r["tokens"] for r in done)
     return {
         "concurrency": concurrency,
-        "requests": requests,
+        "requests": len(done),
         "completion_tokens": generated,
-        "tokens_per_s": generated / wall,
-        "p50_s": statistics.median(latencies),
-        "p99_s": float(np.percentile(latencies, 99)),
         "wall_s": wall,
+        "tokens_per_s": generated / wall,
+        "ttft_p50_s": _pct(ttft, 50),
+        "ttft_p95_s": _pct(ttft, 95),
+        "itl_p50_ms": 1e3 * _pct(gaps, 50) if gaps else None,
+        "itl_p95_ms": 1e3 * _pct(gaps, 95) if gaps else None,
+    }
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def kv_share(args, prompt_tokens: int) -> dict:
+    """What a decode step reads, by arithmetic: weights once, each sequence's KV once."""
+    head_dim = args.hidden // args.heads
+    inter = 2 * args.hidden  # the tiny models' MLP width
+    per_layer = 2 * args.hidden * args.hidden + 2 * args.hidden * args.kv_heads * head_dim
+    per_layer += 3 * args.hidden * inter
+    weights = args.layers * per_layer * BYTES
+    kv_token = args.layers * 2 * args.kv_heads * head_dim * BYTES
+    visual = args.frames * 576
+    # gaze reads the routed regions (keep ratio of the visual entries), every text and
+    # context key, and the region descriptors (one key-sized mean per 36 tokens)
+    gaze_tokens = args.keep * visual + (prompt_tokens - visual) + visual / 36
+    rows = []
+    for batch in args.concurrency:
+        dense_kv = batch * prompt_tokens * kv_token
+        gaze_kv = batch * gaze_tokens * kv_token
+        rows.append(
+            {
+                "batch": batch,
+                "kv_share_dense": dense_kv / (dense_kv + weights),
+                "kv_share_gaze": gaze_kv / (gaze_kv + weights),
+                "step_bytes_dense_over_gaze": (dense_kv + weights) / (gaze_kv + weights),
+            }
+        )
+    return {
+        "weights_bytes": weights,
+        "kv_bytes_per_token": kv_token,
+        "prompt_tokens": prompt_tokens,
+        "kv_bytes_per_sequence": prompt_tokens * kv_token,
+        "by_batch": rows,
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--frames", type=int, default=8)
-    parser.add_argument("--image-size", type=int, default=144, help="pixels; patch 8")
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=2)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=4, help="video frames of 576 tokens")
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--keep", type=float, default=0.16)
-    parser.add_argument("--tokens", type=int, default=16)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--rounds", type=int, default=2, help="requests per client")
-    parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--tokens", type=int, default=256, help="new tokens per request")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
+    parser.add_argument("--rounds", type=int, default=1, help="requests per client")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--replica-cpus", type=int, default=1, help="torch threads per replica")
+    parser.add_argument(
+        "--prefill-tokens",
+        type=int,
+        default=0,
+        help="max_prefill_tokens of the app (0: one prompt, so a step prefills one request)",
+    )
     args = parser.parse_args()
 
-    from ray import serve
-
+    from bench.legacy_serve import LegacyChat
     from serving.app import app
 
-    messages = video_messages(args.frames, args.image_size)
-    results: dict[str, list[dict]] = {}
-    with tempfile.TemporaryDirectory() as tmp, local_serve(num_cpus=args.cpus) as url:
-        model_dir = build_model(Path(tmp) / "model", args)
-        for mode, override in MODES.items():
+    messages = video_messages(args.frames)
+    top = max(args.concurrency)
+    with tempfile.TemporaryDirectory() as tmp:
+        stock_dir, gaze_dir = build_models(Path(tmp), args)
+        from gazeattn.model import load_model
+
+        _, processor = load_model(gaze_dir)
+        prompt_tokens = len(
+            processor.encode_sample(
+                [{"role": "user", "content": [{"type": "video"}, messages[0]["content"][1]]}],
+                videos=[[np.zeros((384, 384, 3), np.uint8)] * args.frames],
+                add_generation_prompt=True,
+            )["input_ids"]
+        )
+        bias = {str(i): -100 for i in processor.stop_token_ids}
+        deployments = {}
+        for mode in args.modes:
             settings = ServeSettings(
-                model=str(model_dir),
+                model=str(stock_dir if mode == "stock" else gaze_dir),
                 model_name="bench",
-                gaze=override,
-                max_batch_size=max(args.concurrency),
+                gaze=GazeOverride(backend="dense", top_k="all") if mode == "dense" else None,
+                max_batch_size=top,
+                max_pending=4 * top,
                 max_images=args.frames,
-                batch_wait_timeout_s=0.02,
+                max_tokens_limit=args.tokens,
+                max_prefill_tokens=args.prefill_tokens or prompt_tokens,
             )
             options = dict(
                 num_replicas=1,
-                max_ongoing_requests=2 * max(args.concurrency),
-                ray_actor_options={"num_cpus": args.cpus},
+                max_ongoing_requests=8 * top,
+                ray_actor_options={"num_cpus": args.replica_cpus},
             )
-            # one mode at a time, so the two never share the CPU
-            serve.run(app(settings, **options), name=mode, route_prefix=f"/{mode}")
-            base = f"{url}/{mode}/v1"
-            run_level(base, messages, 1, 1, args.tokens)  # warm-up
-            results[mode] = [
-                run_level(base, messages, c, c * args.rounds, args.tokens) for c in args.concurrency
-            ]
-            serve.delete(mode)
+            if mode == "legacy":
+                deployments[mode] = LegacyChat.options(**options).bind(
+                    settings.model_dump(), top, 0.02
+                )
+            else:
+                deployments[mode] = app(settings, **options)
+        results = run_all(deployments, messages, args, bias)
 
-    print(f"{'mode':6} {'conc':>4} {'tok/s':>8} {'p50 s':>7} {'p99 s':>7}")
-    for mode, rows in results.items():
-        for r in rows:
-            print(
-                f"{mode:6} {r['concurrency']:>4} {r['tokens_per_s']:>8.1f} "
-                f"{r['p50_s']:>7.2f} {r['p99_s']:>7.2f}"
-            )
-    ratios = []
-    for gaze, dense in zip(results["gaze"], results["dense"], strict=True):
-        ratio = {
-            "concurrency": gaze["concurrency"],
-            "tokens_per_s_gaze_over_dense": gaze["tokens_per_s"] / dense["tokens_per_s"],
-            "p50_dense_over_gaze": dense["p50_s"] / gaze["p50_s"],
-            "p99_dense_over_gaze": dense["p99_s"] / gaze["p99_s"],
-        }
-        ratios.append(ratio)
+    ratios = _ratios(results, args.concurrency)
+    share = kv_share(args, prompt_tokens)
+    print(f"\nprompt: {prompt_tokens} tokens ({args.frames} frames x 576 visual + context + text)")
+    print(
+        f"weights {share['weights_bytes'] / 1e6:.1f} MB, KV {share['kv_bytes_per_token']} B/token, "
+        f"{share['kv_bytes_per_sequence'] / 1e6:.1f} MB/sequence"
+    )
+    for row in share["by_batch"]:
         print(
-            f"concurrency {ratio['concurrency']:>2}: gaze/dense tokens/s "
-            f"{ratio['tokens_per_s_gaze_over_dense']:.2f}x, dense/gaze p50 "
-            f"{ratio['p50_dense_over_gaze']:.2f}x, p99 {ratio['p99_dense_over_gaze']:.2f}x"
+            f"  batch {row['batch']:>2}: KV share of a step's bytes, dense "
+            f"{row['kv_share_dense']:.0%}, gaze {row['kv_share_gaze']:.0%}; dense/gaze bytes "
+            f"{row['step_bytes_dense_over_gaze']:.2f}x"
         )
-    grid = args.image_size // 8
+    for line in ratios["lines"]:
+        print(line)
     path = write_results(
         "serve",
         {
-            "config": {**vars(args), "visual_tokens": args.frames * grid * grid},
+            "config": {**vars(args), "prompt_tokens": prompt_tokens},
             "results": results,
-            "ratios": ratios,
+            "ratios": ratios["table"],
+            "kv_share": share,
         },
     )
     print(f"wrote {path}")
+
+
+def run_all(deployments: dict, messages, args, bias: dict, attempts: int = 4) -> dict:
+    """Every mode at every concurrency level, the modes interleaved level by level (so that a
+    change of the machine's load between levels reaches every mode alike). All the apps are
+    deployed on one local Ray; only one is asked at a time, and an idle replica's scheduler
+    only waits. A level that loses its connections (on a shared machine another user's
+    ``ray stop`` ends every Ray process) is run again on a fresh Ray."""
+    import openai
+    from ray import serve
+    from ray.exceptions import RayError
+
+    results: dict[str, list[dict]] = {mode: [] for mode in deployments}
+    todo = [(c, mode) for c in args.concurrency for mode in deployments]
+    for attempt in range(1, attempts + 1):
+        try:
+            with local_serve(num_cpus=4 + len(deployments)) as url:
+                for mode, deployment in deployments.items():
+                    serve.run(deployment, name=mode, route_prefix=f"/{mode}")
+                    warm = argparse.Namespace(**{**vars(args), "rounds": 1})
+                    run_level(f"{url}/{mode}/v1", messages, 1, warm, mode != "legacy", bias)
+                while todo:
+                    c, mode = todo[0]
+                    base = f"{url}/{mode}/v1"
+                    row = run_level(base, messages, c, args, mode != "legacy", bias)
+                    results[mode].append(row)
+                    todo.pop(0)
+                    print(f"{mode:6} c={c:>2} {_fmt(row)}", flush=True)
+                return results
+        except (openai.APIConnectionError, openai.InternalServerError, RayError) as err:
+            print(f"attempt {attempt} lost its server ({err!r}); again on a fresh Ray", flush=True)
+    raise RuntimeError("every attempt lost its server")
+
+
+def _fmt(row: dict) -> str:
+    itl = (
+        f"ITL p50 {row['itl_p50_ms']:.0f} ms p95 {row['itl_p95_ms']:.0f} ms"
+        if row["itl_p50_ms"] is not None
+        else "non-streamed"
+    )
+    return (
+        f"{row['tokens_per_s']:7.1f} tok/s  TTFT p50 {row['ttft_p50_s']:6.2f} s "
+        f"p95 {row['ttft_p95_s']:6.2f} s  {itl}  ({row['completion_tokens']} tokens, "
+        f"{row['wall_s']:.1f} s)"
+    )
+
+
+def _ratios(results: dict, levels: list[int]) -> dict:
+    table, lines = [], []
+
+    def rate(mode, c):
+        rows = [r for r in results.get(mode, []) if r["concurrency"] == c]
+        return rows[0]["tokens_per_s"] if rows else None
+
+    for c in levels:
+        entry = {"concurrency": c}
+        for name, (a, b) in {
+            "gaze_over_dense": ("gaze", "dense"),
+            "gaze_over_stock": ("gaze", "stock"),
+            "continuous_over_legacy": ("gaze", "legacy"),
+        }.items():
+            x, y = rate(a, c), rate(b, c)
+            entry[name] = x / y if x and y else None
+        table.append(entry)
+        lines.append(
+            f"c={c:>2}: "
+            + ", ".join(f"{k} {v:.2f}x" for k, v in entry.items() if k != "concurrency" and v)
+        )
+    top = 16 if 16 in levels else max(levels)
+    for mode in results:
+        low, high = rate(mode, min(levels)), rate(mode, top)
+        if low and high:
+            lines.append(f"{mode}: tokens/s at c={top} over c={min(levels)} {high / low:.2f}x")
+            table.append({"mode": mode, f"scaling_c{top}_over_c{min(levels)}": high / low})
+    return {"table": table, "lines": lines}
 
 
 if __name__ == "__main__":

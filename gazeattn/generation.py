@@ -58,6 +58,8 @@ class GenerationResult:
     # [{"box": [span, t0, t1, h0, h1, w0, w1], "heads": n}, ...] (most heads first)
     routing: list[list[dict]] | None = None
     grids: list[list[int]] = field(default_factory=list)  # (t, h, w) of each image/video span
+    # per generated token, when asked (gazeattn.engine.TokenLogprob)
+    logprobs: list | None = None
 
 
 def generate_batch(
@@ -85,12 +87,23 @@ def stream_generate(
     return_routing: bool = False,
     routing_layer: int = -1,
 ) -> Iterator[str]:
-    """Yield text deltas as tokens are generated; the final GenerationResult is the return value."""
+    """Yield text deltas as tokens are generated; the final GenerationResult is the return value.
+
+    Text that could still become one of the request's stop strings is held back until it
+    cannot, so a stop string never reaches the stream (as it never reaches the result).
+    """
     steps = _decode(model, processor, [request], return_routing, routing_layer)
+    hold = max((len(s) for s in request.stop if s), default=1) - 1
     sent = ""
     for _ in steps:
+        if steps.done[0]:
+            # the rest comes from the result, cut before a stop string
+            continue
         text = steps.text(0)
-        if len(text) > len(sent) and not text.endswith("\ufffd"):
+        # a partial UTF-8 character decodes as U+FFFD until its last byte arrives
+        text = text.rstrip("\ufffd")
+        text = text[: len(text) - hold] if hold else text
+        if len(text) > len(sent) and text.startswith(sent):
             yield text[len(sent) :]
             sent = text
     final = steps.results[0].text

@@ -61,11 +61,16 @@ class GazeState:
     rope_deltas: torch.Tensor | None = None
     reports: dict[int, LayerReport] = field(default_factory=dict)
     stats: dict[int, GazeStats] = field(default_factory=dict)
+    # False: keep the raw stats only, without the per-layer summary (a batch decoding at
+    # every step reads the stats; the summary's host syncs would cost it time)
+    summarize: bool = True
 
     def record(self, layer: int, stats: GazeStats) -> None:
         if not self.report:
             return
         self.stats[layer] = stats
+        if not self.summarize:
+            return
         self.reports[layer] = LayerReport(
             layer=layer,
             attended_mean=stats.attended_mean(),

@@ -1,11 +1,18 @@
-"""The Ray Serve deployment: an OpenAI-compatible chat endpoint decoding with the gaze KV cache.
+"""The Ray Serve deployment: an OpenAI-compatible chat endpoint with continuous batching.
 
 - ``POST /v1/chat/completions`` (JSON or server-sent events), ``GET /v1/models``,
-  ``GET /healthz`` (the only route without the API key).
-- Concurrent non-streamed requests are batched by ``@serve.batch`` into one
-  ``generate_batch`` call (left padding, one gaze cache; greedy batched equals
-  one-by-one). A streamed request decodes alone, one step at a time, interleaved
-  with the batches under the model lock.
+  ``GET /healthz`` (the only route without the API key; it also reports the replica's
+  running and waiting requests).
+- Each replica runs one scheduler thread that owns the model (``gazeattn.engine.Engine``
+  through ``serving.scheduler``): every decode step runs all of the replica's active
+  requests together, streamed and non-streamed alike; new requests are prefilled (a bounded
+  number of prompt tokens per step) and join at the next step; finished ones leave at once.
+  The event loop only parses, submits and relays. A client that disconnects cancels its
+  request and frees its slot.
+- Over ``max_pending`` requests in a replica, a request gets 429 with ``Retry-After``.
+- Every error is in OpenAI's format; 5xx only for faults of the server, logged with the
+  request id that every response carries as ``X-Request-Id``.
+- Metrics: ``serving.metrics`` (Prometheus, on Ray's metrics endpoint).
 - ``serve build``/``serve deploy`` entry: ``serving.app:build_app`` with the
   ``ServeSettings`` fields as ``args`` (``infra/serve_config.yaml``).
 """
@@ -13,8 +20,8 @@
 import asyncio
 import hmac
 import json
+import logging
 import os
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -25,26 +32,33 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
+from starlette.exceptions import HTTPException
 
 from gazeattn import load_model
-from gazeattn.generation import GenerationResult, generate_batch, stream_generate
+from gazeattn.engine import Engine, StepOutput, TokenLogprob
+from gazeattn.generation import GenerationResult
 from gazeattn.ops import GazeConfig
 from gazeattn.processing import ProcessorInputError
 from serving.errors import (
     BadRequest,
     RequestError,
+    ServerError,
     TooLarge,
+    TooManyRequests,
     Unauthorized,
     Unprocessable,
     error_response,
 )
+from serving.metrics import ServeMetrics
 from serving.requests import Prepared, prepare
+from serving.scheduler import RequestStream, Scheduler
 from serving.schemas import (
     AssistantMessage,
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     Delta,
     GazeReport,
@@ -52,22 +66,58 @@ from serving.schemas import (
     ModelList,
     RoutedRegion,
     TokenRouting,
+    TopLogprob,
     Usage,
 )
+from serving.schemas import TokenLogprob as LogprobOut
 from serving.settings import GazeOverride, ServeSettings
+
+logger = logging.getLogger("ray.serve")
 
 # no /docs or /openapi.json: every route but /healthz is behind the API key
 api = FastAPI(title="gazeattn", docs_url=None, redoc_url=None, openapi_url=None)
 
 
+def request_id(request: Request) -> str:
+    """The request's id: Serve's (its proxy sets ``X-Request-Id`` on the request, taking the
+    client's when given, and returns it on the response; its replica logs carry it)."""
+    if not hasattr(request.state, "request_id"):
+        request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    return request.state.request_id
+
+
 @api.exception_handler(RequestError)
-async def _request_error(_: Request, err: RequestError) -> JSONResponse:
-    return err.response()
+async def _request_error(request: Request, err: RequestError) -> JSONResponse:
+    return err.response(request_id(request), echo=_echo(request))
 
 
 @api.exception_handler(ProcessorInputError)
-async def _processor_error(_: Request, err: ProcessorInputError) -> JSONResponse:
-    return error_response(400, str(err), "invalid_request_error")
+async def _processor_error(request: Request, err: ProcessorInputError) -> JSONResponse:
+    return BadRequest(str(err)).response(request_id(request), echo=_echo(request))
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, err: HTTPException) -> JSONResponse:
+    # unknown routes (404) and methods (405), in OpenAI's format too
+    kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+    headers = dict(err.headers or {})
+    if _echo(request):
+        headers["X-Request-Id"] = request_id(request)
+    return error_response(err.status_code, str(err.detail), kind, headers=headers)
+
+
+@api.exception_handler(Exception)
+async def _server_error(request: Request, err: Exception) -> JSONResponse:
+    rid = request_id(request)
+    logger.error("request %s failed", rid, exc_info=err)
+    return ServerError(f"internal server error (request id {rid})").response(
+        rid, echo=_echo(request)
+    )
+
+
+def _echo(request: Request) -> bool:
+    """Whether the response must carry the request id itself (Serve adds it when it set it)."""
+    return request.headers.get("x-request-id") is None
 
 
 def usage(result: GenerationResult) -> Usage:
@@ -110,7 +160,30 @@ def parse_body(raw: bytes) -> ChatCompletionRequest:
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as err:
+        # a field this server does not know is refused by name (never silently ignored)
+        extra = [e for e in err.errors() if e["type"] == "extra_forbidden"]
+        if extra:
+            where = ".".join(str(p) for p in _data_path(data, extra[0]["loc"]))
+            raise BadRequest(
+                f"unknown field {where!r}: not part of the chat completions API served here",
+                param=where,
+                code="unknown_parameter",
+            ) from None
         raise Unprocessable.from_validation(err) from None
+
+
+def _data_path(data, loc: tuple) -> list:
+    """A validation error's location as a path into the body: pydantic's union member and
+    tag labels (``list[tagged-union[...]]``, the part type) are not keys of the data."""
+    path, node = [], data
+    for item in loc:
+        if isinstance(node, list) and isinstance(item, int) and item < len(node):
+            path.append(item)
+            node = node[item]
+        elif isinstance(node, dict) and item in node:
+            path.append(item)
+            node = node[item]
+    return path or list(loc)
 
 
 def gaze_config(path: Path, override: GazeOverride | None) -> GazeConfig | None:
@@ -123,8 +196,24 @@ def gaze_config(path: Path, override: GazeOverride | None) -> GazeConfig | None:
     return override.apply(GazeConfig.from_dict(saved))
 
 
+def _error_event(err: Exception, rid: str) -> str:
+    if isinstance(err, RequestError):
+        body = {"message": err.message, "type": err.type, "param": err.param, "code": err.code}
+    elif isinstance(err, ProcessorInputError | ValueError):
+        body = {"message": str(err), "type": "invalid_request_error", "param": None, "code": None}
+    else:
+        logger.error("request %s failed in decoding", rid, exc_info=err)
+        body = {
+            "message": f"internal server error (request id {rid})",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+    return f"data: {json.dumps({'error': body})}\n\n"
+
+
 # Serve pickles the class by value when it is decorated: everything it uses is defined above.
-@serve.deployment(name="GazeChat", max_ongoing_requests=16, ray_actor_options={"num_cpus": 1})
+@serve.deployment(name="GazeChat", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
 @serve.ingress(api)
 class GazeChat:
     def __init__(self, settings: dict):
@@ -146,15 +235,41 @@ class GazeChat:
         # read here, in the replica, so the key never travels in the application's config
         self.api_key = os.environ.get(self.settings.api_key_env) or None
         self.created = int(time.time())
-        self.lock = threading.Lock()
-        self.generate.set_max_batch_size(self.settings.max_batch_size)
-        self.generate.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        self.metrics = ServeMetrics()
+        self.engine = Engine(
+            self.model,
+            self.processor,
+            max_batch_size=self.settings.max_batch_size,
+            max_prefill_tokens=self.settings.max_prefill_tokens,
+            routing_layer=self.settings.routing_layer,
+        )
+        self.scheduler = Scheduler(
+            self.engine, on_step=lambda e: self.metrics.engine(e.num_waiting, e.num_running)
+        )
+        # requests being validated (images decoded, prompt encoded) before they reach the engine
+        self.preparing = 0
+
+    def __del__(self):
+        scheduler = getattr(self, "scheduler", None)
+        if scheduler is not None:
+            scheduler.close()
 
     # ---- routes
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok", "model": self.model_name}
+        return {
+            "status": "ok",
+            "model": self.model_name,
+            "running": self.engine.num_running,
+            "waiting": self.engine.num_waiting,
+            "pending": self.pending,
+        }
+
+    @property
+    def pending(self) -> int:
+        """Requests in this replica: being validated, waiting for prefill, or decoding."""
+        return self.preparing + self.engine.num_waiting + self.engine.num_running
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> ModelList:
@@ -163,20 +278,93 @@ class GazeChat:
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
-        self.authorize(request)
-        body = parse_body(await read_body(request, self.settings.max_body_bytes))
-        prepared = await asyncio.to_thread(
-            prepare, body, self.settings, self.processor, self.model_name, self.num_layers
-        )
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(
-                self.stream(prepared, include_usage), media_type="text/event-stream"
+        arrived = time.perf_counter()
+        rid = request_id(request)
+        try:
+            self.authorize(request)
+            body = parse_body(await read_body(request, self.settings.max_body_bytes))
+            if self.pending >= self.settings.max_pending:
+                raise TooManyRequests(
+                    f"this replica has {self.pending} requests in progress (the limit is "
+                    f"{self.settings.max_pending}); retry later",
+                    code="rate_limit_exceeded",
+                )
+        except RequestError as err:
+            self.metrics.outcome("rejected" if isinstance(err, TooManyRequests) else "client_error")
+            raise
+        self.preparing += 1
+        prepared_done = False
+        try:
+            prepared = await asyncio.to_thread(
+                prepare, body, self.settings, self.processor, self.model_name, self.num_layers
             )
-        outcome = await self.generate(prepared)
-        if isinstance(outcome, Exception):
-            raise outcome
-        result, batch_size = outcome
+            if prepared.user:
+                logger.info("request %s from user %r", rid, prepared.user[:64])
+            stream = self.scheduler.submit(prepared)
+            self.preparing -= 1
+            prepared_done = True
+            if body.stream:
+                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                events = self.events(stream, prepared, rid, include_usage, body.logprobs, arrived)
+                return StreamingResponse(
+                    events, media_type="text/event-stream", headers=self.id_header(request)
+                )
+            response = await self.complete(stream, prepared, body.logprobs, arrived)
+            response.headers.update(self.id_header(request))
+            return response
+        except (RequestError, ProcessorInputError, ValueError) as err:
+            self.metrics.outcome("client_error")
+            if isinstance(err, RequestError | ProcessorInputError):
+                raise
+            raise BadRequest(str(err)) from None
+        except asyncio.CancelledError:
+            self.metrics.outcome("cancelled")
+            raise
+        except Exception as err:
+            self.metrics.outcome("server_error")
+            logger.error("request %s failed", rid, exc_info=err)
+            raise ServerError(f"internal server error (request id {rid})") from None
+        finally:
+            if not prepared_done:
+                self.preparing -= 1
+
+    # ---- decoding
+
+    async def outputs(self, stream: RequestStream, arrived: float) -> AsyncIterator[StepOutput]:
+        """The request's outputs with its latency metrics; cancels it if the reader leaves."""
+        start = last = arrived
+        first = True
+        try:
+            async for out in stream:
+                if out.token_ids:
+                    now = time.perf_counter()
+                    if first:
+                        self.metrics.ttft.observe(now - start)
+                    else:
+                        self.metrics.itl.observe(now - last)
+                    first, last = False, now
+                if out.result is not None:
+                    seq = out.sequence
+                    self.metrics.finished(
+                        prompt=seq.prompt_tokens,
+                        generated=out.result.completion_tokens,
+                        attended=sum(seq.attended),
+                        dense=sum(seq.dense),
+                    )
+                yield out
+        finally:
+            if not stream.finished:
+                self.scheduler.cancel(stream)
+
+    async def complete(
+        self, stream: RequestStream, prepared: Prepared, logprobs: bool | None, arrived: float
+    ) -> JSONResponse:
+        result = None
+        async for out in self.outputs(stream, arrived):
+            if out.error is not None:
+                raise out.error
+            result = out.result or result
+        self.metrics.outcome("ok")
         completion = ChatCompletion(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
@@ -185,117 +373,75 @@ class GazeChat:
                 Choice(
                     message=AssistantMessage(content=result.text),
                     finish_reason=result.finish_reason,
+                    logprobs=self.logprobs(result.logprobs) if logprobs else None,
                 )
             ],
             usage=usage(result),
             gaze=self.report(result, prepared) if prepared.gaze else None,
         )
-        return JSONResponse(
-            completion.model_dump(exclude_none=True),
-            headers={"X-Batch-Size": str(batch_size)},
-        )
+        headers = {"X-Batch-Size": str(stream.sequence.peak_batch)}
+        return JSONResponse(completion.model_dump(exclude_none=True), headers=headers)
 
-    # ---- decoding
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def generate(self, items: list[Prepared]) -> list:
-        """Per request (GenerationResult, batch size), or the exception that request raised."""
-        return await asyncio.to_thread(self.generate_sync, items)
-
-    def generate_sync(self, items: list[Prepared]) -> list:
-        """One generate_batch call per routing layer asked for (requests without gaze join any)."""
-        groups: dict[int, list[int]] = {}
-        plain = [i for i, item in enumerate(items) if not item.gaze]
-        for i, item in enumerate(items):
-            if item.gaze:
-                groups.setdefault(item.layer % self.num_layers, []).append(i)
-        if not groups:
-            groups[self.settings.routing_layer % self.num_layers] = plain
-        else:
-            groups[next(iter(groups))] += plain
-        outcomes: list = [None] * len(items)
-        for layer, members in groups.items():
-            requests = [items[i].generation for i in members]
-            routing = any(items[i].gaze for i in members)
-            try:
-                with self.lock:
-                    results = generate_batch(
-                        self.model,
-                        self.processor,
-                        requests,
-                        return_routing=routing,
-                        routing_layer=layer,
-                    )
-            except ValueError:
-                if len(members) == 1:
-                    raise
-                # find the request at fault: the others still get their answers
-                for i in members:
-                    outcomes[i] = self.generate_one(items[i], routing, layer)
-                continue
-            for i, result in zip(members, results, strict=True):
-                outcomes[i] = (result, len(members))
-        return outcomes
-
-    def generate_one(self, item: Prepared, routing: bool, layer: int):
-        try:
-            with self.lock:
-                (result,) = generate_batch(
-                    self.model,
-                    self.processor,
-                    [item.generation],
-                    return_routing=routing,
-                    routing_layer=layer,
-                )
-            return result, 1
-        except ValueError as err:
-            return err
-
-    async def stream(self, prepared: Prepared, include_usage: bool) -> AsyncIterator[str]:
+    async def events(
+        self,
+        stream: RequestStream,
+        prepared: Prepared,
+        rid: str,
+        include_usage: bool,
+        logprobs: bool | None,
+        arrived: float,
+    ) -> AsyncIterator[str]:
         """Server-sent events in the OpenAI chunk format, ending with ``data: [DONE]``."""
-        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        created, ident = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
 
-        def chunk(delta: Delta, finish=None, **extra) -> str:
-            choices = [ChunkChoice(delta=delta, finish_reason=finish)] if delta else []
+        def chunk(delta: Delta | None, finish=None, entries=None, **extra) -> str:
+            choices = []
+            if delta is not None:
+                choice_logprobs = self.logprobs(entries) if logprobs and entries else None
+                choices = [ChunkChoice(delta=delta, finish_reason=finish, logprobs=choice_logprobs)]
             body = ChatCompletionChunk(
-                id=ident, created=created, model=self.model_name, choices=choices, **extra
+                id=ident,
+                created=created,
+                model=self.model_name,
+                choices=choices,
+                **extra,
             )
             return f"data: {json.dumps(body.model_dump(exclude_none=True))}\n\n"
 
-        steps = stream_generate(
-            self.model,
-            self.processor,
-            prepared.generation,
-            return_routing=prepared.gaze,
-            routing_layer=prepared.layer,
-        )
-        yield chunk(Delta(role="assistant", content=""))
         try:
-            while True:
-                done, value = await asyncio.to_thread(self.step, steps)
-                if done:
-                    break
-                yield chunk(Delta(content=value))
-        except ValueError as err:
-            # the headers are sent: report the error as an event, as OpenAI does
-            error = {"error": {"message": str(err), "type": "invalid_request_error"}}
-            yield f"data: {json.dumps(error)}\n\n"
-            return
-        report = self.report(value, prepared) if prepared.gaze else None
-        yield chunk(Delta(), finish=value.finish_reason, gaze=report)
-        if include_usage:
-            yield chunk(None, usage=usage(value))
-        yield "data: [DONE]\n\n"
-
-    def step(self, steps) -> tuple[bool, object]:
-        """Advance a stream by one delta under the model lock: (False, text) or (True, result)."""
-        with self.lock:
-            try:
-                return False, next(steps)
-            except StopIteration as stop:
-                return True, stop.value
+            yield chunk(Delta(role="assistant", content=""))
+            async for out in self.outputs(stream, arrived):
+                if out.error is not None:
+                    # the headers are sent: report the error as an event, as OpenAI does
+                    client = isinstance(out.error, RequestError | ProcessorInputError | ValueError)
+                    self.metrics.outcome("client_error" if client else "server_error")
+                    yield _error_event(out.error, rid)
+                    return
+                if out.text or out.logprobs:
+                    yield chunk(Delta(content=out.text), entries=out.logprobs)
+                if out.result is not None:
+                    result = out.result
+                    report = self.report(result, prepared) if prepared.gaze else None
+                    yield chunk(Delta(), finish=result.finish_reason, gaze=report)
+                    if include_usage:
+                        yield chunk(None, usage=usage(result))
+                    yield "data: [DONE]\n\n"
+                    self.metrics.outcome("ok")
+        except Exception as err:
+            self.metrics.outcome("server_error")
+            logger.error("request %s failed while streaming", rid, exc_info=err)
+            yield _error_event(err, rid)
+        finally:
+            # the client went away (the stream was closed or cancelled): free the slot now
+            if not stream.finished:
+                self.scheduler.cancel(stream)
+                self.metrics.outcome("cancelled")
 
     # ---- helpers
+
+    @staticmethod
+    def id_header(request: Request) -> dict[str, str]:
+        return {"X-Request-Id": request_id(request)} if _echo(request) else {}
 
     def authorize(self, request: Request) -> None:
         if self.api_key is None:
@@ -305,6 +451,23 @@ class GazeChat:
             token.strip().encode(), self.api_key.encode()
         ):
             raise Unauthorized("missing or wrong API key (send Authorization: Bearer <key>)")
+
+    def logprobs(self, entries: list[TokenLogprob] | None) -> ChoiceLogprobs:
+        def piece(token_id: int) -> tuple[str, list[int]]:
+            text = self.processor.tokenizer.decode([token_id])
+            return text, list(text.encode("utf-8"))
+
+        content = []
+        for entry in entries or []:
+            token, raw = piece(entry.token_id)
+            top = []
+            for token_id, value in entry.top:
+                alt, alt_raw = piece(token_id)
+                top.append(TopLogprob(token=alt, logprob=value, bytes=alt_raw))
+            content.append(
+                LogprobOut(token=token, logprob=entry.logprob, bytes=raw, top_logprobs=top)
+            )
+        return ChoiceLogprobs(content=content)
 
     def report(self, result: GenerationResult, prepared: Prepared) -> GazeReport:
         routing = result.routing or []

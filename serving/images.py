@@ -2,16 +2,30 @@
 
 ``data:image/...;base64,...`` URLs are decoded here. Remote ``http(s)`` URLs are
 refused unless they start with a prefix of the operator's allow-list (no
-server-side fetching by default); every other scheme is refused.
+server-side fetching by default); every other scheme is refused. An allow-listed
+URL is fetched safely (``fetch``):
+
+- the host is resolved once, and private, loopback, link-local, multicast and reserved
+  addresses are refused (unless ``allow_private``); the connection goes to the address
+  that was checked, so a second DNS answer cannot point it elsewhere;
+- a redirect is followed only to a URL that is itself allow-listed (and passes the same
+  address check), at most ``MAX_REDIRECTS`` times;
+- the size limit is enforced on ``Content-Length`` and while the body streams, and the
+  timeout is one deadline for the whole fetch, redirects included.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import io
+import ipaddress
 import re
-import urllib.request
+import socket
+import ssl
+import time
+import urllib.parse
 import warnings
 
 from PIL import Image, UnidentifiedImageError
@@ -19,6 +33,8 @@ from PIL import Image, UnidentifiedImageError
 from serving.errors import BadRequest, TooLarge
 
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+MAX_REDIRECTS = 3
+CHUNK = 64 * 1024
 _DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,", re.I)
 
 
@@ -34,26 +50,38 @@ def load_image(
     max_pixels: int,
     allowed_prefixes: list[str] = (),
     timeout_s: float = 10.0,
+    allow_private: bool = False,
     param: str = "image_url",
 ) -> Image.Image:
     """Decode a data URL (or fetch an allow-listed remote URL) into an RGB image."""
     if url[:5].lower() == "data:":
         data = decode_data_url(url, max_bytes=max_bytes, param=param)
     elif url.split(":", 1)[0].lower() in ("http", "https"):
-        if not any(url.startswith(prefix) for prefix in allowed_prefixes):
+        if not allowed(url, allowed_prefixes):
             raise BadRequest(
                 "remote image URLs are not fetched by this server; send the image inline as a "
                 "data:image/...;base64 URL",
                 param=param,
                 code="remote_url_refused",
             )
-        data = fetch(url, max_bytes=max_bytes, timeout_s=timeout_s, param=param)
+        data = fetch(
+            url,
+            max_bytes=max_bytes,
+            timeout_s=timeout_s,
+            allowed_prefixes=allowed_prefixes,
+            allow_private=allow_private,
+            param=param,
+        )
     else:
         raise BadRequest(
             f"unsupported image URL scheme {url.split(':', 1)[0][:16]!r}; use a data: URL",
             param=param,
         )
     return open_image(data, max_pixels=max_pixels, param=param)
+
+
+def allowed(url: str, prefixes) -> bool:
+    return any(url.startswith(prefix) for prefix in prefixes)
 
 
 def decode_data_url(url: str, *, max_bytes: int, param: str) -> bytes:
@@ -78,16 +106,131 @@ def decode_data_url(url: str, *, max_bytes: int, param: str) -> bytes:
     return data
 
 
-def fetch(url: str, *, max_bytes: int, timeout_s: float, param: str) -> bytes:
-    """GET an allow-listed URL, reading at most ``max_bytes`` (+1 to detect more)."""
+def fetch(
+    url: str,
+    *,
+    max_bytes: int,
+    timeout_s: float,
+    allowed_prefixes=(),
+    allow_private: bool = False,
+    param: str = "image_url",
+) -> bytes:
+    """GET an allow-listed URL safely (see the module doc); at most ``max_bytes`` of body."""
+    deadline = time.monotonic() + timeout_s
+    for _ in range(MAX_REDIRECTS + 1):
+        status, headers, body = _get(url, max_bytes, deadline, allow_private, param)
+        if status in (301, 302, 303, 307, 308):
+            target = urllib.parse.urljoin(url, headers.get("location") or "")
+            if not target.lower().startswith(("http://", "https://")) or not allowed(
+                target, allowed_prefixes
+            ):
+                raise BadRequest(
+                    "the image URL redirects to a URL outside the allow-list; not followed",
+                    param=param,
+                    code="remote_url_refused",
+                )
+            url = target
+            continue
+        if status != 200:
+            raise BadRequest(f"could not fetch the image URL: HTTP {status}", param=param)
+        return body
+    raise BadRequest(f"the image URL redirects more than {MAX_REDIRECTS} times", param=param)
+
+
+def _get(url: str, max_bytes: int, deadline: float, allow_private: bool, param: str):
+    parts = urllib.parse.urlsplit(url)
+    host, scheme = parts.hostname, parts.scheme.lower()
+    if not host:
+        raise BadRequest("the image URL has no host", param=param)
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 - allow-listed
-            data = resp.read(max_bytes + 1)
-    except OSError as err:
+        port = parts.port or (443 if scheme == "https" else 80)
+    except ValueError:
+        raise BadRequest("the image URL has an invalid port", param=param) from None
+    address = _resolve(host, port, allow_private, param)
+    conn_cls = _PinnedHTTPS if scheme == "https" else _PinnedHTTP
+    conn = conn_cls(host, port, address, timeout=_left(deadline, param))
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    try:
+        conn.request("GET", path, headers={"Accept": "image/*", "User-Agent": "gazeattn"})
+        # the connection lets go of its socket once the response is read to the end
+        sock = conn.sock
+        resp = conn.getresponse()
+        if resp.status != 200:
+            return resp.status, resp.headers, b""
+        declared = resp.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > max_bytes:
+            raise TooLarge(
+                f"image of {declared} bytes exceeds the limit of {max_bytes}", param=param
+            )
+        chunks, size = [], 0
+        while not resp.isclosed():
+            # the deadline bounds every read, so a server that trickles bytes still times out
+            sock.settimeout(_left(deadline, param))
+            chunk = resp.read1(CHUNK)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > max_bytes:
+                raise TooLarge(f"image larger than the limit of {max_bytes} bytes", param=param)
+            chunks.append(chunk)
+        return 200, resp.headers, b"".join(chunks)
+    except (OSError, http.client.HTTPException) as err:
+        if isinstance(err, TimeoutError | socket.timeout):
+            raise BadRequest("fetching the image URL timed out", param=param) from None
         raise BadRequest(f"could not fetch the image URL: {err}", param=param) from None
-    if len(data) > max_bytes:
-        raise TooLarge(f"image larger than the limit of {max_bytes} bytes", param=param)
-    return data
+    finally:
+        conn.close()
+
+
+def _left(deadline: float, param: str) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise BadRequest("fetching the image URL timed out", param=param)
+    return left
+
+
+def _resolve(host: str, port: int, allow_private: bool, param: str) -> str:
+    """The address to connect to; every address the name resolves to must be public."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as err:
+        raise BadRequest(f"could not resolve the image URL's host: {err}", param=param) from None
+    addresses = [info[4][0] for info in infos]
+    if not allow_private:
+        for address in addresses:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            if not ip.is_global or ip.is_multicast:
+                raise BadRequest(
+                    f"the image URL's host resolves to a non-public address ({ip}); refused",
+                    param=param,
+                    code="remote_url_refused",
+                )
+    return addresses[0]
+
+
+class _PinnedHTTP(http.client.HTTPConnection):
+    """An HTTP connection to an address checked beforehand (the Host header keeps the name)."""
+
+    def __init__(self, host: str, port: int, address: str, timeout: float):
+        super().__init__(host, port, timeout=timeout)
+        self._address = address
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+
+
+class _PinnedHTTPS(http.client.HTTPSConnection):
+    """HTTPS to a checked address; the certificate is verified against the URL's host name."""
+
+    def __init__(self, host: str, port: int, address: str, timeout: float):
+        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self._address = address
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
 def open_image(data: bytes, *, max_pixels: int, param: str) -> Image.Image:

@@ -18,10 +18,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def local_serve(num_cpus: int = 4) -> Iterator[str]:
+def local_serve(num_cpus: int = 4, metrics_port: int | None = None) -> Iterator[str]:
     """Local Ray + Serve on 127.0.0.1; yields the HTTP base URL, stops both after.
 
-    The replicas import this checkout's packages (its root goes on their PYTHONPATH)."""
+    The replicas import this checkout's packages (its root goes on their PYTHONPATH).
+    ``metrics_port``: Ray's Prometheus endpoint on that port, reported every half second."""
     import ray
     from ray import serve
 
@@ -31,7 +32,13 @@ def local_serve(num_cpus: int = 4) -> Iterator[str]:
     # a local, loopback-only Ray: token authentication is for shared clusters
     os.environ["RAY_AUTH_MODE"] = "disabled"
     port = free_port()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    metrics = {}
+    if metrics_port is not None:
+        metrics = dict(
+            _metrics_export_port=metrics_port,
+            _system_config={"metrics_report_interval_ms": 500},
+        )
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, **metrics)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         yield f"http://127.0.0.1:{port}"

@@ -6,13 +6,19 @@ batch, so one bad request never fails the others decoded with it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gazeattn.generation import GenerationRequest
 from gazeattn.processing import GazeProcessor, ProcessorInputError, SequenceTooLong
 from serving.errors import BadRequest, NotFound
 from serving.images import load_image
-from serving.schemas import ChatCompletionRequest, ImagePart, TextPart, VideoFramesPart
+from serving.schemas import (
+    NEUTRAL,
+    ChatCompletionRequest,
+    ImagePart,
+    TextPart,
+    VideoFramesPart,
+)
 from serving.settings import ServeSettings
 
 MAX_STOP = 4
@@ -20,12 +26,91 @@ MAX_STOP = 4
 
 @dataclass(kw_only=True)
 class Prepared:
-    """A validated request: what generate_batch needs plus the extension options."""
+    """A validated request: the engine's request, its encoded prompt and its options."""
 
     generation: GenerationRequest
+    sample: dict | None = None  # processor.encode_sample of the prompt: decoded as is
     gaze: bool
     layer: int
     prompt_tokens: int
+    top_logprobs: int | None = None  # None: no logprobs
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    user: str | None = None
+
+    def engine_options(self) -> dict:
+        """The keyword arguments of ``gazeattn.engine.Engine.submit``."""
+        return dict(
+            sample=self.sample,
+            return_routing=self.gaze,
+            routing_layer=self.layer,
+            top_logprobs=self.top_logprobs,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias=self.logit_bias,
+        )
+
+
+def refuse_unsupported(body: ChatCompletionRequest) -> None:
+    """A 400 naming the first field set to something this server does not do."""
+    for name in type(body).model_fields:
+        if name in NEUTRAL:
+            _neutral(name, getattr(body, name), name)
+    for i, message in enumerate(body.messages):
+        for name in ("name", "tool_calls", "function_call", "refusal", "audio"):
+            _neutral(name, getattr(message, name), f"messages.{i}.{name}")
+        for j, part in enumerate(message.content if isinstance(message.content, list) else []):
+            urls = [part.image_url] if isinstance(part, ImagePart) else []
+            urls += part.video_frames if isinstance(part, VideoFramesPart) else []
+            for url in urls:
+                _neutral("detail", url.detail, f"messages.{i}.content.{j}.detail")
+    if body.stream_options is not None:
+        if not body.stream:
+            raise BadRequest("stream_options needs stream: true", param="stream_options")
+        _neutral(
+            "include_obfuscation",
+            body.stream_options.include_obfuscation,
+            "stream_options.include_obfuscation",
+        )
+    if body.top_logprobs is not None and not body.logprobs:
+        raise BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+    if body.gaze_layer is not None and not body.gaze:
+        raise BadRequest("gaze_layer needs gaze: true", param="gaze_layer")
+    given = {body.max_tokens, body.max_completion_tokens} - {None}
+    if len(given) > 1:
+        raise BadRequest(
+            "max_tokens and max_completion_tokens differ; give one", param="max_completion_tokens"
+        )
+
+
+def _neutral(name: str, value, param: str) -> None:
+    if value not in NEUTRAL[name]:
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise BadRequest(
+            f"{param}={shown} is not supported by this server (accepted: "
+            f"{', '.join(repr(v) for v in NEUTRAL[name])})",
+            param=param,
+            code="unsupported_parameter",
+        )
+
+
+def logit_bias(body: ChatCompletionRequest, vocab: int) -> dict[int, float]:
+    out = {}
+    for key, value in (body.logit_bias or {}).items():
+        if not key.isdigit() or int(key) >= vocab:
+            raise BadRequest(
+                f"logit_bias key {key[:20]!r} is not a token id of this model (0-{vocab - 1})",
+                param="logit_bias",
+            )
+        if not -100.0 <= value <= 100.0:
+            raise BadRequest(
+                f"logit_bias of token {key} must be in [-100, 100], got {value}",
+                param="logit_bias",
+            )
+        out[int(key)] = float(value)
+    return out
 
 
 def check_options(body: ChatCompletionRequest, settings: ServeSettings, model_name: str) -> int:
@@ -38,10 +123,7 @@ def check_options(body: ChatCompletionRequest, settings: ServeSettings, model_na
         )
     if body.n != 1:
         raise BadRequest("only n=1 is supported", param="n")
-    if body.tools:
-        raise BadRequest("tools are not supported by this server", param="tools")
-    if body.logprobs:
-        raise BadRequest("logprobs are not supported by this server", param="logprobs")
+    refuse_unsupported(body)
     stops = body.stop_list()
     if len(stops) > MAX_STOP or any(not s for s in stops):
         raise BadRequest(f"stop takes at most {MAX_STOP} non-empty strings", param="stop")
@@ -127,7 +209,18 @@ def prepare(
             param="max_tokens",
             code="context_length_exceeded",
         )
-    return Prepared(generation=generation, gaze=body.gaze, layer=layer, prompt_tokens=prompt_tokens)
+    return Prepared(
+        generation=generation,
+        sample=sample,
+        gaze=body.gaze,
+        layer=layer,
+        prompt_tokens=prompt_tokens,
+        top_logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        logit_bias=logit_bias(body, len(processor.tokenizer)),
+        user=body.user or body.safety_identifier,
+    )
 
 
 def _part(part, images: list, videos: list, settings: ServeSettings, where: str) -> dict:
@@ -138,6 +231,7 @@ def _part(part, images: list, videos: list, settings: ServeSettings, where: str)
         max_pixels=settings.max_image_pixels,
         allowed_prefixes=settings.allowed_image_url_prefixes,
         timeout_s=settings.image_fetch_timeout_s,
+        allow_private=settings.allow_private_image_hosts,
     )
     if isinstance(part, ImagePart):
         images.append(load_image(part.image_url.url, param=f"{where}.image_url", **options))

@@ -68,8 +68,11 @@ class ServeSettings(BaseModel):
     api_key_env: str = "GAZEATTN_API_KEY"  # unset or empty variable: no authentication
     allowed_image_url_prefixes: list[str] = Field(default_factory=list)  # remote URLs: opt-in
     image_fetch_timeout_s: float = Field(10.0, gt=0)
+    # allow-listed hosts on private, loopback or link-local addresses (an internal image store)
+    allow_private_image_hosts: bool = False
 
-    # batching and the gaze extension
-    max_batch_size: int = Field(8, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    # continuous batching (gazeattn.engine) and the gaze extension
+    max_batch_size: int = Field(16, ge=1)  # sequences decoding together in a replica
+    max_prefill_tokens: int = Field(8192, ge=1)  # prompt tokens prefilled between decode steps
+    max_pending: int = Field(64, ge=1)  # running + waiting requests; beyond: 429
     routing_layer: int = -1

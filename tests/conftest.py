@@ -1,14 +1,16 @@
-"""Test setup: the Triton interpreter on CPU and the gpu marker's skip."""
+"""Test setup: the Triton interpreter where there is no GPU, and the gpu marker's skip."""
 
 import os
 
-# Must precede the import of any module that defines @triton.jit kernels.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+
+# Kernels run compiled on a CUDA machine and interpreted elsewhere. This must be decided
+# before any module that defines @triton.jit kernels is imported (the decorator reads it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # local Ray clusters started by tests do not use token authentication
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

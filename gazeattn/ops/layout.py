@@ -190,24 +190,56 @@ class GazeLayout:
         key = ("padded", total)
         if key not in self._derived:
             if extra == 0:
-                self._derived[key] = (self.kinds, self.segment, self.region)
+                value = (self.kinds, self.segment, self.region)
             else:
                 pad = (0, extra)
-                self._derived[key] = (
+                value = (
                     torch.nn.functional.pad(self.kinds, pad, value=int(TokenKind.TEXT)),
                     torch.nn.functional.pad(self.segment, pad, value=-1),
                     torch.nn.functional.pad(self.region, pad, value=-1),
                 )
+            self._keep_latest(key, value)
         return self._derived[key]
 
     def dense_index(self, total: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions of the non-visual, non-padding keys among ``total``: [B, N] and its validity."""
         key = ("dense_index", total)
         if key not in self._derived:
-            kinds, _, _ = self.padded(total)
-            keep = (kinds == TokenKind.TEXT) | (kinds == TokenKind.CONTEXT)
-            self._derived[key] = _compact(keep)
+            if total > self.length:
+                # positions past the layout are all text (decoded tokens): the layout's own
+                # index once, then the tail, instead of a sort over every key at every step
+                # (the same left-aligned, sorted result as compacting the padded kinds)
+                index, valid = self.dense_index(self.length)
+                width, tail = index.shape[1], total - self.length
+                count = valid.sum(-1, keepdim=True)  # [B, 1]
+                j = torch.arange(width + tail, device=index.device)[None, :]
+                base = index[:, j[0].clamp(max=max(width - 1, 0))] if width else 0 * j
+                in_tail = (j >= count) & (j < count + tail)
+                value = (
+                    torch.where(j < count, base, torch.where(in_tail, self.length + j - count, 0)),
+                    j < count + tail,
+                )
+                self._keep_latest(key, value)
+            else:
+                kinds, _, _ = self.padded(total)
+                keep = (kinds == TokenKind.TEXT) | (kinds == TokenKind.CONTEXT)
+                index, count = compact(keep)
+                valid = torch.arange(index.shape[-1], device=keep.device) < count[:, None]
+                self._derived[key] = (index, valid)
         return self._derived[key]
+
+    def _keep_latest(self, key: tuple, value) -> None:
+        """Cache ``value`` under ``key`` = (name, total), dropping the entries of other totals
+        past the layout: a decode step asks for one more key each time, and a long generation
+        must not keep one copy per step."""
+        stale = [
+            k
+            for k in self._derived
+            if k[0] == key[0] and len(k) > 1 and isinstance(k[1], int) and k[1] > self.length
+        ]
+        for k in stale:
+            del self._derived[k]
+        self._derived[key] = value
 
     @classmethod
     def from_spans(
@@ -244,14 +276,20 @@ class GazeLayout:
         )
 
 
-def _compact(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of True entries per row, left-aligned and padded with 0: [B, N] and validity."""
-    count = keep.sum(-1)
-    width = int(count.max()) if keep.numel() else 0
-    # A stable sort puts the kept positions first, in order.
-    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[:, :width]
-    valid = torch.arange(width, device=keep.device)[None, :] < count[:, None]
-    return torch.where(valid, order, 0), valid
+def compact(mask: torch.Tensor, *, min_width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the True entries along the last dim, in order, left-aligned and 0-padded.
+
+    mask [..., L] bool -> indices [..., W] int64 and counts [...] int64, where W is the
+    largest count (at least ``min_width``: kernels are never given an empty tensor).
+    """
+    count = mask.sum(-1)
+    width = max(int(count.max()) if count.numel() else 0, min_width)
+    # a stable sort puts the kept positions first, in order
+    order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[..., :width]
+    if order.shape[-1] < width:
+        order = torch.nn.functional.pad(order, (0, width - order.shape[-1]))
+    valid = torch.arange(width, device=mask.device) < count[..., None]
+    return torch.where(valid, order, 0), count
 
 
 def _fill_sequence(kinds, segment, region, spans, region_size):
@@ -393,3 +431,66 @@ def _shift_span(span: VisualSpan, shift: int) -> VisualSpan:
         context_offsets=tuple(tuple(c + shift for c in ctx) for ctx in span.context_offsets),
         is_video=span.is_video,
     )
+
+
+def stack_rows(
+    rows: list[GazeLayout],
+    offsets: list[int],
+    length: int,
+    *,
+    device: torch.device | str | None = None,
+) -> GazeLayout:
+    """One batch of ``length`` positions from single-sequence layouts, each moved right.
+
+    Row ``i`` is ``rows[i]`` (a layout of one sequence) starting at ``offsets[i]``: the
+    positions before it are padding, those after it text (tokens decoded since its prompt).
+    This is how a batch that sequences join and leave is laid out: every row ends at the
+    batch's last position (left padding), and a row's regions and descriptors keep their ids.
+    """
+    if len(rows) != len(offsets):
+        raise ValueError(f"{len(rows)} layouts but {len(offsets)} offsets")
+    if any(r.batch_size != 1 for r in rows):
+        raise ValueError("stack_rows takes layouts of one sequence each")
+    sizes = {r.region_size for r in rows}
+    if len(sizes) > 1:
+        raise ValueError(f"rows with different region sizes: {sorted(sizes)}")
+    region_size = sizes.pop() if sizes else (1, 1, 1)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    batch = len(rows)
+    num_r = max((r.max_regions for r in rows), default=0)
+    width = max((r.max_region_tokens for r in rows), default=math.prod(region_size))
+    kinds = torch.full((batch, length), int(TokenKind.TEXT), dtype=torch.int8)
+    segment = torch.full((batch, length), -1, dtype=torch.int64)
+    region = torch.full((batch, length), -1, dtype=torch.int64)
+    tokens = torch.full((batch, num_r, width), -1, dtype=torch.int64)
+    size = torch.zeros((batch, num_r), dtype=torch.int64)
+    last = torch.full((batch, num_r), _UNREACHABLE, dtype=torch.int64)
+    box = torch.zeros((batch, num_r, 7), dtype=torch.int64)
+    count = torch.zeros(batch, dtype=torch.int64)
+    spans = []
+    for i, (row, offset) in enumerate(zip(rows, offsets, strict=True)):
+        n = row.length
+        if offset < 0 or offset + n > length:
+            raise ValueError(f"row {i} of {n} positions at offset {offset} exceeds {length}")
+        row = row.to("cpu")
+        kinds[i, :offset] = int(TokenKind.PAD)
+        kinds[i, offset : offset + n] = row.kinds[0]
+        segment[i, offset : offset + n] = row.segment[0]
+        region[i, offset : offset + n] = row.region[0]
+        r, s = row.max_regions, row.max_region_tokens
+        table = row.regions
+        tokens[i, :r, :s] = torch.where(table.tokens[0] >= 0, table.tokens[0] + offset, -1)
+        size[i, :r] = table.size[0]
+        last[i, :r] = torch.where(table.size[0] > 0, table.last[0] + offset, _UNREACHABLE)
+        box[i, :r] = table.box[0]
+        count[i] = table.count[0]
+        spans.append(tuple(_shift_span(span, offset) for span in row.spans[0]))
+    layout = GazeLayout(
+        kinds=kinds,
+        segment=segment,
+        region=region,
+        regions=RegionTable(tokens=tokens, size=size, last=last, box=box, count=count),
+        spans=tuple(spans),
+        region_size=region_size,
+    )
+    return layout.to(device)

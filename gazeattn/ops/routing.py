@@ -1,7 +1,7 @@
 """Visual routing shared by every backend: descriptors, scores, budgets and Top-K.
 
-Every backend selects regions through these functions, so all of them pick the
-same set: regions ranked by score, ties broken towards the lower region id.
+Every backend routes through ``route``, so all of them pick the same set:
+regions ranked by score, ties broken towards the lower region id.
 """
 
 from __future__ import annotations
@@ -117,6 +117,54 @@ def select_regions(
     chosen = torch.zeros(*scores.shape[:-1], num_r + 1, dtype=torch.bool, device=scores.device)
     chosen = chosen.scatter(-1, target, True)[..., :num_r]
     return ids, chosen
+
+
+@dataclass(frozen=True, kw_only=True)
+class Route:
+    """Where the queries of one call route.
+
+    q_pos:   [Tq] key position of each query (the last Tq of Tk).
+    q_kind:  [B, Tq] TokenKind of each query.
+    visible: [B, Tq, R] regions a query may route to (text queries only).
+    ids:     [B, Hr, Tq, K] selected region ids, ranked, -1 padded (None when dense).
+    chosen:  [B, Hr, Tq, R] bool selection (dense: [B, 1, Tq, R], every visible region).
+    """
+
+    q_pos: torch.Tensor
+    q_kind: torch.Tensor
+    visible: torch.Tensor
+    ids: torch.Tensor | None
+    chosen: torch.Tensor
+
+
+def route(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    layout: GazeLayout,
+    config: GazeConfig,
+    *,
+    descriptors: torch.Tensor | None = None,
+    top_k: int | None = None,
+    dense: bool = False,
+) -> Route:
+    """Route every query of q [B, Hq, Tq, D] against k [B, Hkv, Tk, D]: text queries select
+    their Top-K visible regions by ``q . descriptor`` (``dense``: every visible region).
+
+    descriptors: [B, Hkv, R, D] fp32 region means (e.g. cached); computed from k if not given.
+    top_k: overrides the config's budget.
+    """
+    tq, tk = q.shape[2], k.shape[2]
+    q_pos = query_positions(tq, tk, q.device)
+    kinds, _, _ = layout.padded(tk)
+    q_kind = kinds.to(q.device)[:, q_pos]
+    visible = visible_regions(layout, q_pos, q_kind)
+    if dense:
+        return Route(q_pos=q_pos, q_kind=q_kind, visible=visible, ids=None, chosen=visible[:, None])
+    if descriptors is None:
+        descriptors = region_descriptors(k, layout)
+    scores = region_scores(q, descriptors, config.routing)
+    ids, chosen = select_regions(scores, visible, budgets(config, visible.sum(-1), top_k))
+    return Route(q_pos=q_pos, q_kind=q_kind, visible=visible, ids=ids, chosen=chosen)
 
 
 def schedule_progress(step: int, *, warmup_steps: int, kind: str = "linear") -> float:

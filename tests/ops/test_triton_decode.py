@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from gazeattn.ops import GazeConfig, Image, Video, build_layout, gaze_attention, region_descriptors
+from gazeattn.ops.gaze import decode_triton, descriptors, launch
 from gazeattn.ops.gaze.decode_triton import gaze_decode_triton
 from gazeattn.ops.gaze.descriptors import region_descriptors_triton
 from gazeattn.ops.gaze.naive import gaze_attention_reference
@@ -25,6 +28,8 @@ VARIABLE = [
     [7, Video(3, 5, 5), 1, Image(7, 9), 2],
 ]
 GQA = [(4, 4), (4, 2), (4, 1), (7, 1)]
+# groups over the 16 rows one decode program holds: several programs per head
+WIDE_GQA = [(17, 1), (40, 2)]
 
 
 def _inputs(batch, hq, hkv, t, dim, dtype, seed):
@@ -35,10 +40,13 @@ def _inputs(batch, hq, hkv, t, dim, dtype, seed):
     return q, k, v
 
 
-def _check_decode(layout, config, hq, hkv, *, extra=0, dim=32, dtype=torch.float32, seed=0, **kw):
+def check_decode(
+    layout, config, hq, hkv, *, extra=0, dim=32, dtype=torch.float32, seed=0, device="cpu", **kw
+):
     """The decode kernel at the last position equals the last row of the reference prefill."""
     t = layout.length + extra
-    q, k, v = _inputs(layout.batch_size, hq, hkv, t, dim, dtype, seed)
+    layout = layout.to(device)
+    q, k, v = (x.to(device) for x in _inputs(layout.batch_size, hq, hkv, t, dim, dtype, seed))
     full, full_stats = gaze_attention_reference(
         q.float(), k.float(), v.float(), layout, config, return_selection=True
     )
@@ -58,15 +66,15 @@ def _check_decode(layout, config, hq, hkv, *, extra=0, dim=32, dtype=torch.float
 def test_variable_lengths(routing, num_splits):
     layout = build_layout(VARIABLE, padding_side="left", num_context_tokens=2)
     config = GazeConfig(keep_ratio=0.3, routing=routing, num_context_tokens=2)
-    _check_decode(layout, config, 4, 2, num_splits=num_splits, seed=num_splits)
+    check_decode(layout, config, 4, 2, num_splits=num_splits, seed=num_splits)
 
 
 @pytest.mark.parametrize("routing", ["kv_head", "query_head"])
-@pytest.mark.parametrize("hq,hkv", GQA, ids=[f"gqa{a // b}" for a, b in GQA])
+@pytest.mark.parametrize("hq,hkv", GQA + WIDE_GQA, ids=[f"gqa{a // b}" for a, b in GQA + WIDE_GQA])
 def test_gqa_groups(hq, hkv, routing):
     layout = build_layout(VARIABLE[:2], padding_side="left", region_size=(1, 4, 4))
     config = GazeConfig(region_size=(1, 4, 4), top_k=3, routing=routing)
-    _check_decode(layout, config, hq, hkv, seed=hq + hkv, num_splits=2)
+    check_decode(layout, config, hq, hkv, seed=hq + hkv, num_splits=2)
 
 
 @pytest.mark.parametrize(
@@ -77,7 +85,7 @@ def test_gqa_groups(hq, hkv, routing):
 def test_dtypes_and_head_dims(dtype, dim):
     layout = build_layout([[2, Video(2, 6, 6), 3]], region_size=(2, 6, 6))
     config = GazeConfig(region_size=(2, 6, 6), keep_ratio=0.5)
-    _check_decode(layout, config, 4, 2, dim=dim, dtype=dtype, seed=3)
+    check_decode(layout, config, 4, 2, dim=dim, dtype=dtype, seed=3)
 
 
 def test_generated_tokens_beyond_layout_with_cached_descriptors():
@@ -111,7 +119,7 @@ def test_decode_through_gaze_attention():
 def test_text_only_batch():
     layout = build_layout([[9], [4]], padding_side="left")
     config = GazeConfig(keep_ratio=0.3)
-    _check_decode(layout, config, 2, 1, num_splits=2)
+    check_decode(layout, config, 2, 1, num_splits=2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -128,27 +136,39 @@ def test_region_descriptors(region, dtype):
     torch.testing.assert_close(got, region_descriptors(k, layout), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gpu_tiles_under_the_interpreter(monkeypatch, dtype):
+    """The decode and descriptor tiles a GPU picks (32 keys a step, head dim 32 padded to
+    64 or 128, regions of 36 read 32 tokens at a time) give the reference's values."""
+    spec = launch.gpu_spec((8, 9))
+
+    def gpu_decode(dtype, head_dim, device):
+        lc = launch.decode_launch(dtype, head_dim, spec)
+        assert lc.block_n == 32 and lc.d_pad > head_dim
+        return dataclasses.replace(lc, upcast=dtype == torch.bfloat16)
+
+    def gpu_descriptors(dtype, head_dim, region_tokens, device):
+        lc = launch.descriptor_launch(dtype, head_dim, region_tokens, spec)
+        assert lc.block_s < region_tokens
+        return lc
+
+    monkeypatch.setattr(decode_triton, "decode_launch", gpu_decode)
+    monkeypatch.setattr(descriptors, "descriptor_launch", gpu_descriptors)
+    layout = build_layout(VARIABLE, padding_side="left", num_context_tokens=2)
+    config = GazeConfig(keep_ratio=0.3, num_context_tokens=2)
+    check_decode(layout, config, 8, 2, dtype=dtype, seed=5, num_splits=3)
+    k = torch.randn(3, 2, layout.length, 32).to(dtype)
+    torch.testing.assert_close(
+        descriptors.region_descriptors_triton(k, layout),
+        region_descriptors(k, layout),
+        atol=1e-6,
+        rtol=1e-6,
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("routing", ["kv_head", "query_head"])
 def test_qwen3_like_heads(routing):
     layout = build_layout([[30, Video(4, 24, 24), 17], [5, Image(24, 24), 60]], padding_side="left")
     config = GazeConfig(keep_ratio=0.16, routing=routing)
-    _check_decode(layout, config, 32, 8, dim=128, dtype=torch.float16, seed=4)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("routing", ["kv_head", "query_head"])
-def test_gpu_decode(dtype, routing):
-    seqs = [[40, Video(8, 24, 24), 17], [5, Image(24, 24), 60], [3, Video(2, 13, 17), 9]]
-    layout = build_layout(seqs, padding_side="left").to("cuda")
-    config = GazeConfig(keep_ratio=0.16, routing=routing)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    t = layout.length
-    q, k, v = (
-        torch.randn(3, h, t, 128, generator=gen, device="cuda").to(dtype) for h in (32, 8, 8)
-    )
-    full, _ = gaze_attention_reference(q[:, :, -1:].float(), k.float(), v.float(), layout, config)
-    step, _ = gaze_decode_triton(q[:, :, -1:], k, v, layout, config)
-    atol, rtol = TOL[dtype]
-    torch.testing.assert_close(step.float(), full, atol=atol, rtol=rtol)
+    check_decode(layout, config, 32, 8, dim=128, dtype=torch.float16, seed=4)

@@ -28,12 +28,13 @@ from tests.serve.harness import (
 )
 
 MODEL = "gaze-tiny"
+SERVED: dict = {}  # the served checkpoint's directory (set by the server fixture)
 KEY = "test-key-0123"
 LAYERS = 2
 # one image of the tiny model: a 12 x 12 grid and 4 context tokens
 IMAGE_TOKENS = 12 * 12 + 4
-# the tiny model's chat template writes "\n" after each media marker (one token)
-MARKER_BREAK = 1
+# the chat template writes a newline after each image or video marker
+MARKER = 1
 LIMITS = dict(
     max_body_bytes=512 * 1024,
     max_image_bytes=64 * 1024,
@@ -67,9 +68,9 @@ def server(tmp_path_factory, files):
         model=str(model_dir),
         model_name=MODEL,
         allowed_image_url_prefixes=[f"{files}/allowed/"],
+        # the allow-listed file server is on 127.0.0.1
+        allow_private_image_hosts=True,
         max_batch_size=4,
-        # long enough that concurrent requests meet in one batch
-        batch_wait_timeout_s=0.25,
         **LIMITS,
     )
     secure = settings.model_copy(update={"api_key_env": "GAZEATTN_TEST_KEY"})
@@ -79,6 +80,7 @@ def server(tmp_path_factory, files):
         serve.run(app(settings, **options), name="open", route_prefix="/")
         secure_options = {**options, "ray_actor_options": env}
         serve.run(app(secure, **secure_options), name="secure", route_prefix="/secure")
+        SERVED["model_dir"] = model_dir
         yield url
 
 
@@ -122,8 +124,8 @@ def test_images_add_their_tokens(client):
         image_part(data_url(image_bytes(4, size=(70, 30), fmt="WEBP"), "image/webp")),
     ]
     three = chat(client, user(*several)).usage.prompt_tokens
-    assert one - text == IMAGE_TOKENS + MARKER_BREAK
-    assert three - text == 3 * (IMAGE_TOKENS + MARKER_BREAK)
+    assert one - text == IMAGE_TOKENS + MARKER
+    assert three - text == 3 * (IMAGE_TOKENS + MARKER)
 
 
 def test_video_frames_extension(client):
@@ -131,7 +133,7 @@ def test_video_frames_extension(client):
     video = {"type": "video_frames", "video_frames": frames}
     out = chat(client, user(video), extra_body={"gaze": True})
     added = out.usage.prompt_tokens - chat(client, user()).usage.prompt_tokens
-    assert added == 3 * IMAGE_TOKENS + MARKER_BREAK  # one marker for the whole video
+    assert added == 3 * IMAGE_TOKENS + MARKER
     assert out.model_extra["gaze"]["grids"] == [[3, 12, 12]]
 
 
@@ -181,7 +183,7 @@ def test_gaze_layer_and_streamed_gaze(client):
     assert reports == [out.model_extra["gaze"]]
 
 
-def test_batched_greedy_equals_single(client):
+def test_continuous_batches_give_the_single_answers(client):
     prompts = [
         user(text="what color is the circle?"),
         user(image_part(data_url(image_bytes(20))), text="where is the star?"),
@@ -204,19 +206,140 @@ def test_batched_greedy_equals_single(client):
         assert many.usage.model_dump() == one.usage.model_dump()
 
 
+def test_served_answers_equal_generate_on_the_checkpoint(client):
+    """Greedy answers of the server, concurrent, equal transformers' generate on the
+    checkpoint loaded through the Auto classes (the same prompts, images and template)."""
+    import numpy as np
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from gazeattn.generation import GazeCache
+
+    path = SERVED["model_dir"]
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    pngs = [image_bytes(30), image_bytes(31, size=(70, 30)), image_bytes(32)]
+    golden = [
+        (user(image_part(data_url(pngs[0]))), [pngs[0]]),
+        (user(image_part(data_url(pngs[1])), image_part(data_url(pngs[2]))), pngs[1:]),
+        (user(text="how many circles?"), []),
+    ]
+
+    def ask(messages):
+        out = chat(client, messages, max_tokens=8, extra_body={"gaze": True})
+        return [t["token_id"] for t in out.model_extra["gaze"]["tokens"]][
+            : out.usage.completion_tokens
+        ]
+
+    with ThreadPoolExecutor(len(golden)) as pool:
+        served = list(pool.map(ask, [m for m, _ in golden]))
+    for (messages, images), tokens in zip(golden, served, strict=True):
+        parts = [
+            {"type": "image"} if p["type"] == "image_url" else p for p in messages[0]["content"]
+        ]
+        prompt = processor.apply_chat_template(
+            [{"role": "user", "content": parts}], add_generation_prompt=True
+        )
+        arrays = [np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for png in images]
+        inputs = processor(text=prompt, images=arrays)
+        out = model.generate(
+            **inputs,
+            cache=GazeCache(),
+            max_new_tokens=8,
+            do_sample=False,
+            eos_token_id=-1,
+            pad_token_id=processor.tokenizer.pad_token_id,
+        )
+        assert out[0, inputs["input_ids"].shape[1] :].tolist()[: len(tokens)] == tokens
+
+
 def test_sampling_with_a_seed_repeats(client):
     kw = dict(temperature=1.0, top_p=0.9, seed=3, max_tokens=8)
     first = chat(client, user(), **kw).choices[0].message.content
     assert chat(client, user(), **kw).choices[0].message.content == first
 
 
-def test_stop_string_ends_the_text(client):
-    full = chat(client, user(), max_tokens=8).choices[0].message.content
-    if len(full) < 3:
-        pytest.skip("the random model ended too early to pick a stop string")
-    stop = full[2:4]
-    out = chat(client, user(), max_tokens=8, stop=[stop])
-    assert stop not in out.choices[0].message.content and out.choices[0].finish_reason == "stop"
+def _streamed(client, messages, **kw):
+    chunks = list(chat(client, messages, stream=True, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    return text, finish, chunks
+
+
+def test_stop_strings_never_appear_streamed_or_not(client):
+    messages = user(image_part(data_url(image_bytes(9))))
+    full = chat(client, messages, max_tokens=12).choices[0].message.content
+    assert len(full) >= 4, "the tiny model must say enough to pick stop strings from"
+    for stop in ([full[2:4]], [full[1], "zz"], [full[-2:]]):
+        out = chat(client, messages, max_tokens=12, stop=stop)
+        text, finish, _ = _streamed(client, messages, max_tokens=12, stop=stop)
+        expected = full[: min(full.index(s) for s in stop if s in full)]
+        assert out.choices[0].message.content == text == expected
+        assert out.choices[0].finish_reason == "stop" and finish == ["stop"]
+        assert not any(s in text for s in stop)
+
+
+def test_logprobs_streamed_and_not(client):
+    messages = user(image_part(data_url(image_bytes(11))))
+    out = chat(client, messages, max_tokens=6, logprobs=True, top_logprobs=2)
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 2
+        # greedy: the generated token is the most likely one
+        assert entry.top_logprobs[0].token == entry.token
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+        assert bytes(entry.bytes).decode() == entry.token
+    assert "".join(e.token for e in content) == out.choices[0].message.content
+    _, _, chunks = _streamed(client, messages, max_tokens=6, logprobs=True, top_logprobs=2)
+    streamed = [
+        e
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [
+        (e.token, round(e.logprob, 4)) for e in content
+    ]
+    plain = chat(client, messages, max_tokens=6)
+    assert plain.choices[0].logprobs is None
+
+
+def test_penalties_and_logit_bias_change_the_answer(client):
+    messages = user(image_part(data_url(image_bytes(12))))
+    plain = chat(client, messages, max_tokens=6, extra_body={"gaze": True})
+    # the gaze report names the generated token ids, which logit_bias takes
+    first = plain.model_extra["gaze"]["tokens"][0]["token_id"]
+    avoided = chat(
+        client, messages, max_tokens=6, logit_bias={str(first): -100}, extra_body={"gaze": True}
+    )
+    assert avoided.model_extra["gaze"]["tokens"][0]["token_id"] != first
+    forced = chat(
+        client, messages, max_tokens=4, logit_bias={str(first): 100}, extra_body={"gaze": True}
+    )
+    assert [t["token_id"] for t in forced.model_extra["gaze"]["tokens"]] == [first] * 4
+    repeated = chat(
+        client,
+        messages,
+        max_tokens=4,
+        logit_bias={str(first): 3},
+        frequency_penalty=2.0,
+        extra_body={"gaze": True},
+    )
+    ids = [t["token_id"] for t in repeated.model_extra["gaze"]["tokens"]]
+    assert ids.count(first) < 4
+
+
+def test_unknown_and_unsupported_fields_are_named(client):
+    with pytest.raises(openai.BadRequestError, match="guided_json"):
+        chat(client, user(), extra_body={"guided_json": {"type": "object"}})
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        chat(client, user(), response_format={"type": "json_object"})
+    with pytest.raises(openai.BadRequestError, match="top_k"):
+        chat(client, user(), extra_body={"top_k": 5})
+    # the neutral values clients send by default are accepted
+    assert chat(client, user(), n=1, presence_penalty=0, extra_body={"top_k": -1}).choices
 
 
 # ---- bad input: 4xx with a message, never a 500

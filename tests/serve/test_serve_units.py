@@ -150,7 +150,15 @@ def test_body_parsing_errors():
         parse_body(b"[" * 100_000)
     with pytest.raises(Unprocessable, match="messages"):
         parse_body(b'{"model": "m"}')
-    assert parse_body(b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "x": 1}')
+    # unknown fields are refused by name, at the top level and inside messages and parts
+    with pytest.raises(BadRequest, match="unknown field 'x'") as err:
+        parse_body(b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "x": 1}')
+    assert err.value.param == "x" and err.value.status == 400
+    with pytest.raises(BadRequest, match="messages.0.weight"):
+        parse_body(b'{"model": "m", "messages": [{"role": "user", "content": "a", "weight": 1}]}')
+    part = b'{"type": "image_url", "image_url": {"url": "data:x", "size": 3}}'
+    with pytest.raises(BadRequest, match=r"messages.0.content.0.image_url.size"):
+        parse_body(b'{"model": "m", "messages": [{"role": "user", "content": [' + part + b"]}]}")
 
 
 def test_gaze_override_replaces_budget_and_backend(model_dir):
@@ -196,38 +204,6 @@ def test_placeholder_tokens_are_never_generated(model_dir):
     (result,) = generate_batch(model, processor, [request])
     assert banned not in result.token_ids
     assert result.completion_tokens == 4 or result.finish_reason == "stop"
-
-
-def test_a_failing_request_does_not_fail_its_batch(model_dir):
-    """generate_sync (the body of the batch) retries one by one when a batch raises."""
-    import threading
-    from functools import partial
-    from types import SimpleNamespace
-
-    from serving.app import GazeChat
-    from serving.requests import Prepared
-
-    model, processor = load_model(model_dir)
-    cls = GazeChat.func_or_class
-    replica = SimpleNamespace(
-        model=model,
-        processor=processor,
-        lock=threading.Lock(),
-        num_layers=2,
-        settings=ServeSettings(model=str(model_dir)),
-    )
-    replica.generate_one = partial(cls.generate_one, replica)
-
-    def item(max_new: int) -> Prepared:
-        request = GenerationRequest(messages=user(), max_new_tokens=max_new)
-        return Prepared(generation=request, gaze=False, layer=-1, prompt_tokens=0)
-
-    good, bad = cls.generate_sync(replica, [item(3), item(0)])
-    assert isinstance(bad, ValueError) and "max_new_tokens" in str(bad)
-    result, batch_size = good
-    assert batch_size == 1 and 1 <= result.completion_tokens <= 3
-    (alone,) = generate_batch(model, processor, [item(3).generation])
-    assert result.token_ids == alone.token_ids
 
 
 @pytest.mark.slow  # the sqlite store's migrations take tens of seconds

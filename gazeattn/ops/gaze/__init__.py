@@ -6,8 +6,10 @@ import torch
 
 from gazeattn.ops.config import GazeConfig
 from gazeattn.ops.gaze.decode import can_decode, gaze_decode
-from gazeattn.ops.gaze.dense import dense_attention
+from gazeattn.ops.gaze.dense import dense_attention, dense_decode
+from gazeattn.ops.gaze.launch import interpreted
 from gazeattn.ops.gaze.naive import gaze_attention_reference
+from gazeattn.ops.gaze.prefill import gaze_prefill, prefill_spans
 from gazeattn.ops.gaze.stats import GazeStats
 from gazeattn.ops.layout import GazeLayout
 
@@ -19,9 +21,7 @@ def resolve_backend(config: GazeConfig, device: torch.device) -> str:
     if config.backend == "auto":
         return "triton" if device.type == "cuda" else "reference"
     if config.backend == "triton" and device.type != "cuda":
-        import os
-
-        if os.environ.get("TRITON_INTERPRET") != "1":
+        if not interpreted():
             raise RuntimeError(
                 "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for tests); "
                 f"got tensors on {device}. Use backend='auto' or 'reference' on CPU."
@@ -68,8 +68,15 @@ def gaze_attention(
     )
     if backend == "triton":
         return _triton_attention(q, k, v, layout, config, **kwargs)
-    if can_decode(q, k, layout) and not torch.is_grad_enabled():
-        return gaze_decode(q, k, v, layout, config, **kwargs)
+    if not torch.is_grad_enabled():
+        if can_decode(q, k, layout):
+            if layout.max_regions == 0:
+                # no row has an image: nothing to route, every key is attended
+                return dense_decode(q, k, v, layout, scale=scale)
+            return gaze_decode(q, k, v, layout, config, **kwargs)
+        spans = prefill_spans(layout, k.shape[2]) if q.shape[2] == k.shape[2] else None
+        if spans is not None:
+            return gaze_prefill(q, k, v, layout, config, spans, **kwargs)
     return gaze_attention_reference(q, k, v, layout, config, **kwargs)
 
 

@@ -14,6 +14,7 @@ from gazeattn.ops.config import GazeConfig
 from gazeattn.ops.gaze.stats import GazeStats, compute_stats
 from gazeattn.ops.layout import GazeLayout, TokenKind
 from gazeattn.ops.routing import (
+    Route,
     budgets,
     query_positions,
     region_descriptors,
@@ -27,8 +28,10 @@ def can_decode(q: torch.Tensor, k: torch.Tensor, layout: GazeLayout) -> bool:
     """True when every query is a single text token (the lean path's precondition)."""
     if q.shape[2] != 1:
         return False
-    kinds, _, _ = layout.padded(k.shape[2])
-    return bool((kinds[:, -1] == TokenKind.TEXT).all())
+    if k.shape[2] > layout.length:
+        # past the layout every position is text
+        return True
+    return bool((layout.kinds[:, -1] == TokenKind.TEXT).all())
 
 
 def gather_plan(
@@ -65,28 +68,74 @@ def gaze_decode(
     batch, hq, _, dim = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     scale = dim**-0.5 if scale is None else scale
-    q_pos = query_positions(1, tk, q.device)
-    q_kind = torch.full((batch, 1), int(TokenKind.TEXT), device=q.device)
-    visible = visible_regions(layout, q_pos, q_kind)
+    plan = _step_plan(layout, tk, q.device, config, top_k)
     if descriptors is None:
         descriptors = region_descriptors(k, layout)
     scores = region_scores(q, descriptors, config.routing)
-    ids, chosen = select_regions(scores, visible, budgets(config, visible.sum(-1), top_k))
+    ids, chosen = select_regions(scores, plan["visible"], plan["k"])
     hr = scores.shape[1]
     positions, valid = gather_plan(layout, ids[:, :, 0], tk)
-    # row of each gathered key in k viewed as [B * Hkv * Tk, D]
     kv_head = torch.arange(hr, device=q.device) // (hr // hkv)
-    rows = (
-        torch.arange(batch, device=q.device)[:, None, None] * hkv + kv_head[None, :, None]
-    ) * tk + positions
-    m = rows.shape[-1]
-    kg = k.reshape(-1, dim).index_select(0, rows.reshape(-1)).view(batch, hr, m, dim)
-    vg = v.reshape(-1, dim).index_select(0, rows.reshape(-1)).view(batch, hr, m, dim)
+    m = positions.shape[-1]
+    kg = _gather_rows(k, kv_head, positions).view(batch, hr, m, dim)
+    vg = _gather_rows(v, kv_head, positions).view(batch, hr, m, dim)
     # [B, Hr, G, D]: the query heads that share each gathered set
     qg = q.view(batch, hr, hq // hr, dim)
     logits = (qg @ kg.transpose(-1, -2)).float() * scale
     logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1).to(v.dtype)
     out = (probs @ vg).view(batch, hq, 1, dim)
-    stats = compute_stats(layout, q_pos, q_kind, chosen, visible, ids if return_selection else None)
+    # compute_stats' counts, from the step's shared parts: routed entries + context tokens
+    attended = (chosen.to(torch.float32) @ plan["size"]).squeeze(-1) + plan["context"]
+    stats = GazeStats(
+        attended=attended,
+        dense=plan["dense"],
+        routed=plan["routed"],
+        selected=ids if return_selection else None,
+    )
     return out, stats
+
+
+def _step_plan(layout: GazeLayout, tk: int, device, config: GazeConfig, top_k) -> dict:
+    """What every layer of one decode step shares (the query, the regions it sees, its K,
+    the dense counts): computed at the first layer, not at each."""
+    key = ("decode_plan", tk, device, config, top_k)
+    if key not in layout._derived:
+        q_pos = query_positions(1, tk, device)
+        q_kind = torch.full((layout.batch_size, 1), int(TokenKind.TEXT), device=device)
+        visible = visible_regions(layout, q_pos, q_kind)
+        every = Route(q_pos=q_pos, q_kind=q_kind, visible=visible, ids=None, chosen=visible[:, None])
+        base = compute_stats(layout, every)
+        size = layout.regions.size.to(device=device, dtype=torch.float32)[:, None, :, None]
+        dense = base.dense  # [B, 1]: every visible region, in visual entries
+        plan = {
+            "visible": visible,
+            "k": budgets(config, visible.sum(-1), top_k),
+            "size": size,
+            "dense": dense,
+            "routed": base.routed,
+            # the context tokens before the query: attended - the visible regions' entries
+            "context": (base.attended - dense[:, None, :]),
+        }
+        layout._keep_latest(key, plan)
+    return layout._derived[key]
+
+
+def _gather_rows(x: torch.Tensor, kv_head: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x[b, kv_head[h], positions[b, h, m]] as [B * Hr * M, D], read in place.
+
+    ``x`` [B, Hkv, Tk, D] may be a view into a larger cache buffer (a batch that sequences
+    join and leave); its rows of D are then addressed through its strides instead of
+    copying all of it to make it contiguous.
+    """
+    batch, _, tk, dim = x.shape
+    s_b, s_h, s_t, s_d = x.stride()
+    if s_d != 1 or s_t != dim or s_b % dim or s_h % dim:
+        x = x.contiguous()
+        s_b, s_h, s_t, _ = x.stride()
+    # [N, D] over x's storage from its first element: row r starts at element r * D
+    extent = ((batch - 1) * s_b + (x.shape[1] - 1) * s_h + (tk - 1) * s_t) // dim + 1
+    flat = x.as_strided((extent, dim), (dim, 1))
+    base = torch.arange(batch, device=x.device)[:, None, None] * (s_b // dim)
+    rows = base + kv_head[None, :, None] * (s_h // dim) + positions * (s_t // dim)
+    return flat.index_select(0, rows.reshape(-1))

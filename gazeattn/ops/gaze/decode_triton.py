@@ -1,96 +1,68 @@
 """Split-K Triton decode: one text query per sequence against the gaze KV cache.
 
-Routing is the torch GEMV of ``gazeattn.ops.routing`` over the cached
-descriptors, then Top-K (the reference's exact selection). Each sequence's key
-list is virtual: its dense text/context positions followed by the tokens of its
-selected regions (slot ``j`` of the routed part is token ``j % S`` of the
-``j // S``-th selected region). The list is cut into ``num_splits`` chunks, one
-program per (sequence, routing head, chunk), so batch 1 with few KV heads still
-fills the GPU; a second kernel merges the chunks by log-sum-exp.
+Routing is ``gazeattn.ops.routing.route`` over the cached descriptors (the
+reference's exact selection). Each sequence's key list is virtual: its dense
+text/context positions followed by the tokens of its selected regions (slot
+``j`` of the routed part is token ``j % S`` of the ``j // S``-th selected
+region). The list is cut into ``num_splits`` chunks, one program per (sequence,
+routing head, chunk), so batch 1 with few KV heads still fills the GPU; a second
+kernel merges the chunks by log-sum-exp.
 
-A program holds the query heads that share one selection (the KV head's group,
-or one head under per-query-head routing) as rows of plain broadcast products,
-so a group of 2 is not padded to 16 rows as a ``tl.dot`` would need.
+A program holds up to 16 query heads that share one selection (the KV head's
+group, or one head under per-query-head routing) as the rows of ``tl.dot``s:
+decode reads every key once per program and is bound by memory, so the rows a
+small group pads to cost tensor-core cycles, not bytes. Block sizes and warps
+come from ``gazeattn.ops.gaze.launch``; head counts, lengths and the number of
+chunks are runtime arguments (one binary per dtype and padded head dim).
 """
 
 from __future__ import annotations
-
-import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from gazeattn.ops.config import GazeConfig
-from gazeattn.ops.gaze.stats import GazeStats, compute_stats
-from gazeattn.ops.layout import GazeLayout, TokenKind
-from gazeattn.ops.routing import (
-    budgets,
-    query_positions,
-    region_descriptors,
-    region_scores,
-    select_regions,
-    visible_regions,
+from gazeattn.ops.gaze.common import LOG2E, softmax_tile
+from gazeattn.ops.gaze.launch import (
+    MAX_SPLITS,
+    DecodeLaunch,
+    decode_launch,
+    decode_splits,
+    device_spec,
 )
+from gazeattn.ops.gaze.stats import GazeStats, compute_stats
+from gazeattn.ops.layout import GazeLayout
+from gazeattn.ops.routing import route
 
-LOG2E = 1.4426950408889634
+# fmt: off
 
 
-@triton.jit
+# sizes and counts change per call but not the compiled code: not specialised
+@triton.jit(do_not_specialize=["N_DENSE", "K_MAX", "R", "SPLIT_LEN", "HQ", "HKV", "HR", "GR", "CHUNKS", "NUM_SPLITS", "S"])
 def _gaze_decode_fwd_kernel(
-    Q,
-    K,
-    V,
-    O_PART,
-    M_PART,
-    L_PART,
-    DENSE_IDX,
-    DENSE_CNT,
-    IDS,
-    ID_CNT,
-    TOKENS,
-    stride_qb,
-    stride_qh,
-    stride_kb,
-    stride_kh,
-    stride_kt,
-    stride_vb,
-    stride_vh,
-    stride_vt,
-    N_DENSE,
-    K_MAX,
-    R,
-    SPLIT_LEN,
-    scale_log2,
-    HQ: tl.constexpr,
-    HKV: tl.constexpr,
-    HR: tl.constexpr,
-    GR: tl.constexpr,
-    GR_PAD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    S: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    D: tl.constexpr,
-    D_PAD: tl.constexpr,
+    Q, K, V, O_PART, M_PART, L_PART, DENSE_IDX, DENSE_CNT, IDS, ID_CNT, TOKENS,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    N_DENSE, K_MAX, R, SPLIT_LEN, HQ, HKV, HR, GR, CHUNKS, NUM_SPLITS, S, D, scale_log2,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
+    """Chunk ``split`` of the keys of one (sequence, routing head) for its GR query heads,
+    ROWS at a time (CHUNKS programs per head when GR > ROWS; padding rows are discarded)."""
     split = tl.program_id(0)
-    bh = tl.program_id(1)
+    bhc = tl.program_id(1)
+    chunk = bhc % CHUNKS
+    bh = bhc // CHUNKS
     # int64: batch offsets (b * stride) pass 2**31 on long multi-frame batches
     b = (bh // HR).to(tl.int64)
     hr = bh % HR
     kvh = hr // (HR // HKV)
-    g = tl.arange(0, GR_PAD)
+    g = chunk * ROWS + tl.arange(0, ROWS)
     g_ok = g < GR
     head = hr * GR + g
     d = tl.arange(0, D_PAD)
     d_ok = d < D
-    q = tl.load(
-        Q + b * stride_qb + head[:, None] * stride_qh + d[None, :],
-        mask=g_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
-    q = q.to(tl.float32) * scale_log2
+    q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + d[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0)
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
 
@@ -98,9 +70,9 @@ def _gaze_decode_fwd_kernel(
     total = n_dense + tl.load(ID_CNT + b * HR + hr) * S
     start = split * SPLIT_LEN
     end = tl.minimum(start + SPLIT_LEN, total)
-    m_i = tl.full([GR_PAD], -1e30, tl.float32)
-    l_i = tl.zeros([GR_PAD], tl.float32)
-    acc = tl.zeros([GR_PAD, D_PAD], tl.float32)
+    m_i = tl.full([ROWS], -1e30, tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, D_PAD], tl.float32)
     for j0 in range(start, end, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         j_ok = j < end
@@ -115,34 +87,18 @@ def _gaze_decode_fwd_kernel(
         kv_mask = k_ok[:, None] & d_ok[None, :]
         kk = tl.load(k_base + kpos[:, None] * stride_kt + d[None, :], mask=kv_mask, other=0.0)
         vv = tl.load(v_base + kpos[:, None] * stride_vt + d[None, :], mask=kv_mask, other=0.0)
-        # [GR_PAD, BLOCK_N]: a few rows, so broadcast products instead of a padded tl.dot
-        s = tl.sum(q[:, None, :] * kk.to(tl.float32)[None, :, :], 2)
-        s = tl.where(k_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vv.to(tl.float32)[None, :, :], 1)
-        m_i = m_new
+        # a tl.dot of ROWS (16) rows: the padding rows cost tensor-core cycles, not bytes
+        acc, m_i, l_i = softmax_tile(acc, m_i, l_i, q, kk, vv, k_ok[None, :], scale_log2, True, UPCAST, PRECISION)
     part = (b * HQ + head) * NUM_SPLITS + split
     tl.store(O_PART + part[:, None] * D_PAD + d[None, :], acc, mask=g_ok[:, None])
     tl.store(M_PART + part, m_i, mask=g_ok)
     tl.store(L_PART + part, l_i, mask=g_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["HQ", "NUM_SPLITS"])
 def _gaze_decode_merge_kernel(
-    O_PART,
-    M_PART,
-    L_PART,
-    OUT,
-    stride_ob,
-    stride_oh,
-    HQ: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,
-    D: tl.constexpr,
-    D_PAD: tl.constexpr,
+    O_PART, M_PART, L_PART, OUT, stride_ob, stride_oh, HQ, NUM_SPLITS, D,
+    SPLITS_PAD: tl.constexpr, D_PAD: tl.constexpr,
 ):
     """Log-sum-exp merge of the chunks of one (sequence, query head); no key gives 0."""
     bh = tl.program_id(0)
@@ -163,21 +119,7 @@ def _gaze_decode_merge_kernel(
     tl.store(OUT + b * stride_ob + head * stride_oh + d, out.to(OUT.dtype.element_ty), mask=d < D)
 
 
-@functools.cache
-def _target_programs(device_index: int | None) -> int:
-    if device_index is None or os.environ.get("TRITON_INTERPRET") == "1":
-        return 4
-    return 2 * torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _num_splits(batch_heads: int, total: int, block_n: int, device: torch.device) -> int:
-    """Chunks per (sequence, head): enough programs to fill the GPU, at least a block each."""
-    index = None
-    if device.type == "cuda":
-        index = torch.cuda.current_device() if device.index is None else device.index
-    target = _target_programs(index)
-    wanted = triton.cdiv(target, max(batch_heads, 1))
-    return max(1, min(wanted, triton.cdiv(total, block_n), 64))
+# fmt: on
 
 
 def gaze_decode_fwd(
@@ -189,18 +131,20 @@ def gaze_decode_fwd(
     ids: torch.Tensor,
     tokens: torch.Tensor,
     scale: float,
-    *,
-    num_splits: int | None = None,
-    block_n: int | None = None,
+    lc: DecodeLaunch,
+    splits: int,
 ) -> torch.Tensor:
     """Host wrapper of the split-K decode.
 
     q [B, Hq, 1, D]; k/v [B, Hkv, Tk, D] with unit stride over D; dense_idx [B, N] int32
     and dense_cnt [B] int32 (the valid prefix); ids [B, Hr, K] int32 selected regions (-1
-    after the last); tokens [B, R, S] int32 region table. Returns out [B, Hq, 1, D].
+    after the last); tokens [B, R, S] int32 region table; ``splits`` chunks per (sequence,
+    routing head), at most MAX_SPLITS. Returns out [B, Hq, 1, D].
     """
     batch, hq, _, dim = q.shape
     hkv, hr, k_max = k.shape[1], ids.shape[1], ids.shape[2]
+    if not 1 <= splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {splits}")
     region_tokens = tokens.shape[2]
     id_cnt = (ids >= 0).sum(-1).to(torch.int32).contiguous()  # [B, Hr]
     ids = (
@@ -208,74 +152,59 @@ def gaze_decode_fwd(
         if ids.numel()
         else torch.zeros(1, dtype=torch.int32, device=q.device)
     )
+    num_r = tokens.shape[1]
     tokens = (
         tokens.contiguous()
         if tokens.numel()
         else torch.full((1,), -1, dtype=torch.int32, device=q.device)
     )
     total = dense_idx.shape[1] + k_max * region_tokens
-    if block_n is None:
-        # the interpreter pays per loop step; on a GPU the [rows, block, D] broadcast
-        # product lives in registers (untuned: no GPU has run this yet)
-        block_n = 64 if os.environ.get("TRITON_INTERPRET") == "1" else 32
-    splits = num_splits or _num_splits(batch * hr, total, block_n, q.device)
-    split_len = triton.cdiv(triton.cdiv(max(total, 1), splits), block_n) * block_n
-    d_pad = triton.next_power_of_2(dim)
-    o_part = torch.empty(batch, hq, splits, d_pad, device=q.device, dtype=torch.float32)
+    split_len = triton.cdiv(triton.cdiv(max(total, 1), splits), lc.block_n) * lc.block_n
+    o_part = torch.empty(batch, hq, splits, lc.d_pad, device=q.device, dtype=torch.float32)
     m_part = torch.empty(batch, hq, splits, device=q.device, dtype=torch.float32)
     l_part = torch.empty_like(m_part)
-    gr = hq // hr
-    _gaze_decode_fwd_kernel[(splits, batch * hr)](
-        q,
-        k,
-        v,
-        o_part,
-        m_part,
-        l_part,
-        dense_idx,
-        dense_cnt,
-        ids,
-        id_cnt,
-        tokens,
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        dense_idx.shape[1],
-        max(k_max, 1),
-        tokens.shape[1] if tokens.dim() == 3 else 0,
-        split_len,
-        scale * LOG2E,
-        HQ=hq,
-        HKV=hkv,
-        HR=hr,
-        GR=gr,
-        GR_PAD=triton.next_power_of_2(gr),
-        NUM_SPLITS=splits,
-        S=max(region_tokens, 1),
-        BLOCK_N=block_n,
-        D=dim,
-        D_PAD=d_pad,
-    )
+    chunks = triton.cdiv(hq // hr, lc.rows)
+    _gaze_decode_fwd_kernel[(splits, batch * hr * chunks)](
+        q, k, v, o_part, m_part, l_part, dense_idx, dense_cnt, ids, id_cnt, tokens,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        dense_idx.shape[1], max(k_max, 1), num_r, split_len, hq, hkv, hr, hq // hr, chunks,
+        splits, max(region_tokens, 1), dim, scale * LOG2E,
+        ROWS=lc.rows, BLOCK_N=lc.block_n, D_PAD=lc.d_pad, UPCAST=lc.upcast,
+        PRECISION=lc.precision, **lc.fwd.kwargs(),
+    )  # fmt: skip
     out = torch.empty(batch, hq, 1, dim, device=q.device, dtype=q.dtype)
     _gaze_decode_merge_kernel[(batch * hq,)](
-        o_part,
-        m_part,
-        l_part,
-        out,
-        out.stride(0),
-        out.stride(1),
-        HQ=hq,
-        NUM_SPLITS=splits,
-        SPLITS_PAD=triton.next_power_of_2(splits),
-        D=dim,
-        D_PAD=d_pad,
-    )
+        o_part, m_part, l_part, out, out.stride(0), out.stride(1), hq, splits, dim,
+        SPLITS_PAD=MAX_SPLITS, D_PAD=lc.d_pad, **lc.merge.kwargs(),
+    )  # fmt: skip
     return out
+
+
+def decode_tables(
+    layout: GazeLayout, tk: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dense_idx [B, N] int32 (at least one column), dense_cnt [B] int32 and the region token
+    table [B, R, S] int32 the decode kernel reads for ``tk`` cached keys."""
+    dense_idx, dense_ok = layout.dense_index(tk)
+    dense_cnt = dense_ok.sum(-1).to(device=device, dtype=torch.int32)
+    dense_idx = dense_idx.to(device=device, dtype=torch.int32).contiguous()
+    if not dense_idx.numel():
+        dense_idx = torch.zeros(layout.batch_size, 1, dtype=torch.int32, device=device)
+    return dense_idx, dense_cnt, layout.regions.tokens.to(device=device, dtype=torch.int32)
+
+
+def decode_config(
+    q: torch.Tensor, ids: torch.Tensor, dense_width: int, region_tokens: int
+) -> tuple[DecodeLaunch, int]:
+    """The launch configuration and number of chunks of a decode call (ids [B, Hr, K])."""
+    batch, hq, _, dim = q.shape
+    hr = ids.shape[1]
+    spec = device_spec(q.device)
+    lc = decode_launch(q.dtype, dim, spec)
+    keys = dense_width + ids.shape[2] * region_tokens
+    programs = batch * hr * -(-(hq // hr) // lc.rows)
+    return lc, decode_splits(programs, keys, lc.block_n, spec)
 
 
 def gaze_decode_triton(
@@ -308,7 +237,7 @@ def gaze_decode_triton(
     Returns:
         out [B, Hq, 1, D] in q's dtype, and GazeStats.
     """
-    batch, _, tq, dim = q.shape
+    tq, dim = q.shape[2], q.shape[3]
     if tq != 1:
         raise ValueError(f"the decode kernel takes one query per sequence, got {tq}")
     tk = k.shape[2]
@@ -316,21 +245,11 @@ def gaze_decode_triton(
     layout = layout.to(q.device)
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
-    q_pos = query_positions(1, tk, q.device)
-    q_kind = torch.full((batch, 1), int(TokenKind.TEXT), device=q.device)
-    visible = visible_regions(layout, q_pos, q_kind)
-    if descriptors is None:
-        descriptors = region_descriptors(k, layout)
-    scores = region_scores(q, descriptors, config.routing)
-    ids, chosen = select_regions(scores, visible, budgets(config, visible.sum(-1), top_k))
-    dense_idx, dense_ok = layout.dense_index(tk)
-    dense_cnt = dense_ok.sum(-1).to(torch.int32)
-    dense_idx = dense_idx.to(torch.int32).contiguous()
-    if not dense_idx.numel():
-        dense_idx = torch.zeros(batch, 1, dtype=torch.int32, device=q.device)
-    tokens = layout.regions.tokens.to(torch.int32)
+    routed = route(q, k, layout, config, descriptors=descriptors, top_k=top_k)
+    ids = routed.ids[:, :, 0]
+    dense_idx, dense_cnt, tokens = decode_tables(layout, tk, q.device)
+    lc, splits = decode_config(q, ids, dense_idx.shape[1], tokens.shape[2])
     out = gaze_decode_fwd(
-        q, k, v, dense_idx, dense_cnt, ids[:, :, 0], tokens, scale, num_splits=num_splits
+        q, k, v, dense_idx, dense_cnt, ids, tokens, scale, lc, num_splits or splits
     )
-    stats = compute_stats(layout, q_pos, q_kind, chosen, visible, ids if return_selection else None)
-    return out, stats
+    return out, compute_stats(layout, routed, return_selection)

@@ -2,7 +2,9 @@
 
 When visual tokens enter the cache, each region's descriptor (the mean of its
 keys, fp32) is computed once; decode steps then route with a GEMV over these
-instead of reading every visual key. One program per (region, sequence, KV head).
+instead of reading every visual key. One program per (region, sequence, KV head),
+taking the region's tokens ``BLOCK_S`` at a time (region and head sizes are
+runtime arguments: one binary per dtype and padded head dim).
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ import torch
 import triton
 import triton.language as tl
 
+from gazeattn.ops.gaze.launch import descriptor_launch, device_spec
 from gazeattn.ops.layout import GazeLayout
 
 
-@triton.jit
+# sizes change per call but not the compiled code: not specialised
+@triton.jit(do_not_specialize=["R", "HKV", "S"])
 def _region_mean_fwd_kernel(
     K,
     TOKENS,
@@ -23,10 +27,10 @@ def _region_mean_fwd_kernel(
     stride_kh,
     stride_kt,
     R,
-    HKV: tl.constexpr,
-    S: tl.constexpr,
-    S_PAD: tl.constexpr,
-    D: tl.constexpr,
+    HKV,
+    S,
+    D,
+    BLOCK_S: tl.constexpr,
     D_PAD: tl.constexpr,
 ):
     r = tl.program_id(0)
@@ -34,17 +38,20 @@ def _region_mean_fwd_kernel(
     # int64: batch offsets (b * stride) pass 2**31 on long multi-frame batches
     b = (bh // HKV).to(tl.int64)
     kvh = bh % HKV
-    s = tl.arange(0, S_PAD)
-    pos = tl.load(TOKENS + (b * R + r) * S + s, mask=s < S, other=-1)
-    ok = pos >= 0
     d = tl.arange(0, D_PAD)
     d_ok = d < D
-    ptr = (
-        K + b * stride_kb + kvh * stride_kh + tl.where(ok, pos, 0)[:, None] * stride_kt + d[None, :]
-    )
-    keys = tl.load(ptr, mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    count = tl.sum(ok.to(tl.float32), 0)
-    mean = tl.sum(keys, 0) / tl.maximum(count, 1.0)
+    k_base = K + b * stride_kb + kvh * stride_kh
+    total = tl.zeros([D_PAD], tl.float32)
+    count = tl.zeros([BLOCK_S], tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        pos = tl.load(TOKENS + (b * R + r) * S + s, mask=s < S, other=-1)
+        ok = pos >= 0
+        ptr = k_base + tl.where(ok, pos, 0)[:, None] * stride_kt + d[None, :]
+        keys = tl.load(ptr, mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        total += tl.sum(keys, 0)
+        count += ok.to(tl.float32)
+    mean = total / tl.maximum(tl.sum(count, 0), 1.0)
     tl.store(OUT + (bh * R + r) * D + d, mean, mask=d_ok)
 
 
@@ -60,6 +67,7 @@ def region_descriptors_triton(k: torch.Tensor, layout: GazeLayout) -> torch.Tens
     if num_r == 0:
         return out
     k = k if k.stride(-1) == 1 else k.contiguous()
+    lc = descriptor_launch(k.dtype, dim, width, device_spec(k.device))
     _region_mean_fwd_kernel[(num_r, batch * hkv)](
         k,
         tokens,
@@ -68,10 +76,11 @@ def region_descriptors_triton(k: torch.Tensor, layout: GazeLayout) -> torch.Tens
         k.stride(1),
         k.stride(2),
         num_r,
-        HKV=hkv,
-        S=width,
-        S_PAD=triton.next_power_of_2(width),
-        D=dim,
-        D_PAD=triton.next_power_of_2(dim),
+        hkv,
+        width,
+        dim,
+        BLOCK_S=lc.block_s,
+        D_PAD=lc.d_pad,
+        **lc.options.kwargs(),
     )
     return out

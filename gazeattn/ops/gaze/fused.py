@@ -6,69 +6,75 @@ padding each head to 16 rows). Keys come from three loops, each with an online
 softmax and a mask computed on the fly from per-token metadata, never from a
 dense ``[Tq, Tk]`` mask:
 
-1. visual and context rows: a contiguous causal range of keys (visual rows see
-   every earlier key, context rows only their own image or frame);
-2. text rows: the text and context keys, through the compacted dense index;
-3. text rows: the visual tokens of the regions any row of the block selected,
-   through the region token table, masked per row by that row's selection.
+1. visual and context rows, masked: the parts of a contiguous causal range of
+   keys that need a mask (visual rows see every earlier key, context rows only
+   their own image or frame);
+2. the same rows, unmasked: whole tiles every row of a block of visual rows sees;
+3. text rows: a virtual key list, the text and context keys (through the
+   compacted dense index) followed by the visual tokens of the regions any row
+   of the block selected (through the region token table), masked per row by
+   that row's selection.
 
-Routing (descriptors, scores, budgets, Top-K) is the torch code of
-``gazeattn.ops.routing``, so this backend selects exactly the reference's regions.
-The backward recomputes the probabilities from the saved log-sum-exp: dq per
-query block with the same three loops, dk/dv per key block for the first two,
-and dk/dv per region for the routed keys (a region's tokens belong to one
-program, so no atomics are needed).
+Routing (descriptors, scores, budgets, Top-K) is ``gazeattn.ops.routing.route``,
+so this backend selects exactly the reference's regions; the block tables come
+from ``gazeattn.ops.gaze.plan`` and the block sizes, warps and stages from
+``gazeattn.ops.gaze.launch``. The backward recomputes the probabilities from
+the saved log-sum-exp: dq per query block with the same loops, dk/dv per key
+block for the first two, and dk/dv per region for the routed keys (a region's
+tokens belong to one program, so no atomics are needed).
+
+Only the tile sizes are compile-time constants: group, region and head sizes
+and lengths are runtime arguments (not specialised), so one binary serves every
+model shape of a dtype and padded head dim.
 """
 
 from __future__ import annotations
-
-import os
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from gazeattn.ops.config import GazeConfig
-from gazeattn.ops.gaze.naive import gaze_route
+from gazeattn.ops.gaze.common import (
+    CONTEXT,
+    FLAG_CAUSAL,
+    FLAG_TEXT,
+    FLAG_VISUAL_ONLY,
+    LOG2E,
+    PAD,
+    TEXT,
+    VISUAL,
+    dot,
+    softmax_tile,
+)
+from gazeattn.ops.gaze.launch import FusedLaunch, device_spec, fused_launch
+from gazeattn.ops.gaze.plan import GazePlan, build_plan
 from gazeattn.ops.gaze.stats import GazeStats, compute_stats
-from gazeattn.ops.layout import GazeLayout, TokenKind
-
-LOG2E = 1.4426950408889634
-_TEXT, _VISUAL, _CONTEXT, _PAD = (int(k) for k in TokenKind)
-
+from gazeattn.ops.layout import GazeLayout
+from gazeattn.ops.routing import route
 
 # The kernels keep their argument lists compact (as Triton code usually does).
 # fmt: off
 
 
 @triton.jit
-def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    # the interpreter stores bf16 as uint16 and tl.dot on it returns garbage
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PRECISION)
-
-
-@triton.jit
-def _query_rows(qb, b, kvh, KIND, SEG, Tq, Tk, G: tl.constexpr, G_PAD: tl.constexpr,
-                BLOCK_Q: tl.constexpr):
-    """Rows of a query block (positions x the group's heads): query index, query head,
-    validity, position, kind (padding rows read as PAD) and segment."""
-    rows = tl.arange(0, BLOCK_Q * G_PAD)
-    qi = qb * BLOCK_Q + rows // G_PAD
+def _query_rows(qb, b, kvh, KIND, SEG, Tq, Tk, G, G_PAD, ROWS: tl.constexpr):
+    """Rows of a query block (positions x the group's heads padded to G_PAD): query index,
+    query head, validity, position, kind (padding rows read as PAD) and segment."""
+    rows = tl.arange(0, ROWS)
+    qi = qb * (ROWS // G_PAD) + rows // G_PAD
     g = rows % G_PAD
     row_ok = (qi < Tq) & (g < G)
     qpos = Tk - Tq + qi
     head = kvh * G + g
-    qkind = tl.load(KIND + b * Tk + qpos, mask=row_ok, other=3)
+    qkind = tl.load(KIND + b * Tk + qpos, mask=row_ok, other=PAD)
     qseg = tl.load(SEG + b * Tk + qpos, mask=row_ok, other=-1)
     return qi, head, row_ok, qpos, qkind, qseg
 
 
 @triton.jit
-def _load_rows(Q, DO, LSE, DELTA, b, head, qi, row_ok, d, d_ok, Tq, stride_qb, stride_qh,
-               stride_qt, stride_ob, stride_oh, stride_ot, HQ: tl.constexpr):
+def _load_rows(Q, DO, LSE, DELTA, b, head, qi, row_ok, d, d_ok, Tq, HQ, stride_qb, stride_qh,
+               stride_qt, stride_ob, stride_oh, stride_ot):
     """q, do, lse and delta of a block's rows (for the backward kernels)."""
     mask = row_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qt + d[None, :], mask=mask, other=0.0)
@@ -80,48 +86,64 @@ def _load_rows(Q, DO, LSE, DELTA, b, head, qi, row_ok, d, d_ok, Tq, stride_qb, s
 
 
 @triton.jit
-def _routing_head(head, kvh, QUERY_HEAD: tl.constexpr):
+def _routing_head(head, kvh, QUERY_HEAD):
     """The selection a row follows: its own query head's, or its KV head's."""
-    if QUERY_HEAD:
-        return head
-    return head * 0 + kvh
+    return tl.where(QUERY_HEAD != 0, head, head * 0 + kvh)
+
+
+@triton.jit
+def _masked_range(i, n_before, lo, full_lo, full_hi, hi, BLOCK_N: tl.constexpr):
+    """Tile i of the keys [lo, full_lo) then [full_hi, hi): its first key and the end."""
+    before = i < n_before
+    start = tl.where(before, lo + i * BLOCK_N, full_hi + (i - n_before) * BLOCK_N)
+    end = tl.where(before, full_lo, hi)
+    return start, end
 
 
 @triton.jit
 def _causal_tile(kpos, k_ok, KIND, SEG, b, Tk, qpos, qkind, qseg):
     """Mask of the visual and context rows over keys in natural order: visual rows see every
     earlier non-padding key, context rows the earlier keys of their own image or frame."""
-    kkind = tl.load(KIND + b * Tk + kpos, mask=k_ok, other=3)
+    kkind = tl.load(KIND + b * Tk + kpos, mask=k_ok, other=PAD)
     kseg = tl.load(SEG + b * Tk + kpos, mask=k_ok, other=-2)
-    key_ok = k_ok & (kkind != 3)
-    own = (kseg[None, :] == qseg[:, None]) & ((kkind == 1) | (kkind == 2))[None, :]
-    rule = (qkind == 1)[:, None] | ((qkind == 2)[:, None] & own)
+    key_ok = k_ok & (kkind != PAD)
+    own = (kseg[None, :] == qseg[:, None]) & ((kkind == VISUAL) | (kkind == CONTEXT))[None, :]
+    rule = (qkind == VISUAL)[:, None] | ((qkind == CONTEXT)[:, None] & own)
     return rule & key_ok[None, :] & (kpos[None, :] <= qpos[:, None])
 
 
 @triton.jit
-def _text_dense_tile(j, n_dense, DENSE_IDX, b, N_DENSE, qpos, qkind):
-    """Keys j of the compacted text/context index and the text rows' causal mask over them."""
-    j_ok = j < n_dense
-    kpos = tl.load(DENSE_IDX + b * N_DENSE + j, mask=j_ok, other=0)
-    allowed = (qkind == 0)[:, None] & j_ok[None, :] & (kpos[None, :] <= qpos[:, None])
-    return kpos, j_ok, allowed
+def _gather_tile(j, n_dense, n_total, DENSE_IDX, UNION, TOKENS, CHOSEN, b, N_DENSE, R, Tq, S,
+                 HR_TOTAL, hr, qi, qpos, qkind):
+    """Keys j of a text block's virtual list: first the compacted text/context index (causal
+    per row), then slot j - n_dense = token (j - n_dense) % S of region UNION[(j - n_dense) // S]
+    (allowed where that row, or its KV head, selected the region)."""
+    row_t = qkind == TEXT
+    is_dense = j < n_dense
+    dense_pos = tl.load(DENSE_IDX + b * N_DENSE + j, mask=is_dense, other=0)
+    slot = tl.where(is_dense, 0, j - n_dense)
+    routed = (j >= n_dense) & (j < n_total)
+    reg = tl.load(UNION + slot // S, mask=routed, other=0)
+    region_pos = tl.load(TOKENS + (b * R + reg) * S + slot % S, mask=routed, other=-1)
+    routed = routed & (region_pos >= 0)
+    chosen = CHOSEN + ((b * HR_TOTAL + hr[:, None]) * Tq + qi[:, None]) * R + reg[None, :]
+    picked = tl.load(chosen, mask=row_t[:, None] & routed[None, :], other=0)
+    kpos = tl.where(is_dense, dense_pos, tl.maximum(region_pos, 0))
+    dense_ok = is_dense[None, :] & (kpos[None, :] <= qpos[:, None])
+    allowed = row_t[:, None] & (dense_ok | ((picked != 0) & routed[None, :]))
+    return kpos, is_dense | routed, allowed
 
 
 @triton.jit
-def _region_tile(j, n_slots, UNION, TOKENS, CHOSEN, b, R, Tq, hr, qi, qkind, S: tl.constexpr,
-                 HR_TOTAL: tl.constexpr):
-    """Tokens of the block's selected regions (slot j = token j % S of region UNION[j // S])
-    and the text rows' mask: the token's region is one that row (head) selected."""
-    j_ok = j < n_slots
-    reg = tl.load(UNION + j // S, mask=j_ok, other=0)
-    kpos = tl.load(TOKENS + (b * R + reg) * S + j % S, mask=j_ok, other=-1)
-    k_ok = j_ok & (kpos >= 0)
-    kpos = tl.where(k_ok, kpos, 0)
-    row_t = qkind == 0
-    chosen = CHOSEN + ((b * HR_TOTAL + hr[:, None]) * Tq + qi[:, None]) * R + reg[None, :]
-    picked = tl.load(chosen, mask=row_t[:, None] & k_ok[None, :], other=0)
-    return kpos, k_ok, (picked != 0) & row_t[:, None] & k_ok[None, :]
+def _block_ranges(LO, FULL_LO, FULL_HI, HI, b, NQB, qb, BLOCK_N: tl.constexpr):
+    """A query block's causal key range: [lo, hi) with the unmasked part [full_lo, full_hi),
+    and the number of masked tiles (n_masked, of which n_before lie before full_lo)."""
+    lo = tl.load(LO + b * NQB + qb)
+    full_lo = tl.load(FULL_LO + b * NQB + qb)
+    full_hi = tl.load(FULL_HI + b * NQB + qb)
+    hi = tl.load(HI + b * NQB + qb)
+    n_before = tl.cdiv(full_lo - lo, BLOCK_N)
+    return lo, full_lo, full_hi, hi, n_before, n_before + tl.cdiv(hi - full_hi, BLOCK_N)
 
 
 @triton.jit
@@ -133,25 +155,10 @@ def _load_keys(k_base, v_base, kpos, k_ok, stride_kt, stride_vt, d, d_ok):
 
 
 @triton.jit
-def _softmax_tile(acc, m_i, l_i, q, kk, vv, allowed, scale_log2, MASKED: tl.constexpr,
-                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """One online-softmax step over a tile of keys (unmasked tiles skip the select)."""
-    s = _dot(q, tl.trans(kk), UPCAST, PRECISION) * scale_log2
-    if MASKED:
-        s = tl.where(allowed, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _dot(p.to(vv.dtype), vv, UPCAST, PRECISION)
-    return acc, m_new, l_i
-
-
-@triton.jit
 def _probs(q, kk, lse, allowed, scale_log2, MASKED: tl.constexpr, UPCAST: tl.constexpr,
            PRECISION: tl.constexpr):
     """Recomputed probabilities of a tile from the saved log-sum-exp (log2 domain)."""
-    p = tl.exp2(_dot(q, tl.trans(kk), UPCAST, PRECISION) * scale_log2 - lse[:, None])
+    p = tl.exp2(dot(q, tl.trans(kk), UPCAST, PRECISION) * scale_log2 - lse[:, None])
     if MASKED:
         p = tl.where(allowed, p, 0.0)
     return p
@@ -162,8 +169,8 @@ def _dq_tile(dq, q, do, lse, delta, kk, vv, allowed, scale_log2, MASKED: tl.cons
              UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """dq contribution of a tile of keys (before the final multiplication by the scale)."""
     p = _probs(q, kk, lse, allowed, scale_log2, MASKED, UPCAST, PRECISION)
-    ds = p * (_dot(do, tl.trans(vv), UPCAST, PRECISION) - delta[:, None])
-    return dq + _dot(ds.to(kk.dtype), kk, UPCAST, PRECISION)
+    ds = p * (dot(do, tl.trans(vv), UPCAST, PRECISION) - delta[:, None])
+    return dq + dot(ds.to(kk.dtype), kk, UPCAST, PRECISION)
 
 
 @triton.jit
@@ -171,29 +178,29 @@ def _dkdv_tile(dk, dv, kk, vv, q, do, lse, delta, allowed, scale_log2, MASKED: t
                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """dk (before the scale) and dv contributions of a block of rows to a tile of keys."""
     p = _probs(q, kk, lse, allowed, scale_log2, MASKED, UPCAST, PRECISION)
-    dv = dv + _dot(tl.trans(p.to(do.dtype)), do, UPCAST, PRECISION)
-    ds = p * (_dot(do, tl.trans(vv), UPCAST, PRECISION) - delta[:, None])
-    dk = dk + _dot(tl.trans(ds.to(q.dtype)), q, UPCAST, PRECISION)
+    dv = dv + dot(tl.trans(p.to(do.dtype)), do, UPCAST, PRECISION)
+    ds = p * (dot(do, tl.trans(vv), UPCAST, PRECISION) - delta[:, None])
+    dk = dk + dot(tl.trans(ds.to(q.dtype)), q, UPCAST, PRECISION)
     return dk, dv
 
 
-@triton.jit
+# sizes and counts change per call but not the compiled code: not specialised
+@triton.jit(do_not_specialize=["Tq", "Tk", "N_DENSE", "R", "U_MAX", "NQB", "HKV", "G", "G_PAD", "HR_TOTAL", "QUERY_HEAD", "S"])
 def _gaze_fwd_kernel(
     Q, K, V, OUT, LSE,
     KIND, SEG, DENSE_IDX, DENSE_CNT, LO, FULL_LO, FULL_HI, HI, CHOSEN, UNION, UNION_CNT, TOKENS,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
-    Tq, Tk, N_DENSE, R, U_MAX, NQB, scale_log2,
-    HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, QUERY_HEAD: tl.constexpr,
-    HR_TOTAL: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-    D_PAD: tl.constexpr, S: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    Tq, Tk, N_DENSE, R, U_MAX, NQB, HKV, G, G_PAD, HR_TOTAL, QUERY_HEAD, S, D, scale_log2,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     # int64: batch offsets (b * stride) pass 2**31 on long multi-frame batches
     b = (bh // HKV).to(tl.int64)
     kvh = bh % HKV
-    qi, head, row_ok, qpos, qkind, qseg = _query_rows(qb, b, kvh, KIND, SEG, Tq, Tk, G, G_PAD, BLOCK_Q)
+    qi, head, row_ok, qpos, qkind, qseg = _query_rows(qb, b, kvh, KIND, SEG, Tq, Tk, G, G_PAD, ROWS)
     hr = _routing_head(head, kvh, QUERY_HEAD)
     d = tl.arange(0, D_PAD)
     d_ok = d < D
@@ -202,47 +209,33 @@ def _gaze_fwd_kernel(
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
     offs = tl.arange(0, BLOCK_N)
-    m_i = tl.full([BLOCK_Q * G_PAD], -1e30, tl.float32)
-    l_i = tl.zeros([BLOCK_Q * G_PAD], tl.float32)
-    acc = tl.zeros([BLOCK_Q * G_PAD, D_PAD], tl.float32)
+    m_i = tl.full([ROWS], -1e30, tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, D_PAD], tl.float32)
 
-    # 1. visual and context rows over [lo, hi): masked, then a stretch every row sees
-    #    in full (blocks of visual rows only, below their first query), then masked again
-    lo = tl.load(LO + b * NQB + qb)
-    full_lo = tl.load(FULL_LO + b * NQB + qb)
-    full_hi = tl.load(FULL_HI + b * NQB + qb)
-    hi = tl.load(HI + b * NQB + qb)
-    for start in range(lo, full_lo, BLOCK_N):
+    # 1. visual and context rows over the masked parts of their causal range
+    lo, full_lo, full_hi, hi, n_before, n_masked = _block_ranges(LO, FULL_LO, FULL_HI, HI, b, NQB, qb, BLOCK_N)
+    for i in range(0, n_masked):
+        start, end = _masked_range(i, n_before, lo, full_lo, full_hi, hi, BLOCK_N)
         kpos = start + offs
-        k_ok = kpos < full_lo
+        k_ok = kpos < end
         allowed = _causal_tile(kpos, k_ok, KIND, SEG, b, Tk, qpos, qkind, qseg)
         kk, vv = _load_keys(k_base, v_base, kpos, k_ok, stride_kt, stride_vt, d, d_ok)
-        acc, m_i, l_i = _softmax_tile(acc, m_i, l_i, q, kk, vv, allowed, scale_log2, True, UPCAST, PRECISION)
+        acc, m_i, l_i = softmax_tile(acc, m_i, l_i, q, kk, vv, allowed, scale_log2, True, UPCAST, PRECISION)
+    # 2. the stretch every row sees in full (blocks of visual rows only, below their first query)
     for start in range(full_lo, full_hi, BLOCK_N):
         kpos = start + offs
         kk, vv = _load_keys(k_base, v_base, kpos, kpos < full_hi, stride_kt, stride_vt, d, d_ok)
-        acc, m_i, l_i = _softmax_tile(acc, m_i, l_i, q, kk, vv, None, scale_log2, False, UPCAST, PRECISION)
-    for start in range(full_hi, hi, BLOCK_N):
-        kpos = start + offs
-        k_ok = kpos < hi
-        allowed = _causal_tile(kpos, k_ok, KIND, SEG, b, Tk, qpos, qkind, qseg)
-        kk, vv = _load_keys(k_base, v_base, kpos, k_ok, stride_kt, stride_vt, d, d_ok)
-        acc, m_i, l_i = _softmax_tile(acc, m_i, l_i, q, kk, vv, allowed, scale_log2, True, UPCAST, PRECISION)
+        acc, m_i, l_i = softmax_tile(acc, m_i, l_i, q, kk, vv, None, scale_log2, False, UPCAST, PRECISION)
 
-    # 2. text rows over the earlier text and context keys
+    # 3. text rows over the earlier text and context keys, then their selected regions' tokens
     n_dense = tl.load(DENSE_CNT + b * NQB + qb)
-    for start in range(0, n_dense, BLOCK_N):
-        kpos, k_ok, allowed = _text_dense_tile(start + offs, n_dense, DENSE_IDX, b, N_DENSE, qpos, qkind)
-        kk, vv = _load_keys(k_base, v_base, kpos, k_ok, stride_kt, stride_vt, d, d_ok)
-        acc, m_i, l_i = _softmax_tile(acc, m_i, l_i, q, kk, vv, allowed, scale_log2, True, UPCAST, PRECISION)
-
-    # 3. text rows over the visual tokens of their selected regions
     block = (b * HKV + kvh) * NQB + qb
-    n_slots = tl.load(UNION_CNT + block) * S
-    for start in range(0, n_slots, BLOCK_N):
-        kpos, k_ok, allowed = _region_tile(start + offs, n_slots, UNION + block * U_MAX, TOKENS, CHOSEN, b, R, Tq, hr, qi, qkind, S, HR_TOTAL)
+    n_total = n_dense + tl.load(UNION_CNT + block) * S
+    for start in range(0, n_total, BLOCK_N):
+        kpos, k_ok, allowed = _gather_tile(start + offs, n_dense, n_total, DENSE_IDX, UNION + block * U_MAX, TOKENS, CHOSEN, b, N_DENSE, R, Tq, S, HR_TOTAL, hr, qi, qpos, qkind)
         kk, vv = _load_keys(k_base, v_base, kpos, k_ok, stride_kt, stride_vt, d, d_ok)
-        acc, m_i, l_i = _softmax_tile(acc, m_i, l_i, q, kk, vv, allowed, scale_log2, True, UPCAST, PRECISION)
+        acc, m_i, l_i = softmax_tile(acc, m_i, l_i, q, kk, vv, allowed, scale_log2, True, UPCAST, PRECISION)
 
     # rows with no key (padding queries) output 0
     has_key = l_i > 0
@@ -252,16 +245,16 @@ def _gaze_fwd_kernel(
     tl.store(LSE + (b * HKV * G + head) * Tq + qi, tl.where(has_key, m_i + tl.log2(l_safe), 0.0), mask=row_ok)
 
 
-@triton.jit
+# sizes and counts change per call but not the compiled code: not specialised
+@triton.jit(do_not_specialize=["Tq", "Tk", "N_DENSE", "R", "U_MAX", "NQB", "HKV", "G", "G_PAD", "HR_TOTAL", "QUERY_HEAD", "S"])
 def _gaze_bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA,
     KIND, SEG, DENSE_IDX, DENSE_CNT, LO, FULL_LO, FULL_HI, HI, CHOSEN, UNION, UNION_CNT, TOKENS,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
-    Tq, Tk, N_DENSE, R, U_MAX, NQB, scale, scale_log2,
-    HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, QUERY_HEAD: tl.constexpr,
-    HR_TOTAL: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-    D_PAD: tl.constexpr, S: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    Tq, Tk, N_DENSE, R, U_MAX, NQB, HKV, G, G_PAD, HR_TOTAL, QUERY_HEAD, S, D, scale, scale_log2,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """dq of a query block: the forward's three loops, recomputing p from the log-sum-exp."""
     qb = tl.program_id(0)
@@ -269,23 +262,21 @@ def _gaze_bwd_dq_kernel(
     # int64: batch offsets (b * stride) pass 2**31 on long multi-frame batches
     b = (bh // HKV).to(tl.int64)
     kvh = bh % HKV
-    qi, head, row_ok, qpos, qkind, qseg = _query_rows(qb, b, kvh, KIND, SEG, Tq, Tk, G, G_PAD, BLOCK_Q)
+    qi, head, row_ok, qpos, qkind, qseg = _query_rows(qb, b, kvh, KIND, SEG, Tq, Tk, G, G_PAD, ROWS)
     hr = _routing_head(head, kvh, QUERY_HEAD)
     d = tl.arange(0, D_PAD)
     d_ok = d < D
-    q, do, lse, delta = _load_rows(Q, DO, LSE, DELTA, b, head, qi, row_ok, d, d_ok, Tq, stride_qb, stride_qh, stride_qt, stride_ob, stride_oh, stride_ot, HKV * G)
+    q, do, lse, delta = _load_rows(Q, DO, LSE, DELTA, b, head, qi, row_ok, d, d_ok, Tq, HKV * G, stride_qb, stride_qh, stride_qt, stride_ob, stride_oh, stride_ot)
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
     offs = tl.arange(0, BLOCK_N)
-    dq = tl.zeros([BLOCK_Q * G_PAD, D_PAD], tl.float32)
+    dq = tl.zeros([ROWS, D_PAD], tl.float32)
 
-    lo = tl.load(LO + b * NQB + qb)
-    full_lo = tl.load(FULL_LO + b * NQB + qb)
-    full_hi = tl.load(FULL_HI + b * NQB + qb)
-    hi = tl.load(HI + b * NQB + qb)
-    for start in range(lo, full_lo, BLOCK_N):
+    lo, full_lo, full_hi, hi, n_before, n_masked = _block_ranges(LO, FULL_LO, FULL_HI, HI, b, NQB, qb, BLOCK_N)
+    for i in range(0, n_masked):
+        start, end = _masked_range(i, n_before, lo, full_lo, full_hi, hi, BLOCK_N)
         kpos = start + offs
-        k_ok = kpos < full_lo
+        k_ok = kpos < end
         allowed = _causal_tile(kpos, k_ok, KIND, SEG, b, Tk, qpos, qkind, qseg)
         kk, vv = _load_keys(k_base, v_base, kpos, k_ok, stride_kt, stride_vt, d, d_ok)
         dq = _dq_tile(dq, q, do, lse, delta, kk, vv, allowed, scale_log2, True, UPCAST, PRECISION)
@@ -293,23 +284,12 @@ def _gaze_bwd_dq_kernel(
         kpos = start + offs
         kk, vv = _load_keys(k_base, v_base, kpos, kpos < full_hi, stride_kt, stride_vt, d, d_ok)
         dq = _dq_tile(dq, q, do, lse, delta, kk, vv, None, scale_log2, False, UPCAST, PRECISION)
-    for start in range(full_hi, hi, BLOCK_N):
-        kpos = start + offs
-        k_ok = kpos < hi
-        allowed = _causal_tile(kpos, k_ok, KIND, SEG, b, Tk, qpos, qkind, qseg)
-        kk, vv = _load_keys(k_base, v_base, kpos, k_ok, stride_kt, stride_vt, d, d_ok)
-        dq = _dq_tile(dq, q, do, lse, delta, kk, vv, allowed, scale_log2, True, UPCAST, PRECISION)
 
     n_dense = tl.load(DENSE_CNT + b * NQB + qb)
-    for start in range(0, n_dense, BLOCK_N):
-        kpos, k_ok, allowed = _text_dense_tile(start + offs, n_dense, DENSE_IDX, b, N_DENSE, qpos, qkind)
-        kk, vv = _load_keys(k_base, v_base, kpos, k_ok, stride_kt, stride_vt, d, d_ok)
-        dq = _dq_tile(dq, q, do, lse, delta, kk, vv, allowed, scale_log2, True, UPCAST, PRECISION)
-
     block = (b * HKV + kvh) * NQB + qb
-    n_slots = tl.load(UNION_CNT + block) * S
-    for start in range(0, n_slots, BLOCK_N):
-        kpos, k_ok, allowed = _region_tile(start + offs, n_slots, UNION + block * U_MAX, TOKENS, CHOSEN, b, R, Tq, hr, qi, qkind, S, HR_TOTAL)
+    n_total = n_dense + tl.load(UNION_CNT + block) * S
+    for start in range(0, n_total, BLOCK_N):
+        kpos, k_ok, allowed = _gather_tile(start + offs, n_dense, n_total, DENSE_IDX, UNION + block * U_MAX, TOKENS, CHOSEN, b, N_DENSE, R, Tq, S, HR_TOTAL, hr, qi, qpos, qkind)
         kk, vv = _load_keys(k_base, v_base, kpos, k_ok, stride_kt, stride_vt, d, d_ok)
         dq = _dq_tile(dq, q, do, lse, delta, kk, vv, allowed, scale_log2, True, UPCAST, PRECISION)
 
@@ -317,48 +297,48 @@ def _gaze_bwd_dq_kernel(
     tl.store(dq_ptr, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Tq", "Tk", "NQB", "HKV", "G", "G_PAD"])
 def _gaze_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, KIND, SEG, ROW_FLAGS,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
-    Tq, Tk, NQB, scale, scale_log2,
-    HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
-    BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, UPCAST: tl.constexpr,
+    Tq, Tk, NQB, HKV, G, G_PAD, D, scale, scale_log2,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """dk, dv of a block of keys in natural order from the non-routed rules (loops 1 and 2)."""
+    """dk, dv of a block of keys in natural order from the non-routed rules (loops 1 to 3,
+    the text rows through their text and context keys)."""
     kb = tl.program_id(0)
     bh = tl.program_id(1)
     # int64: batch offsets (b * stride) pass 2**31 on long multi-frame batches
     b = (bh // HKV).to(tl.int64)
     kvh = bh % HKV
+    block_q = ROWS // G_PAD
     kpos = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     k_ok = kpos < Tk
     d = tl.arange(0, D_PAD)
     d_ok = d < D
     kk, vv = _load_keys(K + b * stride_kb + kvh * stride_kh, V + b * stride_vb + kvh * stride_vh, kpos, k_ok, stride_kt, stride_vt, d, d_ok)
-    kkind = tl.load(KIND + b * Tk + kpos, mask=k_ok, other=3)
+    kkind = tl.load(KIND + b * Tk + kpos, mask=k_ok, other=PAD)
     # text rows reach this block only through its text and context keys
-    dense_key = k_ok & ((kkind == 0) | (kkind == 2))
+    dense_key = k_ok & ((kkind == TEXT) | (kkind == CONTEXT))
     any_dense = tl.max(dense_key.to(tl.int32), 0)
     # a full block without padding keys is seen whole by a block of visual rows after it
-    clean_keys = tl.min((k_ok & (kkind != 3)).to(tl.int32), 0)
+    clean_keys = tl.min((k_ok & (kkind != PAD)).to(tl.int32), 0)
     dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
-    first = tl.maximum(kb * BLOCK_N - (Tk - Tq), 0) // BLOCK_Q
+    first = tl.maximum(kb * BLOCK_N - (Tk - Tq), 0) // block_q
     for qb in range(first, NQB):
-        # bit 0: visual or context rows; bit 1: text rows; bit 2: visual rows only
         flags = tl.load(ROW_FLAGS + b * NQB + qb)
-        if ((flags & 1) != 0) | (((flags & 2) != 0) & (any_dense != 0)):
-            qi, head, row_ok, qpos, qkind, qseg = _query_rows(qb, b, kvh, KIND, SEG, Tq, Tk, G, G_PAD, BLOCK_Q)
-            q, do, lse, delta = _load_rows(Q, DO, LSE, DELTA, b, head, qi, row_ok, d, d_ok, Tq, stride_qb, stride_qh, stride_qt, stride_ob, stride_oh, stride_ot, HKV * G)
-            whole = ((flags & 4) != 0) & (clean_keys != 0) & (kb * BLOCK_N + BLOCK_N - 1 <= Tk - Tq + qb * BLOCK_Q)
+        if ((flags & FLAG_CAUSAL) != 0) | (((flags & FLAG_TEXT) != 0) & (any_dense != 0)):
+            qi, head, row_ok, qpos, qkind, qseg = _query_rows(qb, b, kvh, KIND, SEG, Tq, Tk, G, G_PAD, ROWS)
+            q, do, lse, delta = _load_rows(Q, DO, LSE, DELTA, b, head, qi, row_ok, d, d_ok, Tq, HKV * G, stride_qb, stride_qh, stride_qt, stride_ob, stride_oh, stride_ot)
+            whole = ((flags & FLAG_VISUAL_ONLY) != 0) & (clean_keys != 0) & (kb * BLOCK_N + BLOCK_N - 1 <= Tk - Tq + qb * block_q)
             if whole:
                 dk, dv = _dkdv_tile(dk, dv, kk, vv, q, do, lse, delta, None, scale_log2, False, UPCAST, PRECISION)
             else:
                 allowed = _causal_tile(kpos, k_ok, KIND, SEG, b, Tk, qpos, qkind, qseg)
-                allowed = allowed | ((qkind == 0)[:, None] & dense_key[None, :] & (kpos[None, :] <= qpos[:, None]))
+                allowed = allowed | ((qkind == TEXT)[:, None] & dense_key[None, :] & (kpos[None, :] <= qpos[:, None]))
                 dk, dv = _dkdv_tile(dk, dv, kk, vv, q, do, lse, delta, allowed, scale_log2, True, UPCAST, PRECISION)
     out = ((b * HKV + kvh) * Tk + kpos)[:, None] * D + d[None, :]
     mask = k_ok[:, None] & d_ok[None, :]
@@ -366,18 +346,18 @@ def _gaze_bwd_dkdv_kernel(
     tl.store(DV + out, dv, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Tq", "Tk", "R", "INV_MAX", "HKV", "G", "G_PAD", "HR_TOTAL", "QUERY_HEAD", "S"])
 def _gaze_bwd_region_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, KIND, SEG, CHOSEN, INV, INV_CNT, TOKENS,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
-    Tq, Tk, R, INV_MAX, scale, scale_log2,
-    HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, QUERY_HEAD: tl.constexpr,
-    HR_TOTAL: tl.constexpr, BLOCK_Q: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-    S: tl.constexpr, S_PAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    Tq, Tk, R, INV_MAX, HKV, G, G_PAD, HR_TOTAL, QUERY_HEAD, S, D, scale, scale_log2,
+    ROWS: tl.constexpr, BLOCK_S: tl.constexpr, D_PAD: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """dk, dv of one region's tokens from the text rows that selected it (loop 3), added to
-    the non-routed part already in DK/DV (a token belongs to one region: no atomics)."""
+    """dk, dv of one region's tokens (BLOCK_S at a time) from the text rows that selected it
+    (loop 3), added to the non-routed part already in DK/DV (a token belongs to one region:
+    no atomics)."""
     r = tl.program_id(0)
     bh = tl.program_id(1)
     # int64: batch offsets (b * stride) pass 2**31 on long multi-frame batches
@@ -385,241 +365,35 @@ def _gaze_bwd_region_kernel(
     kvh = bh % HKV
     n_blocks = tl.load(INV_CNT + (b * HKV + kvh) * R + r)
     if n_blocks > 0:
-        s = tl.arange(0, S_PAD)
-        kpos = tl.load(TOKENS + (b * R + r) * S + s, mask=s < S, other=-1)
-        k_ok = kpos >= 0
-        kpos = tl.where(k_ok, kpos, 0)
         d = tl.arange(0, D_PAD)
         d_ok = d < D
-        kk, vv = _load_keys(K + b * stride_kb + kvh * stride_kh, V + b * stride_vb + kvh * stride_vh, kpos, k_ok, stride_kt, stride_vt, d, d_ok)
-        dk = tl.zeros([S_PAD, D_PAD], tl.float32)
-        dv = tl.zeros([S_PAD, D_PAD], tl.float32)
         inv = INV + ((b * HKV + kvh) * R + r) * INV_MAX
-        for i in range(0, n_blocks):
-            qb = tl.load(inv + i)
-            qi, head, row_ok, qpos, qkind, qseg = _query_rows(qb, b, kvh, KIND, SEG, Tq, Tk, G, G_PAD, BLOCK_Q)
-            hr = _routing_head(head, kvh, QUERY_HEAD)
-            row_t = qkind == 0
-            picked = tl.load(CHOSEN + ((b * HR_TOTAL + hr) * Tq + qi) * R + r, mask=row_t, other=0)
-            allowed = ((picked != 0) & row_t)[:, None] & k_ok[None, :]
-            q, do, lse, delta = _load_rows(Q, DO, LSE, DELTA, b, head, qi, row_ok, d, d_ok, Tq, stride_qb, stride_qh, stride_qt, stride_ob, stride_oh, stride_ot, HKV * G)
-            dk, dv = _dkdv_tile(dk, dv, kk, vv, q, do, lse, delta, allowed, scale_log2, True, UPCAST, PRECISION)
-        out = ((b * HKV + kvh) * Tk + kpos)[:, None] * D + d[None, :]
-        mask = k_ok[:, None] & d_ok[None, :]
-        tl.store(DK + out, tl.load(DK + out, mask=mask, other=0.0) + dk * scale, mask=mask)
-        tl.store(DV + out, tl.load(DV + out, mask=mask, other=0.0) + dv, mask=mask)
+        k_base = K + b * stride_kb + kvh * stride_kh
+        v_base = V + b * stride_vb + kvh * stride_vh
+        for s0 in range(0, S, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            kpos = tl.load(TOKENS + (b * R + r) * S + s, mask=s < S, other=-1)
+            k_ok = kpos >= 0
+            kpos = tl.where(k_ok, kpos, 0)
+            kk, vv = _load_keys(k_base, v_base, kpos, k_ok, stride_kt, stride_vt, d, d_ok)
+            dk = tl.zeros([BLOCK_S, D_PAD], tl.float32)
+            dv = tl.zeros([BLOCK_S, D_PAD], tl.float32)
+            for i in range(0, n_blocks):
+                qb = tl.load(inv + i)
+                qi, head, row_ok, qpos, qkind, qseg = _query_rows(qb, b, kvh, KIND, SEG, Tq, Tk, G, G_PAD, ROWS)
+                hr = _routing_head(head, kvh, QUERY_HEAD)
+                row_t = qkind == TEXT
+                picked = tl.load(CHOSEN + ((b * HR_TOTAL + hr) * Tq + qi) * R + r, mask=row_t, other=0)
+                allowed = ((picked != 0) & row_t)[:, None] & k_ok[None, :]
+                q, do, lse, delta = _load_rows(Q, DO, LSE, DELTA, b, head, qi, row_ok, d, d_ok, Tq, HKV * G, stride_qb, stride_qh, stride_qt, stride_ob, stride_oh, stride_ot)
+                dk, dv = _dkdv_tile(dk, dv, kk, vv, q, do, lse, delta, allowed, scale_log2, True, UPCAST, PRECISION)
+            out = ((b * HKV + kvh) * Tk + kpos)[:, None] * D + d[None, :]
+            mask = k_ok[:, None] & d_ok[None, :]
+            tl.store(DK + out, tl.load(DK + out, mask=mask, other=0.0) + dk * scale, mask=mask)
+            tl.store(DV + out, tl.load(DV + out, mask=mask, other=0.0) + dv, mask=mask)
 
 
 # fmt: on
-
-
-@dataclass(frozen=True, kw_only=True)
-class GazePlan:
-    """Per-call block tables the kernels read (built with torch ops from the layout and
-    the routing; the largest is the per-query selection, ``[B, Hr, Tq, R]`` bits).
-
-    kinds, segment: [B, Tk] int32 metadata of every key position.
-    dense_idx:      [B, N] int32 text/context key positions (compacted).
-    dense_cnt:      [B, NQB] dense keys up to each block's last text query (0 without text rows).
-    lo, hi:         [B, NQB] contiguous key range of each block's visual and context rows;
-    full_lo/hi:     the part of it that needs no mask (see ``_causal_ranges``).
-    row_flags:      [B, NQB] bit 0: visual/context rows, bit 1: text rows, 2: visual only.
-    chosen:         [B, Hr, Tq, R] uint8, 1 where a query (head) selected a region.
-    union:          [B, Hkv, NQB, U] region ids selected by any row of a block; union_cnt.
-    inverse:        [B, Hkv, R, W] query blocks that selected a region; inverse_cnt.
-    tokens:         [B, R, S] int32 region token table, -1 padded.
-    """
-
-    kinds: torch.Tensor
-    segment: torch.Tensor
-    dense_idx: torch.Tensor
-    dense_cnt: torch.Tensor
-    lo: torch.Tensor
-    full_lo: torch.Tensor
-    full_hi: torch.Tensor
-    hi: torch.Tensor
-    row_flags: torch.Tensor
-    chosen: torch.Tensor
-    union: torch.Tensor
-    union_cnt: torch.Tensor
-    inverse: torch.Tensor
-    inverse_cnt: torch.Tensor
-    tokens: torch.Tensor
-    num_regions: int
-    region_tokens: int
-    heads: int
-
-    @property
-    def query_head(self) -> bool:
-        # with one query head per KV head both routing modes are the same selection
-        return self.heads != self.kv_heads
-
-    @property
-    def kv_heads(self) -> int:
-        return self.union.shape[1]
-
-
-def _compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the True entries along the last dim, left-aligned: [..., W] int32 and counts.
-
-    W is at least 1, so a kernel never receives an empty tensor."""
-    count = mask.sum(-1)
-    width = max(int(count.max()) if count.numel() else 0, 1)
-    order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[..., :width]
-    if order.shape[-1] < width:
-        order = torch.nn.functional.pad(order, (0, width - order.shape[-1]))
-    return order.to(torch.int32).contiguous(), count.to(torch.int32).contiguous()
-
-
-def _nonempty(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous() if t.numel() else torch.zeros(1, dtype=t.dtype, device=t.device)
-
-
-def build_plan(
-    layout: GazeLayout,
-    chosen: torch.Tensor,
-    tq: int,
-    tk: int,
-    hkv: int,
-    block_q: int,
-    block_n: int,
-) -> GazePlan:
-    """Block tables for queries that are the last ``tq`` of ``tk`` keys; chosen [B, Hr, Tq, R]."""
-    device = chosen.device
-    kinds, segment, _ = (t.to(device) for t in layout.padded(tk))
-    batch = kinds.shape[0]
-    nqb = triton.cdiv(tq, block_q)
-    q_pos = torch.arange(tk - tq, tk, device=device)
-    q_kind = kinds[:, q_pos].long()
-    visual, context, text = (q_kind == k for k in (_VISUAL, _CONTEXT, _TEXT))
-
-    def per_block(rows, fill, reduce):
-        # [B, Tq] -> [B, NQB]: reduce each block's rows (padding rows read as ``fill``)
-        padded = torch.nn.functional.pad(rows, (0, nqb * block_q - tq), value=fill)
-        return reduce(padded.view(batch, nqb, block_q), -1)
-
-    lo, full_lo, full_hi, hi = _causal_ranges(
-        kinds, segment, q_pos, visual, context, per_block, block_q, block_n
-    )
-    dense_idx, dense_ok = (t.to(device) for t in layout.dense_index(tk))
-    text_last = per_block(torch.where(text, q_pos, -1), -1, torch.amax)
-    sorted_pos = torch.where(dense_ok, dense_idx, tk + 1).contiguous()
-    dense_cnt = torch.searchsorted(sorted_pos, text_last.contiguous(), right=True)
-    dense_cnt = torch.where(text_last >= 0, dense_cnt, 0)
-    row_flags = (
-        per_block(visual | context, False, torch.any).int()
-        + 2 * per_block(text, False, torch.any).int()
-        + 4 * per_block(visual, True, torch.all).int()
-    )
-
-    hr, num_r = chosen.shape[1], chosen.shape[3]
-    padded = torch.nn.functional.pad(chosen, (0, 0, 0, nqb * block_q - tq))
-    # [B, Hkv, Hr / Hkv, NQB, BLOCK_Q, R] -> regions any row of a block selected
-    union = padded.view(batch, hkv, hr // hkv, nqb, block_q, num_r).any(4).any(2)
-    union_ids, union_cnt = _compact(union)
-    inverse, inverse_cnt = _compact(union.transpose(-1, -2))
-
-    def int32(t):
-        return t.to(torch.int32).contiguous()
-
-    return GazePlan(
-        kinds=int32(kinds),
-        segment=int32(segment),
-        dense_idx=_nonempty(int32(dense_idx)),
-        dense_cnt=int32(dense_cnt),
-        lo=int32(lo),
-        full_lo=int32(full_lo),
-        full_hi=int32(full_hi),
-        hi=int32(hi),
-        row_flags=int32(row_flags),
-        chosen=_nonempty(chosen.to(torch.uint8)),
-        union=union_ids,
-        union_cnt=union_cnt,
-        inverse=inverse,
-        inverse_cnt=inverse_cnt,
-        tokens=_nonempty(layout.regions.tokens.to(device=device, dtype=torch.int32)),
-        num_regions=num_r,
-        region_tokens=layout.max_region_tokens,
-        heads=hr,
-    )
-
-
-def _causal_ranges(kinds, segment, q_pos, visual, context, per_block, block_q, block_n):
-    """[B, NQB] key ranges of the visual and context rows: all of [lo, hi) may be seen, and
-    [full_lo, full_hi) (whole tiles, no padding key, below the block's first query) is seen
-    by every row of a block of visual rows only, so those tiles need no mask."""
-    batch, tk = kinds.shape
-    device = kinds.device
-    positions = torch.arange(tk, device=device)
-    # first position of every segment: context rows start their keys there
-    n_seg = int(segment.max()) + 2
-    seg_start = torch.full((batch, n_seg), tk, device=device, dtype=torch.int64)
-    seg_start = seg_start.scatter_reduce(1, segment + 1, positions.expand(batch, tk), "amin")
-    q_seg = segment[:, q_pos]
-    row_lo = torch.where(visual, 0, torch.where(context, seg_start.gather(1, q_seg + 1), tk))
-    row_hi = torch.where(visual | context, q_pos + 1, 0)
-    lo = per_block(row_lo, tk, torch.amin)
-    hi = per_block(row_hi, 0, torch.amax)
-    empty = hi <= lo
-    lo, hi = lo.masked_fill(empty, 0), hi.masked_fill(empty, 0)
-
-    nqb = lo.shape[1]
-    first_q = q_pos[0] + torch.arange(nqb, device=device) * block_q  # [NQB]
-    pad = kinds == _PAD
-    last_pad = torch.cummax(torch.where(pad, positions, -1), dim=1).values  # [B, Tk]
-    start = last_pad[:, first_q] + 1
-    tiles = (first_q + 1 - start).clamp(min=0) // block_n
-    whole = per_block(visual, True, torch.all) & (tiles > 0) & ~empty
-    full_lo = torch.where(whole, start, hi)
-    full_hi = torch.where(whole, start + tiles * block_n, hi)
-    return lo, full_lo, full_hi, hi
-
-
-@dataclass(frozen=True)
-class _Launch:
-    """Compile-time sizes shared by the kernels of one call."""
-
-    g: int
-    g_pad: int
-    block_q: int
-    block_n: int
-    d_pad: int
-    s: int
-    upcast: bool
-    precision: str
-    num_warps: int
-
-    def consts(self, hkv: int, dim: int) -> dict:
-        return dict(
-            HKV=hkv,
-            G=self.g,
-            G_PAD=self.g_pad,
-            BLOCK_Q=self.block_q,
-            D=dim,
-            D_PAD=self.d_pad,
-            UPCAST=self.upcast,
-            PRECISION=self.precision,
-            num_warps=self.num_warps,
-        )
-
-
-def _launch_config(q: torch.Tensor, hkv: int, region_tokens: int) -> _Launch:
-    g = q.shape[1] // hkv
-    g_pad = triton.next_power_of_2(g)
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    # rows = query positions x the group's heads; 64 rows keep every tl.dot at least 16 wide
-    rows = max(64 if interpret or q.element_size() == 4 else 128, g_pad)
-    return _Launch(
-        g=g,
-        g_pad=g_pad,
-        block_q=max(rows // g_pad, 1),
-        block_n=64,
-        d_pad=max(triton.next_power_of_2(q.shape[-1]), 16),
-        s=max(region_tokens, 1),
-        upcast=interpret and q.dtype == torch.bfloat16,
-        precision="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4 if rows <= 64 else 8,
-    )
 
 
 def _strides(*tensors: torch.Tensor) -> list[int]:
@@ -634,20 +408,30 @@ def _routing_args(plan: GazePlan) -> tuple:
     )  # fmt: skip
 
 
+def _consts(lc: FusedLaunch) -> dict:
+    return dict(ROWS=lc.rows, D_PAD=lc.d_pad, UPCAST=lc.upcast, PRECISION=lc.precision)
+
+
+def _heads(plan: GazePlan, lc: FusedLaunch) -> tuple[int, int, int]:
+    """G, G_PAD and QUERY_HEAD (as 0/1) of the kernels' runtime arguments."""
+    return lc.group, lc.group_pad, int(plan.query_head)
+
+
 def gaze_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: GazePlan, lc: _Launch, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: GazePlan, lc: FusedLaunch, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] -> out [B, Hq, Tq, D] and lse [B, Hq, Tq] (log2)."""
     batch, hq, tq, dim = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty(batch, hq, tq, device=q.device, dtype=torch.float32)
-    nqb = plan.dense_cnt.shape[1]
+    nqb = plan.num_blocks
+    group, group_pad, query_head = _heads(plan, lc)
     _gaze_fwd_kernel[(nqb, batch * hkv)](
         q, k, v, out, lse, *_routing_args(plan), *_strides(q, k, v, out),
-        tq, tk, plan.dense_idx.shape[-1], plan.num_regions, plan.union.shape[-1], nqb,
-        scale * LOG2E, QUERY_HEAD=plan.query_head, HR_TOTAL=plan.heads, BLOCK_N=lc.block_n,
-        S=lc.s, **lc.consts(hkv, dim),
+        tq, tk, plan.dense_idx.shape[-1], plan.num_regions, plan.union.shape[-1], nqb, hkv,
+        group, group_pad, plan.heads, query_head, max(plan.region_tokens, 1), dim,
+        scale * LOG2E, BLOCK_N=lc.block_n, **_consts(lc), **lc.fwd.kwargs(),
     )  # fmt: skip
     return out, lse
 
@@ -660,39 +444,41 @@ def gaze_bwd(
     lse: torch.Tensor,
     do: torch.Tensor,
     plan: GazePlan,
-    lc: _Launch,
+    lc: FusedLaunch,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients dq [B, Hq, Tq, D], dk/dv [B, Hkv, Tk, D] from the output gradient do."""
     batch, _, tq, dim = q.shape
     hkv, tk = k.shape[1], k.shape[2]
-    nqb = plan.dense_cnt.shape[1]
+    nqb = plan.num_blocks
     num_r = plan.num_regions
+    group, group_pad, query_head = _heads(plan, lc)
+    s = max(plan.region_tokens, 1)
     do = do.contiguous()
     delta = (do.float() * out.float()).sum(-1).contiguous()  # [B, Hq, Tq]
-    consts = lc.consts(hkv, dim)
     strides = _strides(q, k, v, do)
     dq = torch.empty_like(q)
     _gaze_bwd_dq_kernel[(nqb, batch * hkv)](
         q, k, v, do, dq, lse, delta, *_routing_args(plan), *strides,
-        tq, tk, plan.dense_idx.shape[-1], num_r, plan.union.shape[-1], nqb, scale,
-        scale * LOG2E, QUERY_HEAD=plan.query_head, HR_TOTAL=plan.heads, BLOCK_N=lc.block_n,
-        S=lc.s, **consts,
+        tq, tk, plan.dense_idx.shape[-1], num_r, plan.union.shape[-1], nqb, hkv, group,
+        group_pad, plan.heads, query_head, s, dim, scale, scale * LOG2E,
+        BLOCK_N=lc.block_n, **_consts(lc), **lc.dq.kwargs(),
     )  # fmt: skip
     # [B, Hkv, Tk, D] fp32: the key-block kernel stores, the region kernel adds
     dk = torch.empty(batch, hkv, tk, dim, device=k.device, dtype=torch.float32)
     dv = torch.empty_like(dk)
     _gaze_bwd_dkdv_kernel[(triton.cdiv(tk, lc.block_n), batch * hkv)](
         q, k, v, do, dk, dv, lse, delta, plan.kinds, plan.segment, plan.row_flags, *strides,
-        tq, tk, nqb, scale, scale * LOG2E, BLOCK_N=lc.block_n, **consts,
+        tq, tk, nqb, hkv, group, group_pad, dim, scale, scale * LOG2E,
+        BLOCK_N=lc.block_n, **_consts(lc), **lc.dkdv.kwargs(),
     )  # fmt: skip
     if num_r:
         _gaze_bwd_region_kernel[(num_r, batch * hkv)](
             q, k, v, do, dk, dv, lse, delta, plan.kinds, plan.segment, plan.chosen,
             plan.inverse, plan.inverse_cnt, plan.tokens, *strides,
-            tq, tk, num_r, plan.inverse.shape[-1], scale, scale * LOG2E,
-            QUERY_HEAD=plan.query_head, HR_TOTAL=plan.heads, S=lc.s,
-            S_PAD=max(triton.next_power_of_2(lc.s), 16), **consts,
+            tq, tk, num_r, plan.inverse.shape[-1], hkv, group, group_pad, plan.heads,
+            query_head, s, dim, scale, scale * LOG2E,
+            BLOCK_S=lc.block_s, **_consts(lc), **lc.region.kwargs(),
         )  # fmt: skip
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
@@ -751,11 +537,10 @@ def gaze_attention_triton(
     q = q.contiguous()
     k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
     hkv, tq, tk = k.shape[1], q.shape[2], k.shape[2]
-    q_pos, q_kind, visible, ids, chosen = gaze_route(
-        q.detach(), k.detach(), layout, config, descriptors=descriptors, top_k=top_k
+    routed = route(q.detach(), k.detach(), layout, config, descriptors=descriptors, top_k=top_k)
+    lc = fused_launch(
+        q.dtype, q.shape[-1], q.shape[1] // hkv, layout.max_region_tokens, device_spec(q.device)
     )
-    lc = _launch_config(q, hkv, layout.max_region_tokens)
-    plan = build_plan(layout, chosen, tq, tk, hkv, lc.block_q, lc.block_n)
+    plan = build_plan(layout, routed.chosen, tq, tk, hkv, lc.block_q, lc.block_n)
     out = GazeAttentionFunction.apply(q, k, v, plan, lc, scale)
-    stats = compute_stats(layout, q_pos, q_kind, chosen, visible, ids if return_selection else None)
-    return out, stats
+    return out, compute_stats(layout, routed, return_selection)

@@ -12,40 +12,7 @@ import torch.nn.functional as F
 from gazeattn.ops.config import GazeConfig
 from gazeattn.ops.gaze.stats import GazeStats, compute_stats
 from gazeattn.ops.layout import GazeLayout, TokenKind
-from gazeattn.ops.routing import (
-    budgets,
-    query_positions,
-    region_descriptors,
-    region_scores,
-    select_regions,
-    visible_regions,
-)
-
-
-def gaze_route(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    layout: GazeLayout,
-    config: GazeConfig,
-    *,
-    descriptors: torch.Tensor | None = None,
-    top_k: int | None = None,
-    dense: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Route every query: returns q_pos [Tq], q_kind [B, Tq], visible [B, Tq, R],
-    ids [B, Hr, Tq, K] and chosen [B, Hr, Tq, R]. ``dense`` selects every visible region."""
-    tq, tk = q.shape[2], k.shape[2]
-    q_pos = query_positions(tq, tk, q.device)
-    kinds, _, _ = layout.padded(tk)
-    q_kind = kinds[:, q_pos]
-    visible = visible_regions(layout, q_pos, q_kind)
-    if dense:
-        return q_pos, q_kind, visible, None, visible[:, None]
-    if descriptors is None:
-        descriptors = region_descriptors(k, layout)
-    scores = region_scores(q, descriptors, config.routing)
-    ids, chosen = select_regions(scores, visible, budgets(config, visible.sum(-1), top_k))
-    return q_pos, q_kind, visible, ids, chosen
+from gazeattn.ops.routing import route
 
 
 def gaze_mask(
@@ -123,10 +90,7 @@ def gaze_attention_reference(
 ) -> tuple[torch.Tensor, GazeStats]:
     """Exact gaze attention; see ``gazeattn.ops.gaze_attention`` for the shapes."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    q_pos, q_kind, visible, ids, chosen = gaze_route(
-        q, k, layout, config, descriptors=descriptors, top_k=top_k, dense=dense
-    )
-    mask = gaze_mask(layout, q_pos, chosen, k.shape[2])
+    routed = route(q, k, layout, config, descriptors=descriptors, top_k=top_k, dense=dense)
+    mask = gaze_mask(layout, routed.q_pos, routed.chosen, k.shape[2])
     out = masked_attention(q, k, v, mask, scale).to(q.dtype)
-    stats = compute_stats(layout, q_pos, q_kind, chosen, visible, ids if return_selection else None)
-    return out, stats
+    return out, compute_stats(layout, routed, return_selection)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from gazeattn.ops.layout import GazeLayout, TokenKind
+from gazeattn.ops.routing import Route
 
 
 @dataclass(kw_only=True)
@@ -43,29 +44,29 @@ class GazeStats:
         return 0.0 if dense == 0 else 1.0 - self.attended_mean() / dense
 
 
-def compute_stats(
-    layout: GazeLayout,
-    q_pos: torch.Tensor,
-    q_kind: torch.Tensor,
-    chosen: torch.Tensor,
-    visible: torch.Tensor,
-    ids: torch.Tensor | None,
-) -> GazeStats:
-    """Counts from the selection: chosen [B, Hr, Tq, R], visible [B, Tq, R]."""
+def compute_stats(layout: GazeLayout, routed: Route, return_selection: bool = False) -> GazeStats:
+    """Counts from a call's routing (``gazeattn.ops.routing.route``)."""
+    chosen, visible, q_pos = routed.chosen, routed.visible, routed.q_pos
     size = layout.regions.size.to(chosen.device).to(torch.float32)
-    routed = q_kind == TokenKind.TEXT
-    kinds = layout.kinds.to(chosen.device)
+    routed_q = routed.q_kind == TokenKind.TEXT
     # context tokens of the layout before each query, [B, Tq]: a prefix sum (cum[:, p] counts
-    # the positions < p), so no [Tq, T] comparison is materialised
-    cum = torch.nn.functional.pad((kinds == TokenKind.CONTEXT).to(torch.int64).cumsum(-1), (1, 0))
+    # the positions < p), so no [Tq, T] comparison is materialised; once per layout, not per
+    # call (every layer of every decode step asks)
+    cum = layout._derived.get(("context_cumsum", chosen.device))
+    if cum is None:
+        kinds = layout.kinds.to(chosen.device)
+        cum = torch.nn.functional.pad(
+            (kinds == TokenKind.CONTEXT).to(torch.int64).cumsum(-1), (1, 0)
+        )
+        layout._derived[("context_cumsum", chosen.device)] = cum
     ctx_before = cum[:, q_pos.clamp(max=layout.length)]
     attended = chosen.to(torch.float32) @ size[:, None, :, None]
     dense = visible.to(torch.float32) @ size[:, :, None]
     attended = attended.squeeze(-1) + ctx_before[:, None, :]
     zero = torch.zeros((), device=chosen.device)
     return GazeStats(
-        attended=torch.where(routed[:, None], attended, zero),
-        dense=torch.where(routed, dense.squeeze(-1), zero),
-        routed=routed,
-        selected=ids,
+        attended=torch.where(routed_q[:, None], attended, zero),
+        dense=torch.where(routed_q, dense.squeeze(-1), zero),
+        routed=routed_q,
+        selected=routed.ids if return_selection else None,
     )

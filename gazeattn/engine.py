@@ -1,0 +1,669 @@
+"""Continuous (iteration-level) batching: sequences join and leave a running batch of one model.
+
+An ``Engine`` owns a model (gaze or stock) and its processor. Each ``step()``:
+
+1. drops cancelled sequences (their rows are freed at once);
+2. prefills waiting sequences, each alone (no padding), while the batch has room and at
+   most ``max_prefill_tokens`` prompt tokens are prefilled in this step (always at least
+   one sequence): prefill is bounded, so running sequences keep streaming. A prefilled
+   sequence's first token is sampled from its prefill, and it joins the batch;
+3. runs one decode step over every running sequence together, each with its own sampling
+   settings (temperature, top_p, seed), stop tokens and strings, and token budget;
+4. removes the sequences that finished, at once.
+
+The gaze cache follows the rows (``gazeattn.cache.BatchCache``): a sequence's region
+descriptors are computed at its own prefill and move with its row, its layout is stacked
+into the batch's (``gazeattn.ops.layout.stack_rows``) at its left padding, and M-RoPE
+families keep its rotary delta. Greedy output of a sequence is the same alone or in a busy
+batch, and the same as ``generate_batch``.
+
+Text is emitted as it is decoded, except what could still become a stop string: stop
+strings never reach the output, streamed or not.
+
+The engine is not thread-safe except for ``submit`` and ``cancel``, which a server calls
+from other threads than the one running ``step``. No Ray here (``serving/`` drives it).
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from gazeattn.cache import BatchCache
+from gazeattn.generation import GazeCache, GenerationRequest, GenerationResult, _boxes
+from gazeattn.modeling import GazeState, gaze_module, is_gaze_model
+from gazeattn.ops.layout import GazeLayout, stack_rows
+from gazeattn.processing import GazeProcessor
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(kw_only=True)
+class TokenLogprob:
+    """The log-probability of a generated token under the model, and the most likely tokens.
+
+    Log-probabilities are those of the model's distribution at that step (log-softmax of the
+    logits, with the never-generated placeholder tokens excluded), before temperature and
+    top_p, as OpenAI and vLLM report them.
+    """
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class StepOutput:
+    """What one step produced for one sequence: new text, and the result when it finished."""
+
+    sequence: EngineSequence
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    result: GenerationResult | None = None
+    error: Exception | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.result is not None or self.error is not None
+
+
+class EngineSequence:
+    """One request inside the engine (created by ``Engine.submit``)."""
+
+    _ids = itertools.count()
+
+    def __init__(self, request: GenerationRequest, sample: dict, options: dict):
+        self.id = next(self._ids)
+        self.request = request
+        self.sample = sample
+        self.return_routing: bool = options["return_routing"]
+        self.routing_layer: int = options["routing_layer"]
+        self.top_logprobs: int | None = options["top_logprobs"]
+        self.presence_penalty: float = options["presence_penalty"]
+        self.frequency_penalty: float = options["frequency_penalty"]
+        self.logit_bias: dict[int, float] = options["logit_bias"]
+        self.peak_batch = 0  # the most sequences it decoded together with (itself included)
+        self.tag: Any = None
+        self.prompt_tokens = len(sample["input_ids"])
+        self.tokens: list[int] = []
+        self.sent = ""  # text emitted so far
+        self.final: str | None = None  # the whole text, once done
+        self.done = False
+        self.cancelled = False
+        self.finish_reason = "length"
+        self.attended: list[float] = []
+        self.dense: list[float] = []
+        self.routing: list[list[dict]] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.generator = (
+            torch.Generator().manual_seed(request.seed) if request.seed is not None else None
+        )
+        self.layout: GazeLayout | None = None  # its own layout (one row, no padding)
+
+    @property
+    def grids(self) -> list[list[int]]:
+        return [
+            list(p[1:4]) if p[0] == "video" else [1, *p[1:3]]
+            for p in self.sample["parts"]
+            if p[0] != "text"
+        ]
+
+
+class Engine:
+    """Continuous batching over one model (see the module doc).
+
+    Args:
+        model: a gaze model (any family) or a stock model of a supported family, in eval mode.
+        processor: its GazeProcessor (for a stock model, one without a gaze config).
+        max_batch_size: most sequences decoding together.
+        max_prefill_tokens: prompt tokens prefilled in one step before the batch decodes
+            again (a longer prompt is still prefilled, alone).
+        routing_layer: the layer whose routing is reported when a sequence asks for it.
+    """
+
+    def __init__(
+        self,
+        model,
+        processor: GazeProcessor,
+        *,
+        max_batch_size: int = 16,
+        max_prefill_tokens: int = 8192,
+        routing_layer: int = -1,
+    ):
+        if max_batch_size < 1 or max_prefill_tokens < 1:
+            raise ValueError("max_batch_size and max_prefill_tokens must be >= 1")
+        self.model, self.processor = model, processor
+        self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
+        self.routing_layer = routing_layer
+        self.gaze = is_gaze_model(model)
+        self.device = next(model.parameters()).device
+        self.num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+        self.stops = set(processor.stop_token_ids)
+        banned = set(processor.placeholder_ids) | {processor.tokenizer.pad_token_id}
+        self.banned = sorted(banned - {None} - self.stops)
+        self._stock_types = (
+            not self.gaze and "mm_token_type_ids" in inspect.signature(model.forward).parameters
+        )
+        self._waiting: deque[EngineSequence] = deque()
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self.running: list[EngineSequence] = []
+        self._offsets: list[int] = []
+        self._deltas: list[torch.Tensor] = []  # [1, 1] rotary delta per row (M-RoPE)
+        self.cache = self._new_cache()
+
+    # ---- from any thread
+
+    def submit(
+        self,
+        request: GenerationRequest,
+        *,
+        sample: dict | None = None,
+        return_routing: bool = False,
+        routing_layer: int | None = None,
+        top_logprobs: int | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logit_bias: dict[int, float] | None = None,
+        tag: Any = None,
+    ) -> EngineSequence:
+        """Queue a request; ``sample`` is its ``processor.encode_sample`` (encoded here when not
+        given). Raises ValueError / ProcessorInputError for a request that cannot run.
+
+        - ``top_logprobs``: None for no logprobs, else how many alternatives per token (0-20).
+        - ``presence_penalty`` / ``frequency_penalty`` (OpenAI's, in [-2, 2]): subtracted from
+          the logit of every token generated so far, once / once per occurrence.
+        - ``logit_bias``: token id -> bias in [-100, 100], added to that token's logit.
+        - ``tag``: anything the caller wants back on the sequence (``seq.tag``).
+        """
+        logit_bias = dict(logit_bias or {})
+        _check(request, top_logprobs, presence_penalty, frequency_penalty, logit_bias, self)
+        if sample is None:
+            sample = self.processor.encode_sample(
+                request.messages,
+                images=request.images,
+                videos=request.videos,
+                add_generation_prompt=True,
+            )
+        options = dict(
+            return_routing=return_routing,
+            routing_layer=self.routing_layer if routing_layer is None else routing_layer,
+            top_logprobs=top_logprobs,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            logit_bias=logit_bias,
+        )
+        seq = EngineSequence(request, sample, options)
+        seq.tag = tag
+        with self._work:
+            self._waiting.append(seq)
+            self._work.notify_all()
+        return seq
+
+    def cancel(self, seq: EngineSequence) -> None:
+        """Stop a sequence (its client went away): its slot is freed at the next step."""
+        with self._work:
+            seq.cancelled = True
+            self._work.notify_all()
+
+    def wait_for_work(self, timeout: float | None = None) -> bool:
+        """Block until there is something to do (or ``timeout``); True when there is."""
+        with self._work:
+            if not self.has_work:
+                self._work.wait(timeout)
+            return self.has_work
+
+    def wake(self) -> None:
+        with self._work:
+            self._work.notify_all()
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting) or bool(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    # ---- the scheduler thread
+
+    def step(self, emit: Callable[[list[StepOutput]], None] | None = None) -> list[StepOutput]:
+        """One iteration: cancellations, bounded prefill of newcomers, one decode step.
+
+        ``emit`` (optional) receives each phase's outputs as soon as they exist, so first
+        tokens go out before the batch's decode step runs.
+        """
+        outputs: list[StepOutput] = []
+
+        def publish(items: list[StepOutput]) -> None:
+            outputs.extend(items)
+            if emit is not None and items:
+                emit(items)
+
+        with torch.no_grad():
+            self._drop_cancelled()
+            publish(self._admit())
+            if self.running:
+                publish(self._decode())
+            self._retire()
+        return outputs
+
+    def abort(self, error: Exception) -> list[StepOutput]:
+        """End every running and waiting sequence with ``error`` and start an empty batch
+        (after a step failed in a way that leaves the batch unknown)."""
+        with self._lock:
+            seqs = [*self.running, *self._waiting]
+            self._waiting.clear()
+        for seq in seqs:
+            seq.done = True
+        self.running, self._offsets, self._deltas = [], [], []
+        self.cache = self._new_cache()
+        return [StepOutput(sequence=s, error=error) for s in seqs if not s.cancelled]
+
+    def run(self, requests: Sequence[GenerationRequest], **options) -> list[GenerationResult]:
+        """Submit ``requests`` and step until all are done; results in order."""
+        seqs = [self.submit(r, **options) for r in requests]
+        results: dict[int, GenerationResult] = {}
+        while len(results) < len(seqs):
+            for out in self.step():
+                if out.error is not None:
+                    raise out.error
+                if out.result is not None:
+                    results[out.sequence.id] = out.result
+        return [results[s.id] for s in seqs]
+
+    # ---- admission and prefill
+
+    def _admit(self) -> list[StepOutput]:
+        outputs, budget = [], self.max_prefill_tokens
+        while len(self.running) < self.max_batch_size and budget > 0:
+            with self._lock:
+                if not self._waiting:
+                    break
+                if self._waiting[0].prompt_tokens > budget and budget < self.max_prefill_tokens:
+                    break
+                seq = self._waiting.popleft()
+            if seq.cancelled:
+                continue
+            budget -= seq.prompt_tokens
+            try:
+                outputs.append(self._prefill(seq))
+            except Exception as err:  # noqa: BLE001 - one request's failure ends only it
+                seq.done = True
+                outputs.append(StepOutput(sequence=seq, error=err))
+        return outputs
+
+    def _prefill(self, seq: EngineSequence) -> StepOutput:
+        batch = self.processor.collate([seq.sample], padding_side="left")
+        ids = batch["input_ids"].to(self.device)
+        vision = {
+            k: v.to(self.device) for k, v in batch.items() if k in self.processor.rules.input_names
+        }
+        mask = batch["attention_mask"].to(self.device)
+        cache = GazeCache() if self.gaze else DynamicCache()
+        extra: dict[str, Any] = {}
+        if self.gaze:
+            seq.layout = batch["gaze_layout"]
+            extra = dict(
+                gaze_layout=seq.layout.to(self.device),
+                gaze_report=True,
+                gaze_selection=seq.return_routing,
+            )
+        else:
+            if self._stock_types:
+                extra["mm_token_type_ids"] = self._token_types(ids)
+            inner = getattr(self.model, "model", None)
+            if hasattr(inner, "rope_deltas"):
+                inner.rope_deltas = None
+        out = self.model(
+            input_ids=ids,
+            **vision,
+            attention_mask=mask,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **extra,
+        )
+        state = cache.gaze_state if self.gaze else None
+        logits = out.logits[:, -1].float()
+        if state is not None:
+            self._record([seq], state, [seq.layout])
+        delta = self._delta_after_prefill(state)
+        (output,) = self._advance([seq], logits)
+        if not seq.done:
+            self._join(seq, cache, state, delta)
+        return output
+
+    def _token_types(self, ids: torch.Tensor) -> torch.Tensor:
+        """Stock Qwen-VL's mm_token_type_ids (text 0, image 1, video 2) from the placeholders."""
+        types = torch.zeros_like(ids, dtype=torch.int32)
+        types[ids == self.processor.image_token_id] = 1
+        if self.processor.video_token_id is not None:
+            types[ids == self.processor.video_token_id] = 2
+        return types
+
+    def _delta_after_prefill(self, state: GazeState | None) -> torch.Tensor:
+        """The row's rotary delta (M-RoPE positions minus text positions), 0 for 1-D RoPE."""
+        if state is not None and state.rope_deltas is not None:
+            return state.rope_deltas.reshape(1, 1).to(self.device)
+        inner = getattr(self.model, "model", None)
+        deltas = getattr(inner, "rope_deltas", None)
+        if deltas is not None:
+            return torch.as_tensor(deltas).reshape(1, 1).to(self.device)
+        return torch.zeros(1, 1, dtype=torch.long, device=self.device)
+
+    # ---- the batch
+
+    def _new_cache(self) -> BatchCache:
+        cache = BatchCache(self.num_layers)
+        if self.gaze:
+            inner = gaze_module(self.model)
+            cache.gaze_state = GazeState(
+                layout=stack_rows([], [], 0, device=self.device),
+                config=inner.gaze_config,
+                layers=inner.gaze_layers,
+                summarize=False,
+            )
+        return cache
+
+    def _join(self, seq: EngineSequence, prefill, state: GazeState | None, delta) -> None:
+        per_layer = [(layer.keys, layer.values) for layer in prefill.layers]
+        grow = self.cache.insert(per_layer, self.max_batch_size)
+        self._offsets = [o + grow for o in self._offsets]
+        self._offsets.append(self.cache.layers[0].get_seq_length() - seq.prompt_tokens)
+        self.running.append(seq)
+        self._deltas.append(delta)
+        if self.gaze:
+            batch_state = self.cache.gaze_state
+            merged = {}
+            for layer in set(batch_state.descriptors) | set(state.descriptors):
+                old = batch_state.descriptors.get(layer)
+                new = state.descriptors[layer]
+                merged[layer] = new if old is None else _cat_regions(old, new)
+            batch_state.descriptors = merged
+        self._relayout()
+
+    def _retire(self) -> None:
+        """Remove finished rows: the last rows move into the freed slots; unused columns go."""
+        gone = {i for i, seq in enumerate(self.running) if seq.done or seq.cancelled}
+        if not gone:
+            return
+        survivors = len(self.running) - len(gone)
+        tail = [i for i in range(survivors, len(self.running)) if i not in gone]
+        index = [i if i not in gone else tail.pop(0) for i in range(survivors)]
+        self.cache.keep(index)
+        self.running = [self.running[i] for i in index]
+        self._offsets = [self._offsets[i] for i in index]
+        self._deltas = [self._deltas[i] for i in index]
+        if self.gaze:
+            state = self.cache.gaze_state
+            picked = torch.tensor(index, dtype=torch.long, device=self.device)
+            state.descriptors = {k: v.index_select(0, picked) for k, v in state.descriptors.items()}
+        trim = min(self._offsets, default=0)
+        self.cache.trim_left(trim)
+        self._offsets = [o - trim for o in self._offsets]
+        self._relayout()
+
+    def _relayout(self) -> None:
+        """The batch layout from every row's own layout at its offset; descriptors fitted."""
+        if not self.gaze:
+            return
+        state = self.cache.gaze_state
+        length = max(
+            (o + s.prompt_tokens for o, s in zip(self._offsets, self.running, strict=True)),
+            default=0,
+        )
+        rows = [s.layout for s in self.running]
+        state.layout = stack_rows(rows, self._offsets, length, device=self.device)
+        regions = state.layout.max_regions
+        state.descriptors = {k: _fit_regions(v, regions) for k, v in state.descriptors.items()}
+        state.rope_deltas = torch.cat(self._deltas) if self._deltas else None
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            if any(s.cancelled for s in self._waiting):
+                self._waiting = deque(s for s in self._waiting if not s.cancelled)
+        if any(s.cancelled for s in self.running):
+            self._retire()
+
+    # ---- decoding
+
+    def _decode(self) -> list[StepOutput]:
+        rows = self.running
+        try:
+            logits = self._forward(rows)
+        except Exception as err:  # noqa: BLE001 - the batch step failed: every row ends
+            outputs = [StepOutput(sequence=s, error=err) for s in rows]
+            for seq in rows:
+                seq.done = True
+            self._retire()
+            self.cache = self._new_cache()
+            return outputs
+        for seq in rows:
+            seq.peak_batch = max(seq.peak_batch, len(rows))
+        return self._advance(rows, logits)
+
+    def _forward(self, rows: list[EngineSequence]) -> torch.Tensor:
+        ids = torch.tensor([[s.tokens[-1]] for s in rows], device=self.device)
+        total = self.cache.layers[0].get_seq_length() + 1
+        offsets = torch.tensor(self._offsets, device=self.device)
+        mask = (torch.arange(total, device=self.device)[None, :] >= offsets[:, None]).long()
+        extra: dict[str, Any] = {}
+        if self.gaze:
+            state = self.cache.gaze_state
+            extra = dict(
+                gaze_layout=state.layout,
+                gaze_report=True,
+                gaze_selection=any(s.return_routing for s in rows),
+            )
+        else:
+            text = total - 1 - offsets[:, None]  # [n, 1] text position of the new token
+            deltas = torch.cat(self._deltas)
+            extra["position_ids"] = (
+                (text + deltas).unsqueeze(0).expand(3, -1, -1) if self._stock_types else text
+            )
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **extra,
+        )
+        if self.gaze:
+            layout = self.cache.gaze_state.layout
+            self._record(rows, self.cache.gaze_state, [layout] * len(rows), batch=True)
+        return out.logits[:, -1].float()
+
+    def _record(self, rows, state: GazeState, layouts, batch: bool = False) -> None:
+        """Visual entries the step's last query attended (mean over layers and heads), and the
+        routed regions at the sequence's layer when it asked."""
+        layers = sorted(state.stats)
+        if not layers:
+            return
+        attended = torch.stack([state.stats[i].attended[:, :, -1].float().mean(1) for i in layers])
+        dense = torch.stack([state.stats[i].dense[:, -1].float() for i in layers])
+        attended, dense = attended.mean(0).tolist(), dense.mean(0).tolist()
+        for i, seq in enumerate(rows):
+            seq.attended.append(attended[i])
+            seq.dense.append(dense[i])
+            if seq.return_routing:
+                chosen = state.stats[layers[seq.routing_layer]].selected
+                row = i if batch else 0
+                seq.routing.append(
+                    []
+                    if chosen is None
+                    else _boxes(chosen[row, :, -1], layouts[i].regions.box[row])
+                )
+
+    # ---- sampling, stops, text
+
+    def _advance(self, rows: list[EngineSequence], logits: torch.Tensor) -> list[StepOutput]:
+        logits[:, self.banned] = float("-inf")
+        picks = self._pick(rows, self._adjusted(rows, logits))
+        want = [s.top_logprobs is not None for s in rows]
+        logprobs = torch.log_softmax(logits, dim=-1) if any(want) else None
+        outputs = []
+        for i, seq in enumerate(rows):
+            tok = picks[i]
+            out = StepOutput(sequence=seq)
+            if logprobs is not None and want[i]:
+                entry = _logprob(logprobs[i], tok, seq.top_logprobs)
+                seq.logprobs.append(entry)
+                out.logprobs.append(entry)
+            if tok in self.stops:
+                seq.done, seq.finish_reason = True, "stop"
+            else:
+                seq.tokens.append(tok)
+                out.token_ids.append(tok)
+                if len(seq.tokens) >= seq.request.max_new_tokens:
+                    seq.done = True
+            out.text = self._text(seq)
+            if seq.done:
+                out.result = self._result(seq)
+            outputs.append(out)
+        return outputs
+
+    def _adjusted(self, rows: list[EngineSequence], logits: torch.Tensor) -> torch.Tensor:
+        """The logits sampling reads: penalties for tokens generated so far, the logit bias."""
+        rows_to_change = [
+            i
+            for i, s in enumerate(rows)
+            if s.logit_bias or (s.tokens and (s.presence_penalty or s.frequency_penalty))
+        ]
+        if not rows_to_change:
+            return logits
+        logits = logits.clone()
+        for i in rows_to_change:
+            seq = rows[i]
+            if seq.tokens and (seq.presence_penalty or seq.frequency_penalty):
+                ids, counts = torch.tensor(seq.tokens).unique(return_counts=True)
+                ids = ids.to(logits.device)
+                penalty = seq.presence_penalty + seq.frequency_penalty * counts.to(logits)
+                logits[i, ids] -= penalty.to(logits.device)
+            if seq.logit_bias:
+                ids = torch.tensor(list(seq.logit_bias), device=logits.device)
+                bias = torch.tensor(list(seq.logit_bias.values()), device=logits.device)
+                logits[i, ids] += bias
+        # a placeholder stays impossible whatever the bias says
+        logits[:, self.banned] = float("-inf")
+        return logits
+
+    def _pick(self, rows: list[EngineSequence], logits: torch.Tensor) -> list[int]:
+        picks = logits.argmax(-1).tolist()
+        for i, seq in enumerate(rows):
+            r = seq.request
+            if r.temperature <= 0:
+                continue
+            row = logits[i]
+            # shift by the max first: with a tiny temperature the other logits then go to -inf
+            # instead of the max going to inf (inf - inf = nan in the softmax)
+            probs = torch.softmax((row - row.max()) / r.temperature, dim=-1)
+            if r.top_p < 1.0:
+                sorted_p, order = probs.sort(descending=True)
+                keep = sorted_p.cumsum(0) - sorted_p < r.top_p
+                probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+                probs = probs / probs.sum()
+            picks[i] = int(torch.multinomial(probs.cpu(), 1, generator=seq.generator))
+        return picks
+
+    def _text(self, seq: EngineSequence) -> str:
+        """The new text to emit: held back while it could still be the start of a stop string;
+        cut before a stop string (which then ends the sequence)."""
+        text = self.processor.decode(seq.tokens)
+        stops = [s for s in seq.request.stop if s]
+        found = [text.find(s, max(len(seq.sent) - len(s) + 1, 0)) for s in stops]
+        hits = [i for i in found if i >= 0]
+        if hits:
+            text = text[: min(hits)]
+            seq.done, seq.finish_reason = True, "stop"
+        elif not seq.done:
+            hold = max((len(s) for s in stops), default=1) - 1
+            # a partial UTF-8 character decodes as U+FFFD until its last byte arrives
+            while text.endswith("\ufffd"):
+                text = text[:-1]
+            text = text[: len(text) - hold] if hold else text
+        if seq.done:
+            # the result's text; the same as what was streamed unless decoding more tokens
+            # rewrote earlier characters (then the result is the exact one)
+            seq.final = text
+        if not text.startswith(seq.sent) or len(text) <= len(seq.sent):
+            return ""
+        delta = text[len(seq.sent) :]
+        seq.sent = text
+        return delta
+
+    def _result(self, seq: EngineSequence) -> GenerationResult:
+        return GenerationResult(
+            text=seq.final if seq.final is not None else seq.sent,
+            token_ids=list(seq.tokens),
+            finish_reason=seq.finish_reason,
+            prompt_tokens=seq.prompt_tokens,
+            completion_tokens=len(seq.tokens),
+            attended_mean=_mean(seq.attended),
+            dense_mean=_mean(seq.dense),
+            routing=seq.routing if seq.return_routing else None,
+            grids=seq.grids,
+            logprobs=seq.logprobs if seq.top_logprobs is not None else None,
+        )
+
+
+def _cat_regions(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Descriptors [B, Hkv, R, D] of the batch and of a joining row, padded to the larger R."""
+    regions = max(old.shape[2], new.shape[2])
+    return torch.cat([_fit_regions(old, regions), _fit_regions(new, regions)])
+
+
+def _fit_regions(desc: torch.Tensor, regions: int) -> torch.Tensor:
+    """Descriptors cut or zero-padded to ``regions`` (padding regions are never visible)."""
+    if desc.shape[2] >= regions:
+        return desc[:, :, :regions]
+    return F.pad(desc, (0, 0, 0, regions - desc.shape[2]))
+
+
+def _logprob(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    best = []
+    if top:
+        values, ids = logprobs.topk(top)
+        best = list(zip(ids.tolist(), values.tolist(), strict=True))
+    return TokenLogprob(token_id=token, logprob=float(logprobs[token]), top=best)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _check(r: GenerationRequest, top_logprobs, presence, frequency, bias, engine) -> None:
+    if not -2.0 <= presence <= 2.0 or not -2.0 <= frequency <= 2.0:
+        raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
+    vocab = engine.model.get_output_embeddings().weight.shape[0]
+    for token, value in bias.items():
+        if not isinstance(token, int) or not 0 <= token < vocab:
+            raise ValueError(
+                f"logit_bias: {token!r} is not a token id of this model (0-{vocab - 1})"
+            )
+        if not -100.0 <= value <= 100.0:
+            raise ValueError(f"logit_bias: the bias of token {token} must be in [-100, 100]")
+    if r.max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    if r.temperature < 0:
+        raise ValueError("temperature must be >= 0")
+    if not 0 < r.top_p <= 1:
+        raise ValueError("top_p must be in (0, 1]")
+    if top_logprobs is not None and not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+        raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")

@@ -1,0 +1,75 @@
+"""Prometheus metrics of each replica, through Ray Serve's metrics API.
+
+Ray exports them on every node's metrics endpoint (``ray_`` prefixed, e.g.
+``ray_gazeattn_requests_total``), with the ``deployment``, ``replica`` and
+``application`` tags Serve adds. Serve's own request metrics (``ray_serve_*``)
+sit beside them.
+"""
+
+from __future__ import annotations
+
+from ray.serve import metrics
+
+# seconds; a first token waits for its prefill (long on CPU for multi-frame prompts)
+TTFT_BOUNDARIES = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+ITL_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
+
+
+class ServeMetrics:
+    """The app's metrics; ``status`` of a request is ok, client_error, server_error,
+    rejected (over the queue limit) or cancelled (the client went away)."""
+
+    def __init__(self):
+        self.requests = metrics.Counter(
+            "gazeattn_requests_total",
+            description="Chat completion requests, by outcome.",
+            tag_keys=("status",),
+        )
+        self.queue_length = metrics.Gauge(
+            "gazeattn_queue_length", description="Requests waiting to be prefilled."
+        )
+        self.batch_size = metrics.Gauge(
+            "gazeattn_running_batch_size", description="Sequences decoding together."
+        )
+        self.ttft = metrics.Histogram(
+            "gazeattn_time_to_first_token_seconds",
+            description="From a request's arrival to its first generated token.",
+            boundaries=TTFT_BOUNDARIES,
+        )
+        self.itl = metrics.Histogram(
+            "gazeattn_inter_token_latency_seconds",
+            description="Between consecutive generated tokens of a request.",
+            boundaries=ITL_BOUNDARIES,
+        )
+        self.generated = metrics.Counter(
+            "gazeattn_generated_tokens_total", description="Completion tokens generated."
+        )
+        self.prompt = metrics.Counter(
+            "gazeattn_prompt_tokens_total", description="Prompt tokens prefilled."
+        )
+        self.attended = metrics.Counter(
+            "gazeattn_visual_entries_attended_total",
+            description="Visual KV entries attended, summed over generated tokens "
+            "(each token: mean over layers and heads).",
+        )
+        self.dense = metrics.Counter(
+            "gazeattn_visual_entries_dense_total",
+            description="Visual KV entries dense attention would read for the same tokens.",
+        )
+
+    def outcome(self, status: str) -> None:
+        self.requests.inc(tags={"status": status})
+
+    def engine(self, waiting: int, running: int) -> None:
+        self.queue_length.set(waiting)
+        self.batch_size.set(running)
+
+    def finished(self, *, prompt: int, generated: int, attended: float, dense: float) -> None:
+        for counter, value in (
+            (self.prompt, prompt),
+            (self.generated, generated),
+            (self.attended, attended),
+            (self.dense, dense),
+        ):
+            if value > 0:
+                counter.inc(float(value))

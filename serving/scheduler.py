@@ -1,0 +1,94 @@
+"""A replica's scheduler loop: one thread owns the model and steps the engine.
+
+The event loop never runs the model. A request handler submits its request
+(``Scheduler.submit``, cheap: the prompt is already encoded) and reads the
+request's outputs from its own ``RequestStream`` as the scheduler thread
+produces them (``loop.call_soon_threadsafe``). A handler that goes away (client
+disconnect) cancels its stream; the engine frees the slot at its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+
+from gazeattn.engine import Engine, EngineSequence, StepOutput
+from serving.requests import Prepared
+
+logger = logging.getLogger("ray.serve")
+
+
+class RequestStream:
+    """The outputs of one request, read on the event loop with ``async for``."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue[StepOutput] = asyncio.Queue()
+        self.sequence: EngineSequence | None = None
+        self.finished = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> StepOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        out = await self.queue.get()
+        self.finished = out.finished
+        return out
+
+
+class Scheduler:
+    """Steps ``engine`` in a daemon thread while there is work; ``on_step`` sees the engine
+    after every step (metrics)."""
+
+    def __init__(self, engine: Engine, on_step: Callable[[Engine], None] | None = None):
+        self.engine = engine
+        self.on_step = on_step
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gazeattn-scheduler", daemon=True)
+        self._thread.start()
+
+    def submit(self, prepared: Prepared) -> RequestStream:
+        """Queue a validated request (call on the event loop)."""
+        stream = RequestStream(asyncio.get_running_loop())
+        stream.sequence = self.engine.submit(
+            prepared.generation, tag=stream, **prepared.engine_options()
+        )
+        return stream
+
+    def cancel(self, stream: RequestStream) -> None:
+        if stream.sequence is not None and not stream.finished:
+            self.engine.cancel(stream.sequence)
+
+    def close(self) -> None:
+        self._closed.set()
+        self.engine.wake()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._closed.is_set():
+            if not self.engine.wait_for_work(timeout=0.5):
+                continue
+            try:
+                self.engine.step(emit=self._dispatch)
+            except Exception as err:  # noqa: BLE001 - the loop must outlive a broken step
+                logger.exception("an engine step failed; ending every request in the batch")
+                self._dispatch(self.engine.abort(err))
+            if self.on_step is not None:
+                try:
+                    self.on_step(self.engine)
+                except Exception:  # noqa: BLE001 - metrics never stop decoding
+                    logger.exception("recording engine metrics failed")
+
+    @staticmethod
+    def _dispatch(outputs: list[StepOutput]) -> None:
+        for out in outputs:
+            stream: RequestStream = out.sequence.tag
+            try:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+            except RuntimeError:
+                # the request's event loop is closed (the replica is shutting down)
+                out.sequence.cancelled = True

@@ -1,0 +1,383 @@
+"""Continuous batching (gazeattn.engine): sequences join and leave a running batch.
+
+The golden check: for a set of image, video and text prompts, greedy output from the engine
+is the same alone, in a busy batch that other sequences join and leave, from
+``generate_batch``, and from transformers' ``generate`` on the exported checkpoint loaded
+through the Auto classes. The tiny random checkpoints are sharpened (decoder weights x4) so
+their greedy tokens depend on the prompt: unsharpened, the Qwen-VL ones repeat one token
+whatever they read, and would hide a wrong position or a wrong row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from gazeattn.cache import BatchCache
+from gazeattn.engine import Engine
+from gazeattn.generation import GazeCache, GenerationRequest, generate_batch, stream_generate
+from gazeattn.model import load_model
+from gazeattn.ops import GazeConfig
+from tests.model.conftest import image_chat, random_image, video_chat
+
+FAMILIES = ("llava", "qwen2.5-vl")
+
+
+def _sharpen(model) -> None:
+    with torch.no_grad():
+        for p in model.model.language_model.parameters():
+            p.mul_(4.0)
+
+
+@pytest.fixture(scope="module")
+def exported(gaze_dirs, tmp_path_factory):
+    """family -> the directory of a sharpened gaze checkpoint, saved as an export is."""
+    out = {}
+    for family in FAMILIES:
+        model, processor = load_model(gaze_dirs[family])
+        _sharpen(model)
+        path = tmp_path_factory.mktemp(f"export-{family}")
+        model.save_pretrained(path)
+        processor.save_pretrained(path)
+        out[family] = path
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(exported):
+    return {family: load_model(path) for family, path in exported.items()}
+
+
+def golden() -> list[GenerationRequest]:
+    return [
+        GenerationRequest(
+            messages=image_chat(answer=None), images=[random_image(1)], max_new_tokens=7
+        ),
+        GenerationRequest(
+            messages=[{"role": "user", "content": "describe the scene"}], max_new_tokens=5
+        ),
+        GenerationRequest(
+            messages=video_chat(), videos=[[random_image(s) for s in range(3)]], max_new_tokens=6
+        ),
+        GenerationRequest(
+            messages=image_chat("which is larger?", answer=None, n_images=2),
+            images=[random_image(4), random_image(5, (70, 30))],
+            max_new_tokens=8,
+        ),
+    ]
+
+
+def _hf_generate(path, request: GenerationRequest) -> list[int]:
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    prompt = processor.apply_chat_template(request.messages, add_generation_prompt=True)
+    inputs = processor(text=prompt, images=list(request.images), videos=list(request.videos))
+    out = model.generate(
+        **inputs,
+        cache=GazeCache(),
+        max_new_tokens=request.max_new_tokens,
+        do_sample=False,
+        eos_token_id=-1,
+        pad_token_id=processor.tokenizer.pad_token_id,
+    )
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def _staggered(engine: Engine, requests, **options) -> list:
+    """Submit one request per step, so each joins a batch that is already decoding."""
+    seqs, results = [], {}
+    pending = list(requests)
+    while pending or len(results) < len(seqs):
+        if pending:
+            seqs.append(engine.submit(pending.pop(0), **options))
+        for out in engine.step():
+            assert out.error is None, out.error
+            if out.result is not None:
+                results[out.sequence.id] = out.result
+    return [results[s.id] for s in seqs]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_is_the_same_alone_in_a_busy_batch_and_in_generate(family, exported, loaded):
+    model, processor = loaded[family]
+    engine = Engine(model, processor, max_batch_size=4)
+    alone = [engine.run([r])[0].token_ids for r in golden()]
+    assert len({tuple(t) for t in alone}) == len(alone), "the prompts must give different outputs"
+    # a long-running sequence that the golden requests join and leave around
+    busy = GenerationRequest(
+        messages=video_chat("and then?"),
+        videos=[[random_image(s) for s in range(10, 14)]],
+        max_new_tokens=30,
+    )
+    joined = _staggered(engine, [busy, *golden()])[1:]
+    assert [r.token_ids for r in joined] == alone
+    reversed_order = _staggered(engine, list(reversed(golden())))
+    assert [r.token_ids for r in reversed_order][::-1] == alone
+    together = engine.run(golden())
+    assert [r.token_ids for r in together] == alone
+    reference = [generate_batch(model, processor, [r])[0] for r in golden()]
+    assert [r.token_ids for r in reference] == alone
+    assert [r.text for r in together] == [r.text for r in reference]
+    for request, tokens in zip(golden(), alone, strict=True):
+        assert _hf_generate(exported[family], request)[: len(tokens)] == tokens
+    assert engine.num_running == 0 and engine.cache.rows == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logprobs_alone_equal_logprobs_in_a_batch(family, loaded):
+    model, processor = loaded[family]
+    engine = Engine(model, processor, max_batch_size=4)
+    alone = [engine.run([r], top_logprobs=3)[0] for r in golden()]
+    batched = _staggered(engine, golden(), top_logprobs=3)
+    for one, many in zip(alone, batched, strict=True):
+        assert len(one.logprobs) == one.completion_tokens
+        for a, b in zip(one.logprobs, many.logprobs, strict=True):
+            assert a.token_id == b.token_id == a.top[0][0]  # greedy: the most likely token
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-4) and a.logprob <= 0
+            assert [t for t, _ in a.top] == [t for t, _ in b.top]
+            assert [v for _, v in a.top] == sorted((v for _, v in a.top), reverse=True)
+
+
+def test_seeded_sampling_in_a_mixed_batch(loaded):
+    model, processor = loaded["llava"]
+    engine = Engine(model, processor)
+
+    def sampled(seed):
+        return GenerationRequest(
+            messages=image_chat(answer=None),
+            images=[random_image(3)],
+            max_new_tokens=8,
+            temperature=1.2,
+            top_p=0.9,
+            seed=seed,
+        )
+
+    alone = engine.run([sampled(7)])[0].token_ids
+    mixed = _staggered(engine, [golden()[0], sampled(7), golden()[2], sampled(8)])
+    assert mixed[1].token_ids == alone
+    assert mixed[0].token_ids == engine.run([golden()[0]])[0].token_ids
+    assert mixed[3].token_ids != alone
+
+
+def test_stop_strings_never_reach_the_output(loaded):
+    model, processor = loaded["llava"]
+    engine = Engine(model, processor)
+    request = golden()[0]
+    full = engine.run([request])[0].text
+    assert len(full) > 6
+    for stop in (full[3:6], full[2], full[-2:]):
+        stopped = GenerationRequest(
+            messages=request.messages, images=request.images, max_new_tokens=7, stop=(stop,)
+        )
+        seq = engine.submit(stopped)
+        deltas, result = [], None
+        while result is None:
+            for out in engine.step():
+                deltas.append(out.text)
+                result = out.result or result
+        streamed = "".join(deltas)
+        assert stop not in streamed and stop not in result.text
+        assert streamed == result.text == full[: full.index(stop)]
+        assert result.finish_reason == "stop" and seq.done
+        assert generate_batch(model, processor, [stopped])[0].text == result.text
+        # the library's one-request stream holds the stop string back too
+        pieces, stream = [], stream_generate(model, processor, stopped)
+        while True:
+            try:
+                pieces.append(next(stream))
+            except StopIteration as done:
+                assert done.value.text == result.text
+                break
+        assert "".join(pieces) == result.text
+
+
+def test_cancel_frees_the_slot_and_spares_the_others(loaded):
+    model, processor = loaded["llava"]
+    engine = Engine(model, processor)
+    requests = golden()
+    seqs = [engine.submit(r) for r in requests]
+    engine.step()
+    assert engine.num_running == len(requests)
+    engine.cancel(seqs[2])
+    results = {}
+    while len(results) < len(requests) - 1:
+        for out in engine.step():
+            assert out.sequence is not seqs[2]
+            if out.result is not None:
+                results[out.sequence.id] = out.result.token_ids
+        assert seqs[2] not in engine.running
+    for i in (0, 1, 3):
+        assert results[seqs[i].id] == engine.run([requests[i]])[0].token_ids
+
+
+def test_prefill_is_bounded_and_running_rows_keep_streaming(loaded):
+    model, processor = loaded["llava"]
+    engine = Engine(model, processor, max_batch_size=3, max_prefill_tokens=1)
+    long = GenerationRequest(
+        messages=image_chat(answer=None), images=[random_image(1)], max_new_tokens=12
+    )
+    first = engine.submit(long)
+    engine.step()
+    others = [engine.submit(r) for r in golden()]
+    for _ in range(4):
+        outputs = engine.step()
+        # one newcomer prefilled per step, and the running sequence got its token
+        assert sum(o.sequence in others and not o.sequence.tokens[1:] for o in outputs) <= 1
+        assert sum(o.sequence is first for o in outputs) == 1
+        assert engine.num_running <= 3
+    while engine.has_work:
+        engine.step()
+        assert engine.num_running <= 3
+    assert all(s.done for s in others)
+
+
+def test_one_failing_prefill_ends_only_its_request(loaded, monkeypatch):
+    model, processor = loaded["llava"]
+    engine = Engine(model, processor)
+    good = [engine.submit(r) for r in golden()[:2]]
+    bad = engine.submit(golden()[2])
+    original = engine._prefill
+
+    def fail_on_bad(seq):
+        if seq is bad:
+            raise ValueError("broken pixels")
+        return original(seq)
+
+    monkeypatch.setattr(engine, "_prefill", fail_on_bad)
+    errors, results = [], {}
+    while engine.has_work:
+        for out in engine.step():
+            if out.error is not None:
+                errors.append((out.sequence, str(out.error)))
+            elif out.result is not None:
+                results[out.sequence.id] = out.result.token_ids
+    assert errors == [(bad, "broken pixels")]
+    monkeypatch.undo()
+    assert [results[s.id] for s in good] == [engine.run([r])[0].token_ids for r in golden()[:2]]
+
+
+def test_penalties_and_logit_bias(loaded):
+    model, processor = loaded["llava"]
+    engine = Engine(model, processor)
+    request = golden()[1]
+    plain = engine.run([request])[0].token_ids
+    forced = plain[0] + 1
+    biased = engine.run([request], logit_bias={forced: 100.0})[0].token_ids
+    assert biased == [forced] * len(plain)
+    avoided = engine.run([request], logit_bias={plain[0]: -100.0})[0].token_ids
+    assert avoided[0] != plain[0]
+    # the penalised logits, on a row that generated [5, 5, 9]
+    seq = engine.submit(request, presence_penalty=0.5, frequency_penalty=1.0)
+    seq.tokens = [5, 5, 9]
+    logits = torch.zeros(1, model.get_output_embeddings().weight.shape[0])
+    adjusted = engine._adjusted([seq], logits)
+    assert adjusted[0, 5] == -2.5 and adjusted[0, 9] == -1.5 and adjusted[0, 10] == 0
+    engine.cancel(seq)
+    engine.step()
+    with pytest.raises(ValueError, match="logit_bias"):
+        engine.submit(request, logit_bias={10**9: 1.0})
+    with pytest.raises(ValueError, match="penalty"):
+        engine.submit(request, presence_penalty=3.0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stock_models_decode_in_the_engine_as_in_generate(family, stock_dirs):
+    model, processor = load_model(stock_dirs[family])
+    _sharpen(model)
+    engine = Engine(model, processor, max_batch_size=4)
+    requests = [golden()[0], golden()[3], golden()[1]]
+    alone = [engine.run([r])[0].token_ids for r in requests]
+    assert [r.token_ids for r in _staggered(engine, requests)] == alone
+    for request, tokens in zip(requests, alone, strict=True):
+        prompt = processor.apply_chat_template(request.messages, add_generation_prompt=True)
+        inputs = dict(processor(text=prompt, images=list(request.images)))
+        inputs.pop("gaze_layout")
+        if family.startswith("qwen"):
+            inputs["mm_token_type_ids"] = engine._token_types(inputs["input_ids"])
+        out = model.generate(
+            **inputs,
+            max_new_tokens=request.max_new_tokens,
+            do_sample=False,
+            eos_token_id=-1,
+            pad_token_id=processor.tokenizer.pad_token_id,
+        )
+        assert out[0, inputs["input_ids"].shape[1] :].tolist()[: len(tokens)] == tokens
+
+
+def test_dense_twin_in_the_engine_equals_generate_batch(loaded):
+    model, processor = loaded["llava"]
+    saved = model.gaze_config
+    model.gaze_config = GazeConfig(top_k="all", backend="dense")
+    try:
+        engine = Engine(model, processor)
+        ours = [r.token_ids for r in _staggered(engine, golden())]
+        assert ours == [generate_batch(model, processor, [r])[0].token_ids for r in golden()]
+    finally:
+        model.gaze_config = saved
+
+
+def test_batch_cache_rows_join_move_and_leave():
+    """The cache views equal left-padded stacks of each row's keys as rows come and go."""
+    gen = torch.Generator().manual_seed(0)
+    cache = BatchCache(num_layers=2)
+    rows: list[torch.Tensor] = []  # each row's keys [H, T_i, D]
+
+    def check():
+        total = cache.layers[0].get_seq_length()
+        expect = torch.zeros(len(rows), 2, total, 4)
+        for i, row in enumerate(rows):
+            expect[i, :, total - row.shape[1] :] = row
+        for layer in cache.layers:
+            assert torch.equal(layer.keys, expect) and torch.equal(layer.values, -expect)
+
+    def join(length):
+        keys = torch.randn(1, 2, length, 4, generator=gen)
+        cache.insert([(keys, -keys), (keys, -keys)], max_rows=3)
+        rows.append(keys[0])
+        check()
+
+    def step():
+        new = torch.randn(len(rows), 2, 1, 4, generator=gen)
+        for layer in cache.layers:
+            layer.update(new, -new)
+        for i in range(len(rows)):
+            rows[i] = torch.cat([rows[i], new[i]], dim=1)
+        check()
+
+    join(5)
+    step()
+    join(3)  # shorter: right-aligned, padded on the left
+    join(400)  # longer than the batch and than the buffer's headroom: everyone moves
+    for _ in range(300):  # past the buffer's end: it grows
+        step()
+    cache.keep([2, 1])  # the first row leaves, the last takes its slot
+    rows[:] = [rows[2], rows[1]]
+    check()
+    used = max(r.shape[1] for r in rows)
+    cache.trim_left(cache.layers[0].get_seq_length() - used)
+    check()
+    join(2)
+    join(9)  # a fourth row: the row capacity grows
+    step()
+    cache.keep([])
+    rows.clear()
+    join(7)  # an idle buffer is reused
+    step()
+    with pytest.raises(ValueError, match="rows"):
+        cache.layers[0].update(torch.zeros(3, 2, 1, 4), torch.zeros(3, 2, 1, 4))
+
+
+def test_generated_video_prompt_routes_like_generate_batch(loaded):
+    """The gaze report (entries attended, routed boxes) is the engine's as generate_batch's."""
+    model, processor = loaded["llava"]
+    engine = Engine(model, processor)
+    request = golden()[2]
+    ours = _staggered(engine, [golden()[0], request], return_routing=True)[1]
+    (theirs,) = generate_batch(model, processor, [request], return_routing=True)
+    assert ours.token_ids == theirs.token_ids
+    assert ours.attended_mean == pytest.approx(theirs.attended_mean)
+    assert ours.dense_mean == pytest.approx(theirs.dense_mean) == 3 * 144
+    assert ours.routing == theirs.routing and ours.grids == theirs.grids == [[3, 12, 12]]
+    assert np.isfinite(ours.attended_mean) and ours.attended_mean < ours.dense_mean

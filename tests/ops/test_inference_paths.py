@@ -1,0 +1,182 @@
+"""The inference paths against the exact-mask reference: prefill without a [T, T] mask, the
+maskless dense decode, the strided decode gather, and the layout of a changing batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gazeattn.ops import GazeConfig, Image, TokenKind, Video, build_layout, gaze_attention
+from gazeattn.ops.gaze.dense import dense_decode
+from gazeattn.ops.gaze.naive import gaze_attention_reference
+from gazeattn.ops.gaze.prefill import gaze_prefill, prefill_spans
+from gazeattn.ops.layout import _compact, stack_rows
+
+FP32 = dict(atol=2e-5, rtol=2e-5)
+
+# (id, sequences, padding side, region_size, n_ctx)
+CASES = [
+    ("image-then-text", [[3, Image(6, 6), 5]], "right", (1, 3, 3), 2),
+    ("two-images", [[3, Image(6, 6), 2, Image(5, 7), 4]], "right", (1, 3, 3), 2),
+    ("video", [[4, Video(3, 4, 4), 6]], "right", (1, 2, 2), 2),
+    ("text-only", [[9]], "right", (1, 2, 2), 2),
+    ("left-pad", [[2, Image(4, 4), 6], [5, Image(4, 4), 1, Image(3, 5), 2]], "left", (1, 2, 2), 1),
+    ("right-pad", [[2, Image(4, 4), 6], [5, Video(2, 3, 3), 2], [7]], "right", (1, 2, 2), 1),
+]
+GQA = [(4, 4), (4, 1), (6, 2)]
+
+
+def _inputs(b, hq, hkv, t, dim=8, seed=0, tq=None):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, t if tq is None else tq, dim, generator=gen)
+    k = torch.randn(b, hkv, t, dim, generator=gen)
+    v = torch.randn(b, hkv, t, dim, generator=gen)
+    return q, k, v
+
+
+def _layout(seqs, side, region, n_ctx):
+    return build_layout(seqs, region_size=region, num_context_tokens=n_ctx, padding_side=side)
+
+
+def _valid_queries(layout):
+    return (layout.kinds != TokenKind.PAD)[:, None, :, None]
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["gaze", "dense-twin"])
+@pytest.mark.parametrize("routing", ["kv_head", "query_head"])
+@pytest.mark.parametrize("hq,hkv", GQA, ids=[f"gqa{a}/{b}" for a, b in GQA])
+@pytest.mark.parametrize("case_id,seqs,side,region,n_ctx", CASES, ids=[c[0] for c in CASES])
+def test_prefill_matches_reference(case_id, seqs, side, region, n_ctx, hq, hkv, routing, dense):
+    layout = _layout(seqs, side, region, n_ctx)
+    config = GazeConfig(
+        region_size=region, keep_ratio=0.4, num_context_tokens=n_ctx, routing=routing
+    )
+    q, k, v = _inputs(layout.batch_size, hq, hkv, layout.length, seed=hq + hkv)
+    spans = prefill_spans(layout, layout.length)
+    assert spans is not None
+    out, stats = gaze_prefill(q, k, v, layout, config, spans, dense=dense, return_selection=True)
+    ref, ref_stats = gaze_attention_reference(
+        q, k, v, layout, config, dense=dense, return_selection=True
+    )
+    valid = _valid_queries(layout)
+    torch.testing.assert_close(out * valid, ref * valid, **FP32)
+    torch.testing.assert_close(stats.attended, ref_stats.attended.float())
+    torch.testing.assert_close(stats.dense, ref_stats.dense.float())
+    assert torch.equal(stats.routed, ref_stats.routed)
+    if not dense:
+        k_ref = ref_stats.selected.shape[-1]
+        routed = stats.routed[:, None, :, None]
+        assert torch.equal(
+            torch.where(routed, stats.selected[..., :k_ref], -1),
+            torch.where(routed, ref_stats.selected, -1),
+        )
+
+
+def test_gaze_attention_takes_the_prefill_path_without_grad(monkeypatch):
+    """No [B, H, T, T] mask under no_grad: gaze_mask only ever sees the recomputed queries."""
+    import gazeattn.ops.gaze.naive as naive
+    import gazeattn.ops.gaze.prefill as prefill
+
+    layout = _layout([[4, Video(3, 4, 4), 6]], "right", (1, 2, 2), 2)
+    config = GazeConfig(region_size=(1, 2, 2), keep_ratio=0.3, num_context_tokens=2)
+    q, k, v = _inputs(1, 4, 2, layout.length)
+    shapes = []
+    original = naive.gaze_mask
+
+    def spy(layout, q_pos, chosen, tk):
+        if not torch.is_grad_enabled():
+            shapes.append(q_pos.numel())
+        return original(layout, q_pos, chosen, tk)
+
+    monkeypatch.setattr(prefill, "gaze_mask", spy)
+    monkeypatch.setattr(naive, "gaze_mask", spy)
+    for backend in ("reference", "dense"):
+        with torch.no_grad():
+            out, _ = gaze_attention(
+                q, k, v, layout, GazeConfig(**{**config.to_dict(), "backend": backend})
+            )
+        ref, _ = gaze_attention_reference(q, k, v, layout, config, dense=backend == "dense")
+        torch.testing.assert_close(out, ref, **FP32)
+    # 3 frames x 2 context tokens + 6 text tokens after the video, twice
+    assert shapes == [12, 12]
+
+
+@pytest.mark.parametrize("hq,hkv", GQA, ids=[f"gqa{a}/{b}" for a, b in GQA])
+@pytest.mark.parametrize("case_id,seqs,side,region,n_ctx", CASES, ids=[c[0] for c in CASES])
+def test_dense_decode_matches_reference(case_id, seqs, side, region, n_ctx, hq, hkv):
+    layout = _layout(seqs, side, region, n_ctx)
+    config = GazeConfig(region_size=region, top_k="all", num_context_tokens=n_ctx, backend="dense")
+    extra = 3
+    q, k, v = _inputs(layout.batch_size, hq, hkv, layout.length + extra, seed=5, tq=1)
+    out, stats = dense_decode(q, k, v, layout)
+    ref, ref_stats = gaze_attention_reference(q, k, v, layout, config, dense=True)
+    torch.testing.assert_close(out, ref, **FP32)
+    torch.testing.assert_close(stats.attended, ref_stats.attended.float())
+    torch.testing.assert_close(stats.dense, ref_stats.dense.float())
+    with torch.no_grad():
+        routed, _ = gaze_attention(q, k, v, layout, config)
+    torch.testing.assert_close(routed, ref, **FP32)
+
+
+@pytest.mark.parametrize("backend", ["reference", "dense"])
+def test_decode_reads_a_strided_cache_view(backend):
+    """k/v as a view into a larger buffer (rows and positions beyond them) decode as contiguous."""
+    layout = _layout(
+        [[2, Image(4, 4), 6], [5, Image(4, 4), 1, Image(3, 5), 2]], "left", (1, 2, 2), 1
+    )
+    config = GazeConfig(
+        region_size=(1, 2, 2), keep_ratio=0.4, num_context_tokens=1, backend=backend
+    )
+    t = layout.length + 4
+    q, k, v = _inputs(2, 4, 2, t, seed=2, tq=1)
+    big_k = torch.randn(5, 2, t + 9, 8)
+    big_v = torch.randn(5, 2, t + 9, 8)
+    big_k[1:3, :, 3 : 3 + t] = k
+    big_v[1:3, :, 3 : 3 + t] = v
+    view_k, view_v = big_k[1:3, :, 3 : 3 + t], big_v[1:3, :, 3 : 3 + t]
+    assert not view_k.is_contiguous()
+    with torch.no_grad():
+        out, _ = gaze_attention(q, view_k, view_v, layout, config)
+        expect, _ = gaze_attention(q, k, v, layout, config)
+    torch.testing.assert_close(out, expect, **FP32)
+
+
+@pytest.mark.parametrize("total_extra", [0, 1, 7])
+def test_dense_index_past_the_layout_equals_compaction(total_extra):
+    layout = _layout(
+        [[2, Image(4, 4), 6], [5, Image(4, 4), 1, Image(3, 5), 2], [3]], "left", (1, 2, 2), 1
+    )
+    total = layout.length + total_extra
+    kinds, _, _ = layout.padded(total)
+    expect = _compact((kinds == TokenKind.TEXT) | (kinds == TokenKind.CONTEXT))
+    got = layout.dense_index(total)
+    assert torch.equal(got[1], expect[1]) and torch.equal(got[0], expect[0])
+
+
+def test_derived_entries_do_not_grow_with_decode_steps():
+    layout = _layout([[2, Image(4, 4), 6]], "right", (1, 2, 2), 1)
+    for extra in range(1, 50):
+        layout.padded(layout.length + extra)
+        layout.dense_index(layout.length + extra)
+    assert len(layout._derived) <= 4
+
+
+def test_stack_rows_equals_a_left_padded_batch():
+    """Single-sequence layouts moved right by their left padding = the batch build_layout lays out."""
+    seqs = [[2, Image(4, 4), 6], [5, Image(4, 4), 1, Video(2, 3, 3), 2], [3]]
+    kw = dict(region_size=(1, 2, 2), num_context_tokens=1)
+    batch = build_layout(seqs, padding_side="left", **kw)
+    rows = [build_layout([s], **kw) for s in seqs]
+    offsets = [batch.length - r.length for r in rows]
+    stacked = stack_rows(rows, offsets, batch.length)
+    for name in ("kinds", "segment", "region"):
+        assert torch.equal(getattr(stacked, name), getattr(batch, name)), name
+    for name in ("tokens", "size", "last", "box", "count"):
+        assert torch.equal(getattr(stacked.regions, name), getattr(batch.regions, name)), name
+    assert stacked.spans == batch.spans
+    # longer than the prompts: the positions after each row are text (decoded tokens)
+    longer = stack_rows(rows, [o + 1 for o in offsets], batch.length + 4)
+    assert (longer.kinds[:, -3:] == TokenKind.TEXT).all()
+    assert torch.equal(longer.kinds[:, 1 : batch.length + 1], batch.kinds)
+    with pytest.raises(ValueError, match="exceeds"):
+        stack_rows(rows, offsets, batch.length - 1)
