@@ -44,9 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import write_results  # noqa: E402
 from gazeattn.ops import GazeConfig  # noqa: E402
 from gazeattn.tiny import build_stock  # noqa: E402
-from serving.settings import GazeOverride, ServeSettings  # noqa: E402
 from serving.images import data_url  # noqa: E402
 from serving.local import local_serve  # noqa: E402
+from serving.settings import GazeOverride, ServeSettings  # noqa: E402
 
 MODES = ("gaze", "dense", "stock", "legacy")
 BYTES = 4  # fp32 on CPU

@@ -104,7 +104,9 @@ def _step_plan(layout: GazeLayout, tk: int, device, config: GazeConfig, top_k) -
         q_pos = query_positions(1, tk, device)
         q_kind = torch.full((layout.batch_size, 1), int(TokenKind.TEXT), device=device)
         visible = visible_regions(layout, q_pos, q_kind)
-        every = Route(q_pos=q_pos, q_kind=q_kind, visible=visible, ids=None, chosen=visible[:, None])
+        every = Route(
+            q_pos=q_pos, q_kind=q_kind, visible=visible, ids=None, chosen=visible[:, None]
+        )
         base = compute_stats(layout, every)
         size = layout.regions.size.to(device=device, dtype=torch.float32)[:, None, :, None]
         dense = base.dense  # [B, 1]: every visible region, in visual entries

@@ -82,7 +82,9 @@ def _decode_stats(layout: GazeLayout, tk: int, device) -> GazeStats:
         q_pos = query_positions(1, tk, device)
         q_kind = torch.full((layout.batch_size, 1), int(TokenKind.TEXT), device=device)
         visible = visible_regions(layout, q_pos, q_kind)
-        every = Route(q_pos=q_pos, q_kind=q_kind, visible=visible, ids=None, chosen=visible[:, None])
+        every = Route(
+            q_pos=q_pos, q_kind=q_kind, visible=visible, ids=None, chosen=visible[:, None]
+        )
         stats = compute_stats(layout, every)
         layout._derived[key] = stats
     return layout._derived[key]
