@@ -6,7 +6,7 @@ On a fresh GPU machine with only this repository and no network, in about 8 minu
    shared memory, the library versions, the launch configurations the kernels pick on it,
    and that importing gazeattn pulls in no Ray, MLflow or DeepSpeed;
 2. every kernel binary compiled for this GPU in parallel, by the compile test's recorder
-   (``tests/ops/kernel_compile.py``): shared memory per kernel against the device's limit.
+   (``gazeattn/ops/gaze/kernel_compile.py``): shared memory per kernel against the device's limit.
    This fills the Triton cache the next steps use; the run then counts the binaries the
    GPU compiled on its own, i.e. that the recorder did not predict;
 3. the ``gpu`` tests: compiled kernels against the reference, values and gradients;
@@ -196,7 +196,7 @@ def _plain(config) -> dict:
 
 def precompile(step: Step, spec, cache: str, sizes: Sizes) -> None:
     """Every binary the compile test predicts for this GPU, compiled in parallel."""
-    from tests.ops import kernel_compile
+    from gazeattn.ops.gaze import kernel_compile
 
     cases = kernel_compile.cases()[: sizes.compile_cases]
     name = f"sm_{spec.capability[0]}{spec.capability[1]}" if spec.capability else "sm_80"

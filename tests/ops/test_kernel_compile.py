@@ -2,7 +2,7 @@
 sm_80 to sm_120 and fits the architecture's per-block shared memory (no GPU needed).
 
 The launches are recorded from the public entry points with the target GPU's device spec
-(``tests/ops/kernel_compile.py``): the same launch-config functions, block tables and
+(``gazeattn/ops/gaze/kernel_compile.py``): the same launch-config functions, block tables and
 arguments a GPU run would use. Cases: bf16, fp16 and fp32; head dims 64, 80, 96 and 128;
 GQA groups 1, 2, 4, 7 and 8; regions of 6x6, 3x3 and 5x7 with smaller edge regions; both
 routing modes. Group, region and head sizes and lengths are runtime arguments, not
@@ -25,7 +25,7 @@ import torch
 from gazeattn.ops import GazeConfig, Image, build_layout
 from gazeattn.ops.gaze import launch
 from gazeattn.ops.gaze.fused import gaze_attention_triton
-from tests.ops.kernel_compile import ARCHS, HEAD_DIMS, binary_key, cases, compile_all
+from gazeattn.ops.gaze.kernel_compile import ARCHS, HEAD_DIMS, binary_key, cases, compile_all
 
 # the fused kernels and the FusedLaunch options each runs with
 FUSED = {

@@ -1,7 +1,7 @@
 """Compile the Triton kernels for real GPUs on a machine without one.
 
 Used by ``test_kernel_compile.py``; also a script that prints the shared memory of
-every binary: ``python -m tests.ops.kernel_compile [sm_80 sm_90 ...]``.
+every binary: ``python -m gazeattn.ops.gaze.kernel_compile [sm_80 sm_90 ...]``.
 
 The launches are the real ones: in a worker process (without the interpreter)
 ``JITFunction.run`` is replaced by a recorder, the device spec the launch
