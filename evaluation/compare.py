@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from evaluation.metrics import wilson_interval  # noqa: E402
 from evaluation.pictures import draw_gaze  # noqa: E402
 from evaluation.runner import EvalConfig, EvalReport, EvalSample, evaluate_samples  # noqa: E402
 from evaluation.tracking import log_report, start_eval_run  # noqa: E402
@@ -44,15 +45,35 @@ def sweep_points(points=DEFAULT_POINTS, **common) -> list[EvalConfig]:
 
 
 @dataclass(kw_only=True)
+class SweepModel:
+    """One model of a comparison and the points it is evaluated at."""
+
+    name: str  # shown in the table ("gaze model", "dense twin"); "" for a one-model sweep
+    model: object
+    processor: object
+    points: list[EvalConfig]
+    info: ResolvedModel | None = None  # its path or URI, for MLflow
+
+
+@dataclass(kw_only=True)
 class SweepRow:
+    model: str
     label: str
     run_id: str | None
+    samples: int
     entries: float  # visual KV entries per generated token
+    dense_entries: float  # the same for dense attention on the same tokens, counted alike
     entries_pct: float  # of dense
     accuracy: float
+    accuracy_low: float  # 95% Wilson interval
+    accuracy_high: float
     hit_rate: float | None
     hit_rate_random: float | None
     flops_ratio: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}: {self.label}" if self.model else self.label
 
 
 @dataclass(kw_only=True)
@@ -64,15 +85,24 @@ class SweepResult:
     run_id: str | None  # the sweep run
 
 
-def row_of(report: EvalReport, run_id: str | None, dense_entries: float) -> SweepRow:
+def row_of(report: EvalReport, run_id: str | None, model: str = "") -> SweepRow:
+    """One table row; its "% of dense" divides by the dense count of the same report (the same
+    samples, tokens and context tokens on both sides)."""
     m = report.metrics
-    entries = m["eval/visual_entries_per_token"]
+    entries, dense = m["eval/visual_entries_per_token"], m["eval/dense_entries_per_token"]
+    n = len(report.samples)
+    low, high = wilson_interval(sum(r.correct for r in report.samples), n)
     return SweepRow(
+        model=model,
         label=report.config.label,
         run_id=run_id,
+        samples=n,
         entries=entries,
-        entries_pct=100.0 * entries / dense_entries if dense_entries else 100.0,
+        dense_entries=dense,
+        entries_pct=100.0 * entries / dense if dense else 100.0,
         accuracy=m["eval/accuracy"],
+        accuracy_low=low,
+        accuracy_high=high,
         hit_rate=m.get("eval/routing_hit_rate"),
         hit_rate_random=m.get("eval/routing_hit_rate_random"),
         flops_ratio=m["eval/attention_flops_ratio"],
@@ -83,44 +113,59 @@ def markdown_table(rows: list[SweepRow]) -> str:
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{100 * v:.1f}%"
 
+    counts = sorted({r.samples for r in rows})
+    heading = " / ".join(str(c) for c in counts)
     lines = [
-        "| attention | visual entries / token | % of dense | accuracy | routing hit rate "
-        "| random routing | attention FLOPs vs dense |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"{heading} held-out samples",
+        "",
+        "| model | attention | visual entries / token | % of dense | accuracy (95% CI) "
+        "| routing hit rate | random routing | attention FLOPs vs dense |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        accuracy = f"{pct(r.accuracy)} ({100 * r.accuracy_low:.1f}-{100 * r.accuracy_high:.1f})"
         lines.append(
-            f"| {r.label} | {r.entries:.1f} | {r.entries_pct:.1f}% | {pct(r.accuracy)} "
-            f"| {pct(r.hit_rate)} | {pct(r.hit_rate_random)} | {r.flops_ratio:.3f} |"
+            f"| {r.model or '-'} | {r.label} | {r.entries:.1f} | {r.entries_pct:.1f}% "
+            f"| {accuracy} | {pct(r.hit_rate)} | {pct(r.hit_rate_random)} | {r.flops_ratio:.3f} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def draw_chart(rows: list[SweepRow], path: Path) -> Path:
-    """Accuracy (and routing hit rate) against visual entries per token, one point per run."""
+    """Accuracy (and routing hit rate) against visual entries per token: a line per model,
+    error bars the 95% intervals."""
     fig, ax = plt.subplots(figsize=CHART_SIZE, dpi=CHART_DPI)
-    gaze = [r for r in rows if r.label != "dense"]
-    gaze.sort(key=lambda r: r.entries)
-    ax.plot(
-        [r.entries for r in gaze], [100 * r.accuracy for r in gaze], "o-", label="gaze accuracy"
-    )
-    hits = [r for r in gaze if r.hit_rate is not None]
-    if hits:
-        ax.plot([r.entries for r in hits], [100 * r.hit_rate for r in hits], "s--",
-                label="gaze routing hit rate")  # fmt: skip
-        ax.plot([r.entries for r in hits], [100 * r.hit_rate_random for r in hits], "x:",
-                color="gray", label="random routing hit rate")  # fmt: skip
-    for r in rows:
-        if r.label == "dense":
-            ax.axhline(100 * r.accuracy, color="black", linestyle="-.", label="dense accuracy")
-            ax.plot([r.entries], [100 * r.accuracy], "k*", markersize=10)
-    for r in gaze:
-        ax.annotate(r.label, (r.entries, 100 * r.accuracy), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")  # fmt: skip
+    models = list(dict.fromkeys(r.model for r in rows))
+    for i, model in enumerate(models):
+        own = sorted((r for r in rows if r.model == model), key=lambda r: r.entries)
+        prefix = f"{model} " if model else ""
+        colour = f"C{i}"
+        ax.errorbar(
+            [r.entries for r in own],
+            [100 * r.accuracy for r in own],
+            yerr=[
+                [100 * (r.accuracy - r.accuracy_low) for r in own],
+                [100 * (r.accuracy_high - r.accuracy) for r in own],
+            ],
+            fmt="o-",
+            color=colour,
+            capsize=3,
+            label=f"{prefix}accuracy",
+        )
+        hits = [r for r in own if r.hit_rate is not None]
+        if hits:
+            ax.plot([r.entries for r in hits], [100 * r.hit_rate for r in hits], "s--",
+                    color=colour, label=f"{prefix}routing hit rate")  # fmt: skip
+            ax.plot([r.entries for r in hits], [100 * r.hit_rate_random for r in hits], "x:",
+                    color="gray", label=f"{prefix}random routing hit rate")  # fmt: skip
+        for r in own:
+            ax.annotate(r.label, (r.entries, 100 * r.accuracy), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")  # fmt: skip
     ax.set_xlabel("visual KV entries per generated token")
     ax.set_ylabel("%")
     ax.set_ylim(-5, 105)
-    ax.set_title("Accuracy vs visual entries attended")
+    counts = "/".join(str(c) for c in sorted({r.samples for r in rows}))
+    ax.set_title(f"Accuracy vs visual entries attended ({counts} held-out samples)")
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -137,42 +182,63 @@ def run_sweep(
     points: list[EvalConfig],
     out_dir: str | Path,
     *,
+    model_info: ResolvedModel | None = None,
+    **kwargs,
+) -> SweepResult:
+    """One model at every point, on the same samples (``compare_models`` with one model)."""
+    entry = SweepModel(name="", model=model, processor=processor, points=points, info=model_info)
+    return compare_models([entry], samples, out_dir, **kwargs)
+
+
+def compare_models(
+    models: list[SweepModel],
+    samples: list[EvalSample],
+    out_dir: str | Path,
+    *,
     client: MlflowClient | None = None,
     experiment: str = "gazeattn-compare",
-    model_info: ResolvedModel | None = None,
     sweep_name: str = "compare",
     params: dict[str, object] | None = None,
+    progress: bool = False,
 ) -> SweepResult:
-    """Evaluate every point on the same samples; log each as a run when ``client`` is given."""
+    """Evaluate every model at each of its points on the same samples; log each as a run (the
+    children of one sweep run holding the table and chart) when ``client`` is given."""
     out = Path(out_dir)
     parent = None
     if client is not None:
-        if model_info is None:
+        if any(m.info is None for m in models):
             raise ValueError("model_info (the model's path or URI) is needed to log the sweep")
         parent = start_eval_run(client, experiment=experiment, run_name=sweep_name,
-                                model=model_info, tags={SWEEP_TAG: sweep_name})  # fmt: skip
-    reports = []
-    for config in points:
-        report = evaluate_samples(model, processor, samples, config)
-        pictures = [
-            draw_gaze(
-                s, r, out / "pictures" / config.label / f"{s.id}.png", tokens=config.picture_tokens
-            )  # fmt: skip
-            for s, r in list(zip(samples, report.samples, strict=True))[: config.pictures]
-            if r.routing
-        ]
-        run_id = None
-        if client is not None:
-            run_id = start_eval_run(
-                client, experiment=experiment, run_name=f"{sweep_name}/{config.label}",
-                model=model_info, tags={SWEEP_TAG: sweep_name, PARENT_TAG: parent},
-            )  # fmt: skip
-            log_report(client, run_id, report, pictures=pictures, params=params)
-            client.set_terminated(run_id)
-        reports.append((report, run_id))
-    dense = next((r for r, _ in reports if r.config.attn == "dense"), None)
-    dense_entries = (dense or reports[0][0]).metrics["eval/dense_entries_per_token"]
-    rows = [row_of(r, run_id, dense_entries) for r, run_id in reports]
+                                model=models[0].info, tags={SWEEP_TAG: sweep_name})  # fmt: skip
+    rows = []
+    total = sum(len(m.points) for m in models)
+    for entry in models:
+        for config in entry.points:
+            name = f"{entry.name}: {config.label}" if entry.name else config.label
+            if progress:
+                print(
+                    f"[eval {len(rows) + 1}/{total}] {name} on {len(samples)} samples", flush=True
+                )
+            report = evaluate_samples(entry.model, entry.processor, samples, config)
+            folder = (
+                f"{entry.name.replace(' ', '-')}-{config.label}" if entry.name else config.label
+            )
+            pictures = [
+                draw_gaze(
+                    s, r, out / "pictures" / folder / f"{s.id}.png", tokens=config.picture_tokens
+                )  # fmt: skip
+                for s, r in list(zip(samples, report.samples, strict=True))[: config.pictures]
+                if r.routing
+            ]
+            run_id = None
+            if client is not None:
+                run_id = start_eval_run(
+                    client, experiment=experiment, run_name=f"{sweep_name}/{name}",
+                    model=entry.info, tags={SWEEP_TAG: sweep_name, PARENT_TAG: parent},
+                )  # fmt: skip
+                log_report(client, run_id, report, pictures=pictures, params=params)
+                client.set_terminated(run_id)
+            rows.append(row_of(report, run_id, entry.name))
     markdown = markdown_table(rows)
     table = out / "comparison" / "table.md"
     table.parent.mkdir(parents=True, exist_ok=True)
@@ -183,7 +249,7 @@ def run_sweep(
         client.log_table(parent, data=data, artifact_file="comparison/table.json")
         client.log_artifact(parent, str(table), "comparison")
         client.log_artifact(parent, str(chart), "comparison")
-        client.log_param(parent, "sweep.points", ",".join(c.label for c in points))
+        client.log_param(parent, "sweep.points", ",".join(r.name for r in rows))
         client.log_param(parent, "sweep.samples", len(samples))
         client.set_terminated(parent)
     return SweepResult(rows=rows, markdown=markdown, chart=chart, table=table, run_id=parent)

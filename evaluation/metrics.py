@@ -71,6 +71,18 @@ def is_correct(prediction: str, answer: str, options: Sequence[str] | None = Non
     return gold is not None and choice_letter(prediction, options) == gold
 
 
+def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The 95% Wilson score interval of an accuracy of ``correct`` out of ``n`` (z = 1.96).
+
+    Unlike the normal approximation it stays inside [0, 1] and is sensible at 0% and 100%."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 # ---- visual KV entries and attention FLOPs
 
 

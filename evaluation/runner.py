@@ -7,7 +7,6 @@ The Ray Data layer (``evaluation.ray_eval``) produces the same records from shar
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from pydantic import Field, model_validator
 from evaluation import metrics
 from gazeattn.generation import GenerationRequest, GenerationResult, generate_batch
 from gazeattn.model import gaze_module
-from gazeattn.ops.config import dense_twin
+from gazeattn.ops.config import at_budget, dense_twin
 from gazeattn.typed_config import Settings
 
 
@@ -145,9 +144,7 @@ def configure(model, config: EvalConfig) -> None:
     if config.attn == "dense":
         inner.gaze_config = dense_twin(base)
     elif config.top_k is not None or config.keep_ratio is not None:
-        inner.gaze_config = dataclasses.replace(
-            base, top_k=config.top_k, keep_ratio=config.keep_ratio
-        )
+        inner.gaze_config = at_budget(base, top_k=config.top_k, keep_ratio=config.keep_ratio)
     else:
         inner.gaze_config = base
 
@@ -253,9 +250,6 @@ def _score(
     keep = max(1, out.completion_tokens)
     routing = {layer: steps[:keep] for layer, steps in routing.items()}
     attended = out.attended_mean
-    if gaze.backend == "dense":
-        # a dense model reads every visual entry and has no context tokens to count
-        attended = out.dense_mean
     result = SampleResult(
         id=sample.id,
         prediction=out.text,
@@ -306,7 +300,8 @@ def summarise(results: list[SampleResult], layers: list[int]) -> dict[str, float
     tokens = sum(r.completion_tokens for r in results)
 
     def token_mean(values: list[float]) -> float:
-        weights = [r.completion_tokens for r in results]
+        # per decode step: an answer that is only the end token still took (and routed) one
+        weights = [max(1, r.completion_tokens) for r in results]
         total = sum(weights)
         return sum(v * w for v, w in zip(values, weights, strict=True)) / total if total else 0.0
 

@@ -16,6 +16,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from evaluation.runner import EvalReport, EvalSample
+from tracking.experiments import experiment_id
 from tracking.models import ResolvedModel
 
 MODEL_TAG = "gazeattn.model"
@@ -31,8 +32,7 @@ def start_eval_run(
     model: ResolvedModel,
     tags: dict[str, str] | None = None,
 ) -> str:
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = experiment_id(client, experiment)
     link = {MODEL_TAG: model.uri, **({MODEL_RUN_TAG: model.run_id} if model.run_id else {})}
     run = client.create_run(exp_id, run_name=run_name, tags={**link, **(tags or {})})
     return run.info.run_id

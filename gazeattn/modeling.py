@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +23,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast
 
 from gazeattn.ops import GazeConfig, GazeLayout, GazeStats, gaze_attention, region_descriptors
+from gazeattn.ops.config import at_budget, dense_twin
 
 ATTN_NAME = "gaze"
 
@@ -100,7 +100,7 @@ def gaze_attention_forward(
     layer = module.layer_idx
     config = state.config
     if state.layers is not None and layer not in state.layers:
-        config = dataclasses.replace(config, top_k="all", keep_ratio=None, backend="dense")
+        config = dense_twin(config)
     tq, tk = query.shape[2], key.shape[2]
     descriptors = state.descriptors.get(layer)
     if descriptors is None and tq == tk and tk >= state.layout.length and config.backend != "dense":
@@ -315,7 +315,7 @@ def set_gaze_budget(
 ) -> None:
     """Replace the configured budget (exactly one of top_k / keep_ratio)."""
     inner = gaze_module(model)
-    inner.gaze_config = dataclasses.replace(inner.gaze_config, top_k=top_k, keep_ratio=keep_ratio)
+    inner.gaze_config = at_budget(inner.gaze_config, top_k=top_k, keep_ratio=keep_ratio)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -1,12 +1,16 @@
 """The README's first command: the main job on the embedded default.
 
-Generates synthetic image/video shards, fine-tunes the tiny gaze model with 2
-DeepSpeed ZeRO-3 workers on a local Ray (CPU), logs to the local MLflow store,
-evaluates dense vs gaze budgets on the held-out split (a table and a chart in
-MLflow), checks the model on its own training answers against the most-frequent-answer
-baseline, and prints the KV savings, the final loss and the MLflow UI command.
+Generates the grid task (pipelines.synthetic: a 2 x 2 arrangement of coloured shapes per
+image, the question about one of them, so the answer lives in one gaze region; and videos
+whose shape shows in one frame), fine-tunes the tiny gaze model and then its dense twin on
+the same shards, steps and seed (2 DeepSpeed ZeRO-3 workers each, on a local Ray, CPU),
+logs both to the local MLflow store, and scores both on the held-out split: one table
+(accuracy with its 95% interval, visual entries attended per generated token, % of dense,
+routing hit rate against random routing) for the dense twin, the gaze model at its training
+budget and at other budgets, plus the chart, the gaze pictures and an MLflow run per row.
 
     python jobs/demo.py [--config configs/demo.yaml] [--set key=value ...]
+                        [--budgets 0.5 1.0] [--eval-limit N] [--no-twin]
 """
 
 from __future__ import annotations
@@ -14,16 +18,29 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from evaluation.cli import compare_main  # noqa: E402
+import ray  # noqa: E402
+
 from gazeattn.typed_config import ConfigError  # noqa: E402
-from training.config import load_config  # noqa: E402
-from training.trainer import run_finetune  # noqa: E402
+from training.config import FinetuneConfig, load_config  # noqa: E402
+from training.trainer import FinetuneResult, run_finetune  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+TWIN_SUFFIX = "-dense-twin"
+
+
+def twin_overrides(config: FinetuneConfig) -> list[str]:
+    """What makes a run the dense twin of ``config``: dense attention, its own run and model
+    names; the data, steps, seed and every other setting stay the same."""
+    return [
+        "model.attn=dense",
+        f"run.name={config.run.name}{TWIN_SUFFIX}",
+        f"mlflow.registered_model_name={config.mlflow.registered_model_name}{TWIN_SUFFIX}",
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,72 +49,142 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--budgets", nargs="*", default=["0.5", "1.0"],
+        help="further budgets for the gaze model: keep ratios (with a dot) or top-K (integers)",
+    )  # fmt: skip
+    parser.add_argument("--eval-limit", type=int, default=None, help="first N held-out samples")
+    parser.add_argument("--max-new-tokens", type=int, default=4, help="answers are 1-3 tokens")
+    parser.add_argument("--pictures", type=int, default=4, help="gaze pictures per row")
+    parser.add_argument("--no-twin", action="store_true", help="skip the dense twin")
     args = parser.parse_args(argv)
     # a local demo: token authentication is for shared clusters
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     try:
         config = load_config(args.config, args.overrides)
-    except ConfigError as err:  # a typo or a wrong type: stop here, before Ray starts
+        twin = None if args.no_twin else load_config(
+            args.config, [*args.overrides, *twin_overrides(config)]
+        )  # fmt: skip
+        budgets = [_budget(b) for b in args.budgets]
+    except (ConfigError, ValueError) as err:  # a typo or a wrong type: stop before Ray starts
         parser.error(str(err))
+    started = time.monotonic()
+    steps = 3 if twin else 2
+    synthetic = config.data.synthetic
     print(
-        f"[demo] fine-tuning {config.model.name_or_path} ({config.model.attn}) with {config.scaling.num_workers} ZeRO-3 workers"
+        f"[demo 1/{steps + 1}] fine-tuning the gaze model ({_budget_words(config)}) on the "
+        f"{synthetic.task} task ({synthetic.n_train} training samples, {synthetic.n_test} "
+        f"held out) with {config.scaling.num_workers} ZeRO-3 workers, {config.train.max_steps} "
+        "steps",
+        flush=True,
     )
-    result = run_finetune(config)
+    gaze = run_finetune(config)
+    _summary("gaze model", gaze, started)
+    ray.shutdown()  # the twin starts on a fresh local Ray, nothing of this run left in it
+    dense = None
+    if twin is not None:
+        print(f"[demo 2/{steps + 1}] fine-tuning its dense twin (same data, steps and seed)")
+        dense = run_finetune(twin)
+        _summary("dense twin", dense, started)
+        ray.shutdown()
+    test_json = Path(config.data.synthetic_dir) / "test.json"
+    print(f"[demo {steps}/{steps + 1}] held-out evaluation", flush=True)
+    common = dict(max_new_tokens=args.max_new_tokens, batch_size=16, pictures=args.pictures)
+    result = held_out(config, gaze, dense, test_json, budgets, limit=args.eval_limit, **common)
+    print()
+    print(result.markdown)
+    print(f"[demo] chart: {result.chart}")
+    print(f"[demo] gaze pictures: {result.chart.parent.parent / 'pictures'}")
+    print(f"[demo {steps + 1}/{steps + 1}] done in {time.monotonic() - started:.0f} s")
+    if gaze.mlflow_uri:
+        print(f"[demo] MLflow experiment {config.mlflow.experiment!r}; open the UI with:")
+        print(
+            f"    .venv/bin/mlflow ui --backend-store-uri {gaze.mlflow_uri} "
+            "--host 127.0.0.1 --port 5000"
+        )
+
+
+def held_out(
+    config: FinetuneConfig,
+    gaze: FinetuneResult,
+    dense: FinetuneResult | None,
+    test_json: Path,
+    budgets: list[int | float],
+    *,
+    limit: int | None = None,
+    **common,
+):
+    """Both exports on the held-out split: the dense twin at its own (dense) attention and at
+    the gaze model's budget (a dense-trained model evaluated sparsely, the baseline), the gaze
+    model at its training budget and at ``budgets``. One table, one chart, an MLflow run each."""
+    from mlflow.tracking import MlflowClient
+
+    from evaluation.compare import SweepModel, compare_models
+    from evaluation.data import load_json
+    from evaluation.runner import EvalConfig
+    from gazeattn import load_model
+    from tracking.models import resolve_model
+
+    own = _own_budget(config)
+    gaze_points = [EvalConfig(**common, **own)]
+    for budget in budgets:
+        point = {"top_k": budget} if isinstance(budget, int) else {"keep_ratio": budget}
+        if point != own:
+            gaze_points.append(EvalConfig(**common, **point))
+    entries = []
+    for name, result, points in (
+        ("dense twin", dense, [EvalConfig(**common, attn="dense"), EvalConfig(**common, **own)]),
+        ("gaze model", gaze, gaze_points),
+    ):
+        if result is None:
+            continue
+        model, processor = load_model(result.export_dir)
+        info = resolve_model(str(result.export_dir), result.mlflow_uri)
+        entries.append(SweepModel(name=name, model=model.eval(), processor=processor,
+                                  points=points, info=info))  # fmt: skip
+    samples = load_json(test_json, limit=limit)
+    client = MlflowClient(gaze.mlflow_uri) if gaze.mlflow_uri else None
+    out = Path(config.run.storage_path) / config.run.name / "held-out"
+    return compare_models(entries, samples, out, client=client,
+                          experiment=config.mlflow.experiment, sweep_name="held-out",
+                          progress=True)  # fmt: skip
+
+
+def _own_budget(config: FinetuneConfig) -> dict:
+    gaze = config.model.gaze
+    if gaze.top_k is not None and gaze.top_k != "all":
+        return {"top_k": int(gaze.top_k)}
+    return {"keep_ratio": gaze.keep_ratio}
+
+
+def _budget(text: str) -> int | float:
+    value = float(text)
+    if "." not in text:
+        return int(value)
+    if not 0 < value <= 1:
+        raise ValueError(f"a keep ratio is in (0, 1], got {text}")
+    return value
+
+
+def _budget_words(config: FinetuneConfig) -> str:
+    own = _own_budget(config)
+    if "top_k" in own:
+        return f"top {own['top_k']} regions"
+    return f"keep {own['keep_ratio']:g} of the regions"
+
+
+def _summary(name: str, result: FinetuneResult, started: float) -> None:
     metrics = result.metrics
-    print("\n[demo] done")
-    print(
-        f"[demo] final loss: {metrics.get('loss', float('nan')):.4f} after {metrics.get('step')} steps"
+    line = (
+        f"[demo] {name}: final loss {metrics.get('loss', float('nan')):.4f} after "
+        f"{metrics.get('step')} steps"
     )
     if "visual_dense" in metrics:
-        print(
-            f"[demo] visual KV entries per text query: {metrics['visual_attended']:.1f} gaze vs "
-            f"{metrics['visual_dense']:.1f} dense -> {metrics['kv_savings_pct']:.1f}% fewer "
-            f"(routing entropy {metrics['routing_entropy']:.2f})"
+        line += (
+            f"; {metrics['visual_attended']:.1f} of {metrics['visual_dense']:.1f} visual entries "
+            f"per text query ({metrics['kv_savings_pct']:.1f}% fewer)"
         )
-    print(f"[demo] exported model: {result.export_dir}")
-    test_json = Path(config.data.synthetic_dir) / "test.json"
-    if test_json.exists():
-        print("[demo] evaluating dense vs gaze budgets on the held-out split")
-        compare = [
-            "--model",
-            str(result.export_dir),
-            "--data",
-            str(test_json),
-            "--max-new-tokens",
-            "8",
-        ]
-        compare += ["--out", str(Path(config.run.storage_path) / config.run.name / "compare")]
-        compare += ["--tracking-uri", result.mlflow_uri] if result.mlflow_uri else ["--no-mlflow"]
-        compare_main(compare)
-    train_json = Path(config.data.synthetic_dir) / "train.json"
-    if train_json.exists():
-        training_answers(result.export_dir, train_json)
-    if result.mlflow_uri:
-        print(f"[demo] MLflow run {result.mlflow_run_id}; open the UI with:")
-        print(
-            f"    .venv/bin/mlflow ui --backend-store-uri {result.mlflow_uri} --host 127.0.0.1 --port 5000"
-        )
-
-
-def training_answers(export_dir: Path, train_json: Path) -> float:
-    """Greedy answers of the fine-tuned model to its own training questions, at its own
-    gaze budget; prints the accuracy beside the most-frequent-answer baseline."""
-    from evaluation.data import load_json
-    from evaluation.metrics import majority_share
-    from evaluation.runner import EvalConfig, evaluate_samples
-    from gazeattn import load_model
-
-    model, processor = load_model(export_dir)
-    samples = load_json(train_json)
-    report = evaluate_samples(model.eval(), processor, samples, EvalConfig(max_new_tokens=8))
-    accuracy = report.metrics["eval/accuracy"]
-    baseline = majority_share([s.answer for s in samples])
-    print(
-        f"[demo] its own {len(samples)} training questions: accuracy {accuracy:.2f} "
-        f"(the most frequent answer alone: {baseline:.2f}), "
-        f"{report.metrics['eval/kv_savings_pct']:.0f}% fewer visual KV entries than dense"
-    )
-    return accuracy
+    print(f"{line}; export {result.export_dir} ({time.monotonic() - started:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,10 @@ class SyntheticSettings(Settings):
     video_fraction: float = Field(0.25, ge=0, le=1)
     image_size: int = Field(96, ge=24)
     frames: int = Field(4, ge=1)
-    shapes_per_image: int = Field(3, ge=1, le=7)
+    # "grid": a grid x grid arrangement, the answer in one cell (pipelines.synthetic)
+    task: Literal["grid", "scatter"] = "grid"
+    grid: int = Field(2, ge=1, le=3)
+    shapes_per_image: int = Field(3, ge=1, le=9)  # task "scatter"
     seed: int = 0
     shard_size: str = "512MB"
 

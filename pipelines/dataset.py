@@ -232,6 +232,8 @@ def build_dataset(
         budget = processor.visual_budget
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress_bars
+    # without bars, no execution plan either: a pass over the data is one line in the log
+    ctx.print_on_execution_start = cfg.progress_bars
     counter = drop_counter(create=True)
     shuffle = cfg.shuffle_files and split == "train"
     source = TolerantWebDataset(

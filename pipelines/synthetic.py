@@ -2,12 +2,22 @@
 
     python -m pipelines.synthetic --out DIR --n-train N --n-test N [--no-shard]
 
-- Images: ``shapes_per_image`` coloured shapes (default 3) on a plain background; the
-  question asks for one shape's colour or position. ``target_box`` = [x0, y0, x1, y1] in pixels
-  is the box of the shape the answer depends on.
-- Videos (mp4, written with PyAV): a plain background in which one shape
-  appears in exactly one frame; the question asks for its colour.
-  ``target_frame`` is that frame and ``target_box`` its box.
+- ``task="grid"`` (the demo's): a ``grid x grid`` arrangement of coloured shapes, one per
+  cell and every colour different, so that with regions of one cell (the demo's 12 x 12
+  tokens in 6 x 6 regions, a 2 x 2 grid) the answer lives in exactly one region. The question
+  names one shape by its position ("What colour is the shape in the top left?") or by its
+  colour ("Where is the red shape?"); attending to another cell gives a wrong answer. The
+  answers are balanced: questions alternate between the two kinds, the asked cell and the
+  asked colour cycle through every value.
+- ``task="scatter"``: ``shapes_per_image`` shapes in distinct cells of a 3 x 3 placement
+  (the earlier demo's task); the question asks for one shape's colour or position.
+- Videos (mp4, written with PyAV): a plain background in which one shape appears in exactly
+  one frame, in one cell of the grid; the question asks for its colour (balanced too).
+  ``target_frame`` is that frame.
+
+``target_box`` = [x0, y0, x1, y1] is the box of the shape the answer depends on, in pixels of
+the original image (``image_size`` = [w, h]). No image of the test split is an image of the
+training split (checked on the pixels).
 
 Writes ``DIR/media/*``, ``DIR/train.json`` and ``DIR/test.json`` (JSON lists of
 records with ``id``, ``image`` or ``video``, ``conversations`` and the extra
@@ -18,6 +28,7 @@ Everything is a function of the seed: the same arguments write the same files.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 from dataclasses import dataclass
@@ -37,8 +48,11 @@ COLOURS = {
     "purple": (150, 40, 190),
     "orange": (250, 140, 10),
     "white": (250, 250, 250),
+    "cyan": (20, 200, 210),
+    "pink": (250, 130, 190),
 }
 SHAPES = ("square", "circle", "triangle")
+TASKS = ("grid", "scatter")
 BACKGROUNDS = ((40, 40, 40), (90, 90, 90), (20, 30, 60))
 # image encodings cycle so every format the pipeline reads is exercised
 IMAGE_FORMATS = (("jpg", "JPEG"), ("png", "PNG"), ("webp", "WEBP"))
@@ -124,6 +138,95 @@ def image_record(
     }
 
 
+def cell_words(row: int, col: int, grid: int) -> str:
+    """The position of cell (row, col) of a ``grid x grid`` arrangement in words."""
+    if grid == 1:
+        return "centre"
+    names = {2: (("top", "bottom"), ("left", "right")),
+             3: (("top", "middle", "bottom"), ("left", "centre", "right"))}[grid]  # fmt: skip
+    vertical, horizontal = names[0][row], names[1][col]
+    return (
+        "centre" if (vertical, horizontal) == ("middle", "centre") else f"{vertical} {horizontal}"
+    )
+
+
+def cell_box(rng: np.random.Generator, row: int, col: int, cell: int) -> tuple[int, int, int, int]:
+    """A shape's box inside cell (row, col): two thirds of the cell, placed at random in it."""
+    side = max(4, cell * 2 // 3)
+    x0 = col * cell + int(rng.integers(0, cell - side + 1))
+    y0 = row * cell + int(rng.integers(0, cell - side + 1))
+    return (x0, y0, x0 + side, y0 + side)
+
+
+def render(size: int, background, shapes: list[Shape]) -> Image.Image:
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    for shape in shapes:
+        draw_shape(draw, shape)
+    return image
+
+
+def grid_shapes(
+    rng: np.random.Generator, size: int, grid: int, target_cell: int, target_colour: int
+) -> list[Shape]:
+    """One shape per cell, all colours different; ``target_colour`` goes in ``target_cell``."""
+    cell = size // grid
+    others = [c for c in range(len(COLOURS)) if c != target_colour]
+    colours = list(rng.choice(others, size=grid * grid - 1, replace=False))
+    colours.insert(target_cell, target_colour)
+    return [
+        Shape(
+            kind=SHAPES[int(rng.integers(len(SHAPES)))],
+            colour=list(COLOURS)[int(colours[i])],
+            box=cell_box(rng, *divmod(i, grid), cell),
+        )
+        for i in range(grid * grid)
+    ]
+
+
+def grid_record(
+    rng: np.random.Generator, rid: str, media: Path, size: int, index: int, grid: int, seen: set
+) -> dict:
+    """One image of the grid task; ``index`` cycles the question kind, cell and colour."""
+    cells, kind = grid * grid, index % 2
+    target_cell = (index // 2) % cells
+    target_colour = (index // 2) % len(COLOURS) if kind == 0 else int(rng.integers(len(COLOURS)))
+    for _ in range(100):  # a new drawing until its pixels are new to the dataset
+        background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+        shapes = grid_shapes(rng, size, grid, target_cell, target_colour)
+        image = render(size, background, shapes)
+        digest = hashlib.sha1(image.tobytes()).hexdigest()
+        if digest not in seen:
+            seen.add(digest)
+            break
+    else:
+        raise ValueError(f"no new {size} px image after 100 draws: use larger images or fewer")
+    target = shapes[target_cell]
+    where = cell_words(*divmod(target_cell, grid), grid)
+    if kind == 0:
+        task, question, answer = (
+            "grid_colour",
+            f"What colour is the shape in the {where}?",
+            target.colour,
+        )
+    else:
+        task, question, answer = "grid_position", f"Where is the {target.colour} shape?", where
+    ext, fmt = IMAGE_FORMATS[index % len(IMAGE_FORMATS)]
+    name = f"{rid}.{ext}"
+    image.save(media / name, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return {
+        "id": rid,
+        "image": name,
+        "conversations": [
+            {"from": "human", "value": f"<image>\n{question}"},
+            {"from": "gpt", "value": answer},
+        ],
+        "task": task,
+        "target_box": list(target.box),
+        "image_size": [size, size],
+    }
+
+
 def write_mp4(frames: list[np.ndarray], fps: int = 4) -> bytes:
     """RGB frames (H and W even) -> H.264 mp4 bytes."""
     buffer = io.BytesIO()
@@ -139,17 +242,29 @@ def write_mp4(frames: list[np.ndarray], fps: int = 4) -> bytes:
     return buffer.getvalue()
 
 
-def video_record(rng: np.random.Generator, rid: str, media: Path, size: int, frames: int) -> dict:
+def video_record(
+    rng: np.random.Generator,
+    rid: str,
+    media: Path,
+    size: int,
+    frames: int,
+    *,
+    index: int = 0,
+    grid: int = 3,
+) -> dict:
+    """One shape in one cell of the grid, in one frame; its colour cycles with ``index``."""
     background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
-    (shape,) = place_shapes(rng, size, count=1)
-    shape.kind = SHAPES[int(rng.integers(len(SHAPES)))]
+    row, col = divmod(int(rng.integers(grid * grid)), grid)
+    shape = Shape(
+        kind=SHAPES[int(rng.integers(len(SHAPES)))],
+        colour=list(COLOURS)[index % len(COLOURS)],
+        box=cell_box(rng, row, col, size // grid),
+    )
     target_frame = int(rng.integers(frames))
-    clip = []
-    for t in range(frames):
-        image = Image.new("RGB", (size, size), background)
-        if t == target_frame:
-            draw_shape(ImageDraw.Draw(image), shape)
-        clip.append(np.asarray(image))
+    clip = [
+        np.asarray(render(size, background, [shape] if t == target_frame else []))
+        for t in range(frames)
+    ]
     name = f"{rid}.mp4"
     (media / name).write_bytes(write_mp4(clip))
     return {
@@ -176,24 +291,39 @@ def generate(
     frames: int = 4,
     video_fraction: float = 0.25,
     shapes_per_image: int = 3,
+    task: str = "grid",
+    grid: int = 2,
     seed: int = 0,
 ) -> dict[str, Path]:
     """Write media and ``train.json``/``test.json`` under ``out``; returns the json paths."""
     if image_size % 2 or image_size < 24:
         raise ValueError(f"image_size must be even and at least 24, got {image_size}")
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if not 1 <= shapes_per_image <= min(9, len(COLOURS)):
-        raise ValueError(f"shapes_per_image must be in [1, 7], got {shapes_per_image}")
+        raise ValueError(f"shapes_per_image must be in [1, 9], got {shapes_per_image}")
+    if grid not in (1, 2, 3):
+        raise ValueError(f"grid must be 1, 2 or 3 (cells per side), got {grid}")
     out = Path(out)
     media = out / "media"
     media.mkdir(parents=True, exist_ok=True)
     paths = {}
+    seen: set[str] = set()  # the images drawn so far: the test split shares none with training
     for split, count, offset in (("train", n_train, 0), ("test", n_test, 1)):
         rng = np.random.default_rng([seed, offset])
         records = []
+        videos = 0
         for i in range(count):
             rid = f"{split}-{i:06d}"
             if rng.random() < video_fraction:
-                records.append(video_record(rng, rid, media, image_size, frames))
+                cells = grid if task == "grid" else 3
+                records.append(
+                    video_record(rng, rid, media, image_size, frames, index=videos, grid=cells)
+                )
+                videos += 1
+            elif task == "grid":
+                images = i - videos
+                records.append(grid_record(rng, rid, media, image_size, images, grid, seen))
             else:
                 records.append(image_record(rng, rid, media, image_size, i, count=shapes_per_image))
         paths[split] = out / f"{split}.json"
@@ -217,6 +347,8 @@ def build(
         frames=cfg.frames,
         video_fraction=cfg.video_fraction,
         shapes_per_image=cfg.shapes_per_image,
+        task=cfg.task,
+        grid=cfg.grid,
         seed=cfg.seed,
     )
     shards = {}
@@ -242,7 +374,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--frames", type=int, default=4)
     parser.add_argument("--video-fraction", type=float, default=0.25)
-    parser.add_argument("--shapes-per-image", type=int, default=3)
+    parser.add_argument("--task", choices=TASKS, default="grid")
+    parser.add_argument("--grid", type=int, default=2, help="cells per side (task grid)")
+    parser.add_argument("--shapes-per-image", type=int, default=3, help="task scatter")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-shard", action="store_true", help="write the json and media only")
     parser.add_argument("--shard-size", default="512MB")
@@ -255,6 +389,8 @@ def main(argv: list[str] | None = None) -> None:
         frames=args.frames,
         video_fraction=args.video_fraction,
         shapes_per_image=args.shapes_per_image,
+        task=args.task,
+        grid=args.grid,
         seed=args.seed,
     )
     for split, path in paths.items():

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gazeattn.ops.config import Backend, GazeConfig, dense_twin
+from gazeattn.ops.config import Backend, GazeConfig, at_budget, dense_twin
 
 
 class GazeOverride(BaseModel):
@@ -39,10 +39,10 @@ class GazeOverride(BaseModel):
         """``base`` (the checkpoint's config) with this override."""
         if self.attn == "dense":
             return dense_twin(base)
-        budget = {"top_k": self.top_k, "keep_ratio": self.keep_ratio}
-        if budget == {"top_k": None, "keep_ratio": None}:
-            budget = {"top_k": base.top_k, "keep_ratio": base.keep_ratio}
-        return dataclasses.replace(base, backend=self.backend, **budget)
+        if (self.top_k, self.keep_ratio) == (None, None):
+            return dataclasses.replace(base, backend=self.backend)
+        routed = at_budget(base, top_k=self.top_k, keep_ratio=self.keep_ratio)
+        return dataclasses.replace(routed, backend=self.backend)
 
 
 class ServeSettings(BaseModel):

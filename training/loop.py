@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -143,7 +144,7 @@ def train_loop(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     node = ray.get_runtime_context().get_node_id()
-    print(f"[train] worker rank {rank}/{ctx.get_world_size()} on node {node}", flush=True)
+    say(f"[train] worker rank {rank}/{ctx.get_world_size()} on node {node}")
     torch.manual_seed(cfg.train.seed + rank)
     deepspeed.init_distributed("nccl" if cfg.scaling.use_gpu else "gloo")
 
@@ -182,11 +183,10 @@ def train_loop(loop_config: dict) -> None:
             _trace(loop_config, rank, step, stream.epoch, result.sample_ids)
             if rank == 0 and step % cfg.train.log_every == 0:
                 savings = row.get("kv_savings_pct", 0.0)
-                print(
+                say(
                     f"[train] step {step}/{cfg.train.max_steps} loss {row['loss']:.4f} "
-                    f"budget {row.get('top_k')} kv savings {savings:.1f}% "
-                    f"{row['samples_per_s']:.2f} samples/s",
-                    flush=True,
+                    f"budget {_budget_text(row.get('top_k'))} kv savings {savings:.1f}% "
+                    f"{row['samples_per_s']:.2f} samples/s"
                 )
                 if tracker:
                     tracker.log_metrics(row, step)
@@ -230,9 +230,24 @@ def _build_model(cfg: FinetuneConfig, model_path: str, *, report: bool = False):
             projector=not settings.freeze_projector,
         )
     if report:
-        print(f"[train] trainable parameters:\n{trainable_report(model)}", flush=True)
+        say(f"[train] trainable parameters:\n{trainable_report(model)}")
     model.train()
     return model, processor
+
+
+def say(text: str) -> None:
+    """One progress line on the worker's stdout, once.
+
+    Not ``print``: Ray Train patches it in its workers to log each line and, whenever
+    ``sys.stdout`` is wrapped (it is there), to print it as well, so the driver showed
+    every line twice."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _budget_text(budget) -> str:
+    """The progressive budget for a log line: regions (int) or a keep ratio, rounded."""
+    return "-" if budget is None else f"{budget:.3g}" if isinstance(budget, float) else str(budget)
 
 
 def _resume(engine) -> tuple[int, DataPosition]:
@@ -244,10 +259,9 @@ def _resume(engine) -> tuple[int, DataPosition]:
         _, client_state = engine.load_checkpoint(path, tag=CKPT_TAG)
         position = DataPosition.load(Path(path))
     step = int(client_state["step"])
-    print(
+    say(
         f"[train] resumed from step {step} (epoch {position.epoch}, "
-        f"{len(position.consumed)} of its samples done)",
-        flush=True,
+        f"{len(position.consumed)} of its samples done)"
     )
     return step, position
 

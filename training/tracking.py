@@ -19,6 +19,8 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from tracking.experiments import experiment_id
+
 log = logging.getLogger(__name__)
 
 RUN_NAME_TAG = "gazeattn.run_name"
@@ -39,8 +41,7 @@ def resolve_run(
     """The id of the MLflow run for ``run_name`` in ``experiment``, created on first use."""
     _fail_fast()
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = experiment_id(client, experiment)
     found = client.search_runs(
         [exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1
     )

@@ -93,3 +93,15 @@ def dense_twin(config: GazeConfig) -> GazeConfig:
     Training (``model.attn: dense``), evaluation (``--attn dense``) and serving
     (``gaze.attn: dense``) all build their dense runs with this function."""
     return replace(config, top_k=ALL, keep_ratio=None, backend="dense")
+
+
+def at_budget(
+    config: GazeConfig, *, top_k: int | str | None = None, keep_ratio: float | None = None
+) -> GazeConfig:
+    """``config`` routed at this budget (one of ``top_k`` / ``keep_ratio``).
+
+    A dense twin (backend ``dense``) is routed too, through the default backend: a budget
+    asked for is a budget applied (evaluating a dense-trained model sparsely is a baseline),
+    never silently dense. Evaluation, serving and ``set_gaze_budget`` all go through here."""
+    backend = "auto" if config.backend == "dense" else config.backend
+    return replace(config, top_k=top_k, keep_ratio=keep_ratio, backend=backend)

@@ -1,7 +1,9 @@
 """Synthetic data and make_shards: records in == samples out, in order, with content."""
 
+import hashlib
 import json
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import av
@@ -62,7 +64,9 @@ def test_synthetic_is_deterministic(tmp_path):
 
 @pytest.mark.parametrize("shapes", [1, 3])
 def test_shapes_per_image(tmp_path, shapes):
-    paths = generate(tmp_path, n_train=6, n_test=0, video_fraction=0, shapes_per_image=shapes)
+    paths = generate(
+        tmp_path, n_train=6, n_test=0, video_fraction=0, task="scatter", shapes_per_image=shapes
+    )
     for r in json.loads(paths["train"].read_text()):
         if not r["image"].endswith(".png"):  # lossless: the colours are exact
             continue
@@ -71,9 +75,59 @@ def test_shapes_per_image(tmp_path, shapes):
         assert len(colours) == shapes, r
 
 
+@pytest.mark.parametrize("grid", [2, 3])
+def test_grid_task_answer_lives_in_one_cell(tmp_path, grid):
+    """One shape per cell, colours all different; the answer is the asked cell's, its box in
+    that cell; answers balanced; no held-out image is a training image."""
+    size = 24 * grid
+    paths = generate(tmp_path, n_train=72, n_test=36, image_size=size, video_fraction=0.25,
+                     task="grid", grid=grid, seed=1)  # fmt: skip
+    cell = size // grid
+    digests = {}
+    for split in ("train", "test"):
+        records = json.loads(paths[split].read_text())
+        answers = Counter()
+        for r in records:
+            answer = r["conversations"][1]["value"]
+            x0, y0, x1, y1 = r["target_box"]
+            assert x0 // cell == (x1 - 1) // cell and y0 // cell == (y1 - 1) // cell, r
+            if "video" in r:
+                assert r["task"] == "video_colour" and 0 <= r["target_frame"] < r["num_frames"]
+                continue
+            answers[(r["task"], answer)] += 1
+            image = Image.open(tmp_path / "media" / r["image"]).convert("RGB")
+            digests.setdefault(split, set()).add(hashlib.sha1(image.tobytes()).hexdigest())
+            if not r["image"].endswith(".png"):  # lossless: the colours are exact
+                continue
+            pixels = np.asarray(image)
+            colours = []
+            for row in range(grid):
+                for col in range(grid):
+                    block = pixels[row * cell : (row + 1) * cell, col * cell : (col + 1) * cell]
+                    found = {tuple(c) for c in block.reshape(-1, 3)} & set(COLOURS.values())
+                    assert len(found) == 1, (r, row, col)
+                    colours.append(found.pop())
+            assert len(set(colours)) == grid * grid
+            asked = colours[(y0 // cell) * grid + x0 // cell]
+            question = r["conversations"][0]["value"]
+            if r["task"] == "grid_colour":
+                assert COLOURS[answer] == asked, r
+            else:
+                assert r["task"] == "grid_position" and f"the {asked_name(asked)} shape" in question
+        # balanced: each kind's answers differ in count by at most one cycle's remainder
+        for task in ("grid_colour", "grid_position"):
+            counts = [n for (t, _), n in answers.items() if t == task]
+            assert counts and max(counts) - min(counts) <= 1, (split, task, answers)
+    assert not digests["train"] & digests["test"]
+
+
+def asked_name(rgb) -> str:
+    return next(name for name, value in COLOURS.items() if value == rgb)
+
+
 def test_shapes_per_image_is_checked(tmp_path):
     with pytest.raises(ValueError, match="shapes_per_image"):
-        generate(tmp_path, n_train=1, n_test=0, shapes_per_image=8)
+        generate(tmp_path, n_train=1, n_test=0, task="scatter", shapes_per_image=10)
 
 
 def test_round_trip_order_and_content(synthetic, tmp_path):

@@ -60,17 +60,20 @@ def json_data(tmp_path):
     return write_json_data(tmp_path)
 
 
-def write_json_data(tmp_path):
-    """A LLaVA-format test.json with media/ beside it (the synthetic data's layout)."""
+def write_json_data(tmp_path, *, with_size: bool = True):
+    """A LLaVA-format test.json with media/ beside it (the synthetic data's layout): 128 x 96
+    images, not the processor's 96 x 96 square; ``with_size=False`` leaves the records
+    without ``image_size`` (the box's frame is then the decoded image's own size)."""
     media = tmp_path / "media"
-    media.mkdir()
+    media.mkdir(parents=True)
     records = []
     for i, box in enumerate([[60, 10, 90, 40], [5, 50, 30, 90], [40, 40, 70, 70]]):
         Image.fromarray(square_image(box, size=(128, 96))).save(media / f"t{i}.png")
         records.append({
-            "id": f"test-{i}", "image": f"t{i}.png", "target_box": box, "image_size": [128, 96],
+            "id": f"test-{i}", "image": f"t{i}.png", "target_box": box,
             "conversations": [{"from": "human", "value": "<image>\nWhat colour is the square?"},
                               {"from": "gpt", "value": "red"}],
+            **({"image_size": [128, 96]} if with_size else {}),
         })  # fmt: skip
     path = tmp_path / "test.json"
     path.write_text(json.dumps(records))

@@ -20,8 +20,14 @@ def ray_local():
     ray.shutdown()
 
 
-def test_shards_match_local_evaluation(tiny_dir, tiny, json_data, tmp_path, ray_local):
+def test_shards_match_local_evaluation(tiny_dir, tiny, tmp_path, ray_local):
+    """--shards (Ray Data, decoded in the actors) and --data (read here) score alike, target
+    boxes included: the records carry no image_size and the images are not the processor's
+    size, so a box framed by a resized image would route-hit differently."""
     from evaluation.shards import evaluate_shards, shard_samples
+    from tests.eval.conftest import write_json_data
+
+    json_data = write_json_data(tmp_path / "data", with_size=False)
     from pipelines.make_shards import make_shards
 
     manifest = make_shards(json_data, json_data.parent / "media", tmp_path / "shards",
@@ -41,3 +47,6 @@ def test_shards_match_local_evaluation(tiny_dir, tiny, json_data, tmp_path, ray_
         shards, limit=2, frames_per_video=processor.visual_budget.frames_per_video
     )
     assert len(firsts) == 2 and firsts[0].target_box is not None
+    # the original size, not the processor's, frames the target box
+    assert [s.media_size() for s in firsts] == [(128, 96), (128, 96)]
+    assert [s.media_size() for s in load_json(json_data)][:2] == [(128, 96), (128, 96)]

@@ -378,6 +378,6 @@ def test_generated_video_prompt_routes_like_generate_batch(loaded):
     (theirs,) = generate_batch(model, processor, [request], return_routing=True)
     assert ours.token_ids == theirs.token_ids
     assert ours.attended_mean == pytest.approx(theirs.attended_mean)
-    assert ours.dense_mean == pytest.approx(theirs.dense_mean) == 3 * 144
+    assert ours.dense_mean == pytest.approx(theirs.dense_mean) == 3 * (144 + 4)
     assert ours.routing == theirs.routing and ours.grids == theirs.grids == [[3, 12, 12]]
     assert np.isfinite(ours.attended_mean) and ours.attended_mean < ours.dense_mean

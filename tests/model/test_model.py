@@ -120,10 +120,10 @@ def test_last_query_entries(gaze_dir):
             gaze_layout=batch["gaze_layout"],
             gaze_report=True,
         )
-    # a decode query: one region of 36 plus the 2 x 4 context tokens, of 288 dense entries
+    # a decode query: one region of 36 plus the 2 x 4 context tokens, of 288 + 8 dense entries
     for stats in cache.gaze_state.stats.values():
         assert stats.attended[0, :, -1].tolist() == [36 + 8] * stats.attended.shape[1]
-        assert stats.dense[0, -1] == 288
+        assert stats.dense[0, -1] == 288 + 8
 
 
 def test_budget_can_be_replaced(gaze_dir):

@@ -130,7 +130,8 @@ def test_batched_greedy_equals_one_by_one(gaze):
 def test_generation_reports_savings_and_routing(gaze):
     model, processor = gaze
     result = generate_batch(model, processor, _requests()[2:], return_routing=True)[0]
-    assert 0 < result.attended_mean < result.dense_mean == 3 * 144
+    # 3 frames of 144 tokens and their 3 x 4 context tokens
+    assert 0 < result.attended_mean < result.dense_mean == 3 * 144 + 3 * 4
     assert len(result.routing) == result.completion_tokens
     for token in result.routing:
         boxes = [r["box"] for r in token]

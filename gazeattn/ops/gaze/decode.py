@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from gazeattn.ops.config import GazeConfig
-from gazeattn.ops.gaze.stats import GazeStats, compute_stats
+from gazeattn.ops.gaze.stats import GazeStats, compute_stats, context_before
 from gazeattn.ops.layout import GazeLayout, TokenKind
 from gazeattn.ops.routing import (
     Route,
@@ -109,15 +109,15 @@ def _step_plan(layout: GazeLayout, tk: int, device, config: GazeConfig, top_k) -
         )
         base = compute_stats(layout, every)
         size = layout.regions.size.to(device=device, dtype=torch.float32)[:, None, :, None]
-        dense = base.dense  # [B, 1]: every visible region, in visual entries
+        dense = base.dense  # [B, 1]: every visible region and context token
         plan = {
             "visible": visible,
             "k": budgets(config, visible.sum(-1), top_k),
             "size": size,
             "dense": dense,
             "routed": base.routed,
-            # the context tokens before the query: attended - the visible regions' entries
-            "context": (base.attended - dense[:, None, :]),
+            # the context tokens before the query, attended whatever the routing picks
+            "context": context_before(layout, q_pos, device)[:, None, :],
         }
         layout._keep_latest(key, plan)
     return layout._derived[key]

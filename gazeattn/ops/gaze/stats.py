@@ -16,7 +16,10 @@ class GazeStats:
 
     attended: [B, Hr, Tq] visual entries attended: tokens of the selected regions plus
               the visible context tokens (the paper's count, e.g. 20 * 36 + 4 * 8).
-    dense:    [B, Tq] visual tokens a dense query at the same position attends.
+    dense:    [B, Tq] what a dense query at the same position attends, counted the same
+              way: every visible region's tokens plus the same context tokens (so a
+              dense twin attends exactly its dense count, and savings compare like
+              with like).
     routed:   [B, Tq] bool, True for text queries (the ones that route).
     selected: [B, Hr, Tq, K] selected region ids, -1 padded (only when asked for).
     """
@@ -49,24 +52,29 @@ def compute_stats(layout: GazeLayout, routed: Route, return_selection: bool = Fa
     chosen, visible, q_pos = routed.chosen, routed.visible, routed.q_pos
     size = layout.regions.size.to(chosen.device).to(torch.float32)
     routed_q = routed.q_kind == TokenKind.TEXT
-    # context tokens of the layout before each query, [B, Tq]: a prefix sum (cum[:, p] counts
-    # the positions < p), so no [Tq, T] comparison is materialised; once per layout, not per
-    # call (every layer of every decode step asks)
-    cum = layout._derived.get(("context_cumsum", chosen.device))
-    if cum is None:
-        kinds = layout.kinds.to(chosen.device)
-        cum = torch.nn.functional.pad(
-            (kinds == TokenKind.CONTEXT).to(torch.int64).cumsum(-1), (1, 0)
-        )
-        layout._derived[("context_cumsum", chosen.device)] = cum
-    ctx_before = cum[:, q_pos.clamp(max=layout.length)]
+    ctx_before = context_before(layout, q_pos, chosen.device)
     attended = chosen.to(torch.float32) @ size[:, None, :, None]
-    dense = visible.to(torch.float32) @ size[:, :, None]
+    dense = (visible.to(torch.float32) @ size[:, :, None]).squeeze(-1) + ctx_before
     attended = attended.squeeze(-1) + ctx_before[:, None, :]
     zero = torch.zeros((), device=chosen.device)
     return GazeStats(
         attended=torch.where(routed_q[:, None], attended, zero),
-        dense=torch.where(routed_q, dense.squeeze(-1), zero),
+        dense=torch.where(routed_q, dense, zero),
         routed=routed_q,
         selected=routed.ids if return_selection else None,
     )
+
+
+def context_before(layout: GazeLayout, q_pos: torch.Tensor, device) -> torch.Tensor:
+    """[B, Tq] context tokens of the layout before each query position."""
+    # a prefix sum (cum[:, p] counts the positions < p), so no [Tq, T] comparison is
+    # materialised; once per layout, not per call (every layer of every decode step asks)
+    key = ("context_cumsum", device)
+    cum = layout._derived.get(key)
+    if cum is None:
+        kinds = layout.kinds.to(device)
+        cum = torch.nn.functional.pad(
+            (kinds == TokenKind.CONTEXT).to(torch.int64).cumsum(-1), (1, 0)
+        )
+        layout._derived[key] = cum
+    return cum[:, q_pos.clamp(max=layout.length)]
