@@ -200,16 +200,20 @@ def compare_models(
     sweep_name: str = "compare",
     params: dict[str, object] | None = None,
     progress: bool = False,
+    parent_model: ResolvedModel | None = None,
 ) -> SweepResult:
     """Evaluate every model at each of its points on the same samples; log each as a run (the
-    children of one sweep run holding the table and chart) when ``client`` is given."""
+    children of one sweep run holding the table and chart) when ``client`` is given.
+
+    ``parent_model``: the model the sweep run is tagged with (default: the first model's)."""
     out = Path(out_dir)
     parent = None
     if client is not None:
         if any(m.info is None for m in models):
             raise ValueError("model_info (the model's path or URI) is needed to log the sweep")
         parent = start_eval_run(client, experiment=experiment, run_name=sweep_name,
-                                model=models[0].info, tags={SWEEP_TAG: sweep_name})  # fmt: skip
+                                model=parent_model or models[0].info,
+                                tags={SWEEP_TAG: sweep_name})  # fmt: skip
     rows = []
     total = sum(len(m.points) for m in models)
     for entry in models:

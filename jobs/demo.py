@@ -145,9 +145,10 @@ def held_out(
     samples = load_json(test_json, limit=limit)
     client = MlflowClient(gaze.mlflow_uri) if gaze.mlflow_uri else None
     out = Path(config.run.storage_path) / config.run.name / "held-out"
+    # the sweep run is tagged with the gaze model (the last entry)
     return compare_models(entries, samples, out, client=client,
                           experiment=config.mlflow.experiment, sweep_name="held-out",
-                          progress=True)  # fmt: skip
+                          progress=True, parent_model=entries[-1].info)  # fmt: skip
 
 
 def _own_budget(config: FinetuneConfig) -> dict:
