@@ -228,10 +228,19 @@ def test_length_policy_and_text_only_drop(ray_session, data, tiny, policy):
         for r in ds.take_all()
     ]
     media = [s for rid, s in full if rid != "text-only"]
-    limit = sorted(len(s["input_ids"]) for s in media)[5]
-    over = [s for s in media if len(s["input_ids"]) > limit]
-    fits_in_tail = [s for s in over if len(s["input_ids"]) - limit < s["parts"][-1][1]]
-    assert over and (policy == "drop" or fits_in_tail)
+
+    def cut(limit):
+        over = [s for s in media if len(s["input_ids"]) > limit]
+        return over, [s for s in over if len(s["input_ids"]) - limit < s["parts"][-1][1]]
+
+    # the smallest limit that cuts some sample inside its last text part (truncated) and,
+    # if the data allow it, some other elsewhere (dropped under either policy)
+    lengths = range(1, max(len(s["input_ids"]) for s in media))
+    candidates = [n for n in lengths if cut(n)[1]]
+    both = [n for n in candidates if len(cut(n)[0]) > len(cut(n)[1])]
+    limit = min(both or candidates)
+    over, fits_in_tail = cut(limit)
+    assert over and fits_in_tail
     reset_drop_counts()
     stats = {}
     cfg = config(shards, max_length=limit, length_policy=policy, text_only="drop")

@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 # Per-block shared memory a kernel may use (opt-in), bytes: CUDA C++ Programming Guide,
@@ -80,12 +81,24 @@ def cases() -> list[Case]:
     return out
 
 
-def _worker_init(cache_dir: str) -> None:
-    # compile for real targets: the kernel modules must not be the interpreter's
-    os.environ["TRITON_INTERPRET"] = "0"
-    # a fresh cache per run: nothing compiled earlier can hide a failure
-    os.environ["TRITON_CACHE_DIR"] = cache_dir
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+@contextmanager
+def _worker_env(cache_dir: str):
+    """The environment the spawned workers start with (they import Triton and this package
+    before any initializer could run, and Triton decides interpreter or compiler as its own
+    kernels are defined): compile for real targets, into a fresh cache so that nothing
+    compiled earlier can hide a failure."""
+    values = {"TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": cache_dir}
+    values.setdefault("TRITON_DEFAULT_FP_FUSION", os.environ.get("TRITON_DEFAULT_FP_FUSION", "1"))
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _record(arch: tuple, batch: list[Case]) -> list[dict]:
@@ -248,9 +261,7 @@ def compile_all(archs, case_list, *, workers: int | None = None, cache_dir: str)
     workers = workers or os.cpu_count() or 1
     context = multiprocessing.get_context("spawn")
     results = {arch: {"launches": [], "binaries": {}} for arch in archs}
-    with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_worker_init, initargs=(cache_dir,)
-    ) as pool:
+    with _worker_env(cache_dir), ProcessPoolExecutor(workers, mp_context=context) as pool:
         chunks = [case_list[i::workers] for i in range(workers)]
         recorded = {
             (arch, i): pool.submit(_record, (arch, *archs[arch]), chunk)
