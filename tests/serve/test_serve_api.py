@@ -158,7 +158,8 @@ def test_gaze_extension(client):
     out = chat(client, user(image_part(data_url(image_bytes(7)))), extra_body={"gaze": True})
     gaze = out.model_extra["gaze"]
     assert gaze["layer"] == LAYERS - 1 and gaze["grids"] == [[1, 12, 12]]
-    assert 0 < gaze["visual_entries_attended"] < gaze["visual_entries_dense"] == 144
+    # dense: the 144 image tokens and the 4 context tokens, the ones gaze counts too
+    assert 0 < gaze["visual_entries_attended"] < gaze["visual_entries_dense"] == IMAGE_TOKENS
     assert gaze["savings"] == pytest.approx(
         1 - gaze["visual_entries_attended"] / gaze["visual_entries_dense"]
     )
