@@ -34,7 +34,7 @@ legacy_api = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 @serve.ingress(legacy_api)
 class LegacyChat:
     def __init__(self, settings: dict, max_batch_size: int, batch_wait_timeout_s: float):
-        from training.export import resolve_model
+        from tracking.models import resolve_model
 
         self.settings = ServeSettings.model_validate(settings)
         path = resolve_model(self.settings.model).path
