@@ -36,11 +36,12 @@ TWIN_SUFFIX = "-dense-twin"
 def twin_overrides(config: FinetuneConfig) -> list[str]:
     """What makes a run the dense twin of ``config``: dense attention, its own run and model
     names; the data, steps, seed and every other setting stay the same."""
-    return [
-        "model.attn=dense",
-        f"run.name={config.run.name}{TWIN_SUFFIX}",
-        f"mlflow.registered_model_name={config.mlflow.registered_model_name}{TWIN_SUFFIX}",
-    ]
+    sets = ["model.attn=dense", f"run.name={config.run.name}{TWIN_SUFFIX}"]
+    if config.mlflow.registered_model_name:  # None: the runs register no model
+        sets.append(
+            f"mlflow.registered_model_name={config.mlflow.registered_model_name}{TWIN_SUFFIX}"
+        )
+    return sets
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,8 +139,9 @@ def held_out(
     ):
         if result is None:
             continue
-        model, processor = load_model(result.export_dir)
+        # an export on object storage is copied to the local cache first
         info = resolve_model(str(result.export_dir), result.mlflow_uri)
+        model, processor = load_model(info.path)
         entries.append(SweepModel(name=name, model=model.eval(), processor=processor,
                                   points=points, info=info))  # fmt: skip
     samples = load_json(test_json, limit=limit)
