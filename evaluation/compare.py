@@ -166,7 +166,7 @@ def draw_chart(rows: list[SweepRow], path: Path) -> Path:
     ax.set_ylim(-5, 105)
     counts = "/".join(str(c) for c in sorted({r.samples for r in rows}))
     ax.set_title(f"Accuracy vs visual entries attended ({counts} held-out samples)")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
