@@ -89,13 +89,17 @@ def main(argv: list[str] | None = None) -> None:
         _summary("dense twin", dense, started)
         ray.shutdown()
     test_json = Path(config.data.synthetic_dir) / "test.json"
-    print(f"[demo {steps}/{steps + 1}] held-out evaluation", flush=True)
-    common = dict(max_new_tokens=args.max_new_tokens, batch_size=16, pictures=args.pictures)
-    result = held_out(config, gaze, dense, test_json, budgets, limit=args.eval_limit, **common)
-    print()
-    print(result.markdown)
-    print(f"[demo] chart: {result.chart}")
-    print(f"[demo] gaze pictures: {result.chart.parent.parent / 'pictures'}")
+    if config.data.shards or not test_json.exists():
+        # the held-out split is the generated one; for shards of your own: jobs/compare.py
+        print(f"[demo] no generated held-out split ({test_json}): evaluation skipped")
+    else:
+        print(f"[demo {steps}/{steps + 1}] held-out evaluation", flush=True)
+        common = dict(max_new_tokens=args.max_new_tokens, batch_size=16, pictures=args.pictures)
+        result = held_out(config, gaze, dense, test_json, budgets, limit=args.eval_limit, **common)
+        print()
+        print(result.markdown)
+        print(f"[demo] chart: {result.chart}")
+        print(f"[demo] gaze pictures: {result.chart.parent.parent / 'pictures'}")
     print(f"[demo {steps + 1}/{steps + 1}] done in {time.monotonic() - started:.0f} s")
     if gaze.mlflow_uri:
         print(f"[demo] MLflow experiment {config.mlflow.experiment!r}; open the UI with:")
