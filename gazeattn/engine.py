@@ -39,7 +39,13 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from gazeattn.cache import BatchCache
-from gazeattn.generation import GazeCache, GenerationRequest, GenerationResult, _boxes
+from gazeattn.generation import (
+    GazeCache,
+    GenerationRequest,
+    GenerationResult,
+    _boxes,
+    sample_token,
+)
 from gazeattn.modeling import GazeState, gaze_module, is_gaze_model
 from gazeattn.ops.layout import GazeLayout, stack_rows
 from gazeattn.processing import GazeProcessor
@@ -570,16 +576,7 @@ class Engine:
             r = seq.request
             if r.temperature <= 0:
                 continue
-            row = logits[i]
-            # shift by the max first: with a tiny temperature the other logits then go to -inf
-            # instead of the max going to inf (inf - inf = nan in the softmax)
-            probs = torch.softmax((row - row.max()) / r.temperature, dim=-1)
-            if r.top_p < 1.0:
-                sorted_p, order = probs.sort(descending=True)
-                keep = sorted_p.cumsum(0) - sorted_p < r.top_p
-                probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-                probs = probs / probs.sum()
-            picks[i] = int(torch.multinomial(probs.cpu(), 1, generator=seq.generator))
+            picks[i] = sample_token(logits[i], r.temperature, r.top_p, seq.generator)
         return picks
 
     def _text(self, seq: EngineSequence) -> str:

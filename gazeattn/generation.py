@@ -199,15 +199,7 @@ class _decode:
             if r.temperature <= 0:
                 picks.append(int(row.argmax()))
                 continue
-            # shift by the max first: with a tiny temperature the other logits then go to -inf
-            # instead of the max going to inf (inf - inf = nan in the softmax)
-            probs = torch.softmax((row - row.max()) / r.temperature, dim=-1)
-            if r.top_p < 1.0:
-                sorted_p, order = probs.sort(descending=True)
-                keep = sorted_p.cumsum(0) - sorted_p < r.top_p
-                probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-                probs = probs / probs.sum()
-            picks.append(int(torch.multinomial(probs.cpu(), 1, generator=self.generators[i])))
+            picks.append(sample_token(row, r.temperature, r.top_p, self.generators[i]))
         return torch.tensor(picks)
 
     def _advance(self, next_ids: torch.Tensor) -> None:
@@ -285,3 +277,18 @@ def _check_request(r: GenerationRequest) -> None:
         raise ValueError("temperature must be >= 0")
     if not 0 < r.top_p <= 1:
         raise ValueError("top_p must be in (0, 1]")
+
+
+def sample_token(
+    row: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> int:
+    """One token from the logits ``row`` at ``temperature`` (> 0) with nucleus ``top_p``."""
+    # shift by the max first: with a tiny temperature the other logits then go to -inf
+    # instead of the max going to inf (inf - inf = nan in the softmax)
+    probs = torch.softmax((row - row.max()) / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        probs = probs / probs.sum()
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))

@@ -125,17 +125,7 @@ def image_record(
         task = "position"
         question = f"Where is the {target.colour} {target.kind}?"
         answer = position_words(target.box, size)
-    return {
-        "id": rid,
-        "image": name,
-        "conversations": [
-            {"from": "human", "value": f"<image>\n{question}"},
-            {"from": "gpt", "value": answer},
-        ],
-        "task": task,
-        "target_box": list(target.box),
-        "image_size": [size, size],
-    }
+    return image_entry(rid, name, question, answer, task=task, box=target.box, size=size)
 
 
 def cell_words(row: int, col: int, grid: int) -> str:
@@ -214,6 +204,13 @@ def grid_record(
     ext, fmt = IMAGE_FORMATS[index % len(IMAGE_FORMATS)]
     name = f"{rid}.{ext}"
     image.save(media / name, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return image_entry(rid, name, question, answer, task=task, box=target.box, size=size)
+
+
+def image_entry(
+    rid: str, name: str, question: str, answer: str, *, task: str, box, size: int
+) -> dict:
+    """One image record in LLaVA format, with the target box (pixels of the original image)."""
     return {
         "id": rid,
         "image": name,
@@ -222,7 +219,7 @@ def grid_record(
             {"from": "gpt", "value": answer},
         ],
         "task": task,
-        "target_box": list(target.box),
+        "target_box": list(box),
         "image_size": [size, size],
     }
 

@@ -137,6 +137,15 @@ class Route:
     chosen: torch.Tensor
 
 
+def decode_route(layout: GazeLayout, tk: int, device) -> Route:
+    """The dense route of one text query per sequence at key position ``tk - 1`` (a decode
+    step): every region it may see chosen. What decode paths count their entries against."""
+    q_pos = query_positions(1, tk, device)
+    q_kind = torch.full((layout.batch_size, 1), int(TokenKind.TEXT), device=device)
+    visible = visible_regions(layout, q_pos, q_kind)
+    return Route(q_pos=q_pos, q_kind=q_kind, visible=visible, ids=None, chosen=visible[:, None])
+
+
 def route(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -14,13 +14,11 @@ from gazeattn.ops.config import GazeConfig
 from gazeattn.ops.gaze.stats import GazeStats, compute_stats, context_before
 from gazeattn.ops.layout import GazeLayout, TokenKind
 from gazeattn.ops.routing import (
-    Route,
     budgets,
-    query_positions,
+    decode_route,
     region_descriptors,
     region_scores,
     select_regions,
-    visible_regions,
 )
 
 
@@ -101,12 +99,8 @@ def _step_plan(layout: GazeLayout, tk: int, device, config: GazeConfig, top_k) -
     the dense counts): computed at the first layer, not at each."""
     key = ("decode_plan", tk, device, config, top_k)
     if key not in layout._derived:
-        q_pos = query_positions(1, tk, device)
-        q_kind = torch.full((layout.batch_size, 1), int(TokenKind.TEXT), device=device)
-        visible = visible_regions(layout, q_pos, q_kind)
-        every = Route(
-            q_pos=q_pos, q_kind=q_kind, visible=visible, ids=None, chosen=visible[:, None]
-        )
+        every = decode_route(layout, tk, device)
+        q_pos, visible = every.q_pos, every.visible
         base = compute_stats(layout, every)
         size = layout.regions.size.to(device=device, dtype=torch.float32)[:, None, :, None]
         dense = base.dense  # [B, 1]: every visible region and context token

@@ -16,7 +16,7 @@ from gazeattn.ops.gaze.naive import gaze_mask
 from gazeattn.ops.gaze.prefill import gaze_prefill, prefill_spans
 from gazeattn.ops.gaze.stats import GazeStats, compute_stats
 from gazeattn.ops.layout import GazeLayout, TokenKind
-from gazeattn.ops.routing import Route, query_positions, route, visible_regions
+from gazeattn.ops.routing import decode_route, route
 
 
 def dense_attention(
@@ -79,12 +79,7 @@ def _decode_stats(layout: GazeLayout, tk: int, device) -> GazeStats:
     past = tk > layout.length
     key = ("dense_decode_stats",) if past else ("dense_decode_stats", tk)
     if key not in layout._derived:
-        q_pos = query_positions(1, tk, device)
-        q_kind = torch.full((layout.batch_size, 1), int(TokenKind.TEXT), device=device)
-        visible = visible_regions(layout, q_pos, q_kind)
-        every = Route(
-            q_pos=q_pos, q_kind=q_kind, visible=visible, ids=None, chosen=visible[:, None]
-        )
+        every = decode_route(layout, tk, device)
         stats = compute_stats(layout, every)
         layout._derived[key] = stats
     return layout._derived[key]
