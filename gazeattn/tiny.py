@@ -165,7 +165,7 @@ def qwen_vl_tokenizer(vocab_size: int = 512):
     return tok
 
 
-def _text_kwargs(tokenizer, hidden, layers, heads, kv_heads, max_positions) -> dict:
+def _text_kwargs(tokenizer, hidden, layers, heads, kv_heads, max_positions, init_range) -> dict:
     return dict(
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -174,6 +174,7 @@ def _text_kwargs(tokenizer, hidden, layers, heads, kv_heads, max_positions) -> d
         num_key_value_heads=kv_heads,
         vocab_size=len(tokenizer),
         max_position_embeddings=max_positions,
+        initializer_range=init_range,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
@@ -350,6 +351,7 @@ def build_stock(
     kv_heads: int = 2,
     vision_hidden: int = 32,
     max_positions: int = 32768,
+    init_range: float = 0.02,
     strategy: str | None = None,
     feature_layer: int | list[int] | None = None,
 ) -> Path:
@@ -358,6 +360,9 @@ def build_stock(
     ``image_size`` is the square input of LLaVA towers, and the largest area (its square) a
     Qwen-VL image is resized into. ``strategy`` / ``feature_layer`` override a LLaVA
     checkpoint's ``vision_feature_select_strategy`` / ``vision_feature_layer``.
+    ``init_range`` is the decoder's ``initializer_range`` (the std of its random weights):
+    transformers' 0.02 suits wide models; at hidden 64 the attention starts so flat that
+    the tiny model learns where things are only slowly (bench/RESULTS.md, the demo's recipe).
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown tiny family {family!r}; one of {FAMILIES}")
@@ -374,6 +379,7 @@ def build_stock(
         heads=heads,
         kv_heads=kv_heads,
         max_positions=max_positions,
+        init_range=init_range,
         strategy=strategy,
         feature_layer=feature_layer,
     )

@@ -20,6 +20,11 @@ class SyntheticSettings(Settings):
     # "grid": a grid x grid arrangement, the answer in one cell (pipelines.synthetic)
     task: Literal["grid", "scatter"] = "grid"
     grid: int = Field(2, ge=1, le=3)
+    # a shape's side as a share of its cell's side (grid task and videos)
+    shape_fill: float = Field(2 / 3, gt=0, le=1)
+    # questions per training image (grid task; further turns about other cells); held-out
+    # records always have one
+    train_questions: int = Field(1, ge=1, le=9)
     shapes_per_image: int = Field(3, ge=1, le=9)  # task "scatter"
     seed: int = 0
     shard_size: str = "512MB"

@@ -8,7 +8,9 @@
   names one shape by its position ("What colour is the shape in the top left?") or by its
   colour ("Where is the red shape?"); attending to another cell gives a wrong answer. The
   answers are balanced: questions alternate between the two kinds, the asked cell and the
-  asked colour cycle through every value.
+  asked colour cycle through every value. A training image can carry more questions about
+  its other cells as further turns (``train_questions``: more to learn from per image); a
+  held-out record always has one.
 - ``task="scatter"``: ``shapes_per_image`` shapes in distinct cells of a 3 x 3 placement
   (the earlier demo's task); the question asks for one shape's colour or position.
 - Videos (mp4, written with PyAV): a plain background in which one shape appears in exactly
@@ -140,9 +142,11 @@ def cell_words(row: int, col: int, grid: int) -> str:
     )
 
 
-def cell_box(rng: np.random.Generator, row: int, col: int, cell: int) -> tuple[int, int, int, int]:
-    """A shape's box inside cell (row, col): two thirds of the cell, placed at random in it."""
-    side = max(4, cell * 2 // 3)
+def cell_box(
+    rng: np.random.Generator, row: int, col: int, cell: int, fill: float = 2 / 3
+) -> tuple[int, int, int, int]:
+    """A shape's box inside cell (row, col): ``fill`` of the cell's side, placed at random in it."""
+    side = min(cell, max(4, int(cell * fill + 1e-9)))
     x0 = col * cell + int(rng.integers(0, cell - side + 1))
     y0 = row * cell + int(rng.integers(0, cell - side + 1))
     return (x0, y0, x0 + side, y0 + side)
@@ -157,7 +161,12 @@ def render(size: int, background, shapes: list[Shape]) -> Image.Image:
 
 
 def grid_shapes(
-    rng: np.random.Generator, size: int, grid: int, target_cell: int, target_colour: int
+    rng: np.random.Generator,
+    size: int,
+    grid: int,
+    target_cell: int,
+    target_colour: int,
+    fill: float = 2 / 3,
 ) -> list[Shape]:
     """One shape per cell, all colours different; ``target_colour`` goes in ``target_cell``."""
     cell = size // grid
@@ -168,22 +177,34 @@ def grid_shapes(
         Shape(
             kind=SHAPES[int(rng.integers(len(SHAPES)))],
             colour=list(COLOURS)[int(colours[i])],
-            box=cell_box(rng, *divmod(i, grid), cell),
+            box=cell_box(rng, *divmod(i, grid), cell, fill),
         )
         for i in range(grid * grid)
     ]
 
 
 def grid_record(
-    rng: np.random.Generator, rid: str, media: Path, size: int, index: int, grid: int, seen: set
+    rng: np.random.Generator,
+    rid: str,
+    media: Path,
+    size: int,
+    index: int,
+    grid: int,
+    seen: set,
+    *,
+    fill: float = 2 / 3,
+    questions: int = 1,
 ) -> dict:
-    """One image of the grid task; ``index`` cycles the question kind, cell and colour."""
+    """One image of the grid task; ``index`` cycles the question kind, cell and colour.
+
+    ``questions`` > 1 adds turns about other cells (in random order, the kinds alternating);
+    the record's task, target box and first question are the first turn's."""
     cells, kind = grid * grid, index % 2
     target_cell = (index // 2) % cells
     target_colour = (index // 2) % len(COLOURS) if kind == 0 else int(rng.integers(len(COLOURS)))
     for _ in range(100):  # a new drawing until its pixels are new to the dataset
         background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
-        shapes = grid_shapes(rng, size, grid, target_cell, target_colour)
+        shapes = grid_shapes(rng, size, grid, target_cell, target_colour, fill)
         image = render(size, background, shapes)
         digest = hashlib.sha1(image.tobytes()).hexdigest()
         if digest not in seen:
@@ -191,20 +212,34 @@ def grid_record(
             break
     else:
         raise ValueError(f"no new {size} px image after 100 draws: use larger images or fewer")
-    target = shapes[target_cell]
-    where = cell_words(*divmod(target_cell, grid), grid)
-    if kind == 0:
-        task, question, answer = (
-            "grid_colour",
-            f"What colour is the shape in the {where}?",
-            target.colour,
-        )
-    else:
-        task, question, answer = "grid_position", f"Where is the {target.colour} shape?", where
     ext, fmt = IMAGE_FORMATS[index % len(IMAGE_FORMATS)]
     name = f"{rid}.{ext}"
     image.save(media / name, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
-    return image_entry(rid, name, question, answer, task=task, box=target.box, size=size)
+    task, question, answer = grid_question(shapes, target_cell, grid, kind)
+    record = image_entry(
+        rid, name, question, answer, task=task, box=shapes[target_cell].box, size=size
+    )
+    others = (
+        [int(c) for c in rng.permutation(cells) if c != target_cell][: questions - 1]
+        if questions > 1
+        else []
+    )
+    for turn, c in enumerate(others, start=1):
+        _, question, answer = grid_question(shapes, c, grid, (kind + turn) % 2)
+        record["conversations"] += [
+            {"from": "human", "value": question},
+            {"from": "gpt", "value": answer},
+        ]
+    return record
+
+
+def grid_question(shapes: list[Shape], cell: int, grid: int, kind: int) -> tuple[str, str, str]:
+    """(task, question, answer) about the shape in ``cell``: its colour (kind 0) or where the
+    shape of its colour is (kind 1)."""
+    where = cell_words(*divmod(cell, grid), grid)
+    if kind == 0:
+        return "grid_colour", f"What colour is the shape in the {where}?", shapes[cell].colour
+    return "grid_position", f"Where is the {shapes[cell].colour} shape?", where
 
 
 def image_entry(
@@ -248,6 +283,7 @@ def video_record(
     *,
     index: int = 0,
     grid: int = 3,
+    fill: float = 2 / 3,
 ) -> dict:
     """One shape in one cell of the grid, in one frame; its colour cycles with ``index``."""
     background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
@@ -255,7 +291,7 @@ def video_record(
     shape = Shape(
         kind=SHAPES[int(rng.integers(len(SHAPES)))],
         colour=list(COLOURS)[index % len(COLOURS)],
-        box=cell_box(rng, row, col, size // grid),
+        box=cell_box(rng, row, col, size // grid, fill),
     )
     target_frame = int(rng.integers(frames))
     clip = [
@@ -290,6 +326,8 @@ def generate(
     shapes_per_image: int = 3,
     task: str = "grid",
     grid: int = 2,
+    shape_fill: float = 2 / 3,
+    train_questions: int = 1,
     seed: int = 0,
 ) -> dict[str, Path]:
     """Write media and ``train.json``/``test.json`` under ``out``; returns the json paths."""
@@ -301,6 +339,12 @@ def generate(
         raise ValueError(f"shapes_per_image must be in [1, 9], got {shapes_per_image}")
     if grid not in (1, 2, 3):
         raise ValueError(f"grid must be 1, 2 or 3 (cells per side), got {grid}")
+    if not 0 < shape_fill <= 1:
+        raise ValueError(f"shape_fill must be in (0, 1], got {shape_fill}")
+    if not 1 <= train_questions <= grid * grid:
+        raise ValueError(
+            f"train_questions must be in [1, {grid * grid}] (one per cell), got {train_questions}"
+        )
     out = Path(out)
     media = out / "media"
     media.mkdir(parents=True, exist_ok=True)
@@ -315,12 +359,33 @@ def generate(
             if rng.random() < video_fraction:
                 cells = grid if task == "grid" else 3
                 records.append(
-                    video_record(rng, rid, media, image_size, frames, index=videos, grid=cells)
+                    video_record(
+                        rng,
+                        rid,
+                        media,
+                        image_size,
+                        frames,
+                        index=videos,
+                        grid=cells,
+                        fill=shape_fill,
+                    )  # fmt: skip
                 )
                 videos += 1
             elif task == "grid":
                 images = i - videos
-                records.append(grid_record(rng, rid, media, image_size, images, grid, seen))
+                records.append(
+                    grid_record(
+                        rng,
+                        rid,
+                        media,
+                        image_size,
+                        images,
+                        grid,
+                        seen,
+                        fill=shape_fill,
+                        questions=train_questions if split == "train" else 1,
+                    )  # fmt: skip
+                )
             else:
                 records.append(image_record(rng, rid, media, image_size, i, count=shapes_per_image))
         paths[split] = out / f"{split}.json"
@@ -346,6 +411,8 @@ def build(
         shapes_per_image=cfg.shapes_per_image,
         task=cfg.task,
         grid=cfg.grid,
+        shape_fill=cfg.shape_fill,
+        train_questions=cfg.train_questions,
         seed=cfg.seed,
     )
     shards = {}
@@ -373,6 +440,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--video-fraction", type=float, default=0.25)
     parser.add_argument("--task", choices=TASKS, default="grid")
     parser.add_argument("--grid", type=int, default=2, help="cells per side (task grid)")
+    parser.add_argument("--shape-fill", type=float, default=2 / 3, help="shape side / cell side")
+    parser.add_argument(
+        "--train-questions", type=int, default=1, help="questions per training image (task grid)"
+    )
     parser.add_argument("--shapes-per-image", type=int, default=3, help="task scatter")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-shard", action="store_true", help="write the json and media only")
@@ -388,6 +459,8 @@ def main(argv: list[str] | None = None) -> None:
         shapes_per_image=args.shapes_per_image,
         task=args.task,
         grid=args.grid,
+        shape_fill=args.shape_fill,
+        train_questions=args.train_questions,
         seed=args.seed,
     )
     for split, path in paths.items():

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from pipelines.make_shards import MANIFEST, make_shards, parse_size, shard_paths
-from pipelines.synthetic import COLOURS, generate
+from pipelines.synthetic import COLOURS, cell_words, generate
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +119,52 @@ def test_grid_task_answer_lives_in_one_cell(tmp_path, grid):
             counts = [n for (t, _), n in answers.items() if t == task]
             assert counts and max(counts) - min(counts) <= 1, (split, task, answers)
     assert not digests["train"] & digests["test"]
+
+
+def test_grid_training_images_carry_a_question_per_cell(tmp_path):
+    """train_questions: further turns about the other cells (each answered from its own
+    cell, the kinds alternating); held-out records keep one question; shape_fill sizes the
+    shapes."""
+    size, grid = 64, 2
+    paths = generate(tmp_path, n_train=12, n_test=6, image_size=size, video_fraction=0.0,
+                     task="grid", grid=grid, shape_fill=0.9, train_questions=4, seed=2)  # fmt: skip
+    cell = size // grid
+    for split, turns in (("train", 8), ("test", 2)):
+        for r in json.loads(paths[split].read_text()):
+            conversation = r["conversations"]
+            assert len(conversation) == turns, r
+            x0, y0, x1, y1 = r["target_box"]
+            assert x1 - x0 == int(cell * 0.9) == y1 - y0
+            if not r["image"].endswith(".png"):
+                continue
+            pixels = np.asarray(Image.open(tmp_path / "media" / r["image"]).convert("RGB"))
+            colours = {}
+            for row in range(grid):
+                for col in range(grid):
+                    block = pixels[row * cell : (row + 1) * cell, col * cell : (col + 1) * cell]
+                    found = {tuple(c) for c in block.reshape(-1, 3)} & set(COLOURS.values())
+                    colours[cell_words(row, col, grid)] = asked_name(found.pop())
+            asked, kinds = set(), []
+            for question, answer in zip(conversation[::2], conversation[1::2], strict=True):
+                text, reply = question["value"].removeprefix("<image>\n"), answer["value"]
+                if text.startswith("What colour"):
+                    where = text.removeprefix("What colour is the shape in the ").rstrip("?")
+                    assert colours[where] == reply, r
+                    kinds.append(0)
+                else:
+                    assert colours[reply] in text, r
+                    where = reply
+                    kinds.append(1)
+                asked.add(where)
+            assert len(asked) == turns // 2, "every question is about another cell"
+            assert all(a != b for a, b in zip(kinds[:-1], kinds[1:], strict=True)), (
+                "the kinds alternate"
+            )
+
+
+def test_train_questions_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="train_questions"):
+        generate(tmp_path, n_train=1, n_test=0, task="grid", grid=2, train_questions=5)
 
 
 def asked_name(rgb) -> str:

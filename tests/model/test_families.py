@@ -346,6 +346,17 @@ def test_conversion_needs_no_resize_when_the_vocabulary_has_spare_rows(tmp_path)
     assert model.get_input_embeddings().weight.shape[0] == 640
 
 
+def test_tiny_init_range_sets_the_decoders_weight_scale(tmp_path):
+    """The demo's tiny model starts its decoder at init_range 0.1 (not transformers' 0.02)."""
+    stds = {}
+    for init in (0.02, 0.1):
+        path = build_stock(tmp_path / str(init), init_range=init)
+        model, _ = load_model(path)
+        assert model.config.text_config.initializer_range == init
+        stds[init] = model.model.language_model.layers[0].self_attn.q_proj.weight.std().item()
+    assert abs(stds[0.02] - 0.02) < 0.005 and abs(stds[0.1] - 0.1) < 0.02, stds
+
+
 def test_refused_architectures_name_the_supported_ones(tmp_path):
     from transformers import (
         LlavaNextConfig,
