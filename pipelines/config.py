@@ -8,6 +8,9 @@ from pydantic import Field, field_validator
 
 from gazeattn.typed_config import Settings
 
+GridKind = Literal["colour", "position"]
+GRID_KINDS: tuple[GridKind, ...] = ("colour", "position")
+
 
 class SyntheticSettings(Settings):
     """Generated data for the demo and tests (used when ``shards`` is empty)."""
@@ -25,6 +28,9 @@ class SyntheticSettings(Settings):
     # questions per training image (grid task; further turns about other cells); held-out
     # records always have one
     train_questions: int = Field(1, ge=1, le=9)
+    # the grid task's question kinds: "colour" (of the shape at a position), "position" (of
+    # the shape of a colour)
+    grid_kinds: tuple[GridKind, ...] = Field(GRID_KINDS, min_length=1)
     shapes_per_image: int = Field(3, ge=1, le=9)  # task "scatter"
     seed: int = 0
     shard_size: str = "512MB"

@@ -7,8 +7,9 @@
   tokens in 6 x 6 regions, a 2 x 2 grid) the answer lives in exactly one region. The question
   names one shape by its position ("What colour is the shape in the top left?") or by its
   colour ("Where is the red shape?"); attending to another cell gives a wrong answer. The
-  answers are balanced: questions alternate between the two kinds, the asked cell and the
-  asked colour cycle through every value. A training image can carry more questions about
+  answers are balanced: questions alternate between the kinds asked (``kinds``: both by
+  default, or only "colour" or only "position"), the asked cell and the asked colour cycle
+  through every value. A training image can carry more questions about
   its other cells as further turns (``train_questions``: more to learn from per image); a
   held-out record always has one.
 - ``task="scatter"``: ``shapes_per_image`` shapes in distinct cells of a 3 x 3 placement
@@ -40,7 +41,7 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipelines.config import SyntheticSettings
+from pipelines.config import GRID_KINDS, SyntheticSettings
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -194,14 +195,16 @@ def grid_record(
     *,
     fill: float = 2 / 3,
     questions: int = 1,
+    kinds: tuple[str, ...] = GRID_KINDS,
 ) -> dict:
     """One image of the grid task; ``index`` cycles the question kind, cell and colour.
 
     ``questions`` > 1 adds turns about other cells (in random order, the kinds alternating);
     the record's task, target box and first question are the first turn's."""
-    cells, kind = grid * grid, index % 2
-    target_cell = (index // 2) % cells
-    target_colour = (index // 2) % len(COLOURS) if kind == 0 else int(rng.integers(len(COLOURS)))
+    cells, turn_of = grid * grid, index // len(kinds)
+    kind = kinds[index % len(kinds)]
+    target_cell = turn_of % cells
+    target_colour = turn_of % len(COLOURS) if kind == "colour" else int(rng.integers(len(COLOURS)))
     for _ in range(100):  # a new drawing until its pixels are new to the dataset
         background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
         shapes = grid_shapes(rng, size, grid, target_cell, target_colour, fill)
@@ -225,7 +228,8 @@ def grid_record(
         else []
     )
     for turn, c in enumerate(others, start=1):
-        _, question, answer = grid_question(shapes, c, grid, (kind + turn) % 2)
+        turn_kind = kinds[(kinds.index(kind) + turn) % len(kinds)]
+        _, question, answer = grid_question(shapes, c, grid, turn_kind)
         record["conversations"] += [
             {"from": "human", "value": question},
             {"from": "gpt", "value": answer},
@@ -233,11 +237,11 @@ def grid_record(
     return record
 
 
-def grid_question(shapes: list[Shape], cell: int, grid: int, kind: int) -> tuple[str, str, str]:
-    """(task, question, answer) about the shape in ``cell``: its colour (kind 0) or where the
-    shape of its colour is (kind 1)."""
+def grid_question(shapes: list[Shape], cell: int, grid: int, kind: str) -> tuple[str, str, str]:
+    """(task, question, answer) about the shape in ``cell``: its colour (kind "colour") or
+    where the shape of its colour is (kind "position")."""
     where = cell_words(*divmod(cell, grid), grid)
-    if kind == 0:
+    if kind == "colour":
         return "grid_colour", f"What colour is the shape in the {where}?", shapes[cell].colour
     return "grid_position", f"Where is the {shapes[cell].colour} shape?", where
 
@@ -328,6 +332,7 @@ def generate(
     grid: int = 2,
     shape_fill: float = 2 / 3,
     train_questions: int = 1,
+    grid_kinds: tuple[str, ...] | list[str] = GRID_KINDS,
     seed: int = 0,
 ) -> dict[str, Path]:
     """Write media and ``train.json``/``test.json`` under ``out``; returns the json paths."""
@@ -345,6 +350,13 @@ def generate(
         raise ValueError(
             f"train_questions must be in [1, {grid * grid}] (one per cell), got {train_questions}"
         )
+    grid_kinds = tuple(grid_kinds)
+    if (
+        not grid_kinds
+        or len(set(grid_kinds)) != len(grid_kinds)
+        or set(grid_kinds) - set(GRID_KINDS)
+    ):
+        raise ValueError(f"grid_kinds must be distinct kinds among {GRID_KINDS}, got {grid_kinds}")
     out = Path(out)
     media = out / "media"
     media.mkdir(parents=True, exist_ok=True)
@@ -384,6 +396,7 @@ def generate(
                         seen,
                         fill=shape_fill,
                         questions=train_questions if split == "train" else 1,
+                        kinds=grid_kinds,
                     )  # fmt: skip
                 )
             else:
@@ -413,6 +426,7 @@ def build(
         grid=cfg.grid,
         shape_fill=cfg.shape_fill,
         train_questions=cfg.train_questions,
+        grid_kinds=cfg.grid_kinds,
         seed=cfg.seed,
     )
     shards = {}
@@ -444,6 +458,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--train-questions", type=int, default=1, help="questions per training image (task grid)"
     )
+    parser.add_argument(
+        "--grid-kinds", nargs="+", choices=GRID_KINDS, default=list(GRID_KINDS), help="task grid"
+    )
     parser.add_argument("--shapes-per-image", type=int, default=3, help="task scatter")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-shard", action="store_true", help="write the json and media only")
@@ -461,6 +478,7 @@ def main(argv: list[str] | None = None) -> None:
         grid=args.grid,
         shape_fill=args.shape_fill,
         train_questions=args.train_questions,
+        grid_kinds=args.grid_kinds,
         seed=args.seed,
     )
     for split, path in paths.items():

@@ -167,6 +167,26 @@ def test_train_questions_is_checked(tmp_path):
         generate(tmp_path, n_train=1, n_test=0, task="grid", grid=2, train_questions=5)
 
 
+def test_grid_kinds_limits_the_questions_and_keeps_them_balanced(tmp_path):
+    """grid_kinds=("colour",): every question, further turns too, asks a colour; the asked
+    cells and colours still cycle evenly."""
+    paths = generate(tmp_path, n_train=36, n_test=36, image_size=48, video_fraction=0.0,
+                     task="grid", grid=2, train_questions=2, grid_kinds=["colour"], seed=4)  # fmt: skip
+    for split in ("train", "test"):
+        records = json.loads(paths[split].read_text())
+        cells, answers = Counter(), Counter()
+        for r in records:
+            assert r["task"] == "grid_colour"
+            questions = [t["value"] for t in r["conversations"][::2]]
+            assert all("What colour is the shape in the" in q for q in questions), r
+            cells[questions[0]] += 1
+            answers[r["conversations"][1]["value"]] += 1
+        assert len(cells) == 4 and max(cells.values()) == min(cells.values()), cells
+        assert len(answers) == len(COLOURS) and max(answers.values()) == min(answers.values())
+    with pytest.raises(ValueError, match="grid_kinds"):
+        generate(tmp_path, n_train=1, n_test=0, task="grid", grid_kinds=["size"])
+
+
 def asked_name(rgb) -> str:
     return next(name for name, value in COLOURS.items() if value == rgb)
 
