@@ -128,6 +128,7 @@ def main() -> None:
         generate(data, n_train=s.n_train, n_test=s.n_test, image_size=s.image_size,
                  frames=s.frames, video_fraction=s.video_fraction, task=s.task, grid=s.grid,
                  shape_fill=s.shape_fill, train_questions=s.train_questions,
+                 grid_kinds=s.grid_kinds,
                  seed=s.seed)  # fmt: skip
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

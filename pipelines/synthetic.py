@@ -3,8 +3,8 @@
     python -m pipelines.synthetic --out DIR --n-train N --n-test N [--no-shard]
 
 - ``task="grid"`` (the demo's): a ``grid x grid`` arrangement of coloured shapes, one per
-  cell and every colour different, so that with regions of one cell (the demo's 12 x 12
-  tokens in 6 x 6 regions, a 2 x 2 grid) the answer lives in exactly one region. The question
+  cell and every colour different, so that with regions of one cell (the demo's 8 x 8
+  tokens in 4 x 4 regions, a 2 x 2 grid) the answer lives in exactly one region. The question
   names one shape by its position ("What colour is the shape in the top left?") or by its
   colour ("Where is the red shape?"); attending to another cell gives a wrong answer. The
   answers are balanced: questions alternate between the kinds asked (``kinds``: both by

@@ -2,7 +2,7 @@
 
 The demo fine-tunes the gaze model and its dense twin on the grid task and prints one
 held-out table. Here with a few steps and image-only data, so that every count is plain
-budget arithmetic: the tiny model's image is 12 x 12 tokens in four 6 x 6 regions, with 4
+budget arithmetic: the tiny model's 64 px image is 8 x 8 tokens in four 4 x 4 regions, with 4
 context tokens after it; two KV heads route.
 """
 
@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[2]
 N_TEST = 24
-REGION, REGIONS, CONTEXT, HEADS = 36, 4, 4, 2
+REGION, REGIONS, CONTEXT, HEADS = 16, 4, 4, 2
 
 pytestmark = pytest.mark.slow
 
