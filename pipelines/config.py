@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, field_validator
 
 from gazeattn.typed_config import Settings
 
 GridKind = Literal["colour", "position"]
-GRID_KINDS: tuple[GridKind, ...] = ("colour", "position")
+GRID_KINDS: tuple[GridKind, ...] = get_args(GridKind)
 
 
 class SyntheticSettings(Settings):

@@ -380,7 +380,7 @@ def generate(
                         index=videos,
                         grid=cells,
                         fill=shape_fill,
-                    )  # fmt: skip
+                    )
                 )
                 videos += 1
             elif task == "grid":
@@ -397,7 +397,7 @@ def generate(
                         fill=shape_fill,
                         questions=train_questions if split == "train" else 1,
                         kinds=grid_kinds,
-                    )  # fmt: skip
+                    )
                 )
             else:
                 records.append(image_record(rng, rid, media, image_size, i, count=shapes_per_image))
