@@ -57,7 +57,7 @@ def build(cfg, root: Path, layers: list[int] | None):
     from gazeattn.model import convert_to_gaze, load_model
     from gazeattn.tiny import build_stock
 
-    stock = build_stock(root / "stock", **{"seed": cfg.train.seed, **cfg.model.tiny_options})
+    stock = build_stock(root / "stock", **cfg.model.tiny_options)  # as training.trainer
     model, processor = load_model(stock)
     model, processor = convert_to_gaze(
         model,
@@ -119,17 +119,13 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("RECIPE_THREADS", "1")))
     cfg = load_config("configs/demo.yaml", args.set)
     torch.manual_seed(cfg.train.seed)
-    from pipelines.synthetic import generate
+    from pipelines.synthetic import generate_settings
 
     s = cfg.data.synthetic
     key = hashlib.sha1(s.model_dump_json().encode()).hexdigest()[:10]
     data = Path(args.data) / key  # one generated dataset per synthetic setting
     if not (data / "test.json").exists():
-        generate(data, n_train=s.n_train, n_test=s.n_test, image_size=s.image_size,
-                 frames=s.frames, video_fraction=s.video_fraction, task=s.task, grid=s.grid,
-                 shape_fill=s.shape_fill, train_questions=s.train_questions,
-                 grid_kinds=s.grid_kinds,
-                 seed=s.seed)  # fmt: skip
+        generate_settings(data, s)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         model, processor = build(cfg, Path(tmp), args.layers)

@@ -406,15 +406,9 @@ def generate(
     return paths
 
 
-def build(
-    out: str | Path, cfg: SyntheticSettings, *, progress: bool = False
-) -> dict[str, list[str]]:
-    """Generate and shard the synthetic dataset under ``out`` (both idempotent); returns the
-    shard paths per split."""
-    from pipelines.make_shards import make_shards, shard_paths
-
-    out = Path(out)
-    paths = generate(
+def generate_settings(out: str | Path, cfg: SyntheticSettings) -> dict[str, Path]:
+    """``generate`` with the settings of a config's ``data.synthetic`` section."""
+    return generate(
         out,
         n_train=cfg.n_train,
         n_test=cfg.n_test,
@@ -429,6 +423,17 @@ def build(
         grid_kinds=cfg.grid_kinds,
         seed=cfg.seed,
     )
+
+
+def build(
+    out: str | Path, cfg: SyntheticSettings, *, progress: bool = False
+) -> dict[str, list[str]]:
+    """Generate and shard the synthetic dataset under ``out`` (both idempotent); returns the
+    shard paths per split."""
+    from pipelines.make_shards import make_shards, shard_paths
+
+    out = Path(out)
+    paths = generate_settings(out, cfg)
     shards = {}
     for split, path in paths.items():
         make_shards(
