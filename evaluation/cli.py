@@ -63,12 +63,31 @@ def evaluate_parser() -> argparse.ArgumentParser:
     )
     _common(parser)
     budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--gaze-top-k", type=int, default=None)
+    budget.add_argument(
+        "--gaze-top-k", type=_top_k, default=None, metavar="K", help="regions per query, or all"
+    )
     budget.add_argument("--keep-ratio", type=float, default=None)
     budget.add_argument("--attn", choices=("gaze", "dense"), default="gaze")
+    parser.add_argument(
+        "--random-routing", type=int, default=None, metavar="SEED",
+        help="route to pseudo-random regions at the same budget (seeded): the ablation row",
+    )  # fmt: skip
     parser.add_argument("--run-id", default=None, help="log into this (training) run")
     parser.add_argument("--experiment", default="gazeattn-eval")
     return parser
+
+
+def _top_k(text: str) -> int | str:
+    """--gaze-top-k: an int >= 1 or "all" (every visible region: exactly dense)."""
+    if text == "all":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an int >= 1 or 'all', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"an int >= 1 or 'all', got {text!r}")
+    return value
 
 
 def compare_parser() -> argparse.ArgumentParser:
@@ -128,7 +147,8 @@ def _client(args) -> MlflowClient | None:
 
 def evaluate_main(argv: list[str] | None = None) -> EvalReport:
     args = evaluate_parser().parse_args(argv)
-    budget = {"attn": args.attn, "top_k": args.gaze_top_k, "keep_ratio": args.keep_ratio}
+    budget = {"attn": args.attn, "top_k": args.gaze_top_k, "keep_ratio": args.keep_ratio,
+              "random_routing_seed": args.random_routing}  # fmt: skip
     config = _config(args, **budget)
     client = _client(args)
     model = resolve_model(args.model, client.tracking_uri if client else None)

@@ -26,7 +26,7 @@ from tracking.models import ResolvedModel  # noqa: E402
 
 SWEEP_TAG = "gazeattn.sweep"
 PARENT_TAG = "mlflow.parentRunId"
-CHART_SIZE = (6.4, 4.0)  # inches, at 100 dpi
+CHART_SIZE = (9.6, 4.0)  # inches, at 100 dpi
 CHART_DPI = 100
 DEFAULT_POINTS = ("dense", 0.5, 0.25, 0.125)
 
@@ -67,13 +67,35 @@ class SweepRow:
     accuracy: float
     accuracy_low: float  # 95% Wilson interval
     accuracy_high: float
-    hit_rate: float | None
-    hit_rate_random: float | None
+    hit_rate: float | None  # the last routed layer's
+    hit_rate_random: float | None  # the same layer's under uniform random routing
     flops_ratio: float
 
     @property
     def name(self) -> str:
         return f"{self.model}: {self.label}" if self.model else self.label
+
+    @property
+    def lift(self) -> float | None:
+        """(hit - random) / (1 - random): 0 is random routing, 1 always finds the target."""
+        return routing_lift(self.hit_rate, self.hit_rate_random)
+
+
+def routing_lift(hit: float | None, random: float | None) -> float | None:
+    """How far routing is from random (0) towards always hitting the target (1)."""
+    if hit is None or random is None or random >= 1.0:
+        return None
+    return (hit - random) / (1.0 - random)
+
+
+def last_layer_hits(metrics: dict[str, float]) -> tuple[float | None, float | None]:
+    """(hit rate, random hit rate) of the last routed layer of an evaluation's metrics."""
+    prefix = "eval/routing_hit_rate/layer_"
+    layers = [int(k.removeprefix(prefix)) for k in metrics if k.startswith(prefix)]
+    if not layers:
+        return None, None
+    last = max(layers)
+    return metrics[f"{prefix}{last}"], metrics[f"eval/routing_hit_rate_random/layer_{last}"]
 
 
 @dataclass(kw_only=True)
@@ -92,6 +114,7 @@ def row_of(report: EvalReport, run_id: str | None, model: str = "") -> SweepRow:
     entries, dense = m["eval/visual_entries_per_token"], m["eval/dense_entries_per_token"]
     n = len(report.samples)
     low, high = wilson_interval(sum(r.correct for r in report.samples), n)
+    hit, random = last_layer_hits(m)
     return SweepRow(
         model=model,
         label=report.config.label,
@@ -103,8 +126,8 @@ def row_of(report: EvalReport, run_id: str | None, model: str = "") -> SweepRow:
         accuracy=m["eval/accuracy"],
         accuracy_low=low,
         accuracy_high=high,
-        hit_rate=m.get("eval/routing_hit_rate"),
-        hit_rate_random=m.get("eval/routing_hit_rate_random"),
+        hit_rate=hit,
+        hit_rate_random=random,
         flops_ratio=m["eval/attention_flops_ratio"],
     )
 
@@ -119,55 +142,61 @@ def markdown_table(rows: list[SweepRow]) -> str:
         f"{heading} held-out samples",
         "",
         "| model | attention | visual entries / token | % of dense | accuracy (95% CI) "
-        "| routing hit rate | random routing | attention FLOPs vs dense |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| routing hit, last layer | random routing | lift | attention FLOPs vs dense |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         accuracy = f"{pct(r.accuracy)} ({100 * r.accuracy_low:.1f}-{100 * r.accuracy_high:.1f})"
+        lift = "-" if r.lift is None else f"{r.lift:.2f}"
         lines.append(
             f"| {r.model or '-'} | {r.label} | {r.entries:.1f} | {r.entries_pct:.1f}% "
-            f"| {accuracy} | {pct(r.hit_rate)} | {pct(r.hit_rate_random)} | {r.flops_ratio:.3f} |"
+            f"| {accuracy} | {pct(r.hit_rate)} | {pct(r.hit_rate_random)} | {lift} "
+            f"| {r.flops_ratio:.3f} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def draw_chart(rows: list[SweepRow], path: Path) -> Path:
-    """Accuracy (and routing hit rate) against visual entries per token: a line per model,
-    error bars the 95% intervals."""
-    fig, ax = plt.subplots(figsize=CHART_SIZE, dpi=CHART_DPI)
+    """Two panels against visual entries per token: accuracy (a line per model, error bars
+    the 95% intervals) and the last layer's routing hit rate next to random routing's."""
+    fig, (acc_ax, hit_ax) = plt.subplots(1, 2, figsize=CHART_SIZE, dpi=CHART_DPI, sharex=True)
     models = list(dict.fromkeys(r.model for r in rows))
     for i, model in enumerate(models):
         own = sorted((r for r in rows if r.model == model), key=lambda r: r.entries)
-        prefix = f"{model} " if model else ""
-        colour = f"C{i}"
-        ax.errorbar(
+        colour, label = f"C{i}", model or "model"
+        acc_ax.errorbar(
             [r.entries for r in own],
             [100 * r.accuracy for r in own],
             yerr=[
                 [100 * (r.accuracy - r.accuracy_low) for r in own],
                 [100 * (r.accuracy_high - r.accuracy) for r in own],
             ],
-            fmt="o-",
+            fmt="o",
             color=colour,
             capsize=3,
-            label=f"{prefix}accuracy",
+            label=label,
         )
         hits = [r for r in own if r.hit_rate is not None]
         if hits:
-            ax.plot([r.entries for r in hits], [100 * r.hit_rate for r in hits], "s--",
-                    color=colour, label=f"{prefix}routing hit rate")  # fmt: skip
-            ax.plot([r.entries for r in hits], [100 * r.hit_rate_random for r in hits], "x:",
-                    color="gray", label=f"{prefix}random routing hit rate")  # fmt: skip
-        for r in own:
-            ax.annotate(r.label, (r.entries, 100 * r.accuracy), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")  # fmt: skip
-    ax.set_xlabel("visual KV entries per generated token")
-    ax.set_ylabel("%")
-    ax.set_ylim(-5, 105)
+            hit_ax.plot([r.entries for r in hits], [100 * r.hit_rate for r in hits], "s",
+                        color=colour, label=f"{label}")  # fmt: skip
+            hit_ax.plot([r.entries for r in hits], [100 * r.hit_rate_random for r in hits], "x",
+                        color="gray", label=f"{label}: random routing")  # fmt: skip
+    for r in rows:
+        # a short label under each accuracy point, offset by row so labels of one x do not meet
+        acc_ax.annotate(r.label.removeprefix("gaze-"), (r.entries, 100 * r.accuracy),
+                        fontsize=6, xytext=(4, -8), textcoords="offset points")  # fmt: skip
     counts = "/".join(str(c) for c in sorted({r.samples for r in rows}))
-    ax.set_title(f"Accuracy vs visual entries attended ({counts} held-out samples)")
-    ax.legend(fontsize=7, loc="best")
-    ax.grid(alpha=0.3)
+    acc_ax.set_title(f"accuracy ({counts} held-out samples)", fontsize=9)
+    hit_ax.set_title("routing hit rate, last layer", fontsize=9)
+    for ax in (acc_ax, hit_ax):
+        ax.set_xlabel("visual KV entries per generated token", fontsize=8)
+        ax.set_ylabel("%", fontsize=8)
+        ax.set_ylim(-5, 105)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=CHART_DPI)

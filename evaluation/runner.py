@@ -18,7 +18,7 @@ from pydantic import Field, model_validator
 from evaluation import metrics
 from gazeattn.generation import GenerationRequest, GenerationResult, generate_batch
 from gazeattn.model import gaze_module
-from gazeattn.ops.config import at_budget, dense_twin
+from gazeattn.ops.config import GazeConfig, at_budget, dense_twin
 from gazeattn.typed_config import Settings
 
 
@@ -78,8 +78,11 @@ class EvalConfig(Settings):
     configured budget is used."""
 
     attn: Literal["gaze", "dense"] = "gaze"
-    top_k: int | None = Field(None, ge=1)
+    top_k: int | Literal["all"] | None = None
     keep_ratio: float | None = Field(None, gt=0, le=1)
+    # the same budget routed to pseudo-random regions with this seed (an ablation: how much
+    # of the accuracy depends on where the model looks)
+    random_routing_seed: int | None = Field(None, ge=0)
     batch_size: int = Field(8, ge=1)
     max_new_tokens: int = Field(16, ge=1)
     routing_layers: list[int] | None = None  # None: every gaze layer
@@ -90,8 +93,12 @@ class EvalConfig(Settings):
     def _one_budget(self) -> EvalConfig:
         if self.top_k is not None and self.keep_ratio is not None:
             raise ValueError("give at most one of top_k and keep_ratio")
+        if isinstance(self.top_k, int) and (isinstance(self.top_k, bool) or self.top_k < 1):
+            raise ValueError(f"top_k must be an int >= 1 or 'all', got {self.top_k!r}")
         if self.attn == "dense" and (self.top_k is not None or self.keep_ratio is not None):
             raise ValueError("attn='dense' takes no gaze budget")
+        if self.attn == "dense" and self.random_routing_seed is not None:
+            raise ValueError("attn='dense' routes nothing: random_routing_seed needs gaze")
         return self
 
     @property
@@ -99,10 +106,14 @@ class EvalConfig(Settings):
         if self.attn == "dense":
             return "dense"
         if self.top_k is not None:
-            return f"gaze-top{self.top_k}"
-        if self.keep_ratio is not None:
-            return f"gaze-keep{self.keep_ratio:g}"
-        return "gaze-model-budget"
+            label = f"gaze-top{self.top_k}"
+        elif self.keep_ratio is not None:
+            label = f"gaze-keep{self.keep_ratio:g}"
+        else:
+            label = "gaze-model-budget"
+        if self.random_routing_seed is not None:
+            label += "-random"
+        return label
 
     def params(self) -> dict[str, Any]:
         return {f"eval.{k}": v for k, v in self.model_dump().items()}
@@ -135,18 +146,27 @@ class EvalReport:
     routing_layers: list[int]
 
 
-def configure(model, config: EvalConfig) -> None:
-    """Set the model's attention for this evaluation: dense, or gaze at the asked budget."""
-    inner = gaze_module(model)
-    if not hasattr(inner, "_eval_base_config"):
-        inner._eval_base_config = inner.gaze_config
-    base = inner._eval_base_config
+def eval_gaze_config(base: GazeConfig, config: EvalConfig) -> GazeConfig:
+    """The model's gaze settings ``base`` as this evaluation asks: dense, at a budget, with
+    random routing, or as they are."""
+    seed = config.random_routing_seed
     if config.attn == "dense":
-        inner.gaze_config = dense_twin(base)
-    elif config.top_k is not None or config.keep_ratio is not None:
-        inner.gaze_config = at_budget(base, top_k=config.top_k, keep_ratio=config.keep_ratio)
-    else:
-        inner.gaze_config = base
+        return dense_twin(base)
+    if config.top_k is not None or config.keep_ratio is not None:
+        return at_budget(
+            base, top_k=config.top_k, keep_ratio=config.keep_ratio, random_routing_seed=seed
+        )
+    if seed is not None:
+        return at_budget(
+            base, top_k=base.top_k, keep_ratio=base.keep_ratio, random_routing_seed=seed
+        )
+    return base
+
+
+def configure(model, config: EvalConfig) -> None:
+    """Set the model's attention for this evaluation (a model loaded for it alone)."""
+    inner = gaze_module(model)
+    inner.gaze_config = eval_gaze_config(inner.gaze_config, config)
 
 
 def routing_layers(model, config: EvalConfig) -> list[int]:
@@ -181,8 +201,18 @@ def routing_heads(model) -> int:
 def evaluate_samples(
     model, processor, samples: Iterable[EvalSample], config: EvalConfig
 ) -> EvalReport:
-    """Greedy answers for every sample (batched) and the metrics over them."""
-    configure(model, config)
+    """Greedy answers for every sample (batched) and the metrics over them; the model's own
+    gaze settings are back when it returns (a sweep's points, a training run's checks)."""
+    inner = gaze_module(model)
+    own = inner.gaze_config
+    inner.gaze_config = eval_gaze_config(own, config)
+    try:
+        return _evaluate(model, processor, samples, config)
+    finally:
+        inner.gaze_config = own
+
+
+def _evaluate(model, processor, samples: Iterable[EvalSample], config: EvalConfig) -> EvalReport:
     layers = routing_layers(model, config)
     results: list[SampleResult] = []
     gen_time, gen_tokens = 0.0, 0

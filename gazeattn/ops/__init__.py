@@ -14,6 +14,7 @@ from gazeattn.ops.layout import (
 from gazeattn.ops.routing import (
     Progressive,
     budgets,
+    keep_ratio_at,
     keep_ratio_schedule,
     region_descriptors,
     region_scores,
@@ -35,6 +36,7 @@ __all__ = [
     "VisualSpan",
     "budgets",
     "build_layout",
+    "keep_ratio_at",
     "keep_ratio_schedule",
     "gaze_attention",
     "region_descriptors",

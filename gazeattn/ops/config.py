@@ -29,6 +29,9 @@ class GazeConfig:
     num_context_tokens: int = 4
     routing: Routing = "kv_head"
     backend: Backend = "auto"
+    # an evaluation ablation: route to pseudo-random visible regions (seeded) at the same
+    # budget and heads, so accuracy can be compared with where the model would have looked
+    random_routing_seed: int | None = None
 
     def __post_init__(self) -> None:
         region = tuple(self.region_size)
@@ -55,6 +58,9 @@ class GazeConfig:
             raise ValueError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        seed = self.random_routing_seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"random_routing_seed must be an int >= 0 or None, got {seed!r}")
 
     @property
     def region_tokens(self) -> int:
@@ -96,12 +102,24 @@ def dense_twin(config: GazeConfig) -> GazeConfig:
 
 
 def at_budget(
-    config: GazeConfig, *, top_k: int | str | None = None, keep_ratio: float | None = None
+    config: GazeConfig,
+    *,
+    top_k: int | str | None = None,
+    keep_ratio: float | None = None,
+    random_routing_seed: int | None = None,
 ) -> GazeConfig:
     """``config`` routed at this budget (one of ``top_k`` / ``keep_ratio``).
 
     A dense twin (backend ``dense``) is routed too, through the default backend: a budget
     asked for is a budget applied (evaluating a dense-trained model sparsely is a baseline),
-    never silently dense. Evaluation, serving and ``set_gaze_budget`` all go through here."""
+    never silently dense. ``random_routing_seed``: the same budget routed to pseudo-random
+    regions (an evaluation ablation). Evaluation, serving and ``set_gaze_budget`` all go
+    through here."""
     backend = "auto" if config.backend == "dense" else config.backend
-    return replace(config, top_k=top_k, keep_ratio=keep_ratio, backend=backend)
+    return replace(
+        config,
+        top_k=top_k,
+        keep_ratio=keep_ratio,
+        backend=backend,
+        random_routing_seed=random_routing_seed,
+    )

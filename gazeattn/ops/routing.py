@@ -47,6 +47,33 @@ def region_scores(q: torch.Tensor, descriptors: torch.Tensor, routing: str) -> t
     return qf @ descriptors.repeat_interleave(hq // hkv, dim=1).transpose(-1, -2)
 
 
+def routing_scores(
+    q: torch.Tensor, descriptors: torch.Tensor, config: GazeConfig, q_pos: torch.Tensor
+) -> torch.Tensor:
+    """The scores every backend ranks regions by: ``region_scores`` under the config's
+    routing, or with ``config.random_routing_seed`` pseudo-random ones of the same shape."""
+    scores = region_scores(q, descriptors, config.routing)
+    if config.random_routing_seed is None:
+        return scores
+    return random_scores(scores.shape, q_pos, config.random_routing_seed)
+
+
+def random_scores(shape: torch.Size, q_pos: torch.Tensor, seed: int) -> torch.Tensor:
+    """Scores in [0, 1) [B, Hr, Tq, R] that are a hash of (seed, head, query position, region):
+    reproducible, the same whatever else is in the batch, and different per step and head."""
+    _, heads, _, num_r = shape
+    device = q_pos.device
+    h = torch.arange(heads, device=device, dtype=torch.int64)[:, None, None]
+    t = q_pos.to(torch.int64)[None, :, None]
+    r = torch.arange(num_r, device=device, dtype=torch.int64)[None, None, :]
+    # int64 arithmetic wraps: a splitmix-style mix of the four coordinates
+    x = seed * 0x9E3779B97F4A7C1 + h * 0x85EBCA77C2B2AE3 + t * 0x27D4EB2F165667C5 + r * 0x165667B1
+    for shift, mult in ((33, 0x7F51AFD7ED558CCD), (29, 0x44CEB9FE1A85EC53), (32, 1)):
+        x = (x ^ (x >> shift)) * mult
+    unit = ((x >> 11) & ((1 << 40) - 1)).to(torch.float32) / float(1 << 40)
+    return unit[None].expand(shape).contiguous()
+
+
 def query_positions(tq: int, tk: int, device: torch.device) -> torch.Tensor:
     """Queries are the last ``tq`` of the ``tk`` key positions."""
     if tq > tk:
@@ -171,7 +198,7 @@ def route(
         return Route(q_pos=q_pos, q_kind=q_kind, visible=visible, ids=None, chosen=visible[:, None])
     if descriptors is None:
         descriptors = region_descriptors(k, layout)
-    scores = region_scores(q, descriptors, config.routing)
+    scores = routing_scores(q, descriptors, config, q_pos)
     ids, chosen = select_regions(scores, visible, budgets(config, visible.sum(-1), top_k))
     return Route(q_pos=q_pos, q_kind=q_kind, visible=visible, ids=ids, chosen=chosen)
 
@@ -208,5 +235,9 @@ def keep_ratio_schedule(
     step: int, *, target: float, warmup_steps: int, kind: str = "linear"
 ) -> float:
     """Progressive keep ratio: 1.0 (dense) at step 0, ``target`` from ``warmup_steps`` on."""
-    frac = schedule_progress(step, warmup_steps=warmup_steps, kind=kind)
-    return 1.0 - frac * (1.0 - target)
+    return keep_ratio_at(schedule_progress(step, warmup_steps=warmup_steps, kind=kind), target)
+
+
+def keep_ratio_at(progress: float, target: float) -> float:
+    """The keep ratio ``progress`` (0 to 1) of the way from 1.0 (dense) to ``target``."""
+    return 1.0 - progress * (1.0 - target)

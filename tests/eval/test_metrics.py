@@ -160,3 +160,65 @@ def test_a_dense_twin_model_evaluates_with_its_own_config(tiny_dir, samples):
 def test_majority_share():
     assert metrics.majority_share(["Red", "red.", "blue", "top left"]) == 0.5
     assert metrics.majority_share([]) == 0.0
+
+
+def test_every_budget_gaze_config_takes_is_an_evaluation_budget():
+    """`--gaze-top-k all` and integers parse; "all" routes every region (exactly dense);
+    the random-routing ablation is labelled and refused for dense attention."""
+    from evaluation.cli import evaluate_parser
+
+    parse = evaluate_parser().parse_args
+    assert parse(["--model", "m", "--data", "d", "--gaze-top-k", "all"]).gaze_top_k == "all"
+    assert parse(["--model", "m", "--data", "d", "--gaze-top-k", "3"]).gaze_top_k == 3
+    for bad in ("0", "some"):
+        with pytest.raises(SystemExit):
+            parse(["--model", "m", "--data", "d", "--gaze-top-k", bad])
+    assert EvalConfig(top_k="all").label == "gaze-topall"
+    assert EvalConfig(keep_ratio=0.1, random_routing_seed=0).label == "gaze-keep0.1-random"
+    with pytest.raises(ValueError, match="random_routing_seed"):
+        EvalConfig(attn="dense", random_routing_seed=0)
+    with pytest.raises(ValueError, match="top_k"):
+        EvalConfig(top_k=0)
+
+
+def test_all_regions_by_name_equal_dense(tiny, samples):
+    model, processor = tiny
+    every = evaluate_samples(model, processor, samples, EvalConfig(top_k="all", max_new_tokens=2))
+    dense = evaluate_samples(model, processor, samples, EvalConfig(attn="dense", max_new_tokens=2))
+    assert [r.prediction for r in every.samples] == [r.prediction for r in dense.samples]
+    assert every.metrics["eval/entries_ratio"] == 1.0
+
+
+def test_random_routing_routes_elsewhere_at_the_same_budget(tiny, samples):
+    """The ablation keeps the budget (the same entries) but not the model's picks; seeded."""
+    model, processor = tiny
+    config = dict(top_k=1, max_new_tokens=3)
+    own = evaluate_samples(model, processor, samples, EvalConfig(**config))
+    runs = [
+        evaluate_samples(model, processor, samples, EvalConfig(**config, random_routing_seed=s))
+        for s in (0, 0, 1)
+    ]
+    assert runs[0].metrics["eval/visual_entries_per_token"] == pytest.approx(
+        own.metrics["eval/visual_entries_per_token"]
+    )
+
+    def picks(report):
+        return [[r["box"] for step in s.routing[0] for r in step] for s in report.samples]
+
+    assert picks(runs[0]) == picks(runs[1])  # seeded: the same picks again
+    assert picks(runs[0]) != picks(own) and picks(runs[0]) != picks(runs[2])
+    # the model's own routing is restored after the ablation
+    again = evaluate_samples(model, processor, samples, EvalConfig(**config))
+    assert picks(again) == picks(own)
+
+
+def test_routing_lift_and_the_last_layer():
+    from evaluation.compare import last_layer_hits, routing_lift
+
+    assert routing_lift(0.9, 0.2) == pytest.approx(0.875)
+    assert routing_lift(0.2, 0.2) == 0.0
+    assert routing_lift(None, 0.2) is None and routing_lift(1.0, 1.0) is None
+    m = {"eval/routing_hit_rate/layer_0": 0.3, "eval/routing_hit_rate_random/layer_0": 0.2,
+         "eval/routing_hit_rate/layer_1": 0.9, "eval/routing_hit_rate_random/layer_1": 0.25}  # fmt: skip
+    assert last_layer_hits(m) == (0.9, 0.25)
+    assert last_layer_hits({"eval/accuracy": 1.0}) == (None, None)

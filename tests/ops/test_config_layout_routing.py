@@ -33,6 +33,8 @@ from gazeattn.ops import (
         (dict(top_k=1, num_context_tokens=-1), "num_context_tokens"),
         (dict(top_k=1, routing="token"), "routing"),
         (dict(top_k=1, backend="cuda"), "backend"),
+        (dict(top_k=1, random_routing_seed=-1), "random_routing_seed"),
+        (dict(top_k=1, random_routing_seed=1.5), "random_routing_seed"),
     ],
     ids=lambda x: str(x) if isinstance(x, str) else None,
 )
@@ -155,3 +157,33 @@ def test_keep_ratio_schedule():
     ratios = [keep_ratio_schedule(s, target=0.2, warmup_steps=4) for s in range(6)]
     assert ratios == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2, 0.2])
     assert keep_ratio_schedule(2, target=0.2, warmup_steps=4, kind="cosine") == pytest.approx(0.6)
+
+
+def _random_route(seed: int, q: torch.Tensor, layout, top_k: int = 1):
+    from gazeattn.ops.routing import route
+
+    config = GazeConfig(region_size=(1, 2, 2), top_k=top_k, num_context_tokens=1,
+                        random_routing_seed=seed)  # fmt: skip
+    k = torch.randn(layout.batch_size, 2, layout.length, 8, generator=torch.Generator().manual_seed(1))
+    return route(q, k, layout, config)
+
+
+def test_random_routing_ignores_the_queries_and_the_batch_but_not_the_seed():
+    """The ablation's picks are a function of (seed, head, query position, region): the same
+    for any query values and any batch companions, different for another seed, and spread
+    over the regions (every one picked by some query)."""
+    layout = build_layout([[2, Image(6, 6), 40]], region_size=(1, 2, 2), num_context_tokens=1)
+    gen = torch.Generator().manual_seed(0)
+    q1, q2 = (torch.randn(1, 4, layout.length, 8, generator=gen) for _ in range(2))
+    a, b = _random_route(7, q1, layout), _random_route(7, q2, layout)
+    assert torch.equal(a.ids, b.ids)
+    other = _random_route(8, q1, layout)
+    assert not torch.equal(a.ids, other.ids)
+    text = (a.q_kind[0] == TokenKind.TEXT) & a.visible[0].any(-1)
+    picked = a.ids[0][:, text].flatten()
+    assert set(picked.tolist()) == set(range(9))
+    # in a batch with another sequence the first row routes as it did alone
+    pair = build_layout([[2, Image(6, 6), 40], [5, Image(6, 6), 37]], region_size=(1, 2, 2),
+                        num_context_tokens=1)  # fmt: skip
+    batched = _random_route(7, torch.randn(2, 4, pair.length, 8, generator=gen), pair)
+    assert torch.equal(batched.ids[:1], a.ids)

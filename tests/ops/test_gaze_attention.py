@@ -104,12 +104,17 @@ def test_keep_ratio_one_equals_dense():
     torch.testing.assert_close(gaze, sdpa, **FP32)
 
 
-@pytest.mark.parametrize("routing", ["kv_head", "query_head"])
+# "random": the evaluation ablation (pseudo-random regions, seeded) through the same paths
+ROUTINGS = {"kv_head": {"routing": "kv_head"}, "query_head": {"routing": "query_head"},
+            "random": {"routing": "kv_head", "random_routing_seed": 5}}  # fmt: skip
+
+
+@pytest.mark.parametrize("routing", list(ROUTINGS))
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_decode_equals_last_prefill_row(routing, side):
     seqs = [[3, Image(12, 12), 2, Video(2, 6, 7), 5], [1, Image(6, 6), 4]]
     layout = build_layout(seqs, padding_side=side, num_context_tokens=2)
-    config = GazeConfig(top_k=3, routing=routing, num_context_tokens=2)
+    config = GazeConfig(top_k=3, num_context_tokens=2, **ROUTINGS[routing])
     q, k, v = _inputs(layout, 4, 2, dim=16, seed=7)
     full, full_stats = gaze_attention_reference(q, k, v, layout, config, return_selection=True)
     if side == "right":

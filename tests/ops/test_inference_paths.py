@@ -43,13 +43,15 @@ def _valid_queries(layout):
 
 
 @pytest.mark.parametrize("dense", [False, True], ids=["gaze", "dense-twin"])
-@pytest.mark.parametrize("routing", ["kv_head", "query_head"])
+@pytest.mark.parametrize("routing", ["kv_head", "query_head", "random"])
 @pytest.mark.parametrize("hq,hkv", GQA, ids=[f"gqa{a}/{b}" for a, b in GQA])
 @pytest.mark.parametrize("case_id,seqs,side,region,n_ctx", CASES, ids=[c[0] for c in CASES])
 def test_prefill_matches_reference(case_id, seqs, side, region, n_ctx, hq, hkv, routing, dense):
     layout = _layout(seqs, side, region, n_ctx)
+    # "random": the evaluation ablation's pseudo-random scores, through the same paths
+    how = {"routing": "kv_head", "random_routing_seed": 3} if routing == "random" else {}
     config = GazeConfig(
-        region_size=region, keep_ratio=0.4, num_context_tokens=n_ctx, routing=routing
+        region_size=region, keep_ratio=0.4, num_context_tokens=n_ctx, **{"routing": routing, **how}
     )
     q, k, v = _inputs(layout.batch_size, hq, hkv, layout.length, seed=hq + hkv)
     spans = prefill_spans(layout, layout.length)

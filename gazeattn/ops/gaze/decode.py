@@ -16,8 +16,9 @@ from gazeattn.ops.layout import GazeLayout, TokenKind
 from gazeattn.ops.routing import (
     budgets,
     decode_route,
+    query_positions,
     region_descriptors,
-    region_scores,
+    routing_scores,
     select_regions,
 )
 
@@ -69,7 +70,7 @@ def gaze_decode(
     plan = _step_plan(layout, tk, q.device, config, top_k)
     if descriptors is None:
         descriptors = region_descriptors(k, layout)
-    scores = region_scores(q, descriptors, config.routing)
+    scores = routing_scores(q, descriptors, config, query_positions(1, tk, q.device))
     ids, chosen = select_regions(scores, plan["visible"], plan["k"])
     hr = scores.shape[1]
     positions, valid = gather_plan(layout, ids[:, :, 0], tk)

@@ -27,7 +27,7 @@ from gazeattn.ops.routing import (
     Route,
     budgets,
     region_descriptors,
-    region_scores,
+    routing_scores,
     select_regions,
     visible_regions,
 )
@@ -101,7 +101,7 @@ def gaze_prefill(
         if dense:
             ids, chosen = None, visible[:, None]
         else:
-            scores = region_scores(q[:, :, block], descriptors, config.routing)
+            scores = routing_scores(q[:, :, block], descriptors, config, block)
             ids, chosen = select_regions(scores, visible, budgets(config, visible.sum(-1), top_k))
         mask = gaze_mask(layout, block, chosen, tk)
         out[:, :, block] = masked_attention(q[:, :, block], k, v, mask, scale).to(q.dtype)
