@@ -8,8 +8,10 @@ from pydantic import Field, field_validator
 
 from gazeattn.typed_config import Settings
 
-GridKind = Literal["colour", "position"]
+GridKind = Literal["colour", "position", "shape"]
 GRID_KINDS: tuple[GridKind, ...] = get_args(GridKind)
+# what the grid task asks unless told: both questions about places
+DEFAULT_GRID_KINDS: tuple[GridKind, ...] = ("colour", "position")
 
 
 class SyntheticSettings(Settings):
@@ -29,8 +31,8 @@ class SyntheticSettings(Settings):
     # records always have one
     train_questions: int = Field(1, ge=1, le=9)
     # the grid task's question kinds: "colour" (of the shape at a position), "position" (of
-    # the shape of a colour)
-    grid_kinds: tuple[GridKind, ...] = Field(GRID_KINDS, min_length=1)
+    # the shape of a colour), "shape" (which shape the one of a colour is)
+    grid_kinds: tuple[GridKind, ...] = Field(DEFAULT_GRID_KINDS, min_length=1)
     shapes_per_image: int = Field(3, ge=1, le=9)  # task "scatter"
     seed: int = 0
     shard_size: str = "512MB"

@@ -3,13 +3,14 @@
     python -m pipelines.synthetic --out DIR --n-train N --n-test N [--no-shard]
 
 - ``task="grid"`` (the demo's): a ``grid x grid`` arrangement of coloured shapes, one per
-  cell and every colour different, so that with regions of one cell (the demo's 8 x 8
-  tokens in 4 x 4 regions, a 2 x 2 grid) the answer lives in exactly one region. The question
-  names one shape by its position ("What colour is the shape in the top left?") or by its
-  colour ("Where is the red shape?"); attending to another cell gives a wrong answer. The
-  answers are balanced: questions alternate between the kinds asked (``kinds``: both by
-  default, or only "colour" or only "position"), the asked cell and the asked colour cycle
-  through every value. A training image can carry more questions about
+  cell and every colour different, so that with regions of one cell (the demo's 6 x 6
+  tokens in 2 x 2 regions, a 3 x 3 grid) the answer lives in exactly one region. The question
+  names one shape by its position ("What colour is the shape in the top left?"), by its
+  colour ("Where is the red shape?") or asks which shape the one of a colour is ("What shape
+  is the red one?", the demo's); attending to another cell gives a wrong answer. The
+  answers are balanced: questions alternate between the kinds asked (``kinds``: "colour" and
+  "position" by default, any of the three), the asked cell and the asked colour (or shape)
+  cycle through every value. A training image can carry more questions about
   its other cells as further turns (``train_questions``: more to learn from per image); a
   held-out record always has one.
 - ``task="scatter"``: ``shapes_per_image`` shapes in distinct cells of a 3 x 3 placement
@@ -41,7 +42,7 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipelines.config import GRID_KINDS, SyntheticSettings
+from pipelines.config import DEFAULT_GRID_KINDS, GRID_KINDS, SyntheticSettings
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -168,15 +169,20 @@ def grid_shapes(
     target_cell: int,
     target_colour: int,
     fill: float = 2 / 3,
+    target_kind: str | None = None,
 ) -> list[Shape]:
-    """One shape per cell, all colours different; ``target_colour`` goes in ``target_cell``."""
+    """One shape per cell, all colours different; ``target_colour`` goes in ``target_cell``
+    (and ``target_kind``, when given, is its shape)."""
     cell = size // grid
     others = [c for c in range(len(COLOURS)) if c != target_colour]
     colours = list(rng.choice(others, size=grid * grid - 1, replace=False))
     colours.insert(target_cell, target_colour)
+    kinds = [SHAPES[int(k)] for k in rng.integers(len(SHAPES), size=grid * grid)]
+    if target_kind is not None:
+        kinds[target_cell] = target_kind
     return [
         Shape(
-            kind=SHAPES[int(rng.integers(len(SHAPES)))],
+            kind=kinds[i],
             colour=list(COLOURS)[int(colours[i])],
             box=cell_box(rng, *divmod(i, grid), cell, fill),
         )
@@ -195,7 +201,7 @@ def grid_record(
     *,
     fill: float = 2 / 3,
     questions: int = 1,
-    kinds: tuple[str, ...] = GRID_KINDS,
+    kinds: tuple[str, ...] = DEFAULT_GRID_KINDS,
 ) -> dict:
     """One image of the grid task; ``index`` cycles the question kind, cell and colour.
 
@@ -205,9 +211,11 @@ def grid_record(
     kind = kinds[index % len(kinds)]
     target_cell = turn_of % cells
     target_colour = turn_of % len(COLOURS) if kind == "colour" else int(rng.integers(len(COLOURS)))
+    # the answer of a "shape" question cycles through the shapes
+    target_kind = SHAPES[turn_of % len(SHAPES)] if kind == "shape" else None
     for _ in range(100):  # a new drawing until its pixels are new to the dataset
         background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
-        shapes = grid_shapes(rng, size, grid, target_cell, target_colour, fill)
+        shapes = grid_shapes(rng, size, grid, target_cell, target_colour, fill, target_kind)
         image = render(size, background, shapes)
         digest = hashlib.sha1(image.tobytes()).hexdigest()
         if digest not in seen:
@@ -238,12 +246,16 @@ def grid_record(
 
 
 def grid_question(shapes: list[Shape], cell: int, grid: int, kind: str) -> tuple[str, str, str]:
-    """(task, question, answer) about the shape in ``cell``: its colour (kind "colour") or
-    where the shape of its colour is (kind "position")."""
+    """(task, question, answer) about the shape in ``cell``: its colour (kind "colour"), where
+    the shape of its colour is (kind "position") or which shape it is (kind "shape", asked by
+    its colour: the question names what to look for, the answer is what is seen there)."""
     where = cell_words(*divmod(cell, grid), grid)
+    shape = shapes[cell]
     if kind == "colour":
-        return "grid_colour", f"What colour is the shape in the {where}?", shapes[cell].colour
-    return "grid_position", f"Where is the {shapes[cell].colour} shape?", where
+        return "grid_colour", f"What colour is the shape in the {where}?", shape.colour
+    if kind == "shape":
+        return "grid_shape", f"What shape is the {shape.colour} one?", shape.kind
+    return "grid_position", f"Where is the {shape.colour} shape?", where
 
 
 def image_entry(
@@ -332,7 +344,7 @@ def generate(
     grid: int = 2,
     shape_fill: float = 2 / 3,
     train_questions: int = 1,
-    grid_kinds: tuple[str, ...] | list[str] = GRID_KINDS,
+    grid_kinds: tuple[str, ...] | list[str] = DEFAULT_GRID_KINDS,
     seed: int = 0,
 ) -> dict[str, Path]:
     """Write media and ``train.json``/``test.json`` under ``out``; returns the json paths."""
@@ -464,7 +476,8 @@ def main(argv: list[str] | None = None) -> None:
         "--train-questions", type=int, default=1, help="questions per training image (task grid)"
     )
     parser.add_argument(
-        "--grid-kinds", nargs="+", choices=GRID_KINDS, default=list(GRID_KINDS), help="task grid"
+        "--grid-kinds", nargs="+", choices=GRID_KINDS, default=list(DEFAULT_GRID_KINDS),
+        help="task grid"
     )
     parser.add_argument("--shapes-per-image", type=int, default=3, help="task scatter")
     parser.add_argument("--seed", type=int, default=0)

@@ -321,3 +321,41 @@ def test_demo_config_data_section_loads():
     data = yaml.safe_load((root / "configs" / "demo.yaml").read_text())["data"]
     cfg = validate(DataConfig, data)
     assert cfg.synthetic.n_train == data["synthetic"]["n_train"]
+
+
+def _shape_in(pixels: np.ndarray, box, rgb) -> str:
+    """Which shape is drawn in ``box``: a square fills its top-left corner, a triangle its
+    bottom-left one, a circle neither."""
+    x0, y0, x1, y1 = box
+    if tuple(pixels[y0, x0]) == rgb:
+        return "square"
+    return "triangle" if tuple(pixels[y1 - 1, x0]) == rgb else "circle"
+
+
+def test_shape_questions_are_answered_by_the_asked_colours_cell(tmp_path):
+    """grid_kinds=("shape",): "what shape is the red one?", answered by the shape drawn in the
+    cell of that colour (read from the pixels); the answers cycle through the shapes."""
+    paths = generate(tmp_path, n_train=30, n_test=30, image_size=48, video_fraction=0.0,
+                     task="grid", grid=3, shape_fill=0.9, grid_kinds=["shape"], seed=5,
+                     train_questions=3)  # fmt: skip
+    cell = 16
+    for split in ("train", "test"):
+        answers = Counter()
+        for r in json.loads(paths[split].read_text()):
+            assert r["task"] == "grid_shape"
+            answers[r["conversations"][1]["value"]] += 1
+            if not r["image"].endswith(".png"):  # lossless: the colours are exact
+                continue
+            pixels = np.asarray(Image.open(tmp_path / "media" / r["image"]).convert("RGB"))
+            for question, answer in zip(r["conversations"][::2], r["conversations"][1::2],
+                                        strict=True):  # fmt: skip
+                name = question["value"].removeprefix("<image>\n")
+                name = name.removeprefix("What shape is the ").removesuffix(" one?")
+                rgb = COLOURS[name]
+                ys, xs = np.nonzero(np.all(pixels == rgb, axis=-1))
+                row, col = ys.min() // cell, xs.min() // cell
+                box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+                assert box[2] <= (col + 1) * cell and box[3] <= (row + 1) * cell, "one cell"
+                assert _shape_in(pixels, box, rgb) == answer["value"], (r["id"], name)
+        assert set(answers) == {"square", "circle", "triangle"}
+        assert max(answers.values()) - min(answers.values()) <= 1, answers
