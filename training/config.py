@@ -58,11 +58,23 @@ class OptimSettings(Settings):
 
 
 class TopKSchedule(Settings):
-    """Progressive Top-K: dense at optimizer step 0, the configured budget after
-    ``warmup_steps`` optimizer steps."""
+    """Progressive Top-K: dense until it starts, the configured budget ``warmup_steps``
+    optimizer steps later (``training.schedules``). It starts at step 0 (``start: step``) or
+    at the first step whose training loss, averaged over the ranks and the last
+    ``loss_window`` steps, is at most ``start_loss`` (``start: loss``: it waits until the
+    model attends)."""
 
     warmup_steps: int = Field(0, ge=0)
     kind: Literal["linear", "cosine"] = "linear"
+    start: Literal["step", "loss"] = "step"
+    start_loss: float | None = Field(None, gt=0)
+    loss_window: int = Field(20, ge=1)
+
+    @model_validator(mode="after")
+    def _loss_start_has_a_threshold(self) -> TopKSchedule:
+        if self.start == "loss" and self.start_loss is None:
+            raise ValueError("top_k_schedule.start 'loss' needs top_k_schedule.start_loss")
+        return self
 
 
 class TrainSettings(Settings):
@@ -74,6 +86,13 @@ class TrainSettings(Settings):
     grad_accum: int = Field(1, ge=1)
     checkpoint_every: int = Field(10, ge=1)
     log_every: int = Field(1, ge=1)
+    # every N optimizer steps (and at the last), every rank scores the first
+    # ``heldout_samples`` of the generated held-out split and rank 0 logs accuracy and the
+    # last layer's routing hit rate, its random baseline and lift as ``heldout/*`` metrics,
+    # so routing is seen being learned next to the loss (0: never; needs generated data,
+    # whose records know where the answer is)
+    heldout_every: int = Field(0, ge=0)
+    heldout_samples: int = Field(64, ge=1)
     seed: int = 0
     deepspeed_config: str = "configs/deepspeed/zero3_cpu.json"
     # stop after this many steps in this attempt (tests use it to simulate a stopped run)

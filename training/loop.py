@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import torch
 
 from training.config import IN_WORKER, FinetuneConfig, deepspeed_config_path
 from training.metrics import step_metrics
+from training.schedules import TopKClock, apply_top_k, budget_metric, lr_lambda
 from training.tracking import Tracker
 
 CKPT_TAG = "zero"
@@ -56,23 +56,6 @@ def deepspeed_config(cfg: FinetuneConfig) -> dict:
         if params.get(key) == "auto":
             params[key] = value
     return ds
-
-
-def lr_lambda(cfg: FinetuneConfig):
-    """LR scale per optimizer step (DeepSpeed steps the scheduler once per optimizer step):
-    linear warm-up over ``optim.warmup_steps``, then constant or cosine down to 0.1x at
-    ``train.max_steps``."""
-    warm, total = cfg.optim.warmup_steps, max(cfg.train.max_steps, 1)
-
-    def scale(step: int) -> float:
-        if warm and step < warm:
-            return (step + 1) / warm
-        if cfg.optim.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warm) / max(1, total - warm))
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return scale
 
 
 @dataclass(kw_only=True)
@@ -115,22 +98,44 @@ def optimizer_step(engine, batches: Iterator[tuple[dict, list[str]]], grad_accum
 
 
 def run_steps(
-    cfg: FinetuneConfig, engine, model, processor, scheduler, batches, step: int, world: int = 1
+    cfg: FinetuneConfig,
+    engine,
+    model,
+    processor,
+    scheduler,
+    batches,
+    step: int,
+    world: int = 1,
+    clock: TopKClock | None = None,
 ):
     """Optimizer steps from ``step`` on; yields ``(step, metrics row, StepResult)`` after each
     (``step`` counts optimizer steps, as every schedule and interval of the config does;
-    ``world``: the number of ranks, for the throughput metrics)."""
+    ``world``: the number of ranks, for the throughput metrics; ``clock``: the progressive
+    Top-K's, a resumed run's or a new one)."""
+    clock = clock or TopKClock.start(cfg.top_k_schedule)
     while step < cfg.train.max_steps:
-        budget = _apply_schedule(cfg, model, step)
+        budget = apply_top_k(cfg, model, clock.progress(step))
         # the LR this step's update used (the scheduler moves on at the boundary)
         lr = scheduler.get_last_lr()[0]
         result = optimizer_step(engine, batches, cfg.train.grad_accum)
         step += 1
-        reported = _budget_metric(budget, result.batches[-1])
+        if clock.started_at is None:  # the same on every rank: they observe the same mean
+            clock.observe(step, _mean_over_ranks(result.loss, world))
+        reported = budget_metric(budget, result.batches[-1])
         row = step_metrics(
             result.loss, result.batches, result.seconds, world, lr, result.reports, reported
         )
+        if cfg.model.attn == "gaze":
+            row["top_k_progress"] = clock.progress(step)
         yield step, row, result
+
+
+def _mean_over_ranks(value: float, world: int) -> float:
+    if world == 1 or not torch.distributed.is_initialized():
+        return value
+    total = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(total)
+    return float(total) / world
 
 
 def train_loop(loop_config: dict) -> None:
@@ -162,7 +167,8 @@ def train_loop(loop_config: dict) -> None:
         model=model, model_parameters=trainable, config=ds_config, lr_scheduler=make_scheduler
     )
 
-    step, position = _resume(engine)
+    step, position, started_at = _resume(engine)
+    clock = TopKClock.start(cfg.top_k_schedule, started_at)
     tracker = None
     if rank == 0 and loop_config.get("mlflow_run_id"):
         tracker = Tracker(
@@ -171,16 +177,21 @@ def train_loop(loop_config: dict) -> None:
             system_metrics=cfg.mlflow.system_metrics,
         )
     stream = DataStream(cfg, processor, position)
+    heldout = HeldOut.load(loop_config.get("heldout"), cfg)
     attempt_steps = 0
     try:
         _maybe_crash(loop_config, rank, step)
         steps = run_steps(
-            cfg, engine, model, processor, scheduler, iter(stream), step, ctx.get_world_size()
-        )
+            cfg, engine, model, processor, scheduler, iter(stream), step, ctx.get_world_size(),
+            clock,
+        )  # fmt: skip
         for step, row, result in steps:
             attempt_steps += 1
             row.update(_drop_metrics())
             _trace(loop_config, rank, step, stream.epoch, result.sample_ids)
+            if rank == 0 and clock.started_at == step and cfg.top_k_schedule.start == "loss":
+                say(f"[train] step {step}: the loss reached {cfg.top_k_schedule.start_loss}; "
+                    "the progressive Top-K starts")  # fmt: skip
             if rank == 0 and step % cfg.train.log_every == 0:
                 savings = row.get("kv_savings_pct", 0.0)
                 say(
@@ -191,11 +202,19 @@ def train_loop(loop_config: dict) -> None:
                 if tracker:
                     tracker.log_metrics(row, step)
             last = step >= cfg.train.max_steps
+            if heldout is not None and (last or step % cfg.train.heldout_every == 0):
+                # every rank runs the same generation (ZeRO-3 gathers in lockstep)
+                scores = heldout.score(model, processor)
+                if rank == 0:
+                    say(f"[train] step {step} held-out: {_heldout_text(scores)}")
+                    if tracker:
+                        tracker.log_metrics(scores, step)
             stop = cfg.train.stop_after is not None and attempt_steps >= cfg.train.stop_after
             if last or stop or step % cfg.train.checkpoint_every == 0:
                 _checkpoint(
                     engine, model, processor, step, row, stream.state(),
                     export=last, adapter_base=loop_config.get("adapter_base"),
+                    top_k_started_at=clock.started_at,
                 )  # fmt: skip
             if stop and not last:
                 break
@@ -203,6 +222,53 @@ def train_loop(loop_config: dict) -> None:
     finally:
         if tracker:
             tracker.close()
+
+
+@dataclass(kw_only=True)
+class HeldOut:
+    """The first ``train.heldout_samples`` of the generated held-out split, scored during
+    training with the evaluation's own code (greedy answers at the model's current budget)."""
+
+    samples: list
+
+    @classmethod
+    def load(cls, path: str | None, cfg: FinetuneConfig) -> HeldOut | None:
+        if path is None:
+            return None
+        from evaluation.data import load_json
+
+        return cls(samples=load_json(path, limit=cfg.train.heldout_samples))
+
+    def score(self, model, processor) -> dict[str, float]:
+        from evaluation.compare import last_layer_hits, routing_lift
+        from evaluation.runner import EvalConfig, evaluate_samples
+
+        model.eval()
+        try:
+            with torch.no_grad():
+                config = EvalConfig(pictures=0, max_new_tokens=4, batch_size=16)
+                report = evaluate_samples(model, processor, self.samples, config)
+        finally:
+            model.train()
+        out = {"heldout/accuracy": report.metrics["eval/accuracy"]}
+        hit, random = last_layer_hits(report.metrics)
+        if hit is not None:
+            out["heldout/routing_hit_rate"] = hit
+            out["heldout/routing_hit_rate_random"] = random
+            lift = routing_lift(hit, random)
+            if lift is not None:
+                out["heldout/routing_lift"] = lift
+        return out
+
+
+def _heldout_text(scores: dict[str, float]) -> str:
+    text = f"accuracy {100 * scores['heldout/accuracy']:.1f}%"
+    if "heldout/routing_hit_rate" in scores:
+        text += (
+            f", routing hit {100 * scores['heldout/routing_hit_rate']:.1f}% (random "
+            f"{100 * scores['heldout/routing_hit_rate_random']:.1f}%)"
+        )
+    return text
 
 
 def _build_model(cfg: FinetuneConfig, model_path: str, *, report: bool = False):
@@ -250,11 +316,12 @@ def _budget_text(budget) -> str:
     return "-" if budget is None else f"{budget:.3g}" if isinstance(budget, float) else str(budget)
 
 
-def _resume(engine) -> tuple[int, DataPosition]:
-    """The optimizer step and the data position of the checkpoint Ray Train restored."""
+def _resume(engine) -> tuple[int, DataPosition, int | None]:
+    """The optimizer step, the data position and the step the progressive Top-K started at
+    (None: not yet, or a new run) of the checkpoint Ray Train restored."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return 0, DataPosition()
+        return 0, DataPosition(), None
     with checkpoint.as_directory() as path:
         _, client_state = engine.load_checkpoint(path, tag=CKPT_TAG)
         position = DataPosition.load(Path(path))
@@ -263,7 +330,7 @@ def _resume(engine) -> tuple[int, DataPosition]:
         f"[train] resumed from step {step} (epoch {position.epoch}, "
         f"{len(position.consumed)} of its samples done)"
     )
-    return step, position
+    return step, position, client_state.get("top_k_started_at")
 
 
 def _checkpoint(
@@ -276,12 +343,14 @@ def _checkpoint(
     *,
     export: bool,
     adapter_base: str | None = None,
+    top_k_started_at: int | None = None,
 ) -> None:
     """A checkpoint (every rank's shards, the data position); with ``export`` also the HF
     export under ``hf/`` (``adapter_base``: see ``_export``)."""
     rank = ray.train.get_context().get_world_rank()
     with tempfile.TemporaryDirectory() as tmp:
-        engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={"step": step})
+        state = {"step": step, "top_k_started_at": top_k_started_at}
+        engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state=state)
         if rank == 0:
             position.save(Path(tmp))
         if export:
@@ -307,38 +376,6 @@ def _export(model, processor, out: Path, *, adapter_base=None) -> None:
     else:
         model.save_pretrained(out, state_dict=state, safe_serialization=True)
         processor.save_pretrained(out)
-
-
-def _apply_schedule(cfg: FinetuneConfig, model, step: int):
-    """Progressive Top-K: set this step's budget; returns it (a Progressive Top-K, the keep
-    ratio, or None). Each query's budget shrinks from the regions it sees itself."""
-    from gazeattn.model import set_gaze_budget, set_gaze_top_k
-    from gazeattn.ops import Progressive, keep_ratio_schedule, schedule_progress
-
-    target = cfg.model.gaze_config()
-    if cfg.model.attn == "dense":
-        return None
-    warmup, kind = cfg.top_k_schedule.warmup_steps, cfg.top_k_schedule.kind
-    if target.keep_ratio is not None:
-        ratio = keep_ratio_schedule(step, target=target.keep_ratio, warmup_steps=warmup, kind=kind)
-        set_gaze_budget(model, keep_ratio=ratio)
-        return ratio
-    if target.top_k == "all":
-        return None
-    budget = Progressive(target.top_k, schedule_progress(step, warmup_steps=warmup, kind=kind))
-    set_gaze_top_k(model, budget)
-    return budget
-
-
-def _budget_metric(budget, batch: dict) -> float | None:
-    """The logged budget: a keep ratio as is; a progressive Top-K as the regions kept by the
-    batch's query that sees the most."""
-    from gazeattn.ops import GazeConfig, Progressive, budgets
-
-    if not isinstance(budget, Progressive):
-        return budget
-    most = batch["gaze_layout"].regions.count.max().reshape(1)
-    return float(budgets(GazeConfig(top_k=budget.target), most, budget)[0])
 
 
 def _drop_metrics() -> dict[str, float]:

@@ -17,7 +17,8 @@ import torch
 
 from tests.servers import free_port
 from training.config import load_config
-from training.loop import _build_model, deepspeed_config, lr_lambda, run_steps
+from training.loop import _build_model, deepspeed_config, run_steps
+from training.schedules import lr_lambda
 
 MAX_STEPS = 5
 
