@@ -20,7 +20,7 @@ FORBIDDEN = {
     "pipelines": {"training", "serving", "evaluation", "jobs", "tests", "bench"},
     "serving": {"training", "evaluation", "jobs", "tests", "bench"},
     "evaluation": {"training", "serving", "jobs", "tests", "bench"},
-    "training": {"serving", "evaluation", "jobs", "tests", "bench"},
+    "training": {"serving", "jobs", "tests", "bench"},
     "bench": {"tests"},
 }  # fmt: skip
 

@@ -173,6 +173,7 @@ def run_finetune(
         "crash": crash,
         "trace": trace,
         "adapter_base": adapter_base(cfg, model_path),
+        "heldout": heldout_path(cfg),
     }
     trainer = TorchTrainer(
         train_loop,
@@ -244,6 +245,23 @@ def run_finetune(
         registered_model=registered,
         mlflow_model_uri=model_uri,
     )
+
+
+def heldout_path(cfg: FinetuneConfig) -> str | None:
+    """The generated held-out split the workers score every ``train.heldout_every`` steps
+    (None when off, or for shards of one's own: their records need not say where the answer
+    is)."""
+    if not cfg.train.heldout_every:
+        return None
+    test_json = Path(cfg.data.synthetic_dir) / "test.json"
+    if cfg.data.shards or not test_json.exists():
+        print(
+            f"[finetune] train.heldout_every is set but there is no generated held-out split "
+            f"({test_json}): no held-out metrics during training",
+            flush=True,
+        )
+        return None
+    return str(test_json.resolve())
 
 
 def _pipeline_processor(cfg: FinetuneConfig, model_path: str):
