@@ -4,38 +4,62 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from gazeattn.typed_config import Settings
 
-GridKind = Literal["colour", "position", "shape"]
+GridKind = Literal["colour", "position", "shape", "shape_at"]
 GRID_KINDS: tuple[GridKind, ...] = get_args(GridKind)
 # what the grid task asks unless told: both questions about places
 DEFAULT_GRID_KINDS: tuple[GridKind, ...] = ("colour", "position")
 
 
 class SyntheticSettings(Settings):
-    """Generated data for the demo and tests (used when ``shards`` is empty)."""
+    """Generated data for the demo and tests (used when ``shards`` is empty): the one
+    declaration of the synthetic task's settings; ``pipelines.synthetic.generate`` and its
+    command line take these (the CLI's flags and help come from the fields)."""
 
-    n_train: int = Field(64, ge=0)
-    n_test: int = Field(16, ge=0)
-    video_fraction: float = Field(0.25, ge=0, le=1)
-    image_size: int = Field(96, ge=24)
-    frames: int = Field(4, ge=1)
-    # "grid": a grid x grid arrangement, the answer in one cell (pipelines.synthetic)
-    task: Literal["grid", "scatter"] = "grid"
-    grid: int = Field(2, ge=1, le=3)
-    # a shape's side as a share of its cell's side (grid task and videos)
-    shape_fill: float = Field(2 / 3, gt=0, le=1)
-    # questions per training image (grid task; further turns about other cells); held-out
-    # records always have one
-    train_questions: int = Field(1, ge=1, le=9)
-    # the grid task's question kinds: "colour" (of the shape at a position), "position" (of
-    # the shape of a colour), "shape" (which shape the one of a colour is)
-    grid_kinds: tuple[GridKind, ...] = Field(DEFAULT_GRID_KINDS, min_length=1)
-    shapes_per_image: int = Field(3, ge=1, le=9)  # task "scatter"
-    seed: int = 0
-    shard_size: str = "512MB"
+    n_train: int = Field(64, ge=0, description="training records")
+    n_test: int = Field(16, ge=0, description="held-out records (no image of training)")
+    video_fraction: float = Field(
+        0.25, ge=0, le=1, description="share of the records that are videos"
+    )
+    image_size: int = Field(96, ge=24, description="side of the square images and frames (even)")
+    frames: int = Field(4, ge=1, description="frames per video (the shape shows in one)")
+    task: Literal["grid", "scatter"] = Field(
+        "grid", description="grid: a grid x grid arrangement, the answer in one cell"
+    )
+    grid: int = Field(2, ge=1, le=3, description="cells per side (task grid)")
+    shape_fill: float = Field(
+        2 / 3, gt=0, le=1, description="a shape's side as a share of its cell's side"
+    )
+    train_questions: int = Field(
+        1, ge=1, le=9,
+        description="questions per training image (task grid: further turns about other "
+        "cells); held-out records have one",
+    )  # fmt: skip
+    grid_kinds: tuple[GridKind, ...] = Field(
+        DEFAULT_GRID_KINDS, min_length=1,
+        description="question kinds (task grid): colour (of the shape at a position), "
+        "position (of the shape of a colour), shape (which shape the one of a colour is), "
+        "shape_at (which shape is at a position)",
+    )  # fmt: skip
+    shapes_per_image: int = Field(3, ge=1, le=9, description="shapes per image (task scatter)")
+    seed: int = Field(0, description="everything generated is a function of it")
+    shard_size: str = Field("512MB", description="target size of a shard")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SyntheticSettings:
+        if self.image_size % 2:
+            raise ValueError(f"image_size must be even (videos), got {self.image_size}")
+        if self.train_questions > self.grid * self.grid:
+            raise ValueError(
+                f"train_questions must be in [1, {self.grid * self.grid}] (one per cell of the "
+                f"{self.grid} x {self.grid} grid), got {self.train_questions}"
+            )
+        if len(set(self.grid_kinds)) != len(self.grid_kinds):
+            raise ValueError(f"grid_kinds must be distinct, got {list(self.grid_kinds)}")
+        return self
 
 
 class DataConfig(Settings):

@@ -35,14 +35,17 @@ import argparse
 import hashlib
 import io
 import json
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 import av
 import numpy as np
 from PIL import Image, ImageDraw
+from pydantic import ValidationError
 
-from pipelines.config import DEFAULT_GRID_KINDS, GRID_KINDS, SyntheticSettings
+from gazeattn.typed_config import describe
+from pipelines.config import DEFAULT_GRID_KINDS, SyntheticSettings
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -56,7 +59,6 @@ COLOURS = {
     "pink": (250, 130, 190),
 }
 SHAPES = ("square", "circle", "triangle")
-TASKS = ("grid", "scatter")
 BACKGROUNDS = ((40, 40, 40), (90, 90, 90), (20, 30, 60))
 # image encodings cycle so every format the pipeline reads is exercised
 IMAGE_FORMATS = (("jpg", "JPEG"), ("png", "PNG"), ("webp", "WEBP"))
@@ -211,8 +213,11 @@ def grid_record(
     kind = kinds[index % len(kinds)]
     target_cell = turn_of % cells
     target_colour = turn_of % len(COLOURS) if kind == "colour" else int(rng.integers(len(COLOURS)))
-    # the answer of a "shape" question cycles through the shapes
-    target_kind = SHAPES[turn_of % len(SHAPES)] if kind == "shape" else None
+    # the answer of a shape question cycles through the shapes, shifted by one every pass
+    # over the cells, so that each cell holds each answer as often (the place alone never
+    # tells the shape)
+    shifted = (turn_of + turn_of // cells) % len(SHAPES)
+    target_kind = SHAPES[shifted] if kind in ("shape", "shape_at") else None
     for _ in range(100):  # a new drawing until its pixels are new to the dataset
         background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
         shapes = grid_shapes(rng, size, grid, target_cell, target_colour, fill, target_kind)
@@ -247,14 +252,17 @@ def grid_record(
 
 def grid_question(shapes: list[Shape], cell: int, grid: int, kind: str) -> tuple[str, str, str]:
     """(task, question, answer) about the shape in ``cell``: its colour (kind "colour"), where
-    the shape of its colour is (kind "position") or which shape it is (kind "shape", asked by
-    its colour: the question names what to look for, the answer is what is seen there)."""
+    the shape of its colour is (kind "position") or which shape it is, asked by its colour
+    (kind "shape") or by its position (kind "shape_at"): the question names where to look,
+    the answer is what is seen there."""
     where = cell_words(*divmod(cell, grid), grid)
     shape = shapes[cell]
     if kind == "colour":
         return "grid_colour", f"What colour is the shape in the {where}?", shape.colour
     if kind == "shape":
         return "grid_shape", f"What shape is the {shape.colour} one?", shape.kind
+    if kind == "shape_at":
+        return "grid_shape_at", f"What shape is in the {where}?", shape.kind
     return "grid_position", f"Where is the {shape.colour} shape?", where
 
 
@@ -332,109 +340,64 @@ def video_record(
 
 
 def generate(
-    out: str | Path,
-    *,
-    n_train: int = 64,
-    n_test: int = 16,
-    image_size: int = 96,
-    frames: int = 4,
-    video_fraction: float = 0.25,
-    shapes_per_image: int = 3,
-    task: str = "grid",
-    grid: int = 2,
-    shape_fill: float = 2 / 3,
-    train_questions: int = 1,
-    grid_kinds: tuple[str, ...] | list[str] = DEFAULT_GRID_KINDS,
-    seed: int = 0,
+    out: str | Path, settings: SyntheticSettings | None = None, **fields
 ) -> dict[str, Path]:
-    """Write media and ``train.json``/``test.json`` under ``out``; returns the json paths."""
-    if image_size % 2 or image_size < 24:
-        raise ValueError(f"image_size must be even and at least 24, got {image_size}")
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    if not 1 <= shapes_per_image <= min(9, len(COLOURS)):
-        raise ValueError(f"shapes_per_image must be in [1, 9], got {shapes_per_image}")
-    if grid not in (1, 2, 3):
-        raise ValueError(f"grid must be 1, 2 or 3 (cells per side), got {grid}")
-    if not 0 < shape_fill <= 1:
-        raise ValueError(f"shape_fill must be in (0, 1], got {shape_fill}")
-    if not 1 <= train_questions <= grid * grid:
-        raise ValueError(
-            f"train_questions must be in [1, {grid * grid}] (one per cell), got {train_questions}"
-        )
-    grid_kinds = tuple(grid_kinds)
-    if (
-        not grid_kinds
-        or len(set(grid_kinds)) != len(grid_kinds)
-        or set(grid_kinds) - set(GRID_KINDS)
-    ):
-        raise ValueError(f"grid_kinds must be distinct kinds among {GRID_KINDS}, got {grid_kinds}")
+    """Write media and ``train.json``/``test.json`` under ``out``; returns the json paths.
+
+    ``settings``, or the fields of ``SyntheticSettings`` as keywords (checked there, once)."""
+    if settings is None:
+        settings = SyntheticSettings(**fields)
+    elif fields:
+        raise TypeError(f"give settings or fields, not both: {sorted(fields)}")
+    s = settings
     out = Path(out)
     media = out / "media"
     media.mkdir(parents=True, exist_ok=True)
     paths = {}
     seen: set[str] = set()  # the images drawn so far: the test split shares none with training
-    for split, count, offset in (("train", n_train, 0), ("test", n_test, 1)):
-        rng = np.random.default_rng([seed, offset])
+    for split, count, offset in (("train", s.n_train, 0), ("test", s.n_test, 1)):
+        rng = np.random.default_rng([s.seed, offset])
         records = []
         videos = 0
         for i in range(count):
             rid = f"{split}-{i:06d}"
-            if rng.random() < video_fraction:
-                cells = grid if task == "grid" else 3
+            if rng.random() < s.video_fraction:
+                cells = s.grid if s.task == "grid" else 3
                 records.append(
                     video_record(
                         rng,
                         rid,
                         media,
-                        image_size,
-                        frames,
+                        s.image_size,
+                        s.frames,
                         index=videos,
                         grid=cells,
-                        fill=shape_fill,
-                    )
+                        fill=s.shape_fill,
+                    )  # fmt: skip
                 )
                 videos += 1
-            elif task == "grid":
-                images = i - videos
+            elif s.task == "grid":
                 records.append(
                     grid_record(
                         rng,
                         rid,
                         media,
-                        image_size,
-                        images,
-                        grid,
+                        s.image_size,
+                        i - videos,
+                        s.grid,
                         seen,
-                        fill=shape_fill,
-                        questions=train_questions if split == "train" else 1,
-                        kinds=grid_kinds,
-                    )
+                        fill=s.shape_fill,
+                        questions=s.train_questions if split == "train" else 1,
+                        kinds=s.grid_kinds,
+                    )  # fmt: skip
                 )
             else:
-                records.append(image_record(rng, rid, media, image_size, i, count=shapes_per_image))
+                records.append(
+                    image_record(rng, rid, media, s.image_size, i, count=s.shapes_per_image)
+                )
         paths[split] = out / f"{split}.json"
         paths[split].write_text(json.dumps(records, indent=1))
     return paths
-
-
-def generate_settings(out: str | Path, cfg: SyntheticSettings) -> dict[str, Path]:
-    """``generate`` with the settings of a config's ``data.synthetic`` section."""
-    return generate(
-        out,
-        n_train=cfg.n_train,
-        n_test=cfg.n_test,
-        image_size=cfg.image_size,
-        frames=cfg.frames,
-        video_fraction=cfg.video_fraction,
-        shapes_per_image=cfg.shapes_per_image,
-        task=cfg.task,
-        grid=cfg.grid,
-        shape_fill=cfg.shape_fill,
-        train_questions=cfg.train_questions,
-        grid_kinds=cfg.grid_kinds,
-        seed=cfg.seed,
-    )
 
 
 def build(
@@ -445,7 +408,7 @@ def build(
     from pipelines.make_shards import make_shards, shard_paths
 
     out = Path(out)
-    paths = generate_settings(out, cfg)
+    paths = generate(out, cfg)
     shards = {}
     for split, path in paths.items():
         make_shards(
@@ -464,41 +427,20 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", required=True)
-    parser.add_argument("--n-train", type=int, default=64)
-    parser.add_argument("--n-test", type=int, default=16)
-    parser.add_argument("--image-size", type=int, default=96)
-    parser.add_argument("--frames", type=int, default=4)
-    parser.add_argument("--video-fraction", type=float, default=0.25)
-    parser.add_argument("--task", choices=TASKS, default="grid")
-    parser.add_argument("--grid", type=int, default=2, help="cells per side (task grid)")
-    parser.add_argument("--shape-fill", type=float, default=2 / 3, help="shape side / cell side")
-    parser.add_argument(
-        "--train-questions", type=int, default=1, help="questions per training image (task grid)"
-    )
-    parser.add_argument(
-        "--grid-kinds", nargs="+", choices=GRID_KINDS, default=list(DEFAULT_GRID_KINDS),
-        help="task grid"
-    )
-    parser.add_argument("--shapes-per-image", type=int, default=3, help="task scatter")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-shard", action="store_true", help="write the json and media only")
-    parser.add_argument("--shard-size", default="512MB")
+    # one flag per setting, its help and default from SyntheticSettings (checked there)
+    for name, field in SyntheticSettings.model_fields.items():
+        many = typing.get_origin(field.annotation) is tuple
+        default = list(field.default) if many else field.default
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, nargs="+" if many else None,
+                            default=default, help=f"{field.description} (default: {default})")  # fmt: skip
     args = parser.parse_args(argv)
-    paths = generate(
-        args.out,
-        n_train=args.n_train,
-        n_test=args.n_test,
-        image_size=args.image_size,
-        frames=args.frames,
-        video_fraction=args.video_fraction,
-        shapes_per_image=args.shapes_per_image,
-        task=args.task,
-        grid=args.grid,
-        shape_fill=args.shape_fill,
-        train_questions=args.train_questions,
-        grid_kinds=args.grid_kinds,
-        seed=args.seed,
-    )
+    fields = {name: getattr(args, name) for name in SyntheticSettings.model_fields}
+    try:
+        settings = SyntheticSettings(**fields)
+    except ValidationError as err:
+        parser.error(describe(err))
+    paths = generate(args.out, settings)
     for split, path in paths.items():
         print(f"{split}: {path}")
         if not args.no_shard:
@@ -506,7 +448,7 @@ def main(argv: list[str] | None = None) -> None:
 
             out = Path(args.out) / "shards" / split
             manifest = make_shards(
-                path, Path(args.out) / "media", out, shard_size=parse_size(args.shard_size)
+                path, Path(args.out) / "media", out, shard_size=parse_size(settings.shard_size)
             )
             print(f"  {manifest['num_samples']} samples in {len(manifest['shards'])} shards: {out}")
 

@@ -359,3 +359,35 @@ def test_shape_questions_are_answered_by_the_asked_colours_cell(tmp_path):
                 assert _shape_in(pixels, box, rgb) == answer["value"], (r["id"], name)
         assert set(answers) == {"square", "circle", "triangle"}
         assert max(answers.values()) - min(answers.values()) <= 1, answers
+
+
+def test_shape_at_questions_never_let_the_place_tell_the_answer(tmp_path):
+    """grid_kinds=("shape_at",): "what shape is in the top left?"; over the records every cell
+    is asked with every answer equally often, so the place alone predicts nothing."""
+    paths = generate(tmp_path, n_train=54, n_test=0, image_size=48, video_fraction=0.0,
+                     task="grid", grid=3, shape_fill=0.9, grid_kinds=["shape_at"], seed=6)  # fmt: skip
+    pairs = Counter()
+    for r in json.loads(paths["train"].read_text()):
+        assert r["task"] == "grid_shape_at"
+        question = r["conversations"][0]["value"].removeprefix("<image>\n")
+        where = question.removeprefix("What shape is in the ").removesuffix("?")
+        pairs[(where, r["conversations"][1]["value"])] += 1
+        if r["image"].endswith(".png"):
+            pixels = np.asarray(Image.open(tmp_path / "media" / r["image"]).convert("RGB"))
+            x0, y0, x1, y1 = r["target_box"]
+            rgb = tuple(pixels[(y0 + y1) // 2, (x0 + x1) // 2])
+            assert _shape_in(pixels, r["target_box"], rgb) == r["conversations"][1]["value"]
+    assert len(pairs) == 27 and set(pairs.values()) == {2}, pairs
+
+
+def test_the_command_line_is_the_settings(tmp_path, capsys):
+    """One flag per SyntheticSettings field, checked there: a bad value names its field."""
+    from pipelines.synthetic import main
+
+    main(["--out", str(tmp_path), "--n-train", "2", "--n-test", "1", "--image-size", "48",
+          "--grid", "3", "--grid-kinds", "shape_at", "shape", "--no-shard"])  # fmt: skip
+    records = json.loads((tmp_path / "train.json").read_text())
+    assert len(records) == 2
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--grid", "2", "--train-questions", "5"])
+    assert "train_questions" in capsys.readouterr().err
