@@ -157,46 +157,46 @@ def markdown_table(rows: list[SweepRow]) -> str:
 
 
 def draw_chart(rows: list[SweepRow], path: Path) -> Path:
-    """Two panels against visual entries per token: accuracy (a line per model, error bars
-    the 95% intervals) and the last layer's routing hit rate next to random routing's."""
-    fig, (acc_ax, hit_ax) = plt.subplots(1, 2, figsize=CHART_SIZE, dpi=CHART_DPI, sharex=True)
+    """Two panels, one bar per row (its name and % of the dense entries on the y axis, so no
+    label meets another): accuracy with its 95% interval, and the last layer's routing hit
+    rate beside random routing's."""
+    height = max(CHART_SIZE[1], 1.2 + 0.45 * len(rows))
+    fig, (acc_ax, hit_ax) = plt.subplots(1, 2, figsize=(CHART_SIZE[0], height), dpi=CHART_DPI,
+                                         sharey=True)  # fmt: skip
     models = list(dict.fromkeys(r.model for r in rows))
-    for i, model in enumerate(models):
-        own = sorted((r for r in rows if r.model == model), key=lambda r: r.entries)
-        colour, label = f"C{i}", model or "model"
-        acc_ax.errorbar(
-            [r.entries for r in own],
-            [100 * r.accuracy for r in own],
-            yerr=[
-                [100 * (r.accuracy - r.accuracy_low) for r in own],
-                [100 * (r.accuracy_high - r.accuracy) for r in own],
-            ],
-            fmt="o",
-            color=colour,
-            capsize=3,
-            label=label,
-        )
-        hits = [r for r in own if r.hit_rate is not None]
-        if hits:
-            hit_ax.plot([r.entries for r in hits], [100 * r.hit_rate for r in hits], "s",
-                        color=colour, label=f"{label}")  # fmt: skip
-            hit_ax.plot([r.entries for r in hits], [100 * r.hit_rate_random for r in hits], "x",
-                        color="gray", label=f"{label}: random routing")  # fmt: skip
-    for r in rows:
-        # a short label under each accuracy point, offset by row so labels of one x do not meet
-        acc_ax.annotate(r.label.removeprefix("gaze-"), (r.entries, 100 * r.accuracy),
-                        fontsize=6, xytext=(4, -8), textcoords="offset points")  # fmt: skip
+    colours = [f"C{models.index(r.model)}" for r in rows]
+    ys = list(range(len(rows)))[::-1]  # the first row on top
+    acc_ax.barh(
+        ys,
+        [100 * r.accuracy for r in rows],
+        xerr=[
+            [100 * (r.accuracy - r.accuracy_low) for r in rows],
+            [100 * (r.accuracy_high - r.accuracy) for r in rows],
+        ],
+        color=colours,
+        capsize=3,
+    )
+    for y, r, colour in zip(ys, rows, colours, strict=True):
+        acc_ax.annotate(f"{100 * r.accuracy:.1f}%", (1, y), xytext=(2, 0),
+                        textcoords="offset points", va="center", fontsize=7, color="white")  # fmt: skip
+        if r.hit_rate is None:
+            hit_ax.annotate("dense: no routing", (1, y), va="center", fontsize=7, color="gray")
+            continue
+        hit_ax.barh(y + 0.18, 100 * r.hit_rate, height=0.36, color=colour)
+        hit_ax.barh(y - 0.18, 100 * r.hit_rate_random, height=0.36, color="lightgray")
+        hit_ax.annotate(f"{100 * r.hit_rate:.0f}% (random {100 * r.hit_rate_random:.0f}%)",
+                        (100 * r.hit_rate, y + 0.18), xytext=(3, 0), textcoords="offset points",
+                        va="center", fontsize=7)  # fmt: skip
+    acc_ax.set_yticks(ys, [f"{r.name} ({r.entries_pct:.0f}% of dense)" for r in rows],
+                      fontsize=7)  # fmt: skip
     counts = "/".join(str(c) for c in sorted({r.samples for r in rows}))
-    acc_ax.set_title(f"accuracy ({counts} held-out samples)", fontsize=9)
-    hit_ax.set_title("routing hit rate, last layer", fontsize=9)
+    acc_ax.set_title(f"accuracy and 95% interval, {counts} held-out samples", fontsize=8)
+    hit_ax.set_title("routing hit rate, last layer (grey: random routing)", fontsize=8)
     for ax in (acc_ax, hit_ax):
-        ax.set_xlabel("visual KV entries per generated token", fontsize=8)
-        ax.set_ylabel("%", fontsize=8)
-        ax.set_ylim(-5, 105)
+        ax.set_xlim(0, 118)
+        ax.set_xlabel("%", fontsize=8)
         ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=6, loc="lower right")
+        ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=CHART_DPI)
