@@ -14,5 +14,9 @@ Metric names (logged to MLflow as they are):
   overlap the sample's ``target_box`` (and ``target_frame``); ``eval/routing_hit_rate_random/
   layer_{L}`` the same for uniform random routing with the same budget and layout;
   ``eval/routing_hit_rate`` / ``eval/routing_hit_rate_random`` their means over layers.
+  Tables report the last routed layer's, and its lift, (hit - random) / (1 - random):
+  0 is random routing, 1 always finds the target (``evaluation.compare.routing_lift``).
+- ``EvalConfig(random_routing_seed=S)`` (label ``...-random``): the same model and budget
+  routed to pseudo-random regions, the ablation that shows what looking is worth.
 - ``eval/decode_tokens_per_s``: generated tokens per second of batched generation.
 """

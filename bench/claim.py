@@ -1,0 +1,159 @@
+"""The claim benchmark: what the demo cannot hold in its 10 minutes, each row with its 95%
+interval, from one command (at most about an hour on 2 cores).
+
+Every run is the demo's recipe (configs/demo.yaml: the pretrained tiny checkpoint converted
+to gaze and fine-tuned) with one thing changed, trained and scored in one process by
+``bench/recipe.py`` (the job's model construction and schedules, the evaluation's code), on
+the same generated data and held-out samples:
+
+- the paper's ablations at our scale: context tokens 0 / 1 / 4 / 16, region size (one token,
+  the demo's 2 x 2 = one cell, 3 x 3 across cells), routing per KV head vs per query head;
+- the progressive Top-K: sparse from the first step, the demo's cosine warm-up, a longer and a
+  linear one, and a warm-up that waits for the loss (``top_k_schedule.start: loss``);
+- a video whose answer is in one of 8 frames (every sample a video);
+- from random weights instead of the pretrained checkpoint (the tiny model as the demo was
+  before), with the step-started and the loss-started schedule, against its dense twin.
+
+Each row: accuracy at the run's own budget (95% Wilson interval), % of the dense entries, the
+last layer's routing hit rate against random routing and its lift, and accuracy when the same
+model routes to random regions at the same budget. Writes ``bench/results/claim.jsonl`` (one
+line per run, as ``bench/recipe.py`` logs) and ``bench/results/claim.md`` (the table).
+
+    python bench/claim.py [--jobs 2] [--eval 500] [--only NAME ...] [--list]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+RESULTS = Path("bench/results")
+DATA = "/tmp/gazeattn-claim-data"
+# (name, what it shows, overrides of configs/demo.yaml)
+SCRATCH = [
+    "model.name_or_path=tiny",
+    'model.tiny_options={"image_size":48,"init_range":0.1}',
+    "train.max_steps=3000",
+    "optim.lr=2e-3",
+    "top_k_schedule.warmup_steps=1200",
+]
+VIDEO = [
+    "data.synthetic.video_fraction=1.0",
+    "data.synthetic.frames=8",
+    "model.visual_budget.frames_per_video=8",
+    "data.synthetic.n_train=1500",
+]
+RUNS: list[tuple[str, str, list[str]]] = [
+    ("demo", "the demo's recipe (keep 10%, 4 context tokens, 2 x 2 regions)", []),
+    ("dense-twin", "its dense twin", ["model.attn=dense"]),
+    ("context-0", "no context tokens", ["model.gaze.num_context_tokens=0"]),
+    ("context-1", "1 context token", ["model.gaze.num_context_tokens=1"]),
+    ("context-16", "16 context tokens", ["model.gaze.num_context_tokens=16"]),
+    ("regions-1x1", "regions of one token (36 per image)", ["model.gaze.region_size=[1,1,1]"]),
+    ("regions-3x3", "regions of 3 x 3 tokens (4 per image, across cells)",
+     ["model.gaze.region_size=[1,3,3]"]),
+    ("query-head", "one selection per query head", ["model.gaze.routing=query_head"]),
+    ("warmup-0", "sparse from the first step", ["top_k_schedule.warmup_steps=0"]),
+    ("warmup-300-linear", "a longer, linear warm-up",
+     ["top_k_schedule.warmup_steps=300", "top_k_schedule.kind=linear"]),
+    ("warmup-loss", "the warm-up starts when the loss is at most 0.1",
+     ["top_k_schedule.start=loss", "top_k_schedule.start_loss=0.1"]),
+    ("video-8-frames", "videos only: the answer in one of 8 frames", VIDEO),
+    ("video-8-frames-dense", "its dense twin", [*VIDEO, "model.attn=dense"]),
+    ("scratch-step", "from random weights, the step-started warm-up", SCRATCH),
+    ("scratch-loss", "from random weights, the warm-up waits for loss <= 0.3",
+     [*SCRATCH, "top_k_schedule.start=loss", "top_k_schedule.start_loss=0.3",
+      "top_k_schedule.warmup_steps=600"]),
+    ("scratch-dense", "from random weights, the dense twin", [*SCRATCH, "model.attn=dense"]),
+]  # fmt: skip
+
+
+def _one(args: tuple[str, list[str], int, str]) -> dict:
+    name, sets, eval_n, log = args
+    import torch
+
+    from bench.recipe import run
+
+    torch.set_num_threads(1)
+    return run(name, sets, eval_n=eval_n, log=log, data_root=DATA)
+
+
+def row(result: dict, what: str) -> str:
+    """One table row of a run's result."""
+    from evaluation.compare import routing_lift
+    from evaluation.metrics import wilson_interval
+
+    own = result["own"]
+    n = int(own["samples"])
+    low, high = wilson_interval(int(own["correct"]), n)
+    accuracy = f"{100 * own['accuracy']:.1f}% ({100 * low:.1f}-{100 * high:.1f})"
+    hit, random = own.get("last_hit"), own.get("last_random")
+    lift = routing_lift(hit, random)
+    shuffled = result.get("random")
+    cells = [
+        result["name"],
+        what,
+        f"{100 * own['entries_ratio']:.1f}%",
+        accuracy,
+        "-" if hit is None else f"{100 * hit:.1f}%",
+        "-" if random is None else f"{100 * random:.1f}%",
+        "-" if lift is None else f"{lift:.2f}",
+        "-" if shuffled is None else f"{100 * shuffled['accuracy']:.1f}%",
+        f"{result['train_s']:.0f}",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+HEADER = (
+    "| run | what | % of dense entries | accuracy (95% CI) | routing hit, last layer "
+    "| random routing | lift | accuracy, routed at random | train s |\n"
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
+    parser.add_argument("--eval", type=int, default=500, help="held-out samples per run")
+    parser.add_argument("--only", nargs="*", help="these runs (default: all)")
+    parser.add_argument("--list", action="store_true", help="name the runs and stop")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    runs = [r for r in RUNS if not args.only or r[0] in args.only]
+    if args.list or not runs:
+        for name, what, sets in RUNS:
+            print(f"{name}: {what} {sets}")
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "claim.jsonl"
+    started = time.perf_counter()
+    os.environ.setdefault("RECIPE_THREADS", "1")
+    from bench.recipe import data_for
+    from training.config import load_config
+
+    for _, _, sets in runs:  # each setting's data once, before runs share it
+        data_for(load_config("configs/demo.yaml", sets), DATA)
+    jobs = [(name, sets, args.eval, str(log)) for name, _, sets in runs]
+    if args.jobs > 1:
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+            results = pool.map(_one, jobs, chunksize=1)
+    else:
+        results = [_one(job) for job in jobs]
+    what = {name: text for name, text, _ in RUNS}
+    table = "\n".join([HEADER, *(row(r, what[r["name"]]) for r in results)])
+    (out / "claim.md").write_text(table + "\n")
+    print(table)
+    print(f"[claim] {len(results)} runs in {time.perf_counter() - started:.0f} s: {out}")
+
+
+if __name__ == "__main__":
+    main()
