@@ -101,6 +101,7 @@ def evaluate_dataset(
     num_gpus: float = 0,
 ) -> EvalReport:
     """Evaluate every row of ``dataset`` with ``workers`` model actors; metrics on the driver."""
+    import ray.data
     from transformers import AutoConfig
 
     device = "cuda" if num_gpus else "cpu"
@@ -109,7 +110,7 @@ def evaluate_dataset(
         fn_constructor_args=(str(model_path), config, frames_per_video, device),
         batch_size=config.batch_size,
         batch_format="numpy",
-        concurrency=workers,
+        compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=num_cpus,
         num_gpus=num_gpus,
     ).take_all()

@@ -244,14 +244,19 @@ def build_dataset(
         batch_format="pyarrow",
         batch_size=cfg.decode_batch_size,
         num_cpus=cfg.decode_cpus,
-        concurrency=cfg.decode_workers,
+        compute=ray.data.TaskPoolStrategy(size=cfg.decode_workers),
     )
     ds = ray.data.read_datasource(source, num_cpus=cfg.decode_cpus)
     if resume:
         from pipelines.resume import SkipConsumed, resume_state
 
         resume_state(create=True)
-        ds = ds.map_batches(SkipConsumed, batch_format="pyarrow", num_cpus=0, concurrency=1)
+        ds = ds.map_batches(
+            SkipConsumed,
+            batch_format="pyarrow",
+            num_cpus=0,
+            compute=ray.data.ActorPoolStrategy(size=1),
+        )
     decode = partial(
         decode_batch,
         frames=(budget or VisualBudget()).frames_per_video,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import mlflow
 import mlflow.pyfunc
+import pandas as pd
 import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -49,7 +50,9 @@ class GazePyfuncModel(mlflow.pyfunc.PythonModel):
         self.model, self.processor = load_model(context.artifacts[MODEL_ARTIFACT])
         self.model.eval()
 
-    def predict(self, context, model_input, params=None):
+    # the DataFrame hint (a list of dicts works too) keeps MLflow's own signature, which
+    # has the image example, and stops its "add type hints" warning at every import
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:
         from gazeattn.generation import GenerationRequest, generate_batch
 
         rows = (
