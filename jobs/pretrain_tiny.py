@@ -4,9 +4,8 @@ A user fine-tunes a pretrained checkpoint whose tower and decoder already see; o
 cannot download one, so this script makes a small one, reproducibly: the tiny stock LLaVA
 model of ``model.tiny_options`` (random weights, seeded), trained densely (no context tokens,
 no routing: exactly the stock model's function) in one process on the generated grid task of
-``data.synthetic`` (its own seeds: no image of the demo's data), in stages, each from the
-weights of the one before (by default: which shape is the one of a colour, then which shape
-is at a place), then saved in the hub's own stock layout (``LlavaForConditionalGeneration``
+``data.synthetic`` (its own seed: no image of the demo's data), in one stage or several
+(``--config`` again: each from the weights of the one before), then saved in the hub's own stock layout (``LlavaForConditionalGeneration``
 weights, config, tokenizer, image processor and chat template). Beside it: ``pretrain.log``
 (this run's output) and ``pretrain.json`` (per stage: the settings, the held-out accuracy
 per question kind, versions, commit).
@@ -37,12 +36,9 @@ from training.config import FinetuneConfig, load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "checkpoints" / "tiny-grid3"
-# stage 1: which shape is the one of a colour (seeing shapes); stage 2: which shape is at a
-# place (binding words to places), from stage 1's weights
-DEFAULT_STAGES = (
-    REPO / "configs" / "pretrain-tiny.yaml",
-    REPO / "configs" / "pretrain-tiny-2.yaml",
-)
+# the demo's checkpoint: one stage, "which shape is the red one?" (bench/RESULTS.md, "The
+# claim", says what a second stage on "which shape is in the top left?" gave)
+DEFAULT_STAGES = (REPO / "configs" / "pretrain-tiny.yaml",)
 WEIGHT_FILES = ("config.json", "generation_config.json", "model.safetensors")
 
 
@@ -149,10 +145,14 @@ def _check_reload(out: Path, model, processor, sample: dict) -> None:
 
 
 def _git_commit() -> str:
+    """HEAD, with "+dirty" when the working tree has changes (the run is not that commit's)."""
     with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        return subprocess.check_output(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, text=True, stderr=subprocess.DEVNULL
-        ).strip()
+        git = ["git", "-C", str(REPO)]
+        head = subprocess.check_output([*git, "rev-parse", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()  # fmt: skip
+        changes = subprocess.check_output([*git, "status", "--porcelain", "--untracked-files=no"],
+                                          text=True, stderr=subprocess.DEVNULL)  # fmt: skip
+        return head + ("+dirty" if changes.strip() else "")
     return "unknown"
 
 
