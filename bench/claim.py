@@ -6,13 +6,13 @@ to gaze and fine-tuned) with one thing changed, trained and scored in one proces
 ``bench/recipe.py`` (the job's model construction and schedules, the evaluation's code), on
 the same generated data and held-out samples:
 
-- the paper's ablations at our scale: context tokens 0 / 1 / 4 / 16, region size (one token,
-  the demo's 2 x 2 = one cell, 3 x 3 across cells), routing per KV head vs per query head;
-- the progressive Top-K: sparse from the first step, the demo's cosine warm-up, a longer and a
-  linear one, and a warm-up that waits for the loss (``top_k_schedule.start: loss``);
+- the paper's ablations at our scale: context tokens 0 / 1 / 4 / 16, region size (one token
+  vs the demo's 2 x 2 = one cell), routing per KV head vs per query head;
+- the progressive Top-K: sparse from the first step, the demo's cosine warm-up, and one that
+  waits for the loss (``top_k_schedule.start: loss``);
 - a video whose answer is in one of 8 frames (every sample a video);
 - from random weights instead of the pretrained checkpoint (the tiny model as the demo was
-  before), with the step-started and the loss-started schedule, against its dense twin.
+  before), with the step-started and the loss-started schedule.
 
 Each row: accuracy at the run's own budget (95% Wilson interval), % of the dense entries, the
 last layer's routing hit rate against random routing and its lift, and accuracy when the same
@@ -56,21 +56,15 @@ RUNS: list[tuple[str, str, list[str]]] = [
     ("context-1", "1 context token", ["model.gaze.num_context_tokens=1"]),
     ("context-16", "16 context tokens", ["model.gaze.num_context_tokens=16"]),
     ("regions-1x1", "regions of one token (36 per image)", ["model.gaze.region_size=[1,1,1]"]),
-    ("regions-3x3", "regions of 3 x 3 tokens (4 per image, across cells)",
-     ["model.gaze.region_size=[1,3,3]"]),
     ("query-head", "one selection per query head", ["model.gaze.routing=query_head"]),
     ("warmup-0", "sparse from the first step", ["top_k_schedule.warmup_steps=0"]),
-    ("warmup-300-linear", "a longer, linear warm-up",
-     ["top_k_schedule.warmup_steps=300", "top_k_schedule.kind=linear"]),
     ("warmup-loss", "the warm-up starts when the loss is at most 0.1",
      ["top_k_schedule.start=loss", "top_k_schedule.start_loss=0.1"]),
     ("video-8-frames", "videos only: the answer in one of 8 frames", VIDEO),
-    ("video-8-frames-dense", "its dense twin", [*VIDEO, "model.attn=dense"]),
     ("scratch-step", "from random weights, the step-started warm-up", SCRATCH),
     ("scratch-loss", "from random weights, the warm-up waits for loss <= 0.3",
      [*SCRATCH, "top_k_schedule.start=loss", "top_k_schedule.start_loss=0.3",
       "top_k_schedule.warmup_steps=600"]),
-    ("scratch-dense", "from random weights, the dense twin", [*SCRATCH, "model.attn=dense"]),
 ]  # fmt: skip
 
 

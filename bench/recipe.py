@@ -28,7 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from evaluation.compare import last_layer_hits  # noqa: E402
 from evaluation.data import load_json  # noqa: E402
-from evaluation.runner import EvalConfig, evaluate_samples  # noqa: E402
+from evaluation.runner import (  # noqa: E402
+    EvalConfig,
+    colour_words,
+    evaluate_samples,
+    prompt_word_hits,
+)
 from training.config import load_config  # noqa: E402
 from training.single import encode_records, train  # noqa: E402
 
@@ -118,6 +123,11 @@ def run(
             }
             hit, random = last_layer_hits(m)
             result[label]["last_hit"], result[label]["last_random"] = hit, random
+            if label != "all" and cfg.model.attn == "gaze" and "grid_shape" in tasks:
+                words = prompt_word_hits(
+                    model, processor, held_out, colour_words(held_out), eval_config
+                )
+                result[label]["colour_word_hit"] = {str(k): round(v, 4) for k, v in words.items()}
     line = {k: result[k] for k in ("name", "train_s", "final_loss")}
     for label in budgets:
         r = result[label]

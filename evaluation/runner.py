@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from pydantic import Field, model_validator
 
 from evaluation import metrics
@@ -362,3 +363,58 @@ def summarise(results: list[SampleResult], layers: list[int]) -> dict[str, float
         out["eval/routing_hit_rate_random"] = metrics.mean(baselines)
         out["eval/routing_samples"] = float(sum(bool(r.hits) for r in results))
     return out
+
+
+def prompt_word_hits(
+    model,
+    processor,
+    samples: Sequence[EvalSample],
+    words: Sequence[str | None],
+    config: EvalConfig | None = None,
+) -> dict[int, float]:
+    """Where the prompt looks: per gaze layer, the share of samples whose word ``words[i]``
+    (any of its tokens after the first image, any routing head) routes to the sample's target
+    cell, under ``config``'s budget and routing (default: the model's own); samples without a
+    word or an image are skipped.
+
+    The table's hit rate is measured at the generated tokens; a question's own words route
+    too, and a word that names what to look for ("red") can find it there, its output
+    carrying what it saw to the answer."""
+    inner = gaze_module(model)
+    own = inner.gaze_config
+    inner.gaze_config = eval_gaze_config(own, config or EvalConfig())
+    try:
+        return _word_hits(model, processor, samples, words)
+    finally:
+        inner.gaze_config = own
+
+
+def _word_hits(model, processor, samples, words) -> dict[int, float]:
+    hits: dict[int, list[bool]] = {}
+    for sample, word in zip(samples, words, strict=True):
+        if word is None or not sample.images or sample.target_box is None:
+            continue
+        messages = [*sample.messages, {"role": "assistant", "content": sample.answer}]
+        batch = processor.collate([processor.encode_sample(messages, sample.images)])
+        ids = batch["input_ids"][0].tolist()
+        layout = batch["gaze_layout"]
+        after = int(layout.regions.last[0].max()) + 1
+        decoded = [processor.tokenizer.decode([i]).strip() for i in ids]
+        where = [p for p in range(after, len(ids)) if decoded[p] and decoded[p] in word]
+        target = metrics.target_in_grid(sample.target_box, sample.media_size(),
+                                        layout.spans[0][0].grid)  # fmt: skip
+        with torch.no_grad():
+            out = model(**batch, gaze_report=True, gaze_selection=True)
+        for layer, report in out.gaze_report.items():
+            chosen = report.selected[0][:, where].flatten()
+            boxes = layout.regions.box[0][chosen[chosen >= 0]]
+            hits.setdefault(layer, []).append(any(metrics.box_hits(b, target) for b in boxes))
+    return {layer: sum(v) / len(v) for layer, v in sorted(hits.items()) if v}
+
+
+def colour_words(samples: Sequence[EvalSample]) -> list[str | None]:
+    """The colour each grid question of the kind "what shape is the red one?" names (None for
+    other questions): the word ``prompt_word_hits`` follows."""
+    from pipelines.synthetic import COLOURS
+
+    return [next((c for c in COLOURS if f"the {c} one" in s.question), None) for s in samples]

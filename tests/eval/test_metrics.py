@@ -222,3 +222,28 @@ def test_routing_lift_and_the_last_layer():
          "eval/routing_hit_rate/layer_1": 0.9, "eval/routing_hit_rate_random/layer_1": 0.25}  # fmt: skip
     assert last_layer_hits(m) == (0.9, 0.25)
     assert last_layer_hits({"eval/accuracy": 1.0}) == (None, None)
+
+
+def test_prompt_word_hits_follow_the_word_and_the_budget(tiny):
+    """Every region routed: the colour word reaches the target at every layer; a question
+    without a word is skipped; the model's own settings are back afterwards."""
+    from evaluation.runner import colour_words, prompt_word_hits, question_sample
+    from gazeattn.model import gaze_module
+    from tests.eval.conftest import square_image
+
+    model, processor = tiny
+    box = [60, 10, 90, 40]
+    samples = [
+        question_sample("a", "What shape is the red one?", "square",
+                        images=[square_image(box)], target_box=box),
+        question_sample("b", "What colour is the square?", "red",
+                        images=[square_image(box)], target_box=box),
+    ]  # fmt: skip
+    words = colour_words(samples)
+    assert words == ["red", None]
+    own = gaze_module(model).gaze_config
+    every = prompt_word_hits(model, processor, samples, words, EvalConfig(top_k="all"))
+    assert every == {0: 1.0, 1: 1.0}
+    one = prompt_word_hits(model, processor, samples, words, EvalConfig(top_k=1))
+    assert set(one) == {0, 1} and all(v in (0.0, 1.0) for v in one.values())
+    assert gaze_module(model).gaze_config == own
