@@ -163,6 +163,11 @@ def run_finetune(
             )
             uri = None
 
+    datasets = {
+        TRAIN_DATASET: build_train_dataset(cfg.data, processor),
+        # the rest of an interrupted epoch; read only by a resumed worker group
+        RESUME_DATASET: build_train_dataset(cfg.data, processor, resume=True),
+    }
     loop_config = {
         "config": to_dict(cfg),
         # the JSON itself: a path of the driver's working directory means nothing on a node
@@ -173,6 +178,7 @@ def run_finetune(
         "crash": crash,
         "trace": trace,
         "adapter_base": adapter_base(cfg, model_path),
+        # after the datasets: a generated split exists once they are built
         "heldout": heldout_path(cfg),
     }
     trainer = TorchTrainer(
@@ -200,11 +206,7 @@ def run_finetune(
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-        datasets={
-            TRAIN_DATASET: build_train_dataset(cfg.data, processor),
-            # the rest of an interrupted epoch; read only by a resumed worker group
-            RESUME_DATASET: build_train_dataset(cfg.data, processor, resume=True),
-        },
+        datasets=datasets,
     )
     result = trainer.fit()
     if result.error:
