@@ -1,13 +1,18 @@
 """The README's first command: the main job on the embedded default.
 
-Generates the grid task (pipelines.synthetic: a 2 x 2 arrangement of coloured shapes per
-image, the question about one of them, so the answer lives in one gaze region; and videos
-whose shape shows in one frame), fine-tunes the tiny gaze model and then its dense twin on
-the same shards, steps and seed (2 DeepSpeed ZeRO-3 workers each, on a local Ray, CPU),
-logs both to the local MLflow store, and scores both on the held-out split: one table
-(accuracy with its 95% interval, visual entries attended per generated token, % of dense,
-routing hit rate against random routing) for the dense twin, the gaze model at its training
-budget and at other budgets, plus the chart, the gaze pictures and an MLflow run per row.
+Starts, as a user starts from a hub checkpoint, from a small dense checkpoint this project
+pretrained itself (``checkpoints/tiny-grid3``, made by ``jobs/pretrain_tiny.py``; its log
+beside it), converts it into the gaze model and into its dense twin, and fine-tunes both
+from the same weights on the same shards, steps and seed (2 DeepSpeed ZeRO-3 workers each, on
+a local Ray, CPU) on the grid task (pipelines.synthetic: a 3 x 3 arrangement of shapes per
+image, the question about one of them, so the answer lives in one gaze region of nine; and
+videos whose shape shows in one frame). Logs both to the local MLflow store (with the
+held-out routing hit rate as a curve next to the loss) and scores both on the held-out
+split: one table (accuracy with its 95% interval, visual entries attended per generated
+token, % of dense, the last layer's routing hit rate against random routing and its lift)
+for the dense twin, the gaze model at its training budget, the same model routed to random
+regions at that budget, and other budgets; then the claim, target by target, the chart, the
+gaze pictures and an MLflow run per row.
 
     python jobs/demo.py [--config configs/demo.yaml] [--set key=value ...]
                         [--budgets 0.5 1.0] [--eval-limit N] [--no-twin]
@@ -72,6 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     steps = 3 if twin else 2
     synthetic = config.data.synthetic
+    if config.model.name_or_path != "tiny":
+        print(f"[demo] starting from the dense checkpoint {config.model.name_or_path}: converted "
+              "into the gaze model and into its dense twin, both fine-tuned from its weights")  # fmt: skip
     print(
         f"[demo 1/{steps + 1}] fine-tuning the gaze model ({_budget_words(config)}) on the "
         f"{synthetic.task} task ({synthetic.n_train} training samples, {synthetic.n_test} "
@@ -95,9 +103,17 @@ def main(argv: list[str] | None = None) -> None:
     else:
         print(f"[demo {steps}/{steps + 1}] held-out evaluation", flush=True)
         common = dict(max_new_tokens=args.max_new_tokens, batch_size=16, pictures=args.pictures)
-        result = held_out(config, gaze, dense, test_json, budgets, limit=args.eval_limit, **common)
+        result, looks = held_out(
+            config, gaze, dense, test_json, budgets, limit=args.eval_limit, **common
+        )
         print()
         print(result.markdown)
+        from evaluation.runner import EvalConfig
+
+        for line in claim_lines(result.rows, gaze_label=EvalConfig(**_own_budget(config)).label):
+            print(f"[demo] {line}")
+        for line in looks:
+            print(f"[demo] {line}")
         print(f"[demo] chart: {result.chart}")
         print(f"[demo] gaze pictures: {result.chart.parent.parent / 'pictures'}")
     print(f"[demo {steps + 1}/{steps + 1}] done in {time.monotonic() - started:.0f} s")
@@ -121,7 +137,8 @@ def held_out(
 ):
     """Both exports on the held-out split: the dense twin at its own (dense) attention and at
     the gaze model's budget (a dense-trained model evaluated sparsely, the baseline), the gaze
-    model at its training budget and at ``budgets``. One table, one chart, an MLflow run each."""
+    model at its training budget, routed at random at that budget, and at ``budgets``. One
+    table, one chart, an MLflow run each; and the lines of ``where_it_looks``."""
     from mlflow.tracking import MlflowClient
 
     from evaluation.compare import SweepModel, compare_models
@@ -131,7 +148,9 @@ def held_out(
     from tracking.models import resolve_model
 
     own = _own_budget(config)
-    gaze_points = [EvalConfig(**common, **own)]
+    # the same model at the same budget, routed to random regions: what looking buys
+    random = EvalConfig(**common, **own, random_routing_seed=config.train.seed)
+    gaze_points = [EvalConfig(**common, **own), random]
     for budget in budgets:
         point = {"top_k": budget} if isinstance(budget, int) else {"keep_ratio": budget}
         if point != own:
@@ -152,9 +171,61 @@ def held_out(
     client = MlflowClient(gaze.mlflow_uri) if gaze.mlflow_uri else None
     out = Path(config.run.storage_path) / config.run.name / "held-out"
     # the sweep run is tagged with the gaze model (the last entry)
-    return compare_models(entries, samples, out, client=client,
-                          experiment=config.mlflow.experiment, sweep_name="held-out",
-                          progress=True, parent_model=entries[-1].info)  # fmt: skip
+    result = compare_models(entries, samples, out, client=client,
+                            experiment=config.mlflow.experiment, sweep_name="held-out",
+                            progress=True, parent_model=entries[-1].info)  # fmt: skip
+    return result, where_it_looks(entries[-1], samples, own)
+
+
+def where_it_looks(entry, samples, own: dict) -> list[str]:
+    """Where the gaze model's questions look: the share whose colour word ("what shape is
+    the red one?") routes to the asked cell, per layer, at its budget and routed at random."""
+    from evaluation.runner import EvalConfig, colour_words, prompt_word_hits
+
+    words = colour_words(samples)
+    if not any(words):
+        return []
+    learned = prompt_word_hits(entry.model, entry.processor, samples, words, EvalConfig(**own))
+    shuffled = prompt_word_hits(entry.model, entry.processor, samples, words,
+                                EvalConfig(**own, random_routing_seed=0))  # fmt: skip
+    return [
+        f"where it looks, layer {layer}: the question's colour word routes to the asked cell "
+        f"in {100 * hit:.1f}% of {sum(w is not None for w in words)} questions (random "
+        f"routing: {100 * shuffled.get(layer, float('nan')):.1f}%)"
+        for layer, hit in learned.items()
+    ]
+
+
+# the claim the demo's table is read against (issue #22): the dense twin masters the task,
+# the gaze model keeps its accuracy at a quarter of the entries or fewer, its routing finds
+# the asked region, and routing at random regions at the same budget costs accuracy
+CLAIM = {"twin_accuracy": 0.90, "entries_pct": 25.0, "gap_points": 1.0, "lift": 0.8,
+         "random_drop_points": 15.0}  # fmt: skip
+
+
+def claim_lines(rows, *, gaze_label: str) -> list[str]:
+    """One line per target of ``CLAIM``: the measured value and whether it is met."""
+    by_name = {(r.model, r.label): r for r in rows}
+    twin = by_name.get(("dense twin", "dense"))
+    gaze = by_name.get(("gaze model", gaze_label))
+    random = by_name.get(("gaze model", f"{gaze_label}-random"))
+    if twin is None or gaze is None or random is None:
+        return ["the claim needs the dense twin, the gaze model and its random-routing row"]
+    gap = 100 * (gaze.accuracy - twin.accuracy)
+    drop = 100 * (gaze.accuracy - random.accuracy)
+    lift = gaze.lift if gaze.lift is not None else float("nan")
+    checks = [
+        (f"dense twin accuracy >= {100 * CLAIM['twin_accuracy']:.0f}%",
+         twin.accuracy >= CLAIM["twin_accuracy"], f"{100 * twin.accuracy:.1f}%"),
+        (f"gaze model at <= {CLAIM['entries_pct']:.0f}% of the dense entries",
+         gaze.entries_pct <= CLAIM["entries_pct"], f"{gaze.entries_pct:.1f}%"),
+        (f"gaze model at most {CLAIM['gap_points']:g} point below its twin",
+         gap >= -CLAIM["gap_points"], f"{gap:+.1f} points"),
+        (f"last-layer routing lift >= {CLAIM['lift']:g}", lift >= CLAIM["lift"], f"{lift:.2f}"),
+        (f"random routing at the same budget >= {CLAIM['random_drop_points']:g} points below",
+         drop >= CLAIM["random_drop_points"], f"{drop:.1f} points below"),
+    ]  # fmt: skip
+    return [f"{'met    ' if ok else 'NOT met'} {what}: {value}" for what, ok, value in checks]
 
 
 def _own_budget(config: FinetuneConfig) -> dict:

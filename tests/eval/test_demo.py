@@ -1,9 +1,9 @@
 """`make demo` shortened (jobs/demo.py): what must hold however short the training.
 
-The demo fine-tunes the gaze model and its dense twin on the grid task and prints one
-held-out table. Here with a few steps and image-only data, so that every count is plain
-budget arithmetic: the tiny model's 64 px image is 8 x 8 tokens in four 4 x 4 regions, with 4
-context tokens after it; two KV heads route.
+The demo converts the pretrained tiny checkpoint into the gaze model and its dense twin,
+fine-tunes both on the grid task and prints one held-out table. Here with a few steps and
+image-only data, so that every count is plain budget arithmetic: a 48 px image is 6 x 6
+tokens in nine 2 x 2 regions, with 4 context tokens after it; two KV heads route.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[2]
 N_TEST = 24
-REGION, REGIONS, CONTEXT, HEADS = 16, 4, 4, 2
+REGION, REGIONS, CONTEXT, HEADS = 4, 9, 4, 2
 
 pytestmark = pytest.mark.slow
 
 
 def _random_hit(k: int) -> float:
-    """P(one of HEADS uniform picks of k of the 4 regions is the asked one)."""
+    """P(one of HEADS uniform picks of k of the 9 regions is the asked one)."""
     return 1 - ((REGIONS - k) / REGIONS) ** HEADS
 
 
@@ -32,9 +32,11 @@ def _random_hit(k: int) -> float:
 EXPECTED = {
     ("dense twin", "dense"): (REGIONS * REGION + CONTEXT, None),
     # a budget asked of the dense twin is applied (routed), not silently dense
-    ("dense twin", "gaze-keep0.25"): (REGION + CONTEXT, _random_hit(1)),
-    ("gaze model", "gaze-keep0.25"): (REGION + CONTEXT, _random_hit(1)),
-    ("gaze model", "gaze-keep0.5"): (2 * REGION + CONTEXT, _random_hit(2)),
+    ("dense twin", "gaze-keep0.1"): (REGION + CONTEXT, _random_hit(1)),
+    ("gaze model", "gaze-keep0.1"): (REGION + CONTEXT, _random_hit(1)),
+    # the ablation: the same budget routed to random regions
+    ("gaze model", "gaze-keep0.1-random"): (REGION + CONTEXT, _random_hit(1)),
+    ("gaze model", "gaze-keep0.5"): (5 * REGION + CONTEXT, _random_hit(5)),
     ("gaze model", "gaze-top1"): (REGION + CONTEXT, _random_hit(1)),
 }
 
@@ -54,6 +56,9 @@ def test_a_shortened_demo_prints_the_held_out_table(mlflow_server, tmp_path):
         "data.synthetic.video_fraction": 0.0,
         "train.max_steps": 6,
         "train.checkpoint_every": 6,
+        "train.log_every": 5,
+        "train.heldout_every": 3,
+        "train.heldout_samples": 4,
         "top_k_schedule.warmup_steps": 3,
         "mlflow.tracking_uri": mlflow_server.uri,
         "mlflow.experiment": "demo-test",
@@ -74,6 +79,13 @@ def test_a_shortened_demo_prints_the_held_out_table(mlflow_server, tmp_path):
     output = (done.stdout + done.stderr).splitlines()
     steps = [line for line in output if "[train] step 5/6" in line]
     assert len(steps) == 2, steps  # the gaze model's and the twin's
+    # routing seen while it is learned: held-out checks at steps 3 and 6 of each training
+    checks = [line for line in output if "held-out: accuracy" in line]
+    assert len(checks) == 4, checks
+    assert sum("routing hit" in line for line in checks) == 2, checks  # the gaze model's
+    # the claim, target by target, under the table
+    claim = [line for line in output if line.startswith(("[demo] met", "[demo] NOT met"))]
+    assert len(claim) == 5, claim
 
     client = MlflowClient(mlflow_server.uri)
     experiment = client.get_experiment_by_name("demo-test")
@@ -104,4 +116,9 @@ def test_a_shortened_demo_prints_the_held_out_table(mlflow_server, tmp_path):
         filter_string="tags.`gazeattn.run_name` = 'gaze-demo-dense-twin'",
     )
     assert twin and twin[0].data.metrics["kv_savings_pct"] == pytest.approx(0.0)
+    gaze = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`gazeattn.run_name` = 'gaze-demo'"
+    )
+    history = client.get_metric_history(gaze[0].info.run_id, "heldout/routing_hit_rate")
+    assert [m.step for m in history] == [3, 6]
     assert (tmp_path / "ray" / "gaze-demo" / "held-out" / "comparison" / "table.md").exists()
