@@ -86,7 +86,9 @@ def train(
         scheduler.step()
         losses.append(float(loss.detach()))
         if clock.observe(step + 1, losses[-1]):
-            print(f"  step {step + 1}: the loss reached the schedule's start; K shrinks", flush=True)
+            print(
+                f"  step {step + 1}: the loss reached the schedule's start; K shrinks", flush=True
+            )
         if (step + 1) % log_every == 0:
             recent = sum(losses[-log_every:]) / log_every
             print(

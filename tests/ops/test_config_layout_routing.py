@@ -164,7 +164,9 @@ def _random_route(seed: int, q: torch.Tensor, layout, top_k: int = 1):
 
     config = GazeConfig(region_size=(1, 2, 2), top_k=top_k, num_context_tokens=1,
                         random_routing_seed=seed)  # fmt: skip
-    k = torch.randn(layout.batch_size, 2, layout.length, 8, generator=torch.Generator().manual_seed(1))
+    k = torch.randn(
+        layout.batch_size, 2, layout.length, 8, generator=torch.Generator().manual_seed(1)
+    )
     return route(q, k, layout, config)
 
 
