@@ -169,9 +169,10 @@ def draw_chart(rows: list[SweepRow], path: Path) -> Path:
     acc_ax.barh(
         ys,
         [100 * r.accuracy for r in rows],
+        # the interval's ends are rounded apart from the point at 0% and 100%: never below 0
         xerr=[
-            [100 * (r.accuracy - r.accuracy_low) for r in rows],
-            [100 * (r.accuracy_high - r.accuracy) for r in rows],
+            [max(0.0, 100 * (r.accuracy - r.accuracy_low)) for r in rows],
+            [max(0.0, 100 * (r.accuracy_high - r.accuracy)) for r in rows],
         ],
         color=colours,
         capsize=3,

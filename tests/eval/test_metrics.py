@@ -247,3 +247,20 @@ def test_prompt_word_hits_follow_the_word_and_the_budget(tiny):
     one = prompt_word_hits(model, processor, samples, words, EvalConfig(top_k=1))
     assert set(one) == {0, 1} and all(v in (0.0, 1.0) for v in one.values())
     assert gaze_module(model).gaze_config == own
+
+
+def test_the_chart_draws_rows_at_every_accuracy(tmp_path):
+    """A row at 100% has an interval end rounded just under it (0.9999999999999999)."""
+    from evaluation.compare import SweepRow, draw_chart
+    from evaluation.metrics import wilson_interval
+
+    rows = []
+    for correct, hit in ((24, None), (0, 0.5), (12, 1.0)):
+        low, high = wilson_interval(correct, 24)
+        rows.append(SweepRow(model="m", label=f"row{correct}", run_id=None, samples=24,
+                             entries=8.0, dense_entries=40.0, entries_pct=20.0,
+                             accuracy=correct / 24, accuracy_low=low, accuracy_high=high,
+                             hit_rate=hit, hit_rate_random=None if hit is None else 0.2,
+                             flops_ratio=0.5))  # fmt: skip
+    path = draw_chart(rows, tmp_path / "chart.png")
+    assert path.stat().st_size > 0
