@@ -373,9 +373,9 @@ def prompt_word_hits(
     config: EvalConfig | None = None,
 ) -> dict[int, float]:
     """Where the prompt looks: per gaze layer, the share of samples whose word ``words[i]``
-    (any of its tokens after the first image, any routing head) routes to the sample's target
-    cell, under ``config``'s budget and routing (default: the model's own); samples without a
-    word or an image are skipped.
+    (any of its tokens after the image, any routing head) routes to the sample's target cell,
+    under ``config``'s budget and routing (default: the model's own); samples without a word,
+    an image or that word in their prompt are skipped.
 
     The table's hit rate is measured at the generated tokens; a question's own words route
     too, and a word that names what to look for ("red") can find it there, its output
@@ -398,9 +398,9 @@ def _word_hits(model, processor, samples, words) -> dict[int, float]:
         batch = processor.collate([processor.encode_sample(messages, sample.images)])
         ids = batch["input_ids"][0].tolist()
         layout = batch["gaze_layout"]
-        after = int(layout.regions.last[0].max()) + 1
-        decoded = [processor.tokenizer.decode([i]).strip() for i in ids]
-        where = [p for p in range(after, len(ids)) if decoded[p] and decoded[p] in word]
+        where = _word_positions(ids, processor.tokenizer, word, int(layout.regions.last[0].max()))
+        if not where:
+            continue
         target = metrics.target_in_grid(sample.target_box, sample.media_size(),
                                         layout.spans[0][0].grid)  # fmt: skip
         with torch.no_grad():
@@ -410,6 +410,16 @@ def _word_hits(model, processor, samples, words) -> dict[int, float]:
             boxes = layout.regions.box[0][chosen[chosen >= 0]]
             hits.setdefault(layer, []).append(any(metrics.box_hits(b, target) for b in boxes))
     return {layer: sum(v) / len(v) for layer, v in sorted(hits.items()) if v}
+
+
+def _word_positions(ids: list[int], tokenizer, word: str, after: int) -> list[int]:
+    """The token positions of `` word`` (as the tokenizer splits it inside a sentence) at its
+    first occurrence past position ``after``; [] when it is not there."""
+    piece = tokenizer.encode(" " + word, add_special_tokens=False)
+    for start in range(after + 1, len(ids) - len(piece) + 1):
+        if ids[start : start + len(piece)] == piece:
+            return list(range(start, start + len(piece)))
+    return []
 
 
 def colour_words(samples: Sequence[EvalSample]) -> list[str | None]:
