@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -53,12 +52,11 @@ def train(
     samples: list[dict],
     *,
     log_every: int = 50,
-    on_log: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """``cfg.train.max_steps`` AdamW steps over ``samples`` (a new permutation per pass, seeded
-    by ``train.seed``) under the job's LR and progressive Top-K schedules (``training.schedules``,
-    a loss-started one included); returns the loss of every step. Every ``log_every`` steps a progress
-    line, and ``on_log(step, mean loss)`` when given."""
+    by ``train.seed``) under the job's LR and progressive Top-K schedules
+    (``training.schedules``, a loss-started one included); returns the loss of every step,
+    with a progress line every ``log_every`` steps."""
     from training.schedules import TopKClock, apply_top_k, lr_lambda
 
     batch = global_batch(cfg)
@@ -96,6 +94,4 @@ def train(
                 f"({time.perf_counter() - start:.0f} s)",
                 flush=True,
             )
-            if on_log is not None:
-                on_log(step + 1, recent)
     return losses
