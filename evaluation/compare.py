@@ -156,12 +156,16 @@ def markdown_table(rows: list[SweepRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def chart_size(rows: int) -> tuple[float, float]:
+    """The chart's (width, height) in inches: taller than ``CHART_SIZE`` for many rows."""
+    return CHART_SIZE[0], max(CHART_SIZE[1], 1.2 + 0.45 * rows)
+
+
 def draw_chart(rows: list[SweepRow], path: Path) -> Path:
     """Two panels, one bar per row (its name and % of the dense entries on the y axis, so no
     label meets another): accuracy with its 95% interval, and the last layer's routing hit
     rate beside random routing's."""
-    height = max(CHART_SIZE[1], 1.2 + 0.45 * len(rows))
-    fig, (acc_ax, hit_ax) = plt.subplots(1, 2, figsize=(CHART_SIZE[0], height), dpi=CHART_DPI,
+    fig, (acc_ax, hit_ax) = plt.subplots(1, 2, figsize=chart_size(len(rows)), dpi=CHART_DPI,
                                          sharey=True)  # fmt: skip
     models = list(dict.fromkeys(r.model for r in rows))
     colours = [f"C{models.index(r.model)}" for r in rows]

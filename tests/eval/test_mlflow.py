@@ -7,7 +7,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from evaluation.cli import compare_main, evaluate_main
-from evaluation.compare import SWEEP_TAG
+from evaluation.compare import CHART_DPI, SWEEP_TAG, chart_size
 
 METRICS = [
     "eval/accuracy", "eval/samples", "eval/generated_tokens", "eval/visual_entries_per_token",
@@ -119,8 +119,9 @@ def test_sweep_runs_share_one_experiment(sweep, mlflow_server, tmp_path):
                                       str(tmp_path))  # fmt: skip
     with Image.open(chart) as image:
         assert image.format == "PNG"
-        # 6.4 x 4 in at 100 dpi
-        assert image.size == (640, 400)
+        # two panels, a bar per row: 9.6 x 4 in at 100 dpi for the 4 rows
+        width, height = chart_size(len(sweep.rows))
+        assert image.size == (round(width * CHART_DPI), round(height * CHART_DPI)) == (960, 400)
 
 
 def _chromium(args, timeout=120):
