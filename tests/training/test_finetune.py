@@ -48,8 +48,19 @@ def _config(tmp_path, name, **sets):
     return load_config("configs/demo.yaml", [f"{k}={v}" for k, v in overrides.items()])
 
 
-def _fixed_batch(path, seed=0):
+def _fixed_batch(path, seed=0, data: Path | None = None):
+    """A one-sample batch for the model at ``path``: the first training image record of the generated
+    ``data`` (what training makes likelier), or a random image and a fixed question."""
     model, processor = load_model(path)
+    if data is not None:
+        from PIL import Image
+
+        from pipelines.conversation import to_messages
+
+        record = next(r for r in json.loads((data / "train.json").read_text()) if r.get("image"))
+        image = np.asarray(Image.open(data / "media" / record["image"]).convert("RGB"))
+        messages = to_messages(record["conversations"])
+        return model, processor.collate([processor.encode_sample(messages, images=[image])])
     rng = np.random.default_rng(seed)
     image = rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)
     messages = [
@@ -166,8 +177,8 @@ def test_stop_resume_crash_recovery_export_and_tracking(local_ray, tmp_path, mlf
 
     # the export loads, and its weights are the consolidated ZeRO-3 checkpoint's
     model, processor = load_model(second.export_dir)
-    assert model.gaze_config.keep_ratio == 0.25
-    init, batch = _fixed_batch(tmp_path / "ray" / name / "gaze-init")
+    assert model.gaze_config.keep_ratio == cfg.model.gaze.keep_ratio
+    init, batch = _fixed_batch(tmp_path / "ray" / name / "gaze-init", data=tmp_path / "data")
     with torch.no_grad():
         before = init(**batch).loss
         after = model(**batch).loss
