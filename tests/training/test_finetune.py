@@ -122,6 +122,10 @@ def test_stop_resume_crash_recovery_export_and_tracking(local_ray, tmp_path, mlf
         tmp_path,
         name,
         **{
+            # from random weights, so that six steps visibly lower the loss (the demo's
+            # pretrained checkpoint starts near 0 on its task)
+            "model.name_or_path": "tiny",
+            "model.tiny_options": '{"image_size": 48, "init_range": 0.1}',
             "mlflow.tracking_uri": mlflow_server.uri,
             "train.max_steps": 6,
             "train.checkpoint_every": 2,
