@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -204,11 +205,18 @@ def evaluate_samples(
 ) -> EvalReport:
     """Greedy answers for every sample (batched) and the metrics over them; the model's own
     gaze settings are back when it returns (a sweep's points, a training run's checks)."""
+    with evaluated_as(model, config):
+        return _evaluate(model, processor, samples, config)
+
+
+@contextmanager
+def evaluated_as(model, config: EvalConfig):
+    """The model's gaze settings as ``config`` asks inside the block, its own again after."""
     inner = gaze_module(model)
     own = inner.gaze_config
     inner.gaze_config = eval_gaze_config(own, config)
     try:
-        return _evaluate(model, processor, samples, config)
+        yield model
     finally:
         inner.gaze_config = own
 
@@ -380,13 +388,8 @@ def prompt_word_hits(
     The table's hit rate is measured at the generated tokens; a question's own words route
     too, and a word that names what to look for ("red") can find it there, its output
     carrying what it saw to the answer."""
-    inner = gaze_module(model)
-    own = inner.gaze_config
-    inner.gaze_config = eval_gaze_config(own, config or EvalConfig())
-    try:
+    with evaluated_as(model, config or EvalConfig()):
         return _word_hits(model, processor, samples, words)
-    finally:
-        inner.gaze_config = own
 
 
 def _word_hits(model, processor, samples, words) -> dict[int, float]:
