@@ -18,6 +18,7 @@ prepared, how big the token grid is) lives in ``gazeattn.families``.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +33,13 @@ from gazeattn.ops import GazeConfig, GazeLayout, Image, Video, build_layout
 
 IGNORE = -100
 CONTEXT_TOKEN = "<|gaze_ctx|>"
+
+
+# markers around each assistant content when locating the turns (Unicode private use; a
+# conversation holding them takes the rendered path)
+_OPEN, _CLOSE = "\ue000", "\ue001"
+# assistant turns located by rendering each one's prefix, when a template defeats the markers
+MAX_RENDERED_TURNS = 64
 
 
 class ProcessorInputError(ValueError):
@@ -378,8 +386,14 @@ class GazeProcessor(ProcessorMixin):
 
     def render(self, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
         """The chat template's text for ``messages`` (media as the family's markers)."""
+        return self._apply(
+            self._template_messages(messages), add_generation_prompt=add_generation_prompt
+        )
+
+    def _apply(self, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
+        """The template's text for messages already in its form (``_template_messages``)."""
         return self.tokenizer.apply_chat_template(
-            self._template_messages(messages),
+            messages,
             chat_template=self.chat_template,
             add_generation_prompt=add_generation_prompt,
             tokenize=False,
@@ -438,28 +452,24 @@ class GazeProcessor(ProcessorMixin):
         if any(m and m in text for m in markers):
             raise ProcessorInputError("media tokens in text: use {'type': 'image'} content parts")
 
-    def _assistant_spans(self, messages: list[dict], text: str) -> tuple[str, list]:
+    def _assistant_spans(
+        self, messages: list[dict], text: str, *, add_generation_prompt: bool = False
+    ) -> tuple[str, list]:
         """Character spans of each assistant turn in ``text`` (the rendered ``messages``).
 
         A turn is what rendering it adds to the prompt that asks for it (trailing whitespace
         left out); it ends with the model's end-of-turn token, inserted when the template
         writes none (as LLaVA-1.5's), so a fine-tuned model learns to stop. Returns the text
         with any insertions, and the spans in it.
+
+        The turns are found in linear time (``_marked_turns``: one rendering with each
+        assistant content between markers); a template that does not render markers through
+        falls back to rendering each turn's prefix (``_rendered_turns``), which is quadratic
+        and so refused beyond ``MAX_RENDERED_TURNS`` assistant turns.
         """
-        found = []  # (start, end, needs an end-of-turn token) in ``text``
-        for i, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            before = self.render(messages[:i], add_generation_prompt=True)
-            after = self.render(messages[: i + 1])
-            if not (after.startswith(before) and text.startswith(after)):
-                raise ProcessorInputError(
-                    "the chat template does not render a conversation as a prefix of its "
-                    "continuation; assistant turns cannot be located for the labels"
-                )
-            turn = after[len(before) :].rstrip()
-            ends = any(turn.endswith(t) for t in self.stop_tokens)
-            found.append((len(before), len(before) + len(turn), not ends))
+        found = self._marked_turns(messages, text, add_generation_prompt)
+        if found is None:
+            found = self._rendered_turns(messages, text)
         pieces, spans, last, inserted = [], [], 0, 0
         eos = self.tokenizer.eos_token
         for start, end, needs_eos in found:
@@ -472,6 +482,79 @@ class GazeProcessor(ProcessorMixin):
             last = end
         pieces.append(text[last:])
         return "".join(pieces), spans
+
+    def _turn(self, messages: list[dict], i: int, text: str) -> tuple[int, int]:
+        """Where assistant turn ``i`` starts and ends in ``text``, by rendering its prefix (the
+        definition of a turn): the prompt asking for it, and the prompt with it."""
+        before = self._apply(messages[:i], add_generation_prompt=True)
+        after = self._apply(messages[: i + 1])
+        if not (after.startswith(before) and text.startswith(after)):
+            raise ProcessorInputError(
+                "the chat template does not render a conversation as a prefix of its "
+                "continuation; assistant turns cannot be located for the labels"
+            )
+        return len(before), len(after)
+
+    def _span(self, text: str, start: int, end: int) -> tuple[int, int, bool]:
+        """(start, end, needs an end-of-turn token) of the turn ``text[start:end]``."""
+        turn = text[start:end].rstrip()
+        ends = any(turn.endswith(t) for t in self.stop_tokens)
+        return start, start + len(turn), not ends
+
+    def _rendered_turns(self, messages: list[dict], text: str) -> list[tuple[int, int, bool]]:
+        asked = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if len(asked) > MAX_RENDERED_TURNS:
+            raise ProcessorInputError(
+                f"{len(asked)} assistant turns: this chat template's turns can only be located "
+                f"by rendering each one's prefix, done for at most {MAX_RENDERED_TURNS}"
+            )
+        return [self._span(text, *self._turn(messages, i, text)) for i in asked]
+
+    def _marked_turns(
+        self, messages: list[dict], text: str, add_generation_prompt: bool
+    ) -> list[tuple[int, int, bool]] | None:
+        """The turns from one rendering with every assistant content between markers.
+
+        A turn's start is its content's start less the template's header remainder (what the
+        turn adds before its content, e.g. LLaVA-1.5's space after "ASSISTANT:"), and its end
+        its content's end plus the template's end of turn; both are read off the last turn,
+        rendered by definition (``_turn``), and must be the same text at every turn; the
+        first turn is checked by definition too. None when the template does not pass the
+        markers through unchanged or its turns are not framed alike.
+        """
+        asked = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if not asked:
+            return []
+        if _OPEN in text or _CLOSE in text:
+            return None
+        marked = self._apply(
+            [_with_markers(m) if m["role"] == "assistant" else m for m in messages],
+            add_generation_prompt=add_generation_prompt,
+        )
+        bounds, removed = [], 0  # content (start, end) of each turn, in ``text``'s positions
+        for match in re.finditer(f"[{_OPEN}{_CLOSE}]", marked):
+            bounds.append((match.group(), match.start() - removed))
+            removed += 1
+        expected = [_OPEN, _CLOSE] * len(asked)
+        if [m for m, _ in bounds] != expected or re.sub(f"[{_OPEN}{_CLOSE}]", "", marked) != text:
+            return None
+        content = [(bounds[2 * k][1], bounds[2 * k + 1][1]) for k in range(len(asked))]
+        last_start, last_end = self._turn(messages, asked[-1], text)
+        header = last_start - content[-1][0]  # negative: the header remainder's length
+        closing = text[content[-1][1] : last_end]
+        if header > 0 or last_end < content[-1][1]:
+            return None
+        header_text = text[content[-1][0] + header : content[-1][0]]
+        found = []
+        for start, end in content:
+            if text[start + header : start] != header_text:
+                return None
+            if text[end : end + len(closing)] != closing:
+                return None
+            found.append(self._span(text, start + header, end + len(closing)))
+        if self._span(text, *self._turn(messages, asked[0], text)) != found[0]:
+            return None
+        return found
 
     def encode_sample(
         self,
@@ -490,8 +573,11 @@ class GazeProcessor(ProcessorMixin):
         """
         images, videos = list(images or []), list(videos or [])
         _count_parts(messages, len(images), len(videos))
-        text = self.render(messages, add_generation_prompt=add_generation_prompt)
-        text, spans = self._assistant_spans(self._template_messages(messages), text)
+        messages = self._template_messages(messages)
+        text = self._apply(messages, add_generation_prompt=add_generation_prompt)
+        text, spans = self._assistant_spans(
+            messages, text, add_generation_prompt=add_generation_prompt
+        )
         return self._encode(
             text,
             images,
@@ -755,3 +841,14 @@ def _part(p) -> int | Image | Video:
     if kind == "video":
         return Video(int(p[1]), int(p[2]), int(p[3]), lead=int(p[4]) if len(p) > 4 else 0)
     raise ProcessorInputError(f"unknown part {p!r}")
+
+
+def _with_markers(message: dict) -> dict:
+    """An assistant message (template form) with its content between ``_OPEN`` and ``_CLOSE``."""
+    parts = [dict(p) for p in message["content"]]
+    texts = [i for i, p in enumerate(parts) if p["type"] == "text"]
+    if not texts:
+        return {**message, "content": [*parts, {"type": "text", "text": _OPEN + _CLOSE}]}
+    parts[texts[0]]["text"] = _OPEN + parts[texts[0]]["text"]
+    parts[texts[-1]]["text"] = parts[texts[-1]]["text"] + _CLOSE
+    return {**message, "content": parts}
