@@ -390,9 +390,14 @@ def fit_length(sample: dict[str, Any], cfg: DataConfig) -> dict[str, Any]:
     cut = length - cfg.max_length
     if cfg.length_policy == "drop" or cut >= tail:
         raise BadSample("too_long", f"{length} tokens > {cfg.max_length}")
+    labels = sample["labels"][: cfg.max_length]
+    # the answer comes last: a cut can take all of it, and a batch of such samples has no
+    # token to learn from (its loss is 0 / 0 = nan)
+    if not (np.asarray(labels) >= 0).any():
+        raise BadSample("answer_truncated", f"{length} tokens cut to {cfg.max_length}")
     parts[-1][1] = tail - cut
     sample["input_ids"] = sample["input_ids"][: cfg.max_length]
-    sample["labels"] = sample["labels"][: cfg.max_length]
+    sample["labels"] = labels
     sample["parts"] = parts
     sample["truncated"] = True
     return sample
@@ -461,14 +466,16 @@ def iter_train_batches(
 
     ``shard`` is a ``ray.train.get_dataset_shard(...)`` iterator (or any Ray Data
     DataIterator/Dataset of decoded rows). Ranks stay in lockstep (see the module doc).
-    ``stats`` (when given) receives this worker's running ``truncated``/``dropped`` counts;
-    the job-wide counts are ``drop_counts()`` and ``truncated_count()``.
+    ``stats`` (when given) receives this worker's running counts: ``samples`` kept,
+    ``truncated`` and ``dropped`` (at encode time, here); the job-wide counts are
+    ``drop_counts()`` and ``truncated_count()``.
     """
     stats = stats if stats is not None else {}
-    stats.setdefault("truncated", 0)
-    stats.setdefault("dropped", 0)
+    for name in ("samples", "truncated", "dropped"):
+        stats.setdefault(name, 0)
     pending: list[dict] = []
     for sample in encoded_samples(shard, processor, cfg, epoch=epoch, stats=stats):
+        stats["samples"] += 1
         pending.append(sample)
         if len(pending) < batch_size:
             continue

@@ -40,6 +40,7 @@ REASONS = (
     "marker_mismatch",  # <image>/<video> markers do not match the stored media
     "text_only",  # dropped by DataConfig.text_only == "drop"
     "too_long",  # longer than max_length and not truncatable (or length_policy == "drop")
+    "answer_truncated",  # truncation to max_length cut every answer token (no label left)
     "encode_error",  # the processor rejected the sample (ProcessorInputError)
 )
 

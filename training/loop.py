@@ -401,6 +401,26 @@ class DataPosition:
         return cls(**json.loads(path.read_text())) if path.is_file() else cls()
 
 
+class NoBatches(RuntimeError):
+    """An epoch gave no batch: every sample was dropped, or too few were left for a full
+    micro-batch on every rank (starting another epoch would loop for ever)."""
+
+    @classmethod
+    def of(cls, epoch: int, micro_batch: int, stats: dict[str, int]) -> NoBatches:
+        from pipelines.dataset import drop_counts, truncated_count
+
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        read = stats["samples"] + stats["dropped"]
+        return cls(
+            f"epoch {epoch} gave no batch: this rank read {read} samples, {stats['dropped']} "
+            f"dropped here and {stats['samples']} kept ({stats['truncated']} truncated), and "
+            f"every rank needs a full micro-batch of {micro_batch} ({world} ranks); the job's "
+            f"drops so far by reason: {drop_counts() or 'none'} ({truncated_count()} "
+            "truncated). Check data.max_length, data.length_policy, data.text_only and the "
+            "shards (bad_tar), or lower train.micro_batch_size"
+        )
+
+
 class DataStream:
     """This rank's micro-batches across epochs, resumed at a ``DataPosition``.
 
@@ -426,16 +446,24 @@ class DataStream:
             torch.distributed.barrier()
         while True:
             shard = ray.train.get_dataset_shard(RESUME_DATASET if resuming else TRAIN_DATASET)
+            stats: dict[str, int] = {}
+            batches = 0
             for batch, ids in iter_train_batches(
                 shard,
                 self.processor,
                 self.cfg.data,
                 batch_size=self.cfg.train.micro_batch_size,
                 epoch=self.epoch,
+                stats=stats,
                 with_ids=True,
             ):
+                batches += 1
                 self.consumed += ids
                 yield batch, ids
+            # the ranks agree on every batch, so all of them stop here together; the rest of
+            # a resumed epoch may be empty (it ended at the checkpoint), a whole epoch not
+            if not batches and not resuming:
+                raise NoBatches.of(self.epoch, self.cfg.train.micro_batch_size, stats)
             resuming = False
             self.epoch += 1
             self.consumed = []
