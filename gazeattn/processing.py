@@ -17,6 +17,7 @@ prepared, how big the token grid is) lives in ``gazeattn.families``.
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 from collections.abc import Sequence
@@ -339,9 +340,12 @@ class GazeProcessor(ProcessorMixin):
         ids = list(encoded["input_ids"])
         labels = [IGNORE] * len(ids)
         if label_spans:
-            moved = [(_moved(s, shift), _moved(e, shift)) for s, e in label_spans]
+            moved = sorted((_moved(s, shift), _moved(e, shift)) for s, e in label_spans)
+            ends = [e for _, e in moved]
             for i, (start, end) in enumerate(encoded["offset_mapping"]):
-                if any(start < e and end > s for s, e in moved):
+                # the spans do not overlap: only the first one ending after ``start`` can
+                k = bisect.bisect_right(ends, start)
+                if k < len(moved) and moved[k][0] < end:
                     labels[i] = ids[i]
         parts = self._parts(ids, plan)
         limit = max_length or self.max_length
