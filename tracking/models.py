@@ -11,7 +11,10 @@ questions in any environment with those requirements, without this repository.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
+import json
+import os
 import re
 import shutil
 import tempfile
@@ -34,6 +37,11 @@ REQUIREMENTS = (
     "mlflow", "pandas",
 )  # fmt: skip
 DEFAULT_MAX_NEW_TOKENS = 32
+
+
+class UnsafeModelPath(ValueError):
+    """An MLmodel file that points its model directory outside the downloaded model (an
+    absolute path, ``..``, a symlink): a model must not make its loader read another path."""
 
 
 class GazePyfuncModel(mlflow.pyfunc.PythonModel):
@@ -148,8 +156,15 @@ def model_dir_of(local_root: str | Path) -> Path:
         flavors = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {})
         entry = (flavors.get("python_function", {}).get("artifacts") or {}).get(MODEL_ARTIFACT)
         if entry and entry.get("path"):
-            return root / entry["path"]
+            return _inside(root, root / str(entry["path"]), f"{mlmodel}'s {MODEL_ARTIFACT}")
     return root / "artifacts" / MODEL_ARTIFACT
+
+
+def _inside(root: Path, path: Path, what: str) -> Path:
+    """``path`` when it resolves (symlinks followed) inside ``root``; UnsafeModelPath if not."""
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise UnsafeModelPath(f"{what} is {path}, outside the model's artifacts {root}")
+    return path
 
 
 @dataclass(kw_only=True)
@@ -183,25 +198,119 @@ def resolve_model(model: str, tracking_uri: str | None = None) -> ResolvedModel:
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient()
-    for uri in _download_candidates(client, model):
-        try:
-            root = Path(mlflow.artifacts.download_artifacts(
-                artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="gazeattn-model-")
-            ))  # fmt: skip
-        except (MlflowException, OSError):  # a runs:/ URI of an MLflow 3 logged model: next
-            continue
-        found = _model_dir_in(root)
+    pinned = _pinned(client, model)
+    cached = _download_dir(pinned, _identity(client, pinned))
+    if _is_immutable(pinned) and (cached / RESOLVED).is_file():
+        found = cached / json.loads((cached / RESOLVED).read_text())["model_dir"]
+        return ResolvedModel(uri=model, path=found, run_id=_run_of(client, model))
+    for uri in _download_candidates(client, pinned):
+        found = _download(uri, cached)
         if found is not None:
             return ResolvedModel(uri=model, path=found, run_id=_run_of(client, model))
     raise FileNotFoundError(f"no model directory (config.json) in the download of {model}")
 
 
+# in a cached download: where its model directory lies, written once the download is whole
+RESOLVED = "gazeattn-resolved.json"
+
+
+def _download_dir(uri: str, identity: str = "") -> Path:
+    """This node's one cache directory of an MLflow model URI (per tracking server and
+    ``identity``, ``_identity``)."""
+    from tracking.storage import cache_root
+
+    text = f"{mlflow.get_tracking_uri()} {uri} {identity}"
+    key = hashlib.sha256(text.encode()).hexdigest()[:16]
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", uri.split(":/", 1)[-1]).strip("-")[-48:]
+    return cache_root() / "mlflow" / f"{name}-{key}"
+
+
+def _is_immutable(uri: str) -> bool:
+    """Whether ``uri`` names one content for ever: not a stage or ``latest`` of a registered
+    model (an alias is pinned to its version first, ``_pinned``)."""
+    if not uri.startswith("models:/"):
+        return True
+    name, _, version = uri[len("models:/") :].partition("/")
+    return not version or version.isdigit()
+
+
+def _identity(client: MlflowClient, uri: str) -> str:
+    """What tells a registered version from another of the same name and number (a store
+    made again behind the same server address): its run and creation time. Run and logged
+    model ids are unique already."""
+    name, _, version = uri[len("models:/") :].partition("/")
+    if not (uri.startswith("models:/") and version.isdigit()):
+        return ""
+    try:
+        found = client.get_model_version(name, version)
+    except (MlflowException, OSError):  # the download names what is wrong
+        return ""
+    return f"{found.run_id} {found.creation_timestamp}"
+
+
+def _pinned(client: MlflowClient, uri: str) -> str:
+    """``models:/NAME@ALIAS`` as the version the alias points at now; other URIs as given."""
+    ref = uri[len("models:/") :] if uri.startswith("models:/") else ""
+    if "@" not in ref:
+        return uri
+    name, alias = ref.split("@", 1)
+    try:
+        return f"models:/{name}/{client.get_model_version_by_alias(name, alias).version}"
+    except (MlflowException, OSError):  # the download names what is wrong
+        return uri
+
+
+def _download(uri: str, out: Path) -> Path | None:
+    """``uri`` downloaded into ``out`` (replacing an older download there), its model directory
+    returned; None (and nothing left behind) when it cannot be downloaded or holds none."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent)).resolve()
+    try:
+        try:
+            root = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp)))
+        except (MlflowException, OSError):  # a runs:/ URI of an MLflow 3 logged model: next
+            return None
+        found = _model_dir_in(root)
+        if found is None:
+            return None
+        relative = str(found.relative_to(tmp))
+        (tmp / RESOLVED).write_text(json.dumps({"uri": uri, "model_dir": relative}))
+        _replace_dir(tmp, out)
+        return out / relative
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Put the directory ``new`` at ``out`` by renames (a reader never sees half of one)."""
+    try:
+        os.rename(new, out)
+        return
+    except OSError:
+        if not out.exists():
+            raise
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+    try:
+        os.rename(out, old / "dir")
+        os.rename(new, out)
+    except OSError:
+        # another process of this node put its own download there first: keep that one
+        if not (out / RESOLVED).is_file():
+            raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _model_dir_in(root: Path) -> Path | None:
-    """The pyfunc model's export, else the shallowest directory with a config.json."""
+    """The pyfunc model's export, else the shallowest directory with a config.json (inside
+    ``root``: ``model_dir_of`` refuses an MLmodel path that leaves it)."""
     pyfunc = model_dir_of(root)
     if (pyfunc / "config.json").is_file():
         return pyfunc
-    found = sorted((p.parent for p in root.rglob("config.json")), key=lambda p: len(p.parts))
+    found = sorted(
+        (p.parent for p in root.rglob("config.json") if p.resolve().is_relative_to(root.resolve())),
+        key=lambda p: len(p.parts),
+    )
     return found[0] if found else None
 
 
