@@ -116,7 +116,7 @@ def _context_init(model: GazeModelMixin, num: int, how: str) -> torch.Tensor:
     if how != "visual_mean":
         raise ValueError(f"context_init must be 'visual_mean' or 'normal', got {how!r}")
     with torch.no_grad():
-        features = torch.cat([f for _, f in model._visual_embeds(model._blank_vision())])
+        features = torch.cat([p[1] for p in model._visual_embeds(model._blank_vision())])
         mean = features.float().mean(0).cpu()
     noise = torch.randn(num, hidden, generator=torch.Generator().manual_seed(0)) * 0.02 * mean.std()
     return mean[None] + noise

@@ -10,6 +10,8 @@
   ``forward`` (a submodule, so ZeRO-3 gathers its parameter there).
 - ``GazeModelMixin`` is the forward of a gaze model; a family (``gazeattn.families``)
   adds how its vision inputs become embeddings and how its positions are numbered.
+- DeepStack (Qwen3-VL): features a family returns per injected decoder layer are added
+  at the visual positions only (never at context tokens; ``gazeattn.families.qwen3_vl``).
 """
 
 from __future__ import annotations
@@ -157,8 +159,9 @@ class GazeModelMixin:
 
     A family class gives ``forward`` its stock signature (transformers' ``generate`` checks
     the argument names) and implements ``_visual_embeds(vision) -> [(placeholder id,
-    [N, hidden] features), ...]``, ``_blank_vision()`` (one mid-gray image's inputs),
-    ``_placeholder_ids()`` and ``_positions(...)``.
+    [N, hidden] features), ...]`` (a DeepStack family adds a third item: the features per
+    injected decoder layer, each ``[N, hidden]``), ``_blank_vision()`` (one mid-gray
+    image's inputs), ``_placeholder_ids()`` and ``_positions(...)``.
     """
 
     def _init_gaze(self, config) -> None:
@@ -217,7 +220,8 @@ class GazeModelMixin:
             raise ValueError(
                 "a gaze model needs gaze_layout= (GazeProcessor returns it with the batch)"
             )
-        embeds = self._embed(input_ids, vision)
+        embeds, deepstack = self._embed(input_ids, vision)
+        cache = self._gaze_cache(cache)
         state = self._state(gaze_layout, cache, gaze_report, gaze_selection)
         position_ids = self._positions(
             input_ids, attention_mask, position_ids, cache, state, vision
@@ -229,6 +233,7 @@ class GazeModelMixin:
             cache=cache,
             use_cache=use_cache,
             gaze_state=state,
+            **deepstack,
             **kwargs,
         )
         hidden = outputs.last_hidden_state
@@ -250,10 +255,16 @@ class GazeModelMixin:
             out.gaze_report = dict(sorted(state.reports.items()))
         return out
 
-    def _embed(self, input_ids: torch.Tensor, vision: dict) -> torch.Tensor:
+    def _gaze_cache(self, cache):
+        """The cache the decoder runs on (a hybrid decoder fills in its layer kinds)."""
+        return cache
+
+    def _embed(self, input_ids: torch.Tensor, vision: dict) -> tuple[torch.Tensor, dict]:
+        """Token embeddings with the visual features and context tokens in place, and the
+        decoder's DeepStack inputs (empty for a family without DeepStack)."""
         embeds = self.model.get_input_embeddings()(input_ids)
         pieces = self._visual_embeds(vision)
-        for token_id, features in pieces:
+        for token_id, features, *_ in pieces:
             where = input_ids == token_id
             features = features.to(embeds.device, embeds.dtype)
             if int(where.sum()) != features.shape[0]:
@@ -262,7 +273,7 @@ class GazeModelMixin:
                     f"{features.shape[0]} visual features"
                 )
             embeds = embeds.masked_scatter(where[..., None], features)
-        placed = {token_id for token_id, _ in pieces}
+        placed = {piece[0] for piece in pieces}
         missing = [
             i for i in self._placeholder_ids() if i not in placed and bool((input_ids == i).any())
         ]
@@ -271,9 +282,11 @@ class GazeModelMixin:
         if not pieces and self.training:
             # a text-only batch still runs the vision tower once: under ZeRO-3 every rank must
             # gather the same parameters, or ranks with and without images wait on each other
-            blank = sum(f.sum() for _, f in self._visual_embeds(self._blank_vision()))
+            # (DeepStack mergers included: their gradients are reduced on every rank too)
+            blank = sum(_total(piece) for piece in self._visual_embeds(self._blank_vision()))
             embeds = embeds + 0.0 * blank
-        return self.gaze_context(embeds, input_ids == self.context_token_id)
+        context = self.gaze_context(embeds, input_ids == self.context_token_id)
+        return context, _deepstack_inputs(input_ids, pieces)
 
     def _state(self, layout: GazeLayout, cache, report: bool, selection: bool) -> GazeState:
         layout = layout.to(self.device)
@@ -303,6 +316,38 @@ class GazeModelMixin:
             index = torch.arange(layout.batch_size).repeat_interleave(expand_size)
             model_kwargs["gaze_layout"] = layout.select_rows(index)
         return input_ids, model_kwargs
+
+
+def _total(piece: tuple) -> torch.Tensor:
+    """The sum of every feature of a piece (features, and DeepStack features when present)."""
+    total = piece[1].sum()
+    for layer in piece[2] if len(piece) > 2 and piece[2] else ():
+        total = total + layer.sum()
+    return total
+
+
+def _deepstack_inputs(input_ids: torch.Tensor, pieces: list[tuple]) -> dict:
+    """The stock decoder's DeepStack inputs: ``visual_pos_masks`` [B, T] (the image and video
+    placeholders; context tokens are not among them) and ``deepstack_visual_embeds``, per
+    injected layer the features of those positions in sequence order [N, hidden]."""
+    deep = [(piece[0], piece[2]) for piece in pieces if len(piece) > 2 and piece[2]]
+    if not deep:
+        return {}
+    where = {token_id: input_ids == token_id for token_id, _ in deep}
+    visual = torch.zeros_like(input_ids, dtype=torch.bool)
+    for mask in where.values():
+        visual |= mask
+    layers = {len(stack) for _, stack in deep}
+    if len(layers) != 1:
+        raise ValueError(f"DeepStack features for different numbers of layers: {sorted(layers)}")
+    embeds = []
+    for layer in range(layers.pop()):
+        first = deep[0][1][layer]
+        joint = first.new_zeros(int(visual.sum()), first.shape[-1])
+        for token_id, stack in deep:
+            joint[where[token_id][visual]] = stack[layer].to(joint.dtype)
+        embeds.append(joint)
+    return {"visual_pos_masks": visual, "deepstack_visual_embeds": embeds}
 
 
 def set_gaze_top_k(model: nn.Module, top_k: int | None) -> None:

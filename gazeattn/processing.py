@@ -256,16 +256,24 @@ class GazeProcessor(ProcessorMixin):
         except (OSError, ValueError) as error:
             raise ProcessorInputError(f"cannot convert the image to RGB: {error}") from error
 
-    def _prepare_video(self, video: Any) -> list[PILImage.Image]:
-        if isinstance(video, str):
-            from gazeattn.video import read_video
+    def _prepare_video(self, video: Any):
+        """A video (frames, a [F, H, W, C] array, a path, or a ``gazeattn.video.Clip``) ->
+        a Clip of RGB PIL frames (with the timing the input had)."""
+        from gazeattn.video import Clip, read_clip
 
+        if isinstance(video, str):
             try:
-                video = read_video(video, self.visual_budget.frames_per_video)
+                video = read_clip(video, self.visual_budget.frames_per_video)
             except (OSError, ValueError) as error:
                 raise ProcessorInputError(
                     f"cannot read the video {video[:80]!r}: {error}"
                 ) from error
+        if isinstance(video, Clip):
+            frames = self._prepare_frames(list(video.frames))
+            return Clip(frames=frames, fps=video.fps, indices=video.indices)
+        return Clip(frames=self._prepare_frames(video))
+
+    def _prepare_frames(self, video: Any) -> list[PILImage.Image]:
         if isinstance(video, np.ndarray) and video.ndim == 4:
             video = list(video)
         if not isinstance(video, list | tuple):
@@ -305,7 +313,7 @@ class GazeProcessor(ProcessorMixin):
             )
         images = [self._prepare_image(image) for image in images]
         videos = [self._prepare_video(video) for video in videos]
-        if len(images) + sum(len(v) for v in videos) > self.max_media:
+        if len(images) + sum(len(v.frames) for v in videos) > self.max_media:
             raise ProcessorInputError(f"more than {self.max_media} images and frames")
         image_iter, video_iter = iter(images), iter(videos)
         expanded, plan, vision = [], [], []
@@ -316,9 +324,8 @@ class GazeProcessor(ProcessorMixin):
                 if piece == self.image_token:
                     media = self.rules.process_image(next(image_iter), self.visual_budget)
                 else:
-                    media = self.rules.process_video(next(video_iter), self.visual_budget)
-                runs = media.runs(self.context_token, self.num_context_tokens)
-                replacement = "".join(token * n for token, n in runs)
+                    media = self.rules.process_clip(next(video_iter), self.visual_budget)
+                replacement = media.text(self.context_token, self.num_context_tokens)
                 plan.append(media)
                 vision.append(media.arrays)
                 expanded.append(replacement)
@@ -363,14 +370,17 @@ class GazeProcessor(ProcessorMixin):
         visual = {self._token_id(t) for t in self.rules.visual_tokens}
         parts: list[list] = []
         i = 0
-        for media in plan:
+        spans = [
+            s for media in plan for s in media.spans(self.context_token, self.num_context_tokens)
+        ]
+        for part, runs in spans:
             start = i
             while i < len(ids) and ids[i] not in visual:
                 i += 1
             if i > start:
                 parts.append(["text", i - start])
             expect = []
-            for token, n in media.runs(self.context_token, self.num_context_tokens):
+            for token, n in runs:
                 expect += [self._token_id(token)] * n
             got = ids[i : i + len(expect)]
             if got != expect:
@@ -378,7 +388,7 @@ class GazeProcessor(ProcessorMixin):
                     "the tokenizer did not keep the media placeholders whole: "
                     f"{self.image_token!r}/{self.context_token!r} must be special tokens"
                 )
-            parts.append(media.part)
+            parts.append(part)
             i += len(expect)
         if any(t in visual for t in ids[i:]):
             raise ProcessorInputError("media tokens in text: use image/video content parts")
@@ -765,8 +775,10 @@ def _is_frame(item) -> bool:
 
 
 def _is_video(item) -> bool:
-    """A video: a path, a [F, H, W, C] array, or a non-empty list of frames."""
-    if isinstance(item, str) or (isinstance(item, np.ndarray) and item.ndim == 4):
+    """A video: a path, a [F, H, W, C] array, a Clip, or a non-empty list of frames."""
+    from gazeattn.video import Clip
+
+    if isinstance(item, str | Clip) or (isinstance(item, np.ndarray) and item.ndim == 4):
         return True
     return isinstance(item, list | tuple) and bool(item) and _is_frame(item[0])
 

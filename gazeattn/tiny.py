@@ -1,13 +1,16 @@
 """Tiny random vision-language checkpoints in the hub's own layout, built offline.
 
-    python -m gazeattn.tiny --out DIR [--family llava|llava-1.5|qwen2.5-vl|qwen2-vl] [--stock]
+    python -m gazeattn.tiny --out DIR [--family llava|llava-1.5|qwen2.5-vl|qwen2-vl|qwen3-vl|...] [--stock]
 
 Each family is saved the way its hub checkpoints ship: transformers' own config
 and model classes, the family's own image processor, tokenizer class and chat
 template (``llava``: SigLIP + Qwen2 with a ChatML template, like
 llava-interleave-qwen; ``llava-1.5``: CLIP with its CLS token + Llama, the
 USER/ASSISTANT template; ``qwen2.5-vl`` / ``qwen2-vl``: dynamic resolution,
-2x2 merger, M-RoPE). Nothing is downloaded: tokenizers are BPEs trained on a
+2x2 merger, M-RoPE; ``qwen3-vl`` / ``qwen3-vl-moe``: 16 px patches, DeepStack,
+interleaved M-RoPE, timestamped videos; ``qwen3.5`` / ``qwen3.5-moe``: the same vision
+side and a hybrid decoder of three linear-attention layers to one full-attention
+layer). Nothing is downloaded: tokenizers are BPEs trained on a
 small built-in corpus and weights are random (seeded). A gaze model is the
 stock checkpoint converted by ``gazeattn.load_model(stock, gaze=...)``, the path
 a user's hub checkpoint takes.
@@ -25,7 +28,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from gazeattn.ops import GazeConfig
 
-FAMILIES = ("llava", "llava-1.5", "qwen2.5-vl", "qwen2-vl")
+FAMILIES = (
+    "llava", "llava-1.5", "qwen2.5-vl", "qwen2-vl", "qwen3-vl", "qwen3-vl-moe", "qwen3.5",
+    "qwen3.5-moe",
+)  # fmt: skip
+QWEN3 = ("qwen3-vl", "qwen3-vl-moe", "qwen3.5", "qwen3.5-moe")
 
 CHATML_LLAVA_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
@@ -338,6 +345,134 @@ def _save_qwen_vl(
     )
 
 
+# Qwen/Qwen3-VL-*-Instruct's template, without its tool-calling and reasoning branches
+QWEN3_VL_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _save_qwen3(
+    out: Path,
+    family: str,
+    *,
+    image_size,
+    patch_size,
+    vision_hidden,
+    strategy,
+    feature_layer,
+    **text,
+) -> None:
+    """Qwen3-VL (DeepStack from every vision layer) or Qwen3.5 (a hybrid decoder: three
+    linear-attention layers, then one full-attention layer), dense or MoE, with the hub's
+    processor files (the video processor's settings written by hand: it needs torchvision)."""
+    import transformers
+    from transformers import Qwen2VLImageProcessor
+
+    tokenizer = qwen_vl_tokenizer()
+    tokenizer.chat_template = QWEN3_VL_TEMPLATE
+    kwargs = _text_kwargs(tokenizer, **text)
+    kwargs["head_dim"] = kwargs["hidden_size"] // kwargs["num_attention_heads"]
+    half = kwargs["head_dim"] // 2
+    rope = {"rope_type": "default", "rope_theta": 5e6, "mrope_interleaved": True}
+    vision = dict(
+        depth=2,
+        hidden_size=vision_hidden,
+        intermediate_size=2 * vision_hidden,
+        num_heads=2,
+        patch_size=patch_size,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        out_hidden_size=kwargs["hidden_size"],
+        num_position_embeddings=64,
+    )
+    if family.startswith("qwen3-vl"):
+        vision["deepstack_visual_indexes"] = [0, 1]
+        rope["mrope_section"] = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
+    else:
+        # Qwen3.5 rotates a part of each head (a quarter in the hub's checkpoints)
+        rope["partial_rotary_factor"] = 0.5
+        rope["mrope_section"] = [half // 2 - 2 * (half // 8), half // 8, half // 8]
+        layers = kwargs["num_hidden_layers"]
+        kwargs["layer_types"] = [
+            "full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(layers)
+        ]
+        kwargs.update(
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            linear_conv_kernel_dim=4,
+        )
+    if family.endswith("-moe"):
+        kwargs.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+        if family == "qwen3.5-moe":
+            kwargs.pop("intermediate_size")
+            kwargs["shared_expert_intermediate_size"] = 32
+    name = {
+        "qwen3-vl": "Qwen3VL",
+        "qwen3-vl-moe": "Qwen3VLMoe",
+        "qwen3.5": "Qwen3_5",
+        "qwen3.5-moe": "Qwen3_5Moe",
+    }[family]
+    config_cls = getattr(transformers, f"{name}Config")
+    model_cls = getattr(transformers, f"{name}ForConditionalGeneration")
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_VL_SPECIALS}
+    config = config_cls(
+        text_config={**kwargs, "rope_parameters": rope, "tie_word_embeddings": True},
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    model_cls(config).save_pretrained(out)
+    factor = patch_size * 2
+    image_processor = Qwen2VLImageProcessor(
+        min_pixels=(2 * factor) ** 2,
+        max_pixels=image_size * image_size,
+        patch_size=patch_size,
+        merge_size=2,
+        temporal_patch_size=2,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    image_processor.save_pretrained(out)
+    path = out / "preprocessor_config.json"
+    data = json.loads(path.read_text())
+    data.update(processor_class="Qwen3VLProcessor", min_pixels=(2 * factor) ** 2)
+    data.update(max_pixels=image_size * image_size)
+    path.write_text(json.dumps(data, indent=2))
+    # the hub's video_preprocessor_config.json: pixel bounds over all of a video's frames
+    video = {
+        "video_processor_type": "Qwen3VLVideoProcessor",
+        "processor_class": "Qwen3VLProcessor",
+        "do_sample_frames": True,
+        "fps": 2,
+        "min_frames": 4,
+        "max_frames": 768,
+        "size": {"shortest_edge": 2 * factor * factor, "longest_edge": 8 * image_size * image_size},
+        "patch_size": patch_size,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+    }
+    (out / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
+    tokenizer.save_pretrained(out)
+    (out / "chat_template.json").write_text(
+        json.dumps({"chat_template": QWEN3_VL_TEMPLATE}, indent=2)
+    )
+
+
 def build_stock(
     out_dir: str | Path,
     *,
@@ -346,7 +481,7 @@ def build_stock(
     image_size: int | None = None,
     patch_size: int | None = None,
     hidden: int = 64,
-    layers: int = 2,
+    layers: int | None = None,
     heads: int = 4,
     kv_heads: int = 2,
     vision_hidden: int = 32,
@@ -370,12 +505,14 @@ def build_stock(
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     qwen = family.startswith("qwen")
+    qwen3 = family in QWEN3
     sizes = dict(
-        image_size=image_size or (112 if qwen else 96),
-        patch_size=patch_size or (14 if qwen else 8),
+        image_size=image_size or (128 if qwen3 else 112 if qwen else 96),
+        patch_size=patch_size or (16 if qwen3 else 14 if qwen else 8),
         vision_hidden=vision_hidden,
         hidden=hidden,
-        layers=layers,
+        # Qwen3.5's decoder repeats three linear-attention layers and one full-attention layer
+        layers=layers or (4 if family.startswith("qwen3.5") else 2),
         heads=heads,
         kv_heads=kv_heads,
         max_positions=max_positions,
@@ -383,7 +520,7 @@ def build_stock(
         strategy=strategy,
         feature_layer=feature_layer,
     )
-    (_save_qwen_vl if qwen else _save_llava)(out, family, **sizes)
+    (_save_qwen3 if qwen3 else _save_qwen_vl if qwen else _save_llava)(out, family, **sizes)
     return out
 
 
@@ -424,7 +561,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--patch-size", type=int)
     parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--layers", type=int, help="decoder layers (default 2; Qwen3.5: 4)")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--kv-heads", type=int, default=2)
     args = parser.parse_args()

@@ -8,13 +8,36 @@ serving pick the same frames for the same ``VisualBudget.frames_per_video``.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 
 class EmptyVideo(ValueError):
     """A video without a video stream or without frames."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Clip:
+    """Video frames with their timing, for families whose prompts show it (Qwen3-VL).
+
+    ``frames[i]`` is frame ``indices[i]`` of a video of ``fps`` frames per second.
+    ``indices`` None: the frames are the video's consecutive frames, which the family may
+    sample further; ``fps`` None: unknown (the family's default is used, and said).
+    """
+
+    frames: Sequence[Any]
+    fps: float | None = None
+    indices: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.fps is not None and not self.fps > 0:
+            raise ValueError(f"fps must be > 0, got {self.fps!r}")
+        if self.indices is not None and len(self.indices) != len(self.frames):
+            raise ValueError(f"{len(self.frames)} frames but {len(self.indices)} indices")
 
 
 def fit_within(image, max_side: int | None):
@@ -43,6 +66,11 @@ def read_video(source: str | Path | bytes, frames: int, *, max_side: int | None 
     decoded size. Raises EmptyVideo for a clip without frames, ValueError for one PyAV
     cannot decode.
     """
+    return list(read_clip(source, frames, max_side=max_side).frames)
+
+
+def read_clip(source: str | Path | bytes, frames: int, *, max_side: int | None = None) -> Clip:
+    """``read_video``'s frames as a Clip: with their indices and the stream's frame rate."""
     import av
 
     data = io.BytesIO(source) if isinstance(source, bytes) else str(source)
@@ -52,11 +80,14 @@ def read_video(source: str | Path | bytes, frames: int, *, max_side: int | None 
                 raise EmptyVideo("no video stream")
             # decode every frame: container frame counts are missing or wrong for webm and
             # some mp4 files; the clips in training data are short
+            rate = container.streams.video[0].average_rate
             decoded = list(container.decode(video=0))
             out = []
-            for i in sample_indices(len(decoded), frames):
+            picked = sample_indices(len(decoded), frames)
+            for i in picked:
                 image = fit_within(decoded[i].to_image(), max_side)
                 out.append(np.asarray(image.convert("RGB"), dtype=np.uint8))
     except (av.FFmpegError, OSError, IndexError) as error:
         raise ValueError(f"cannot decode the video: {error}") from error
-    return out
+    fps = float(rate) if rate else None
+    return Clip(frames=out, fps=fps, indices=tuple(int(i) for i in picked))

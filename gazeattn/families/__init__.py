@@ -11,8 +11,15 @@ that subclasses the stock one. Supported:
 - ``qwen2_vl`` / ``qwen2_5_vl``: ``Qwen2VLForConditionalGeneration`` and
   ``Qwen2_5_VLForConditionalGeneration`` (dynamic resolution, 2x2 merger, M-RoPE,
   videos as temporal patches).
+- ``qwen3_vl`` / ``qwen3_vl_moe``: ``Qwen3VLForConditionalGeneration`` and
+  ``Qwen3VLMoeForConditionalGeneration`` (16 px patches, DeepStack, interleaved M-RoPE,
+  a timestamp before each temporal patch of a video).
+- ``qwen3_5`` / ``qwen3_5_moe``: ``Qwen3_5ForConditionalGeneration`` and
+  ``Qwen3_5MoeForConditionalGeneration`` (Qwen3-VL's vision side without DeepStack, a
+  hybrid decoder of linear-attention and full-attention layers; gaze routes in the latter).
 
-Any other architecture is refused with an error that names these.
+Any other architecture is refused with an error that names these, and so is a checkpoint
+of these whose DeepStack settings or decoder layer types the family does not know.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gazeattn.families.media import LlavaRules, Media, MediaRules, QwenVLRules
+from gazeattn.families.media import LlavaRules, Media, MediaRules, Qwen3VLRules, QwenVLRules
 
 __all__ = [
     "FAMILIES",
@@ -30,6 +37,7 @@ __all__ = [
     "Media",
     "MediaRules",
     "UnsupportedModel",
+    "check_structure",
     "family_of",
     "media_rules",
     "stock_processor",
@@ -53,6 +61,10 @@ class Family:
     # module paths in the model: the vision tower (without its projector) and the projector
     vision_module: str
     projector_module: str
+    # decoder layer types the gaze model knows (text_config.layer_types), and whether the
+    # tower's DeepStack features are added to the decoder
+    layer_types: tuple[str, ...] = ("full_attention",)
+    deepstack: bool = False
 
     def classes(self):
         """(gaze config class, gaze model class), imported on first use."""
@@ -106,12 +118,37 @@ FAMILIES: dict[str, Family] = {
             vision_module="model.visual",
             projector_module="model.visual.merger",
         ),
+        *(
+            Family(
+                name=name,
+                stock_model_type=name,
+                gaze_model_type=f"gaze_{name}",
+                rules=Qwen3VLRules,
+                module="qwen3_vl",
+                config_class_name=f"Gaze{cls}Config",
+                model_class_name=f"Gaze{cls}ForConditionalGeneration",
+                stock_class_name=f"{cls}ForConditionalGeneration",
+                vision_module="model.visual",
+                projector_module="model.visual.merger",
+                layer_types=layer_types,
+                deepstack=deepstack,
+            )
+            for name, cls, layer_types, deepstack in (
+                ("qwen3_vl", "Qwen3VL", ("full_attention",), True),
+                ("qwen3_vl_moe", "Qwen3VLMoe", ("full_attention",), True),
+                ("qwen3_5", "Qwen3_5", ("linear_attention", "full_attention"), False),
+                ("qwen3_5_moe", "Qwen3_5Moe", ("linear_attention", "full_attention"), False),
+            )
+        ),
     )
 }
 
 SUPPORTED = (
     "LlavaForConditionalGeneration (model_type 'llava'), Qwen2VLForConditionalGeneration "
-    "('qwen2_vl') and Qwen2_5_VLForConditionalGeneration ('qwen2_5_vl')"
+    "('qwen2_vl'), Qwen2_5_VLForConditionalGeneration ('qwen2_5_vl'), "
+    "Qwen3VLForConditionalGeneration ('qwen3_vl'), Qwen3VLMoeForConditionalGeneration "
+    "('qwen3_vl_moe'), Qwen3_5ForConditionalGeneration ('qwen3_5') and "
+    "Qwen3_5MoeForConditionalGeneration ('qwen3_5_moe')"
 )
 
 
@@ -120,12 +157,44 @@ def family_of(config) -> Family:
     model_type = getattr(config, "model_type", None)
     for family in FAMILIES.values():
         if model_type in (family.stock_model_type, family.gaze_model_type):
+            check_structure(family, config)
             return family
     raise UnsupportedModel(
         f"model_type {model_type!r} ({', '.join(getattr(config, 'architectures', None) or [])}) "
         f"is not supported by gaze attention; supported: {SUPPORTED}. LLaVA-NeXT and "
         "LLaVA-OneVision (anyres tiles, image_newline) are refused rather than loaded as LLaVA."
     )
+
+
+def check_structure(family: Family, config) -> None:
+    """Refuse a checkpoint of ``family`` whose decoder layer types or DeepStack settings the
+    gaze model does not know (UnsupportedModel), rather than load it as a near relative."""
+    text = config.get_text_config(decoder=True)
+    types = getattr(text, "layer_types", None) or ["full_attention"]
+    unknown = sorted(set(types) - set(family.layer_types))
+    if unknown:
+        raise UnsupportedModel(
+            f"{family.stock_class_name} checkpoint with decoder layer types {unknown}: the gaze "
+            f"model knows {list(family.layer_types)}"
+        )
+    if "full_attention" not in types:
+        raise UnsupportedModel("a decoder without full-attention layers has nothing to route")
+    vision = getattr(config, "vision_config", None)
+    indexes = getattr(vision, "deepstack_visual_indexes", None)
+    if indexes and not family.deepstack:
+        raise UnsupportedModel(
+            f"{family.stock_class_name} checkpoint with deepstack_visual_indexes {list(indexes)}: "
+            "this family adds no DeepStack features to its decoder"
+        )
+    if family.deepstack:
+        depth = getattr(vision, "depth", 0)
+        valid = all(isinstance(i, int) and 0 <= i < depth for i in indexes or ())
+        if not indexes or not valid or len(indexes) > text.num_hidden_layers:
+            raise UnsupportedModel(
+                f"{family.stock_class_name} checkpoint with deepstack_visual_indexes "
+                f"{indexes!r}: expected 1 to {text.num_hidden_layers} vision layer indexes "
+                f"below the tower's depth {depth}"
+            )
 
 
 def media_rules(family: str, vision: dict, image_processor, image_token=None) -> MediaRules:

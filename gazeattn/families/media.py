@@ -4,13 +4,19 @@ A ``Media`` is one image or video after the checkpoint's image processor: its
 pixel arrays (in the model's input names), its token grid ``(t, h, w)`` (per
 frame ``h * w`` placeholder tokens, after any merge), and ``lead`` tokens that
 precede each frame's grid (a CLS token kept by ``"full"`` feature selection).
+A Qwen3-VL video also has text around each temporal patch (``frame_text``: its
+timestamp and vision start before, its vision end after), and each temporal patch
+is then a span of the layout of its own.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
@@ -20,6 +26,8 @@ class Media:
     token: str  # the placeholder each visual token is
     arrays: dict[str, np.ndarray]
     lead: int = 0
+    # per frame (text before, text after) its tokens; empty: the frames follow each other
+    frame_text: tuple[tuple[str, str], ...] = ()
 
     @property
     def part(self) -> list:
@@ -35,6 +43,23 @@ class Media:
             [(context_token, num_context)] if num_context else []
         )
         return frame * t
+
+    def spans(self, context_token: str, num_context: int) -> list[tuple[list, list]]:
+        """(part, runs) of each span of the layout this item is: the item itself, or for a
+        video with text between its frames, each frame."""
+        if not self.frame_text:
+            return [(self.part, self.runs(context_token, num_context))]
+        _, h, w = self.grid
+        frame = Media(kind=self.kind, grid=(1, h, w), token=self.token, arrays={}, lead=self.lead)
+        return [(frame.part, frame.runs(context_token, num_context))] * self.grid[0]
+
+    def text(self, context_token: str, num_context: int) -> str:
+        """The placeholder text this item becomes in the prompt (tokenized with the rest)."""
+        out = []
+        for i, (_, runs) in enumerate(self.spans(context_token, num_context)):
+            before, after = self.frame_text[i] if self.frame_text else ("", "")
+            out.append(before + "".join(token * n for token, n in runs) + after)
+        return "".join(out)
 
 
 class MediaRules:
@@ -71,6 +96,11 @@ class MediaRules:
 
     def process_video(self, frames: list, budget) -> Media:
         raise NotImplementedError
+
+    def process_clip(self, clip, budget) -> Media:
+        """A ``gazeattn.video.Clip``: its frames as ``process_video`` takes them (a family
+        whose prompt shows the frames' times reads the clip's timing too)."""
+        return self.process_video(list(clip.frames), budget)
 
 
 class LlavaRules(MediaRules):
@@ -234,3 +264,162 @@ class QwenVLRules(MediaRules):
                 "second_per_grid_ts": np.asarray([tps / self.default_fps], np.float32),
             },
         )
+
+
+class Qwen3VLRules(QwenVLRules):
+    """Qwen3-VL / Qwen3.5: images as Qwen2.5-VL's (16 px patches); videos as transformers'
+    ``Qwen3VLVideoProcessor`` and ``Qwen3VLProcessor`` make them, without torchvision:
+
+    - frames are sampled (when the checkpoint's ``do_sample_frames``, the default) at
+      ``fps`` frames per second of video, between ``min_frames`` and ``max_frames`` and at
+      most every frame, evenly (``np.linspace`` rounded) over the frames given;
+    - the video's frames share one size from the video rule of ``smart_resize`` (the pixel
+      bounds are over all frames; ``cap_pixels_per_frame`` as the stock option), resized
+      and normalised by the image processor, and patched as the stock ``patchify``;
+    - each temporal patch of ``temporal_patch_size`` frames is written
+      ``<{t:.1f} seconds><|vision_start|>`` + its tokens + ``<|vision_end|>``, where ``t``
+      is the mean time of its first and last frame (frame index / the video's fps).
+
+    A clip without fps (frames given without timing) takes the stock default of 24 fps for
+    sampling and timestamps, and says so once. A clip whose ``indices`` are given is taken
+    as sampled already (the stock ``do_sample_frames=False`` with metadata).
+    """
+
+    input_names = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+    default_video_fps = 24.0
+    _warned_fps = False
+
+    @classmethod
+    def vision_settings(cls, config, processor_settings: dict, video_settings: dict) -> dict:
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+        stock = Qwen3VLVideoProcessor
+        vision = config.vision_config
+        size = video_settings.get("size") or stock.size
+        out = {
+            "patch_size": int(vision.patch_size),
+            "merge_size": int(vision.spatial_merge_size),
+            "temporal_patch_size": int(vision.temporal_patch_size),
+            "video_min_pixels": int(size["shortest_edge"]),
+            "video_max_pixels": int(size["longest_edge"]),
+        }
+        for key in ("do_sample_frames", "fps", "num_frames", "min_frames", "max_frames"):
+            out[key] = video_settings.get(key, getattr(stock, key))
+        for key in ("cap_pixels_per_frame", "max_video_tokens"):
+            out[key] = video_settings.get(key, getattr(stock, key))
+        return out
+
+    def process_video(self, frames: list, budget) -> Media:
+        from gazeattn.video import Clip
+
+        return self.process_clip(Clip(frames=list(frames)), budget)
+
+    def process_clip(self, clip, budget) -> Media:
+        fps = clip.fps
+        if fps is None:
+            if not Qwen3VLRules._warned_fps:
+                logger.warning(
+                    "a video without fps metadata: its frames are sampled and timestamped as "
+                    "Qwen3-VL's processor does by default, at %s fps",
+                    self.default_video_fps,
+                )
+                Qwen3VLRules._warned_fps = True
+            fps = self.default_video_fps
+        frames, indices = list(clip.frames), clip.indices
+        if indices is None:
+            picked = (
+                self.frame_indices(len(frames), fps)
+                if self.vision["do_sample_frames"]
+                else np.arange(len(frames))
+            )
+            frames, indices = [frames[i] for i in picked], picked.tolist()
+        pixels, grid = self._pixels(frames, budget)
+        start, end = self.markers
+        text = tuple(
+            (f"<{t:.1f} seconds>{start}", end)
+            for t in timestamps(indices, fps, self.vision["temporal_patch_size"])
+        )
+        merge = self.vision["merge_size"]
+        return Media(
+            kind="video",
+            grid=(grid[0], grid[1] // merge, grid[2] // merge),
+            token=self.video_token,
+            arrays={"pixel_values_videos": pixels, "video_grid_thw": np.asarray([grid], np.int64)},
+            frame_text=text,
+        )
+
+    def frame_indices(self, total: int, fps: float) -> np.ndarray:
+        """Which of ``total`` frames of a ``fps`` video the stock ``sample_frames`` keeps."""
+        v = self.vision
+        count = v["num_frames"]
+        if count is None and v["fps"] is not None:
+            count = int(total / fps * v["fps"])
+            count = min(max(count, v["min_frames"]), v["max_frames"], total)
+        if count is None:
+            count = min(max(total, v["min_frames"]), v["max_frames"])
+        return np.linspace(0, total - 1, count).round().astype(int)
+
+    def _pixels(self, frames: list, budget) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """Patches [gt * gh * gw, C * tps * p * p] of the frames, and the grid (gt, gh, gw)."""
+        from transformers.image_utils import SizeDict
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
+
+        ip = self.image_processor
+        p, merge, tps = (
+            self.vision[k] for k in ("patch_size", "merge_size", "temporal_patch_size")
+        )
+        arrays = [np.asarray(frame, np.uint8).transpose(2, 0, 1) for frame in frames]  # [C, H, W]
+        if len({a.shape for a in arrays}) > 1:
+            raise ValueError("the frames of a video must have one size")
+        low, high = self._video_bounds(budget, len(arrays), p * merge)
+        height, width = smart_resize(
+            num_frames=len(arrays),
+            height=arrays[0].shape[1],
+            width=arrays[0].shape[2],
+            temporal_factor=tps,
+            factor=p * merge,
+            min_pixels=low,
+            max_pixels=high,
+        )
+        # the image processor's own resize (PIL) to that size: its parent class's, since its
+        # own resize picks a per-image size
+        resize = next(c for c in type(ip).__mro__[1:] if "resize" in c.__dict__).resize
+        size = SizeDict(height=height, width=width)
+        prepared = []
+        for array in arrays:
+            array = resize(ip, image=array, size=size, resample=ip.resample)
+            array = ip.rescale(array.astype(np.float32), ip.rescale_factor)
+            prepared.append(ip.normalize(array, ip.image_mean, ip.image_std))
+        video = np.stack(prepared).astype(np.float32)  # [F, C, H, W]
+        if pad := -len(video) % tps:
+            video = np.concatenate([video, np.repeat(video[-1:], pad, axis=0)])
+        f, c, _, _ = video.shape
+        gt, gh, gw = f // tps, height // p, width // p
+        # as the stock patchify: [gt, tps, C, gh/m, m, p, gw/m, m, p]
+        # -> [gt, gh/m, gw/m, m, m, C, tps, p, p], one row per patch in merge-window order
+        patches = video.reshape(gt, tps, c, gh // merge, merge, p, gw // merge, merge, p)
+        patches = patches.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        flat = np.ascontiguousarray(patches.reshape(gt * gh * gw, c * tps * p * p), np.float32)
+        return flat, (gt, gh, gw)
+
+    def _video_bounds(self, budget, frames: int, factor: int) -> tuple[int, int]:
+        """(min, max) pixels over all of a video's frames: the checkpoint's, or the budget's
+        per-frame bounds times the frames; capped per frame as the stock option says."""
+        v = self.vision
+        low = budget.min_pixels * frames if budget.min_pixels else v["video_min_pixels"]
+        high = budget.max_pixels * frames if budget.max_pixels else v["video_max_pixels"]
+        if v["cap_pixels_per_frame"]:
+            cap = v["max_video_tokens"] * factor * factor
+            high = max(min(cap, high // frames), int(low * 1.05)) * frames
+        return low, high
+
+
+def timestamps(indices, fps: float, temporal_patch_size: int) -> list[float]:
+    """Seconds of each temporal patch: the mean time of its first and last frame (the last
+    frame repeated to fill the final patch), as the stock Qwen3-VL processor computes them."""
+    indices = list(indices)
+    if pad := -len(indices) % temporal_patch_size:
+        indices += [indices[-1]] * pad
+    times = [i / fps for i in indices]
+    step = temporal_patch_size
+    return [(times[i] + times[i + step - 1]) / 2 for i in range(0, len(times), step)]

@@ -103,7 +103,12 @@ class _GazeQwenVL(GazeModelMixin):
     def _placeholder_ids(self) -> list[int]:
         return [self.config.image_token_id, self.config.video_token_id]
 
-    def _visual_embeds(self, vision: dict) -> list[tuple[int, torch.Tensor]]:
+    def _visual_embeds(self, vision: dict) -> list[tuple]:
+        return self._qwen_visual_embeds(vision, deepstack=False)
+
+    def _qwen_visual_embeds(self, vision: dict, *, deepstack: bool) -> list[tuple]:
+        """(placeholder id, features [N, hidden]) per kind of media in the batch; with
+        ``deepstack`` (Qwen3-VL) a third item, the DeepStack features per injected layer."""
         # images and videos go through the tower in one call: under ZeRO-3 every rank must
         # gather the tower's parameters as often as the others, whatever its batch holds
         kinds = []
@@ -115,15 +120,21 @@ class _GazeQwenVL(GazeModelMixin):
                 kinds.append((token, vision[pixels], vision[grid]))
         if not kinds:
             return []
-        features = self.model.get_image_features(
+        output = self.model.get_image_features(
             torch.cat([pixels for _, pixels, _ in kinds]).to(self.dtype),
             torch.cat([grid for _, _, grid in kinds]),
             return_dict=True,
-        ).pooler_output
+        )
+        features = output.pooler_output
         out, start = [], 0
         for token, _, grid in kinds:
-            items = features[start : start + grid.shape[0]]
-            out.append((token, torch.cat(list(items), dim=0)))
+            items = slice(start, start + grid.shape[0])
+            piece = (token, torch.cat(list(features[items]), dim=0))
+            if deepstack:
+                # [per injected layer: per item [n, hidden]] -> per layer [N, hidden]
+                layers = output.deepstack_features or []
+                piece += ([torch.cat(list(layer[items]), dim=0) for layer in layers],)
+            out.append(piece)
             start += grid.shape[0]
         return out
 
