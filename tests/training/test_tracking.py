@@ -42,16 +42,19 @@ def test_tracker_buffers_while_the_server_is_down(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="training.tracking"):
         tracker.log_metrics({"loss": 2.0}, 1)
         tracker.log_metrics({"loss": 1.0}, 2)
+        # the background sender meets the dead server and keeps both metrics
+        assert not tracker.flush(timeout_s=2)
     assert sum("unreachable" in r.message for r in caplog.records) == 1
-    assert len(tracker._buffer) == 2
+    assert len(tracker._buffer) + tracker._in_flight == 2 and tracker.dropped == 0
     # the same store comes back on the same port: the buffered metrics arrive
     restarted = MlflowServer(tmp_path / "srv", port=server.port).start()
     try:
-        tracker.flush()
+        assert tracker.flush(timeout_s=30)
         assert len(tracker._buffer) == 0
         history = MlflowClient(server.uri).get_metric_history(run_id, "loss")
         assert sorted(m.step for m in history) == [0, 1, 2]
     finally:
+        tracker.close(timeout_s=5)
         restarted.stop()
 
 

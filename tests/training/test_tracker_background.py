@@ -1,0 +1,57 @@
+"""A tracking server that does not answer does not stall training: ``Tracker.log_metrics``
+buffers and returns, a background thread sends, the buffer is bounded and what it drops is
+counted, and ``close`` gives up after its timeout."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from training.tracking import Tracker
+
+# each request to the silent server waits this long before it fails (before the fix, every
+# log_metrics call waited for it)
+REQUEST_TIMEOUT_S = 3
+
+
+@pytest.fixture
+def silent_server(monkeypatch):
+    """A TCP port on 127.0.0.1 that completes connections and never answers (a hung MLflow)."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", str(REQUEST_TIMEOUT_S))
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_logging_to_a_silent_server_does_not_block(silent_server):
+    tracker = Tracker(silent_server, "0" * 32)
+    start = time.monotonic()
+    for step in range(3):
+        tracker.log_metrics({"loss": 1.0, "lr": 0.1}, step)
+    logged = time.monotonic() - start
+    # far below one request's timeout: nothing waited for the server
+    assert logged < 1.0, f"3 log steps took {logged:.1f} s"
+    start = time.monotonic()
+    tracker.close(timeout_s=0.5)
+    closed = time.monotonic() - start
+    assert closed < REQUEST_TIMEOUT_S, f"close took {closed:.1f} s"
+    # none arrived: all six are counted as dropped at close
+    assert tracker.dropped == 6
+
+
+def test_the_buffer_is_bounded_and_counts_what_it_drops(silent_server, caplog):
+    tracker = Tracker(silent_server, "0" * 32, max_buffer=5)
+    with caplog.at_level("WARNING", logger="training.tracking"):
+        for step in range(20):
+            tracker.log_metrics({"loss": float(step)}, step)
+    try:
+        # the sender holds at most one batch in flight; the rest waits in the bounded buffer
+        assert len(tracker._buffer) <= 5
+        assert tracker.dropped >= 20 - 5 - 1
+        assert sum("dropping" in r.message for r in caplog.records) == 1
+    finally:
+        tracker.close(timeout_s=0.1)
