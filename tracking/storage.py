@@ -14,13 +14,19 @@ per node into a cache directory (``$GAZEATTN_CACHE``, default ``~/.cache/gazeatt
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.fs as pafs
+
+# written last into a published directory: every other file with its size, and an id that
+# tells one publication from the next (caches are keyed on it)
+MANIFEST = "gazeattn-manifest.json"
 
 
 class StorageError(OSError):
@@ -95,53 +101,108 @@ def check_writable(uri: str | Path, what: str) -> Location:
 
 
 def upload_dir(local: str | Path, dest: Location) -> None:
-    """Copy the local directory ``local`` to ``dest`` (replacing what is there)."""
-    if dest.exists():
-        dest.filesystem.delete_dir(dest.path)
-    dest.filesystem.create_dir(dest.path, recursive=True)
-    pafs.copy_files(
-        str(Path(local).resolve()),
-        dest.path,
-        source_filesystem=pafs.LocalFileSystem(),
-        destination_filesystem=dest.filesystem,
-    )
+    """Publish the local directory ``local`` at ``dest`` (``copy_dir``)."""
+    copy_dir(open_location(local), dest)
 
 
 def copy_dir(src: Location, dest: Location) -> None:
-    """Copy a directory between (possibly different) filesystems, replacing ``dest``."""
+    """Publish a copy of ``src`` (any filesystem) at ``dest``, replacing what is there.
+
+    The copy goes to a temporary prefix beside ``dest`` first: a copy that fails leaves the
+    old ``dest`` as it was. Then ``publish`` puts it in place, its manifest last."""
+    staged = staging_location(dest)
+    try:
+        staged.filesystem.create_dir(staged.path, recursive=True)
+        pafs.copy_files(
+            src.path,
+            staged.path,
+            source_filesystem=src.filesystem,
+            destination_filesystem=staged.filesystem,
+        )
+        publish(staged, dest)
+    finally:
+        if staged.exists():
+            staged.filesystem.delete_dir(staged.path)
+
+
+def staging_location(dest: Location) -> Location:
+    """A new temporary prefix beside ``dest``, on its filesystem, to build a publication in."""
+    tag = f".partial-{uuid.uuid4().hex[:12]}"
+    return Location(filesystem=dest.filesystem, path=dest.path + tag, uri=dest.uri + tag)
+
+
+def publish(staged: Location, dest: Location) -> None:
+    """Put the complete directory ``staged`` (on ``dest``'s filesystem, e.g. a
+    ``staging_location``) at ``dest``, with its manifest: a reader sees the old publication,
+    the new one, or one without a manifest (unfinished), never a mix that claims to be whole.
+
+    Locally by renames; on an object store, which cannot rename a prefix, ``dest``'s manifest
+    is deleted first and the new one written after every other file."""
+    write_manifest(staged)
+    fs = dest.filesystem
+    if dest.is_local:
+        old = Path(dest.path + f".old-{uuid.uuid4().hex[:12]}")
+        moved = dest.exists()
+        if moved:
+            os.rename(dest.path, old)
+        os.rename(staged.path, dest.path)
+        if moved:
+            shutil.rmtree(old, ignore_errors=True)
+        return
     if dest.exists():
-        dest.filesystem.delete_dir(dest.path)
-    dest.filesystem.create_dir(dest.path, recursive=True)
-    pafs.copy_files(
-        src.path,
-        dest.path,
-        source_filesystem=src.filesystem,
-        destination_filesystem=dest.filesystem,
-    )
+        if dest.is_file(MANIFEST):
+            fs.delete_file(dest.join(MANIFEST).path)
+        fs.delete_dir(dest.path)
+    fs.create_dir(dest.path, recursive=True)
+    for name in [*_listing(staged), MANIFEST]:
+        target = dest.join(name)
+        fs.create_dir(target.path.rsplit("/", 1)[0], recursive=True)
+        fs.copy_file(staged.join(name).path, target.path)
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("GAZEATTN_CACHE", Path.home() / ".cache" / "gazeattn"))
 
 
-def local_copy(uri: str | Path, *, marker: str = "config.json") -> Path:
+def local_copy(uri: str | Path, *, marker: str = "config.json", attempts: int = 3) -> Path:
     """A local directory with the contents of ``uri``: the path itself when local, else a copy
     in the cache (downloaded once; concurrent callers on one node share it). ``marker`` is a
-    file the directory must hold (a model's config.json)."""
+    file the directory must hold (a model's config.json).
+
+    The cache is keyed on the publication's manifest (``publish``), or for a directory
+    without one (not published by us) on its whole listing with sizes and times, so a copy
+    taken while a directory was being written is not used once it has changed. A copy is
+    kept only when the source did not change while it was taken (else tried again, up to
+    ``attempts`` times)."""
     location = open_location(uri)
     if location.is_local:
         path = Path(location.path)
         if not (path / marker).is_file():
             raise FileNotFoundError(f"{uri}: no {marker} in this directory")
         return path
-    info = location.filesystem.get_file_info(location.join(marker).path)
-    if info.type != pafs.FileType.File:
-        raise FileNotFoundError(f"{uri}: no {marker} there")
-    # a new upload to the same URI (a rerun's export) is a new copy
-    digest = hashlib.sha256(f"{location.uri} {info.mtime_ns} {info.size}".encode()).hexdigest()
-    out = cache_root() / "models" / f"{Path(location.path).name}-{digest[:16]}"
-    if (out / marker).is_file():
-        return out
+    for _ in range(attempts):
+        if not location.is_file(marker):
+            raise FileNotFoundError(f"{uri}: no {marker} there")
+        version = _version(location)
+        # a new publication at the same URI (a rerun's export) is a new copy
+        digest = hashlib.sha256(f"{location.uri} {version}".encode()).hexdigest()
+        out = cache_root() / "models" / f"{Path(location.path).name}-{digest[:16]}"
+        if (out / marker).is_file() or _download(location, out, marker, version):
+            return out
+    raise StorageError(f"{uri} changed each time it was copied ({attempts} times); try later")
+
+
+def _version(location: Location) -> str:
+    """What identifies the contents of ``location``: its manifest, else its listing."""
+    manifest = read_manifest(location)
+    if manifest is not None:
+        return manifest.decode()
+    infos = location.filesystem.get_file_info(pafs.FileSelector(location.path, recursive=True))
+    return json.dumps(sorted((i.path, i.size, i.mtime_ns) for i in infos if i.size is not None))
+
+
+def _download(location: Location, out: Path, marker: str, version: str) -> bool:
+    """Copy ``location`` to ``out`` (by rename, whole); False when it changed meanwhile."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
@@ -151,6 +212,8 @@ def local_copy(uri: str | Path, *, marker: str = "config.json") -> Path:
             source_filesystem=location.filesystem,
             destination_filesystem=pafs.LocalFileSystem(),
         )
+        if _version(location) != version or not _matches_manifest(tmp):
+            return False
         try:
             os.rename(tmp, out)
         except OSError:
@@ -159,4 +222,54 @@ def local_copy(uri: str | Path, *, marker: str = "config.json") -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return True
+
+
+def _matches_manifest(local: Path) -> bool:
+    """Whether a local copy holds every file of its manifest with its size (True without one)."""
+    manifest = local / MANIFEST
+    if not manifest.is_file():
+        return True
+    files = json.loads(manifest.read_text())["files"]
+    return all(
+        (local / name).is_file() and (local / name).stat().st_size == size
+        for name, size in files.items()
+    )
+
+
+def _listing(location: Location) -> dict[str, int]:
+    """Every file under ``location`` (relative path -> size), the manifest left out."""
+    infos = location.filesystem.get_file_info(pafs.FileSelector(location.path, recursive=True))
+    base = location.path.rstrip("/") + "/"
+    files = {
+        info.path.removeprefix(base): info.size for info in infos if info.type == pafs.FileType.File
+    }
+    files.pop(MANIFEST, None)
+    return files
+
+
+def write_manifest(location: Location) -> dict:
+    """Mark ``location`` complete: its manifest, listing every file under it with its size."""
+    manifest = {"id": uuid.uuid4().hex, "files": dict(sorted(_listing(location).items()))}
+    with location.filesystem.open_output_stream(location.join(MANIFEST).path) as f:
+        f.write(json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+def read_manifest(location: Location) -> bytes | None:
+    """The manifest's bytes, or None when ``location`` has none (not ours, or unfinished)."""
+    try:
+        with location.filesystem.open_input_stream(location.join(MANIFEST).path) as f:
+            return f.read()
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def is_complete(location: Location) -> bool:
+    """Whether ``location`` holds a finished publication: a manifest whose every file is
+    there with its size."""
+    data = read_manifest(location)
+    if data is None:
+        return False
+    listed = _listing(location)
+    return all(listed.get(name) == size for name, size in json.loads(data)["files"].items())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -19,10 +20,12 @@ from tracking.storage import (
     StorageError,
     check_writable,
     copy_dir,
+    is_complete,
     is_uri,
     local_copy,
     open_location,
-    upload_dir,
+    publish,
+    staging_location,
 )
 from tracking.uri import resolve_tracking_uri
 from training.config import REPO, FinetuneConfig
@@ -73,26 +76,44 @@ def prepare_model(cfg: FinetuneConfig, root: Location) -> str:
     reads it, and its URI returned. A source that does not exist fails here, at submission.
     """
     out = root.join(cfg.run.name, "gaze-init")
-    if out.is_file("config.json"):
+    # complete means published with its manifest: transformers writes config.json before
+    # the weights, so a conversion stopped half-way has one and is done again
+    if is_complete(out):
         return out.uri
     with tempfile.TemporaryDirectory(prefix="gazeattn-prepare-") as tmp:
         work = Path(root.join(cfg.run.name).path) if root.is_local else Path(tmp)
         source = cfg.model.name_or_path
         if source == "tiny":
-            from gazeattn.tiny import build_tiny
-
-            source = str(work / "tiny-base")
-            if not (Path(source) / "config.json").exists():
-                build_tiny(source, gaze=False, **cfg.model.tiny_options)
+            source = _tiny_base(cfg, open_location(work / "tiny-base"))
         if _is_gaze_checkpoint(source):
             return source
-        converted = work / "gaze-init"
         print(f"[finetune] converting {source} into a gaze model at {out.uri}", flush=True)
-        _convert(cfg, source, converted)
-        if root.is_local:
-            return str(converted)
-        upload_dir(converted, out)
+        # built beside its place (locally: put there by a rename), or uploaded from tmp
+        staged = staging_location(out) if root.is_local else open_location(Path(tmp) / "gaze-init")
+        try:
+            _convert(cfg, source, Path(staged.path))
+            if root.is_local:
+                publish(staged, out)
+            else:
+                copy_dir(staged, out)
+        finally:
+            if root.is_local and staged.exists():
+                shutil.rmtree(staged.path, ignore_errors=True)
     return out.uri
+
+
+def _tiny_base(cfg: FinetuneConfig, out: Location) -> str:
+    """The offline tiny stock model at ``out`` (local), built once (again if unfinished)."""
+    from gazeattn.tiny import build_tiny
+
+    if not is_complete(out):
+        staged = staging_location(out)
+        try:
+            build_tiny(staged.path, gaze=False, **cfg.model.tiny_options)
+            publish(staged, out)
+        finally:
+            shutil.rmtree(staged.path, ignore_errors=True)
+    return out.path
 
 
 def _is_gaze_checkpoint(source: str) -> bool:
