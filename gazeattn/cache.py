@@ -119,6 +119,16 @@ class BatchLayer(CacheLayerMixin):
         self.start += columns
         self._sync_views()
 
+    def snapshot(self) -> tuple:
+        """What ``restore`` needs to undo an ``insert``: the buffers (an insert that moves
+        them copies into new ones) and the bounds (it writes only outside them)."""
+        return self.kbuf, self.vbuf, self.rows, self.start, self.end
+
+    def restore(self, state: tuple) -> None:
+        self.kbuf, self.vbuf, self.rows, self.start, self.end = state
+        if self.kbuf is not None:
+            self._sync_views()
+
     # ---- storage
 
     def _allocate(self, like: torch.Tensor, *, rows: int, length: int) -> None:
@@ -180,10 +190,18 @@ class BatchCache(Cache):
         of the rows already there."""
         if len(per_layer) != len(self.layers):
             raise ValueError(f"{len(per_layer)} prefilled layers for a cache of {len(self.layers)}")
-        grows = {
-            layer.insert(k, v, max_rows)
-            for layer, (k, v) in zip(self.layers, per_layer, strict=True)
-        }
+        # all layers or none: a failure at any layer (out of memory) restores every layer,
+        # so the batch goes on with its rows as they were
+        saved = [layer.snapshot() for layer in self.layers]
+        try:
+            grows = {
+                layer.insert(k, v, max_rows)
+                for layer, (k, v) in zip(self.layers, per_layer, strict=True)
+            }
+        except BaseException:
+            for layer, state in zip(self.layers, saved, strict=True):
+                layer.restore(state)
+            raise
         return grows.pop()
 
     def keep(self, index: list[int]) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -43,7 +44,9 @@ from gazeattn.generation import (
     GazeCache,
     GenerationRequest,
     GenerationResult,
+    InvalidRequest,
     _boxes,
+    check_request,
     sample_token,
 )
 from gazeattn.modeling import GazeState, gaze_module, is_gaze_model
@@ -51,6 +54,12 @@ from gazeattn.ops.layout import GazeLayout, stack_rows
 from gazeattn.processing import GazeProcessor
 
 MAX_TOP_LOGPROBS = 20
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLogits(RuntimeError):
+    """The model's logits for a sequence hold NaN or +inf (a fault of the model, not the request)."""
 
 
 @dataclass(kw_only=True)
@@ -520,30 +529,55 @@ class Engine:
     # ---- sampling, stops, text
 
     def _advance(self, rows: list[EngineSequence], logits: torch.Tensor) -> list[StepOutput]:
+        """Each row's next token, stops and text. A row that fails (non-finite logits, a
+        sampling error) ends alone with its error; the others go on."""
         logits[:, self.banned] = float("-inf")
-        picks = self._pick(rows, self._adjusted(rows, logits))
+        adjusted = self._adjusted(rows, logits)
+        greedy = adjusted.argmax(-1).tolist()
+        broken = (adjusted.isnan() | (adjusted == float("inf"))).any(-1)
+        broken |= (adjusted == float("-inf")).all(-1)
+        broken = broken.tolist()
         want = [s.top_logprobs is not None for s in rows]
         logprobs = torch.log_softmax(logits, dim=-1) if any(want) else None
         outputs = []
         for i, seq in enumerate(rows):
-            tok = picks[i]
-            out = StepOutput(sequence=seq)
-            if logprobs is not None and want[i]:
-                entry = _logprob(logprobs[i], tok, seq.top_logprobs)
-                seq.logprobs.append(entry)
-                out.logprobs.append(entry)
-            if tok in self.stops:
-                seq.done, seq.finish_reason = True, "stop"
-            else:
-                seq.tokens.append(tok)
-                out.token_ids.append(tok)
-                if len(seq.tokens) >= seq.request.max_new_tokens:
-                    seq.done = True
-            out.text = self._text(seq)
-            if seq.done:
-                out.result = self._result(seq)
-            outputs.append(out)
+            try:
+                if broken[i]:
+                    raise NonFiniteLogits(
+                        "the model produced non-finite logits for this sequence; it was ended"
+                    )
+                outputs.append(self._advance_row(seq, adjusted[i], greedy[i], logprobs, i))
+            except Exception as err:  # noqa: BLE001 - one row's failure ends only it
+                logger.exception("sequence %d failed in sampling", seq.id)
+                seq.done = True
+                outputs.append(StepOutput(sequence=seq, error=err))
         return outputs
+
+    def _advance_row(
+        self, seq: EngineSequence, row: torch.Tensor, greedy: int, logprobs, i: int
+    ) -> StepOutput:
+        r = seq.request
+        tok = (
+            greedy
+            if r.temperature <= 0
+            else sample_token(row, r.temperature, r.top_p, seq.generator)
+        )
+        out = StepOutput(sequence=seq)
+        if logprobs is not None and seq.top_logprobs is not None:
+            entry = _logprob(logprobs[i], tok, seq.top_logprobs)
+            seq.logprobs.append(entry)
+            out.logprobs.append(entry)
+        if tok in self.stops:
+            seq.done, seq.finish_reason = True, "stop"
+        else:
+            seq.tokens.append(tok)
+            out.token_ids.append(tok)
+            if len(seq.tokens) >= seq.request.max_new_tokens:
+                seq.done = True
+        out.text = self._text(seq)
+        if seq.done:
+            out.result = self._result(seq)
+        return out
 
     def _adjusted(self, rows: list[EngineSequence], logits: torch.Tensor) -> torch.Tensor:
         """The logits sampling reads: penalties for tokens generated so far, the logit bias."""
@@ -569,15 +603,6 @@ class Engine:
         # a placeholder stays impossible whatever the bias says
         logits[:, self.banned] = float("-inf")
         return logits
-
-    def _pick(self, rows: list[EngineSequence], logits: torch.Tensor) -> list[int]:
-        picks = logits.argmax(-1).tolist()
-        for i, seq in enumerate(rows):
-            r = seq.request
-            if r.temperature <= 0:
-                continue
-            picks[i] = sample_token(logits[i], r.temperature, r.top_p, seq.generator)
-        return picks
 
     def _text(self, seq: EngineSequence) -> str:
         """The new text to emit: held back while it could still be the start of a stop string;
@@ -647,20 +672,22 @@ def _mean(values: list[float]) -> float:
 
 def _check(r: GenerationRequest, top_logprobs, presence, frequency, bias, engine) -> None:
     if not -2.0 <= presence <= 2.0 or not -2.0 <= frequency <= 2.0:
-        raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
+        raise InvalidRequest(
+            "presence_penalty and frequency_penalty must be in [-2, 2]", param="presence_penalty"
+        )
     vocab = engine.model.get_output_embeddings().weight.shape[0]
     for token, value in bias.items():
         if not isinstance(token, int) or not 0 <= token < vocab:
-            raise ValueError(
-                f"logit_bias: {token!r} is not a token id of this model (0-{vocab - 1})"
+            raise InvalidRequest(
+                f"logit_bias: {token!r} is not a token id of this model (0-{vocab - 1})",
+                param="logit_bias",
             )
         if not -100.0 <= value <= 100.0:
-            raise ValueError(f"logit_bias: the bias of token {token} must be in [-100, 100]")
-    if r.max_new_tokens < 1:
-        raise ValueError("max_new_tokens must be >= 1")
-    if r.temperature < 0:
-        raise ValueError("temperature must be >= 0")
-    if not 0 < r.top_p <= 1:
-        raise ValueError("top_p must be in (0, 1]")
+            raise InvalidRequest(
+                f"logit_bias: the bias of token {token} must be in [-100, 100]", param="logit_bias"
+            )
+    check_request(r)
     if top_logprobs is not None and not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
-        raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
+        raise InvalidRequest(
+            f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs"
+        )

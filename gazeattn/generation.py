@@ -30,6 +30,17 @@ class GazeCache(DynamicCache):
             self.gaze_state.select(beam_idx)
 
 
+class InvalidRequest(ValueError):
+    """A request the engine cannot run as asked (a client's error); ``param`` names the setting.
+
+    Every other exception out of the engine is a fault of the server, never of the request.
+    """
+
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass(kw_only=True)
 class GenerationRequest:
     """One chat request. ``messages`` use {"type": "image"} / {"type": "video"} parts, matched in
@@ -125,7 +136,7 @@ class _decode:
             for r in requests
         ]
         for r in requests:
-            _check_request(r)
+            check_request(r)
         self.batch = processor.collate(samples, padding_side="left")
         self.prompt_lens = [len(s["input_ids"]) for s in samples]
         self.grids = [
@@ -270,13 +281,26 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-def _check_request(r: GenerationRequest) -> None:
+def check_temperature(temperature: float) -> None:
+    """0 (greedy) or a positive temperature that stays positive in float32, where sampling
+    divides the logits by it (1e-46 is 0 there, and the division NaN)."""
+    if temperature < 0:
+        raise InvalidRequest("temperature must be >= 0", param="temperature")
+    if temperature > 0 and torch.tensor(temperature, dtype=torch.float32).item() == 0:
+        raise InvalidRequest(
+            f"temperature={temperature!r} is 0 in float32, where sampling divides by it; use 0 "
+            "for greedy decoding or a larger temperature",
+            param="temperature",
+        )
+
+
+def check_request(r: GenerationRequest) -> None:
+    """The request's own settings (``InvalidRequest`` naming the first that is wrong)."""
     if r.max_new_tokens < 1:
-        raise ValueError("max_new_tokens must be >= 1")
-    if r.temperature < 0:
-        raise ValueError("temperature must be >= 0")
+        raise InvalidRequest("max_new_tokens must be >= 1", param="max_tokens")
+    check_temperature(r.temperature)
     if not 0 < r.top_p <= 1:
-        raise ValueError("top_p must be in (0, 1]")
+        raise InvalidRequest("top_p must be in (0, 1]", param="top_p")
 
 
 def sample_token(

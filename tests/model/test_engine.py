@@ -17,7 +17,13 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from gazeattn.cache import BatchCache
 from gazeattn.engine import Engine
-from gazeattn.generation import GazeCache, GenerationRequest, generate_batch, stream_generate
+from gazeattn.generation import (
+    GazeCache,
+    GenerationRequest,
+    InvalidRequest,
+    generate_batch,
+    stream_generate,
+)
 from gazeattn.model import load_model
 from gazeattn.ops import GazeConfig
 from tests.model.conftest import image_chat, random_image, video_chat
@@ -381,3 +387,80 @@ def test_generated_video_prompt_routes_like_generate_batch(loaded):
     assert ours.dense_mean == pytest.approx(theirs.dense_mean) == 3 * (144 + 4)
     assert ours.routing == theirs.routing and ours.grids == theirs.grids == [[3, 12, 12]]
     assert np.isfinite(ours.attended_mean) and ours.attended_mean < ours.dense_mean
+
+
+def _drain(engine: Engine) -> tuple[dict, dict]:
+    """Step until idle: sequence id -> token ids, and sequence id -> error."""
+    results, errors = {}, {}
+    while engine.has_work:
+        for out in engine.step():
+            if out.error is not None:
+                errors[out.sequence.id] = out.error
+            elif out.result is not None:
+                results[out.sequence.id] = out.result.token_ids
+    return results, errors
+
+
+def test_a_row_that_fails_in_sampling_ends_alone(loaded, monkeypatch):
+    """NaN logits in one row (sampled, so the sampler raises) end that request only."""
+    model, processor = loaded["llava"]
+    engine = Engine(model, processor)
+    requests = golden()[:3]
+    requests[1] = GenerationRequest(
+        messages=requests[1].messages, max_new_tokens=5, temperature=0.7, seed=3
+    )
+    seqs = [engine.submit(r) for r in requests]
+    forward = engine._forward
+
+    def poisoned(rows):
+        logits = forward(rows)
+        if seqs[1] in rows:
+            logits[rows.index(seqs[1])] = float("nan")
+        return logits
+
+    monkeypatch.setattr(engine, "_forward", poisoned)
+    results, errors = _drain(engine)
+    assert list(errors) == [seqs[1].id] and "non-finite" in str(errors[seqs[1].id])
+    monkeypatch.undo()
+    for i in (0, 2):
+        assert results[seqs[i].id] == engine.run([requests[i]])[0].token_ids
+
+
+def test_temperatures_that_vanish_in_float32_are_refused(loaded):
+    model, processor = loaded["llava"]
+    engine = Engine(model, processor)
+    ask = golden()[1]
+    with pytest.raises(InvalidRequest, match="float32") as err:
+        engine.submit(GenerationRequest(messages=ask.messages, temperature=1e-46))
+    assert err.value.param == "temperature"
+    # the smallest float32 temperature is greedy in effect
+    tiny = GenerationRequest(messages=ask.messages, max_new_tokens=4, temperature=1e-45, seed=0)
+    greedy = GenerationRequest(messages=ask.messages, max_new_tokens=4)
+    assert engine.run([tiny])[0].token_ids == engine.run([greedy])[0].token_ids
+
+
+def test_a_join_that_fails_at_its_second_layer_leaves_the_batch_whole(loaded, monkeypatch):
+    """An out-of-memory while one layer of the batch cache takes the new row: the newcomer
+    ends with the error, the running rows decode on as if it never came."""
+    model, processor = loaded["llava"]
+    engine = Engine(model, processor)
+    requests = golden()
+    running = [engine.submit(r) for r in requests[:2]]
+    engine.step()
+    layer = engine.cache.layers[1]
+    insert = layer.insert
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("no room for the new row")
+
+    monkeypatch.setattr(layer, "insert", out_of_memory)
+    newcomer = engine.submit(requests[3])
+    failed = [out for out in engine.step() if out.error is not None]
+    assert [out.sequence for out in failed] == [newcomer]
+    assert isinstance(failed[0].error, torch.OutOfMemoryError)
+    monkeypatch.setattr(layer, "insert", insert)
+    late = engine.submit(requests[2])
+    results, errors = _drain(engine)
+    assert not errors
+    for seq, request in [*zip(running, requests[:2], strict=True), (late, requests[2])]:
+        assert results[seq.id] == engine.run([request])[0].token_ids
