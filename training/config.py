@@ -95,6 +95,9 @@ class TrainSettings(Settings):
     heldout_samples: int = Field(64, ge=1)
     seed: int = 0
     deepspeed_config: str = "configs/deepspeed/zero3_cpu.json"
+    # a micro-batch whose loss is not finite (or an update with non-finite gradients) is
+    # skipped and counted (metric nonfinite_skipped); this many in a row stop the run
+    max_nonfinite_in_a_row: int = Field(10, ge=1)
     # stop after this many steps in this attempt (tests use it to simulate a stopped run)
     stop_after: int | None = Field(None, ge=1)
 

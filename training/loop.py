@@ -58,6 +58,68 @@ def deepspeed_config(cfg: FinetuneConfig) -> dict:
     return ds
 
 
+class NonFiniteLoss(RuntimeError):
+    """``train.max_nonfinite_in_a_row`` micro-batches or updates in a row were not finite."""
+
+
+class NonFiniteWeights(RuntimeError):
+    """Weights that are not finite, which are never checkpointed or exported."""
+
+
+@dataclass(kw_only=True)
+class NonFiniteGuard:
+    """Counts the micro-batches whose loss was not finite (skipped before their backward) and
+    the updates DeepSpeed skipped for non-finite gradients; too many in a row stop the run."""
+
+    limit: int
+    skipped: int = 0
+    in_a_row: int = 0
+
+    def skip(self, what: str) -> None:
+        self.skipped += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise NonFiniteLoss(
+                f"{self.in_a_row} micro-batches in a row had a non-finite loss or gradients "
+                f"(the last: {what}; {self.skipped} skipped in all): the model or its data is "
+                "broken (a learning rate too high, bad samples); stopping at "
+                "train.max_nonfinite_in_a_row"
+            )
+
+    def applied(self) -> None:
+        self.in_a_row = 0
+
+
+def _finite_on_every_rank(loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every rank (all ranks then skip or step together)."""
+    finite = torch.isfinite(loss.detach().float()).all()
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return bool(finite)
+    flag = finite.to(torch.int32).reshape(1).to(loss.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def check_weights_finite(model, what: str) -> None:
+    """Raise NonFiniteWeights, before ``what`` is written, when a weight is not finite (each
+    rank checks its ZeRO-3 partition; the ranks agree)."""
+    bad = [
+        name
+        for name, p in model.named_parameters()
+        if not bool(torch.isfinite(getattr(p, "ds_tensor", p).detach()).all())
+    ]
+    count = torch.tensor([len(bad)], dtype=torch.int64)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        if torch.distributed.get_backend() == "nccl":
+            count = count.cuda()
+        torch.distributed.all_reduce(count)
+    if int(count.item()):
+        raise NonFiniteWeights(
+            f"not writing the {what}: {int(count.item())} parameter partitions hold nan or inf "
+            f"(on this rank: {', '.join(bad[:5]) or 'none'})"
+        )
+
+
 @dataclass(kw_only=True)
 class StepResult:
     """One optimizer step: the mean micro-batch loss, the micro-batches, the last gaze report."""
@@ -69,15 +131,28 @@ class StepResult:
     seconds: float
 
 
-def optimizer_step(engine, batches: Iterator[tuple[dict, list[str]]], grad_accum: int):
+def optimizer_step(
+    engine,
+    batches: Iterator[tuple[dict, list[str]]],
+    grad_accum: int,
+    guard: NonFiniteGuard | None = None,
+):
     """``grad_accum`` micro-batches forward and backward; DeepSpeed steps the optimizer (and
-    the LR scheduler) at the last one, the accumulation boundary."""
+    the LR scheduler) at the last one, the accumulation boundary.
+
+    A micro-batch whose loss is not finite on some rank is skipped by every rank before its
+    backward (another takes its place) and counted by ``guard``, as is an update that
+    DeepSpeed skipped for non-finite gradients."""
+    guard = guard or NonFiniteGuard(limit=1_000_000)
     start = time.perf_counter()
     before = engine.global_steps
     losses, used, ids, out = [], [], [], None
-    for _ in range(grad_accum):
+    while len(losses) < grad_accum:
         batch, batch_ids = next(batches)
         out = engine(**batch, gaze_report=True, gaze_selection=True)
+        if not _finite_on_every_rank(out.loss):
+            guard.skip(f"the micro-batch of {', '.join(batch_ids) or 'unnamed samples'}")
+            continue
         engine.backward(out.loss)
         engine.step()
         losses.append(float(out.loss.detach()))
@@ -88,6 +163,10 @@ def optimizer_step(engine, batches: Iterator[tuple[dict, list[str]]], grad_accum
             f"{grad_accum} micro-batches made {engine.global_steps - before} optimizer steps: "
             "the DeepSpeed config's gradient_accumulation_steps must equal train.grad_accum"
         )
+    if engine.was_step_applied():
+        guard.applied()
+    else:
+        guard.skip(f"the update of step {engine.global_steps} (non-finite gradients)")
     return StepResult(
         loss=sum(losses) / len(losses),
         batches=used,
@@ -113,11 +192,12 @@ def run_steps(
     ``world``: the number of ranks, for the throughput metrics; ``clock``: the progressive
     Top-K's, a resumed run's or a new one)."""
     clock = clock or TopKClock.start(cfg.top_k_schedule)
+    guard = NonFiniteGuard(limit=cfg.train.max_nonfinite_in_a_row)
     while step < cfg.train.max_steps:
         budget = apply_top_k(cfg, model, clock.progress(step))
         # the LR this step's update used (the scheduler moves on at the boundary)
         lr = scheduler.get_last_lr()[0]
-        result = optimizer_step(engine, batches, cfg.train.grad_accum)
+        result = optimizer_step(engine, batches, cfg.train.grad_accum, guard)
         step += 1
         if clock.started_at is None:  # the same on every rank: they observe the same mean
             clock.observe(step, _mean_over_ranks(result.loss, world))
@@ -127,6 +207,7 @@ def run_steps(
         )
         if cfg.model.attn == "gaze":
             row["top_k_progress"] = clock.progress(step)
+        row["nonfinite_skipped"] = guard.skipped
         yield step, row, result
 
 
@@ -348,6 +429,8 @@ def _checkpoint(
     """A checkpoint (every rank's shards, the data position); with ``export`` also the HF
     export under ``hf/`` (``adapter_base``: see ``_export``)."""
     rank = ray.train.get_context().get_world_rank()
+    # a model that went non-finite must not rotate the last good checkpoint out
+    check_weights_finite(model, "export" if export else "checkpoint")
     with tempfile.TemporaryDirectory() as tmp:
         state = {"step": step, "top_k_started_at": top_k_started_at}
         engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state=state)

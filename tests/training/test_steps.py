@@ -9,31 +9,16 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
 
-from tests.servers import free_port
 from training.config import load_config
 from training.loop import _build_model, deepspeed_config, run_steps
 from training.schedules import lr_lambda
 
 MAX_STEPS = 5
-
-
-@pytest.fixture(scope="module")
-def distributed():
-    import deepspeed
-
-    if not torch.distributed.is_initialized():
-        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
-               "WORLD_SIZE": "1", "LOCAL_RANK": "0"}  # fmt: skip
-        os.environ.update(env)
-        deepspeed.init_distributed("gloo")
-    yield
-    torch.distributed.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
