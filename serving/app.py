@@ -18,10 +18,12 @@
 """
 
 import asyncio
+import concurrent.futures
 import hmac
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -36,17 +38,17 @@ from starlette.exceptions import HTTPException
 
 from gazeattn import load_model
 from gazeattn.engine import Engine, StepOutput, TokenLogprob
-from gazeattn.generation import GenerationResult
+from gazeattn.generation import GenerationResult, InvalidRequest
 from gazeattn.ops import GazeConfig
 from gazeattn.processing import ProcessorInputError
 from serving.errors import (
     BadRequest,
+    InvalidBody,
     RequestError,
     ServerError,
     TooLarge,
     TooManyRequests,
     Unauthorized,
-    Unprocessable,
     error_response,
 )
 from serving.metrics import ServeMetrics
@@ -115,6 +117,21 @@ async def _server_error(request: Request, err: Exception) -> JSONResponse:
     )
 
 
+def client_error(err: BaseException) -> RequestError | None:
+    """The 4xx an exception is, or None for a fault of the server (a 5xx with the request id).
+
+    Only errors that name what is wrong with the request are the client's: an internal
+    ``ValueError`` (an inconsistent batch, a library's check) is the server's.
+    """
+    if isinstance(err, RequestError):
+        return None if isinstance(err, ServerError) else err
+    if isinstance(err, InvalidRequest):
+        return BadRequest(str(err), param=err.param)
+    if isinstance(err, ProcessorInputError):
+        return BadRequest(str(err), param="messages")
+    return None
+
+
 def _echo(request: Request) -> bool:
     """Whether the response must carry the request id itself (Serve adds it when it set it)."""
     return request.headers.get("x-request-id") is None
@@ -169,7 +186,7 @@ def parse_body(raw: bytes) -> ChatCompletionRequest:
                 param=where,
                 code="unknown_parameter",
             ) from None
-        raise Unprocessable.from_validation(err) from None
+        raise InvalidBody.from_validation(err) from None
 
 
 def _data_path(data, loc: tuple) -> list:
@@ -197,10 +214,14 @@ def gaze_config(path: Path, override: GazeOverride | None) -> GazeConfig | None:
 
 
 def _error_event(err: Exception, rid: str) -> str:
-    if isinstance(err, RequestError):
-        body = {"message": err.message, "type": err.type, "param": err.param, "code": err.code}
-    elif isinstance(err, ProcessorInputError | ValueError):
-        body = {"message": str(err), "type": "invalid_request_error", "param": None, "code": None}
+    client = client_error(err)
+    if client is not None:
+        body = {
+            "message": client.message,
+            "type": client.type,
+            "param": client.param,
+            "code": client.code,
+        }
     else:
         logger.error("request %s failed in decoding", rid, exc_info=err)
         body = {
@@ -246,25 +267,49 @@ class GazeChat:
         self.scheduler = Scheduler(
             self.engine, on_step=lambda e: self.metrics.engine(e.num_waiting, e.num_running)
         )
-        # requests being validated (images decoded, prompt encoded) before they reach the engine
+        # requests are validated (images decoded, prompt encoded) in a bounded pool, so that
+        # however many arrive, preparation never takes more than its threads from decoding
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            self.settings.prepare_workers, thread_name_prefix="gazeattn-prepare"
+        )
+        # preparations queued or running (counted until they end, even if their client left)
         self.preparing = 0
+        self._preparing_lock = threading.Lock()
+        if self.api_key is None:
+            logger.warning(
+                "no API key: $%s is unset or empty, so every route of this replica is open to "
+                "anyone who can reach it; set the variable (a Kubernetes secret) to require "
+                "Authorization: Bearer <key>",
+                self.settings.api_key_env,
+            )
 
     def __del__(self):
         scheduler = getattr(self, "scheduler", None)
         if scheduler is not None:
             scheduler.close()
+        pool = getattr(self, "pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose scheduler loop died is unhealthy (Serve then
+        replaces it) instead of taking requests that would hang."""
+        if not self.scheduler.alive:
+            raise RuntimeError(f"the scheduler loop is dead: {self.scheduler.failure!r}")
 
     # ---- routes
 
     @api.get("/healthz")
-    async def healthz(self) -> dict:
-        return {
-            "status": "ok",
+    async def healthz(self) -> JSONResponse:
+        alive = self.scheduler.alive
+        body = {
+            "status": "ok" if alive else "scheduler loop dead",
             "model": self.model_name,
             "running": self.engine.num_running,
             "waiting": self.engine.num_waiting,
             "pending": self.pending,
         }
+        return JSONResponse(body, status_code=200 if alive else 503)
 
     @property
     def pending(self) -> int:
@@ -292,17 +337,11 @@ class GazeChat:
         except RequestError as err:
             self.metrics.outcome("rejected" if isinstance(err, TooManyRequests) else "client_error")
             raise
-        self.preparing += 1
-        prepared_done = False
         try:
-            prepared = await asyncio.to_thread(
-                prepare, body, self.settings, self.processor, self.model_name, self.num_layers
-            )
+            prepared = await self.prepare(body)
             if prepared.user:
                 logger.info("request %s from user %r", rid, prepared.user[:64])
             stream = self.scheduler.submit(prepared)
-            self.preparing -= 1
-            prepared_done = True
             if body.stream:
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 events = self.events(stream, prepared, rid, include_usage, body.logprobs, arrived)
@@ -312,21 +351,33 @@ class GazeChat:
             response = await self.complete(stream, prepared, body.logprobs, arrived)
             response.headers.update(self.id_header(request))
             return response
-        except (RequestError, ProcessorInputError, ValueError) as err:
-            self.metrics.outcome("client_error")
-            if isinstance(err, RequestError | ProcessorInputError):
-                raise
-            raise BadRequest(str(err)) from None
         except asyncio.CancelledError:
             self.metrics.outcome("cancelled")
             raise
         except Exception as err:
+            client = client_error(err)
+            if client is not None:
+                self.metrics.outcome("client_error")
+                raise client from None
             self.metrics.outcome("server_error")
             logger.error("request %s failed", rid, exc_info=err)
             raise ServerError(f"internal server error (request id {rid})") from None
-        finally:
-            if not prepared_done:
-                self.preparing -= 1
+
+    async def prepare(self, body: ChatCompletionRequest) -> Prepared:
+        """``serving.requests.prepare`` in the replica's pool. The request counts as pending
+        from now until its preparation ends: a client that leaves meanwhile cancels only its
+        wait (a preparation that has not started is dropped at once)."""
+        with self._preparing_lock:
+            self.preparing += 1
+        future = self.pool.submit(
+            prepare, body, self.settings, self.processor, self.model_name, self.num_layers
+        )
+        future.add_done_callback(self._prepared)
+        return await asyncio.wrap_future(future)
+
+    def _prepared(self, _future) -> None:
+        with self._preparing_lock:
+            self.preparing -= 1
 
     # ---- decoding
 
@@ -413,7 +464,7 @@ class GazeChat:
             async for out in self.outputs(stream, arrived):
                 if out.error is not None:
                     # the headers are sent: report the error as an event, as OpenAI does
-                    client = isinstance(out.error, RequestError | ProcessorInputError | ValueError)
+                    client = client_error(out.error) is not None
                     self.metrics.outcome("client_error" if client else "server_error")
                     yield _error_event(out.error, rid)
                     return

@@ -62,11 +62,12 @@ class ServerError(RequestError):
     type = "server_error"
 
 
-class Unprocessable(RequestError):
-    status = 422
+class InvalidBody(BadRequest):
+    """A body that does not fit the schema: a 400 naming the first field, as OpenAI and vLLM
+    answer (FastAPI's default would be a 422)."""
 
     @classmethod
-    def from_validation(cls, error: ValidationError) -> Unprocessable:
+    def from_validation(cls, error: ValidationError) -> InvalidBody:
         details = []
         for item in error.errors()[:5]:
             where = ".".join(str(p) for p in item["loc"]) or "body"

@@ -1,17 +1,25 @@
 """Image URLs -> RGB PIL images, within limits.
 
 ``data:image/...;base64,...`` URLs are decoded here. Remote ``http(s)`` URLs are
-refused unless they start with a prefix of the operator's allow-list (no
-server-side fetching by default); every other scheme is refused. An allow-listed
-URL is fetched safely (``fetch``):
+refused unless an entry of the operator's allow-list admits them (no server-side
+fetching by default): the same scheme, host and port, and a path under the entry's
+(``allowed``: parsed, never a string prefix, so ``https://img.example.com`` does not
+admit ``https://img.example.com@evil.test/`` or ``https://img.example.com.evil.test/``);
+every other scheme is refused. An allow-listed URL is fetched safely (``fetch``):
 
 - the host is resolved once, and private, loopback, link-local, multicast and reserved
-  addresses are refused (unless ``allow_private``); the connection goes to the address
+  addresses are refused (unless ``allow_private``), and so are the IPv6 forms that carry an
+  IPv4 address to wherever it points (NAT64 ``64:ff9b::/96`` and ``64:ff9b:1::/48``, 6to4
+  ``2002::/16``, Teredo, IPv4-compatible ``::a.b.c.d``); the connection goes to the address
   that was checked, so a second DNS answer cannot point it elsewhere;
 - a redirect is followed only to a URL that is itself allow-listed (and passes the same
   address check), at most ``MAX_REDIRECTS`` times;
 - the size limit is enforced on ``Content-Length`` and while the body streams, and the
-  timeout is one deadline for the whole fetch, redirects included.
+  timeout is one deadline for the whole fetch, redirects included: a watchdog closes the
+  connection at the deadline, however slowly the server sends its headers or chunk sizes.
+
+``PixelBudget`` bounds the pixels of all the images of one request together (each image's
+size is read from its header, before its pixels are decoded).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import ipaddress
 import re
 import socket
 import ssl
+import threading
 import time
 import urllib.parse
 import warnings
@@ -33,6 +42,12 @@ from PIL import Image, UnidentifiedImageError
 from serving.errors import BadRequest, TooLarge
 
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+# IPv6 ranges whose addresses reach an IPv4 host (or a translator) that ``is_global`` does
+# not judge by the embedded address
+TUNNELS = tuple(
+    ipaddress.ip_network(n)
+    for n in ("64:ff9b::/96", "64:ff9b:1::/48", "2002::/16", "2001::/32", "::/96")
+)
 MAX_REDIRECTS = 3
 CHUNK = 64 * 1024
 _DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,", re.I)
@@ -41,6 +56,23 @@ _DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?
 def data_url(data: bytes, mime: str = "image/png") -> str:
     """The ``data:`` URL of an image file's bytes (what a client sends inline)."""
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+class PixelBudget:
+    """The pixels the images of one request may still take (``max_request_pixels``)."""
+
+    def __init__(self, total: int):
+        self.total = self.left = total
+
+    def take(self, width: int, height: int, param: str) -> None:
+        if width * height > self.left:
+            raise TooLarge(
+                f"the images and frames of this request total more than {self.total} pixels "
+                f"(this one is {width}x{height})",
+                param=param,
+                code="too_many_pixels",
+            )
+        self.left -= width * height
 
 
 def load_image(
@@ -52,8 +84,10 @@ def load_image(
     timeout_s: float = 10.0,
     allow_private: bool = False,
     param: str = "image_url",
+    budget: PixelBudget | None = None,
 ) -> Image.Image:
-    """Decode a data URL (or fetch an allow-listed remote URL) into an RGB image."""
+    """Decode a data URL (or fetch an allow-listed remote URL) into an RGB image; its pixels
+    are taken from ``budget`` (the request's) before they are decoded."""
     if url[:5].lower() == "data:":
         data = decode_data_url(url, max_bytes=max_bytes, param=param)
     elif url.split(":", 1)[0].lower() in ("http", "https"):
@@ -77,11 +111,45 @@ def load_image(
             f"unsupported image URL scheme {url.split(':', 1)[0][:16]!r}; use a data: URL",
             param=param,
         )
-    return open_image(data, max_pixels=max_pixels, param=param)
+    return open_image(data, max_pixels=max_pixels, param=param, budget=budget)
+
+
+def url_parts(url: str) -> tuple[str, str, int, str] | None:
+    """(scheme, host, port, path) of an http(s) URL, None if it is not one (or malformed)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        scheme, host = parts.scheme.lower(), (parts.hostname or "").lower().rstrip(".")
+        port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    except ValueError:
+        return None
+    if scheme not in ("http", "https") or not host or port is None:
+        return None
+    return scheme, host, port, parts.path or "/"
 
 
 def allowed(url: str, prefixes) -> bool:
-    return any(url.startswith(prefix) for prefix in prefixes)
+    """Whether an allow-list entry admits ``url``: the same scheme, host and port, and a path
+    equal to the entry's or under it (a path ending without "/" is a directory too)."""
+    target = url_parts(url)
+    if target is None or parsed_url_has_credentials(url):
+        return False
+    # a dot segment (plain or percent-encoded) could climb out of the entry's path
+    segments = urllib.parse.unquote(target[3]).split("/")
+    if "." in segments or ".." in segments:
+        return False
+    for prefix in prefixes:
+        entry = url_parts(prefix)
+        if entry is None or entry[:3] != target[:3]:
+            continue
+        base, path = entry[3], target[3]
+        if path == base or path.startswith(base if base.endswith("/") else base + "/"):
+            return True
+    return False
+
+
+def parsed_url_has_credentials(url: str) -> bool:
+    parts = urllib.parse.urlsplit(url)
+    return parts.username is not None or parts.password is not None
 
 
 def decode_data_url(url: str, *, max_bytes: int, param: str) -> bytes:
@@ -150,10 +218,24 @@ def _get(url: str, max_bytes: int, deadline: float, allow_private: bool, param: 
     conn_cls = _PinnedHTTPS if scheme == "https" else _PinnedHTTP
     conn = conn_cls(host, port, address, timeout=_left(deadline, param))
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    # socket timeouts bound each read, not their sum: at the deadline the watchdog shuts
+    # the connection, which ends any read in progress (headers, chunk sizes, body)
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        sock = conn.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    watchdog = threading.Timer(_left(deadline, param), expire)
+    watchdog.daemon = True
+    watchdog.start()
     try:
         conn.request("GET", path, headers={"Accept": "image/*", "User-Agent": "gazeattn"})
-        # the connection lets go of its socket once the response is read to the end
-        sock = conn.sock
         resp = conn.getresponse()
         if resp.status != 200:
             return resp.status, resp.headers, b""
@@ -164,8 +246,7 @@ def _get(url: str, max_bytes: int, deadline: float, allow_private: bool, param: 
             )
         chunks, size = [], 0
         while not resp.isclosed():
-            # the deadline bounds every read, so a server that trickles bytes still times out
-            sock.settimeout(_left(deadline, param))
+            _left(deadline, param)
             chunk = resp.read1(CHUNK)
             if not chunk:
                 break
@@ -173,12 +254,15 @@ def _get(url: str, max_bytes: int, deadline: float, allow_private: bool, param: 
             if size > max_bytes:
                 raise TooLarge(f"image larger than the limit of {max_bytes} bytes", param=param)
             chunks.append(chunk)
+        if expired.is_set():
+            raise TimeoutError
         return 200, resp.headers, b"".join(chunks)
-    except (OSError, http.client.HTTPException) as err:
-        if isinstance(err, TimeoutError | socket.timeout):
+    except (OSError, http.client.HTTPException, ValueError) as err:
+        if expired.is_set() or isinstance(err, TimeoutError | socket.timeout):
             raise BadRequest("fetching the image URL timed out", param=param) from None
         raise BadRequest(f"could not fetch the image URL: {err}", param=param) from None
     finally:
+        watchdog.cancel()
         conn.close()
 
 
@@ -201,7 +285,8 @@ def _resolve(host: str, port: int, allow_private: bool, param: str) -> str:
             ip = ipaddress.ip_address(address.split("%", 1)[0])
             if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
                 ip = ip.ipv4_mapped
-            if not ip.is_global or ip.is_multicast:
+            tunnel = isinstance(ip, ipaddress.IPv6Address) and any(ip in n for n in TUNNELS)
+            if tunnel or not ip.is_global or ip.is_multicast:
                 raise BadRequest(
                     f"the image URL's host resolves to a non-public address ({ip}); refused",
                     param=param,
@@ -233,7 +318,9 @@ class _PinnedHTTPS(http.client.HTTPSConnection):
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
-def open_image(data: bytes, *, max_pixels: int, param: str) -> Image.Image:
+def open_image(
+    data: bytes, *, max_pixels: int, param: str, budget: PixelBudget | None = None
+) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -245,6 +332,8 @@ def open_image(data: bytes, *, max_pixels: int, param: str) -> Image.Image:
                     f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels",
                     param=param,
                 )
+            if budget is not None:
+                budget.take(width, height, param)
             image.load()
             return image.convert("RGB")
     except TooLarge:

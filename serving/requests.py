@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from gazeattn.generation import GenerationRequest
 from gazeattn.processing import GazeProcessor, ProcessorInputError, SequenceTooLong
 from serving.errors import BadRequest, NotFound
-from serving.images import load_image
+from serving.images import PixelBudget, load_image
 from serving.schemas import (
     NEUTRAL,
     ChatCompletionRequest,
@@ -166,12 +166,13 @@ def prepare(
             param="gaze_layer",
         )
     messages, images, videos = [], [], []
+    budget = PixelBudget(settings.max_request_pixels)
     for i, message in enumerate(body.messages):
         role = "system" if message.role == "developer" else message.role
         content = message.content
         if isinstance(content, list):
             content = [
-                _part(part, images, videos, settings, f"messages.{i}.content.{j}")
+                _part(part, images, videos, settings, budget, f"messages.{i}.content.{j}")
                 for j, part in enumerate(content)
             ]
         messages.append({"role": role, "content": content or ""})
@@ -194,6 +195,9 @@ def prepare(
         raise BadRequest(str(err), param="messages", code="context_length_exceeded") from None
     except ProcessorInputError as err:
         raise BadRequest(str(err), param="messages") from None
+    # the engine decodes the encoded sample: the full-resolution images go now, not when the
+    # request ends
+    generation.images, generation.videos = [], []
     prompt_tokens = len(sample["input_ids"])
     if prompt_tokens > limit:
         raise BadRequest(
@@ -223,7 +227,9 @@ def prepare(
     )
 
 
-def _part(part, images: list, videos: list, settings: ServeSettings, where: str) -> dict:
+def _part(
+    part, images: list, videos: list, settings: ServeSettings, budget: PixelBudget, where: str
+) -> dict:
     if isinstance(part, TextPart):
         return {"type": "text", "text": part.text}
     options = dict(
@@ -232,6 +238,7 @@ def _part(part, images: list, videos: list, settings: ServeSettings, where: str)
         allowed_prefixes=settings.allowed_image_url_prefixes,
         timeout_s=settings.image_fetch_timeout_s,
         allow_private=settings.allow_private_image_hosts,
+        budget=budget,
     )
     if isinstance(part, ImagePart):
         images.append(load_image(part.image_url.url, param=f"{where}.image_url", **options))

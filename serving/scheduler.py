@@ -42,24 +42,48 @@ class RequestStream:
 
 class Scheduler:
     """Steps ``engine`` in a daemon thread while there is work; ``on_step`` sees the engine
-    after every step (metrics)."""
+    after every step (metrics).
+
+    A step that fails ends the requests in its batch (``Engine.abort``) and the loop goes on.
+    If the loop itself dies (``abort`` failing too, e.g. after a sticky CUDA error), every
+    request still open ends with the error, new ones are refused, and ``alive`` turns False
+    (the deployment's health check, so that Serve replaces the replica).
+    """
 
     def __init__(self, engine: Engine, on_step: Callable[[Engine], None] | None = None):
         self.engine = engine
         self.on_step = on_step
+        self.failure: BaseException | None = None
+        self._open: set[RequestStream] = set()  # submitted, not yet finished
+        self._open_lock = threading.Lock()
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gazeattn-scheduler", daemon=True)
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        return self.failure is None and self._thread.is_alive()
+
     def submit(self, prepared: Prepared) -> RequestStream:
         """Queue a validated request (call on the event loop)."""
+        if not self.alive:
+            raise RuntimeError(f"the scheduler loop is dead: {self.failure!r}")
         stream = RequestStream(asyncio.get_running_loop())
-        stream.sequence = self.engine.submit(
-            prepared.generation, tag=stream, **prepared.engine_options()
-        )
+        with self._open_lock:
+            self._open.add(stream)
+        try:
+            stream.sequence = self.engine.submit(
+                prepared.generation, tag=stream, **prepared.engine_options()
+            )
+        except BaseException:
+            with self._open_lock:
+                self._open.discard(stream)
+            raise
         return stream
 
     def cancel(self, stream: RequestStream) -> None:
+        with self._open_lock:
+            self._open.discard(stream)
         if stream.sequence is not None and not stream.finished:
             self.engine.cancel(stream.sequence)
 
@@ -69,6 +93,17 @@ class Scheduler:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as err:  # noqa: BLE001 - recorded, and every open request told
+            self.failure = err
+            logger.critical("the scheduler loop died; the replica is unhealthy", exc_info=err)
+            with self._open_lock:
+                streams, self._open = list(self._open), set()
+            for stream in streams:
+                self._put(stream, StepOutput(sequence=stream.sequence, error=err))
+
+    def _loop(self) -> None:
         while not self._closed.is_set():
             if not self.engine.wait_for_work(timeout=0.5):
                 continue
@@ -83,12 +118,19 @@ class Scheduler:
                 except Exception:  # noqa: BLE001 - metrics never stop decoding
                     logger.exception("recording engine metrics failed")
 
-    @staticmethod
-    def _dispatch(outputs: list[StepOutput]) -> None:
+    def _dispatch(self, outputs: list[StepOutput]) -> None:
         for out in outputs:
             stream: RequestStream = out.sequence.tag
-            try:
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
-            except RuntimeError:
-                # the request's event loop is closed (the replica is shutting down)
+            if out.finished:
+                with self._open_lock:
+                    self._open.discard(stream)
+            self._put(stream, out)
+
+    @staticmethod
+    def _put(stream: RequestStream, out: StepOutput) -> None:
+        try:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+        except RuntimeError:
+            # the request's event loop is closed (the replica is shutting down)
+            if out.sequence is not None:
                 out.sequence.cancelled = True

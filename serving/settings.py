@@ -60,13 +60,17 @@ class ServeSettings(BaseModel):
     max_image_bytes: int = Field(8 * 1024 * 1024, ge=64)
     max_image_pixels: int = Field(4096 * 4096, ge=1)
     max_images: int = Field(16, ge=0)  # images + video frames per request
+    # pixels of all images + frames of one request together (each also max_image_pixels)
+    max_request_pixels: int = Field(2 * 4096 * 4096, ge=1)
     max_prompt_tokens: int | None = Field(None, ge=1)  # None: the processor's max_length
     max_tokens_limit: int = Field(1024, ge=1)
     default_max_tokens: int = Field(64, ge=1)
 
     # security
     api_key_env: str = "GAZEATTN_API_KEY"  # unset or empty variable: no authentication
-    allowed_image_url_prefixes: list[str] = Field(default_factory=list)  # remote URLs: opt-in
+    # remote URLs: opt-in; each entry a scheme, host, optional port and path prefix (matched
+    # parsed, see serving.images.allowed)
+    allowed_image_url_prefixes: list[str] = Field(default_factory=list)
     image_fetch_timeout_s: float = Field(10.0, gt=0)
     # allow-listed hosts on private, loopback or link-local addresses (an internal image store)
     allow_private_image_hosts: bool = False
@@ -75,4 +79,18 @@ class ServeSettings(BaseModel):
     max_batch_size: int = Field(16, ge=1)  # sequences decoding together in a replica
     max_prefill_tokens: int = Field(8192, ge=1)  # prompt tokens prefilled between decode steps
     max_pending: int = Field(64, ge=1)  # running + waiting requests; beyond: 429
+    # threads that validate requests (decode images, encode prompts) beside the decode loop
+    prepare_workers: int = Field(2, ge=1)
     routing_layer: int = -1
+
+    @model_validator(mode="after")
+    def _allow_list_parses(self) -> ServeSettings:
+        from serving.images import parsed_url_has_credentials, url_parts
+
+        for entry in self.allowed_image_url_prefixes:
+            if url_parts(entry) is None or parsed_url_has_credentials(entry):
+                raise ValueError(
+                    f"allowed_image_url_prefixes: {entry!r} is not an http(s) URL with a host "
+                    "(and no user or password)"
+                )
+        return self

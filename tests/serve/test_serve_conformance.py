@@ -214,3 +214,46 @@ def test_the_scheduler_streams_cancels_and_survives_a_broken_step(tiny, monkeypa
         assert fine[-1].result.token_ids == alone
     finally:
         scheduler.close()
+
+
+def test_a_dead_scheduler_loop_fails_its_requests_and_the_health_check(tiny, monkeypatch):
+    """``abort`` failing after a failed step (a sticky CUDA error) ends the loop: the open
+    requests end with the error instead of hanging, new ones are refused, and the replica's
+    health check and /healthz fail so that Serve replaces it."""
+    from types import SimpleNamespace
+
+    from serving.app import GazeChat
+
+    _, model, processor = tiny
+    engine = Engine(model, processor, max_batch_size=4)
+    scheduler = Scheduler(engine)
+    replica = SimpleNamespace(
+        scheduler=scheduler, engine=engine, model_name="m", pending=0, preparing=0
+    )
+    chat = GazeChat.func_or_class
+    chat.check_health(replica)
+
+    def sticky(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    async def main():
+        monkeypatch.setattr(engine, "_decode", sticky)
+        monkeypatch.setattr(engine, "abort", sticky)
+        outs = await asyncio.wait_for(collect(scheduler.submit(_item(6))), timeout=30)
+        with pytest.raises(RuntimeError, match="scheduler loop is dead"):
+            scheduler.submit(_item(6))
+        return outs
+
+    async def collect(stream):
+        return [out async for out in stream]
+
+    try:
+        outs = asyncio.run(main())
+        assert "illegal memory access" in str(outs[-1].error)
+        assert not scheduler.alive
+        with pytest.raises(RuntimeError, match="scheduler loop is dead"):
+            chat.check_health(replica)
+        health = asyncio.run(chat.healthz(replica))
+        assert health.status_code == 503
+    finally:
+        scheduler.close()

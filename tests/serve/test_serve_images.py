@@ -59,6 +59,26 @@ class _Handler(BaseHTTPRequestHandler):
                 piece = b"z" * 4096
                 self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
             self.wfile.write(b"0\r\n\r\n")
+        elif self.path == "/allowed/trickled-headers":
+            # a status line and headers that never end, one byte at a time
+            try:
+                for byte in b"HTTP/1.1 200 OK\r\n" + b"X-Slow: " + b"z" * 400:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.02)
+            except OSError:
+                pass
+        elif self.path == "/allowed/trickled-chunk-size":
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            try:
+                for _ in range(400):  # a chunk-size line of leading zeros, never ending
+                    self.wfile.write(b"0")
+                    self.wfile.flush()
+                    time.sleep(0.02)
+            except OSError:
+                pass
         elif self.path == "/allowed/trickle":
             self.send_response(200)
             self.send_header("Content-Length", "100000")
@@ -131,6 +151,14 @@ def test_the_timeout_is_one_deadline_for_a_trickling_server(origin):
     assert time.monotonic() - start < 2.5
 
 
+@pytest.mark.parametrize("path", ["/allowed/trickled-headers", "/allowed/trickled-chunk-size"])
+def test_the_deadline_holds_while_headers_or_chunk_sizes_trickle(origin, path):
+    start = time.monotonic()
+    with pytest.raises(BadRequest, match="timed out"):
+        _fetch(origin, path, timeout_s=0.6, max_bytes=10**6)
+    assert time.monotonic() - start < 2.5
+
+
 def test_http_errors_are_client_errors(origin):
     with pytest.raises(BadRequest, match="HTTP 404"):
         _fetch(origin, "/allowed/missing")
@@ -170,6 +198,12 @@ def test_loopback_is_refused_after_resolution_unless_allowed(origin):
         "fe80::1",
         "100.64.0.1",
         "224.0.0.1",
+        "64:ff9b::a00:1",  # NAT64 of 10.0.0.1
+        "64:ff9b::808:808",  # NAT64 of a public address: still a translator's
+        "64:ff9b:1::a00:1",
+        "2002:a00:1::1",  # 6to4
+        "2001:0:4136:e378:8000:63bf:3fff:fdd2",  # Teredo
+        "::a00:1",  # IPv4-compatible
     ],
 )
 def test_private_loopback_link_local_and_reserved_addresses_are_refused(host):

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -32,8 +34,38 @@ FORCED: dict[str, float] = {}  # logit_bias: one word made certain (set by the f
 ENDLESS = 4000
 
 
+SLOW_FETCH_S = 4.0
+
+
+class _SlowImage(BaseHTTPRequestHandler):
+    """An image host that answers after ``SLOW_FETCH_S``: a preparation that takes time."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        time.sleep(SLOW_FETCH_S)
+        body = image_bytes(0)
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def slow_host():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowImage)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, slow_host):
     from ray import serve
 
     from serving.app import app
@@ -62,6 +94,16 @@ def served(tmp_path_factory):
         serve.run(app(settings, **options), name="load", route_prefix="/")
         broken = settings.model_copy(update={"model": str(broken_dir)})
         serve.run(app(broken, **options), name="broken", route_prefix="/broken")
+        # one request at a time, prepared in one thread, its images on a slow host
+        slow = settings.model_copy(
+            update=dict(
+                max_pending=1,
+                prepare_workers=1,
+                allowed_image_url_prefixes=[slow_host],
+                allow_private_image_hosts=True,
+            )
+        )
+        serve.run(app(slow, **options), name="slow", route_prefix="/slow")
         yield url, f"http://127.0.0.1:{metrics_port}/metrics"
 
 
@@ -145,6 +187,21 @@ def test_a_disconnect_mid_stream_frees_the_slot_and_spares_the_others(served):
     assert after.json()["choices"][0]["message"]["content"] == alone
 
 
+def test_a_client_that_leaves_during_preparation_still_holds_its_place(served, slow_host):
+    """Its preparation runs on after it left: it counts against max_pending until it ends,
+    so leaving clients cannot start more preparations than the limit."""
+    url, _ = served
+    slow = f"{url}/slow"
+    fetching = body(2, messages=user(image_part(f"{slow_host}/image.png")))
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{slow}/v1/chat/completions", json=fetching, timeout=1.0)
+    assert health(slow)["pending"] == 1
+    refused = httpx.post(f"{slow}/v1/chat/completions", json=body(2), timeout=30)
+    assert refused.status_code == 429, refused.text
+    assert wait_for(lambda: health(slow)["pending"] == 0, timeout=30, interval=0.2)
+    assert httpx.post(f"{slow}/v1/chat/completions", json=body(2), timeout=30).status_code == 200
+
+
 def test_server_faults_are_500s_in_openai_format_with_a_request_id(served):
     url, _ = served
     sampled = body(4, temperature=1.0, seed=1) | {"logit_bias": None}
@@ -163,7 +220,7 @@ def test_server_faults_are_500s_in_openai_format_with_a_request_id(served):
     assert events[-1]["error"]["type"] == "server_error"
     # a client error on the same replica stays a 4xx
     bad = httpx.post(f"{url}/broken/v1/chat/completions", json=body(0), timeout=60)
-    assert bad.status_code == 422 and bad.headers["x-request-id"]
+    assert bad.status_code == 400 and bad.headers["x-request-id"]
     # unknown routes and methods answer in the same format
     missing = httpx.get(f"{url}/v1/nothing-here", timeout=30)
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"

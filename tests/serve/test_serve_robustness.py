@@ -10,7 +10,7 @@ from gazeattn.generation import GenerationRequest, generate_batch
 from gazeattn.model import load_model
 from gazeattn.tiny import build_tiny
 from serving.app import parse_body
-from serving.errors import BadRequest, Unprocessable
+from serving.errors import BadRequest, InvalidBody
 
 
 def body(**kw) -> bytes:
@@ -19,8 +19,8 @@ def body(**kw) -> bytes:
 
 
 @pytest.mark.parametrize("seed", [2**64, -(2**63) - 1], ids=["2^64", "-2^63-1"])
-def test_seed_outside_the_generator_range_is_422(seed):
-    with pytest.raises(Unprocessable, match="seed"):
+def test_seed_outside_the_generator_range_is_400(seed):
+    with pytest.raises(InvalidBody, match="seed"):
         parse_body(body(seed=seed))
 
 

@@ -14,8 +14,8 @@ from gazeattn.model import load_model
 from gazeattn.ops import GazeConfig
 from gazeattn.ops.config import dense_twin
 from gazeattn.tiny import build_tiny
-from serving.errors import BadRequest, NotFound, TooLarge, Unprocessable
-from serving.images import load_image
+from serving.errors import BadRequest, InvalidBody, NotFound, TooLarge
+from serving.images import allowed, load_image
 from serving.schemas import ChatCompletionRequest
 from serving.settings import GazeOverride, ServeSettings
 from tests.serve.harness import data_url, image_bytes, image_part, user
@@ -100,12 +100,62 @@ def test_bad_images_are_client_errors(url, error, message):
         load_image(url, **LIMITS)
 
 
-def test_allow_list_is_a_prefix_match():
-    # not fetched: the prefix differs only after the host, and refusal comes first
+ALLOWED = ["https://img.example.com", "http://store.internal:8080/images/"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://img.example.com@evil.test/x.png",  # the host is evil.test
+        "https://img.example.com.evil.test/x.png",
+        "https://img.example.com:8443/x.png",  # another port
+        "http://img.example.com/x.png",  # another scheme
+        "https://user:pw@img.example.com/x.png",  # credentials
+        "http://store.internal:8080/images-private/x.png",  # beside the path, not under it
+        "http://store.internal:8080/images/../secret.png",  # climbs out of the path
+        "http://store.internal:8080/images/%2e%2e/secret.png",
+        "http://store.internal/images/x.png",  # port 80, not 8080
+    ],
+)
+def test_the_allow_list_matches_parsed_urls(url):
+    assert not allowed(url, ALLOWED)
     with pytest.raises(BadRequest, match="remote image URLs"):
-        load_image(
-            "http://good.example.evil/x.png", allowed_prefixes=["http://good.example/"], **LIMITS
-        )
+        load_image(url, allowed_prefixes=ALLOWED, **LIMITS)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://img.example.com/x.png",
+        "https://IMG.example.com:443/a/b.png?size=2",
+        "http://store.internal:8080/images/x.png",
+        "http://store.internal:8080/images/",
+    ],
+)
+def test_the_allow_list_admits_what_it_names(url):
+    assert allowed(url, ALLOWED)
+
+
+def test_allow_list_entries_must_parse():
+    with pytest.raises(ValueError, match="allowed_image_url_prefixes"):
+        ServeSettings(model="m", allowed_image_url_prefixes=["img.example.com/"])
+
+
+def test_the_pixels_of_a_request_are_bounded_together(model_dir):
+    from serving.requests import prepare
+
+    _, processor = load_model(model_dir)
+    settings = ServeSettings(model=str(model_dir), max_request_pixels=2 * 40 * 56)
+    image = image_part(data_url(image_bytes(0)))  # 40 x 56
+
+    def run(n: int):
+        data = {"model": "m", "messages": user(*[image] * n), "max_tokens": 2}
+        return prepare(ChatCompletionRequest.model_validate(data), settings, processor, "m", 2)
+
+    assert run(2).generation.images == []
+    with pytest.raises(TooLarge, match="total more than 4480 pixels") as err:
+        run(3)
+    assert err.value.param == "messages.0.content.2.image_url"
 
 
 def test_prepare_checks_and_converts(model_dir):
@@ -128,7 +178,9 @@ def test_prepare_checks_and_converts(model_dir):
     generation = prepared.generation
     assert generation.messages[0] == {"role": "system", "content": "be brief"}
     assert generation.messages[1]["content"][0] == {"type": "video"}
-    assert len(generation.videos) == 1 and len(generation.videos[0]) == 1
+    # the engine decodes the encoded sample; the decoded frames are not kept
+    assert generation.videos == [] and generation.images == []
+    assert [p[0] for p in prepared.sample["parts"]].count("video") == 1
     assert generation.max_new_tokens == 5 and generation.stop == ("x",)
     assert prepared.gaze and prepared.layer == -1 and prepared.prompt_tokens > 148
     with pytest.raises(NotFound):
@@ -148,7 +200,7 @@ def test_body_parsing_errors():
         parse_body(b"{")
     with pytest.raises(BadRequest, match="not valid JSON"):
         parse_body(b"[" * 100_000)
-    with pytest.raises(Unprocessable, match="messages"):
+    with pytest.raises(InvalidBody, match="messages"):
         parse_body(b'{"model": "m"}')
     # unknown fields are refused by name, at the top level and inside messages and parts
     with pytest.raises(BadRequest, match="unknown field 'x'") as err:
