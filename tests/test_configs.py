@@ -96,3 +96,90 @@ def test_rayjob_runs_the_readme_command():
     job = yaml.safe_load((REPO / "infra" / "kuberay" / "rayjob-finetune.yaml").read_text())
     readme = (REPO / "README.md").read_text()
     assert job["spec"]["entrypoint"] in readme
+
+
+def _manifests() -> list[tuple[str, dict]]:
+    return [
+        (str(path.relative_to(REPO)), doc)
+        for path in sorted((REPO / "infra").rglob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+        if isinstance(doc, dict) and "kind" in doc
+    ]
+
+
+def _walk(node):
+    yield node
+    children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else []
+    for child in children:
+        yield from _walk(child)
+
+
+def test_no_manifest_ships_a_secret_value():
+    """Secrets are created by the operator (README "Securing a deployment"), never written in
+    a manifest: no Secret objects, no literal passwords or keys in an env value."""
+    for name, doc in _manifests():
+        assert doc["kind"] != "Secret", f"{name} ships a Secret"
+        for node in _walk(doc):
+            if isinstance(node, dict) and "value" in node and "name" in node:
+                key = str(node["name"]).upper()
+                if any(w in key for w in ("PASSWORD", "SECRET", "TOKEN", "API_KEY")):
+                    assert not node["value"], f"{name}: {node['name']} has a literal value"
+    text = "\n".join(p.read_text() for p in (REPO / "infra").rglob("*.yaml"))
+    assert "change-me" not in text
+
+
+def test_secret_references_are_required():
+    """A replica without its API key would serve every route to anyone: the key's secret (and
+    every other) is required, never optional."""
+    for name, doc in _manifests():
+        for node in _walk(doc):
+            if isinstance(node, dict) and "secretKeyRef" in node:
+                assert not node["secretKeyRef"].get("optional"), f"{name}: {node}"
+
+
+def test_ray_clusters_require_ray_tokens():
+    for name, doc in _manifests():
+        spec = doc.get("spec", {})
+        cluster = {
+            "RayCluster": spec,
+            "RayJob": spec.get("rayClusterSpec"),
+            "RayService": spec.get("rayClusterConfig"),
+        }.get(doc["kind"])
+        if cluster is None:
+            continue
+        if cluster.get("authOptions", {}).get("mode") == "token":
+            continue
+        groups = [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
+        for group in groups:
+            for container in group["template"]["spec"]["containers"]:
+                env = {e["name"]: e for e in container.get("env", [])}
+                assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", f"{name}"
+                assert "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"], f"{name}"
+
+
+def test_the_network_policy_keeps_ray_ports_to_ray_pods():
+    (policy,) = [d for _, d in _manifests() if d["kind"] == "NetworkPolicy"]
+    ray_pods = {"ray.io/is-ray-node": "yes"}
+    assert policy["spec"]["podSelector"]["matchLabels"] == ray_pods
+    for rule in policy["spec"]["ingress"]:
+        if "from" in rule:
+            assert rule["from"] == [{"podSelector": {"matchLabels": ray_pods}}]
+        else:  # open to the cluster: Serve's port only
+            assert [p["port"] for p in rule["ports"]] == [8000]
+
+
+def test_mlflow_runs_with_basic_auth():
+    (server,) = [
+        d
+        for _, d in _manifests()
+        if d["metadata"]["name"] == "mlflow" and d["kind"] == "Deployment"
+    ]
+    (container,) = server["spec"]["template"]["spec"]["containers"]
+    assert "--app-name basic-auth" in " ".join(container["args"])
+    env = {e["name"]: e for e in container["env"]}
+    for key in ("MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_AUTH_ADMIN_PASSWORD"):
+        assert "secretKeyRef" in env[key]["valueFrom"]
+    for _, doc in _manifests():
+        if doc["kind"] in ("RayCluster", "RayJob"):
+            names = {n.get("name") for n in _walk(doc) if isinstance(n, dict)}
+            assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= names
