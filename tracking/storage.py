@@ -154,10 +154,26 @@ def publish(staged: Location, dest: Location) -> None:
             fs.delete_file(dest.join(MANIFEST).path)
         fs.delete_dir(dest.path)
     fs.create_dir(dest.path, recursive=True)
-    for name in [*_listing(staged), MANIFEST]:
+    sizes = _listing(staged)
+    for name in [*sizes, MANIFEST]:
         target = dest.join(name)
         fs.create_dir(target.path.rsplit("/", 1)[0], recursive=True)
-        fs.copy_file(staged.join(name).path, target.path)
+        _copy_file(fs, staged.join(name).path, target.path, sizes.get(name, 0))
+
+
+# S3's server-side copy (CopyObject, what pyarrow's copy_file does) takes at most 5 GB
+SERVER_COPY_MAX = 4 << 30
+
+
+def _copy_file(fs: pafs.FileSystem, src: str, dest: str, size: int) -> None:
+    """One file copied inside ``fs``: on the server when it can, else streamed through here
+    (an output stream on S3 is a multipart upload, without the size limit)."""
+    if size <= SERVER_COPY_MAX:
+        fs.copy_file(src, dest)
+        return
+    with fs.open_input_stream(src) as reader, fs.open_output_stream(dest) as writer:
+        while chunk := reader.read(64 << 20):
+            writer.write(chunk)
 
 
 def cache_root() -> Path:

@@ -105,3 +105,10 @@ def test_an_unfinished_conversion_is_done_again(tmp_path):
     # a finished conversion is used as it is
     stamp = (path / MANIFEST).read_text()
     assert Path(prepare_model(cfg, root)) == path and (path / MANIFEST).read_text() == stamp
+
+
+def test_a_file_too_large_for_a_server_copy_is_streamed(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "SERVER_COPY_MAX", 16)
+    dest = open_location(f"memory://bucket/{tmp_path.name}/export")
+    copy_dir(open_location(_model(tmp_path / "v1", 1)), dest)
+    assert _read(dest, "model.safetensors") == bytes([1]) * 64 and is_complete(dest)
