@@ -487,3 +487,25 @@ def test_unknown_structures_are_refused_by_name(tmp_path):
     for name in ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration",
                  "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration"):  # fmt: skip
         assert name in str(refused.value)
+
+
+@pytest.mark.parametrize("family", ["qwen3-vl", "qwen3.5"])
+def test_a_padded_batch_generates_as_each_prompt_alone(gaze_dirs, family):
+    """Left padding: the linear-attention layers' recurrent state starts clean in every row."""
+    model, processor = load_model(gaze_dirs[family])
+    requests = [
+        GenerationRequest(
+            messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what?"}]}],
+            images=[random_image(7, (44, 70))],
+            max_new_tokens=4,
+        ),
+        GenerationRequest(
+            messages=[{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "which frame has the star?"}]}],
+            videos=[Clip(frames=_frames(20, n=4), fps=2.0)],
+            max_new_tokens=4,
+        ),
+    ]  # fmt: skip
+    together = generate_batch(model, processor, requests)
+    for request, result in zip(requests, together, strict=True):
+        (alone,) = generate_batch(model, processor, [request])
+        assert result.token_ids == alone.token_ids
