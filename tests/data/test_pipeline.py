@@ -230,28 +230,35 @@ def test_length_policy_and_text_only_drop(ray_session, data, tiny, policy):
     media = [s for rid, s in full if rid != "text-only"]
 
     def cut(limit):
+        """(longer than limit, cut inside the last text part, of those: an answer token left)"""
         over = [s for s in media if len(s["input_ids"]) > limit]
-        return over, [s for s in over if len(s["input_ids"]) - limit < s["parts"][-1][1]]
+        in_tail = [s for s in over if len(s["input_ids"]) - limit < s["parts"][-1][1]]
+        kept = [s for s in in_tail if (np.asarray(s["labels"][:limit]) >= 0).any()]
+        return over, in_tail, kept
 
-    # the smallest limit that cuts some sample inside its last text part (truncated) and,
-    # if the data allow it, some other elsewhere (dropped under either policy)
+    # the smallest limit that cuts some sample inside its last text part and leaves part of
+    # its answer (truncated) and, if the data allow it, drops some other (under either policy)
     lengths = range(1, max(len(s["input_ids"]) for s in media))
-    candidates = [n for n in lengths if cut(n)[1]]
-    both = [n for n in candidates if len(cut(n)[0]) > len(cut(n)[1])]
+    candidates = [n for n in lengths if cut(n)[2]]
+    both = [n for n in candidates if len(cut(n)[0]) > len(cut(n)[2])]
     limit = min(both or candidates)
-    over, fits_in_tail = cut(limit)
-    assert over and fits_in_tail
+    over, in_tail, kept = cut(limit)
+    assert over and kept
     reset_drop_counts()
     stats = {}
     cfg = config(shards, max_length=limit, length_policy=policy, text_only="drop")
     batches = list(iter_train_batches(ds, processor, cfg, batch_size=1, epoch=0, stats=stats))
-    too_long = len(over) if policy == "drop" else len(over) - len(fits_in_tail)
-    truncated = 0 if policy == "drop" else len(fits_in_tail)
-    assert drop_counts() == {"text_only": 1, **({"too_long": too_long} if too_long else {})}
+    too_long = len(over) if policy == "drop" else len(over) - len(in_tail)
+    # a cut that takes the whole answer leaves nothing to learn from: dropped, named
+    answer_cut = 0 if policy == "drop" else len(in_tail) - len(kept)
+    truncated = 0 if policy == "drop" else len(kept)
+    expected = {"text_only": 1, "too_long": too_long, "answer_truncated": answer_cut}
+    assert drop_counts() == {reason: n for reason, n in expected.items() if n}
     assert truncated_count() == stats["truncated"] == truncated
-    assert stats["dropped"] == 1 + too_long
-    assert len(batches) == 12 - 1 - too_long
+    assert stats["dropped"] == 1 + too_long + answer_cut
+    assert len(batches) == 12 - 1 - too_long - answer_cut
     assert all(b["input_ids"].shape[1] <= limit for b in batches)
+    assert all((b["labels"] >= 0).any() for b in batches)
     for batch in batches:
         check_layout(batch, processor)
 
