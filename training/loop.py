@@ -135,7 +135,7 @@ def optimizer_step(
     engine,
     batches: Iterator[tuple[dict, list[str]]],
     grad_accum: int,
-    guard: NonFiniteGuard | None = None,
+    guard: NonFiniteGuard,
 ):
     """``grad_accum`` micro-batches forward and backward; DeepSpeed steps the optimizer (and
     the LR scheduler) at the last one, the accumulation boundary.
@@ -143,7 +143,6 @@ def optimizer_step(
     A micro-batch whose loss is not finite on some rank is skipped by every rank before its
     backward (another takes its place) and counted by ``guard``, as is an update that
     DeepSpeed skipped for non-finite gradients."""
-    guard = guard or NonFiniteGuard(limit=1_000_000)
     start = time.perf_counter()
     before = engine.global_steps
     losses, used, ids, out = [], [], [], None
