@@ -18,7 +18,6 @@
 """
 
 import asyncio
-import concurrent.futures
 import hmac
 import json
 import logging
@@ -52,7 +51,7 @@ from serving.errors import (
     error_response,
 )
 from serving.metrics import ServeMetrics
-from serving.requests import Prepared, prepare
+from serving.requests import Prepared, Preparer
 from serving.scheduler import RequestStream, Scheduler
 from serving.schemas import (
     AssistantMessage,
@@ -267,10 +266,14 @@ class GazeChat:
         self.scheduler = Scheduler(
             self.engine, on_step=lambda e: self.metrics.engine(e.num_waiting, e.num_running)
         )
-        # requests are validated (images decoded, prompt encoded) in a bounded pool, so that
-        # however many arrive, preparation never takes more than its threads from decoding
-        self.pool = concurrent.futures.ThreadPoolExecutor(
-            self.settings.prepare_workers, thread_name_prefix="gazeattn-prepare"
+        # requests are validated (images decoded, prompt encoded) in a bounded pool of other
+        # processes, so that preparation never holds the decode loop's GIL
+        self.preparer = Preparer(
+            self.settings,
+            self.processor,
+            self.model_name,
+            self.num_layers,
+            workers=self.settings.prepare_workers,
         )
         # preparations queued or running (counted until they end, even if their client left)
         self.preparing = 0
@@ -287,9 +290,9 @@ class GazeChat:
         scheduler = getattr(self, "scheduler", None)
         if scheduler is not None:
             scheduler.close()
-        pool = getattr(self, "pool", None)
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+        preparer = getattr(self, "preparer", None)
+        if preparer is not None:
+            preparer.close()
 
     def check_health(self) -> None:
         """Serve's health check: a replica whose scheduler loop died is unhealthy (Serve then
@@ -364,14 +367,16 @@ class GazeChat:
             raise ServerError(f"internal server error (request id {rid})") from None
 
     async def prepare(self, body: ChatCompletionRequest) -> Prepared:
-        """``serving.requests.prepare`` in the replica's pool. The request counts as pending
-        from now until its preparation ends: a client that leaves meanwhile cancels only its
-        wait (a preparation that has not started is dropped at once)."""
+        """``serving.requests.prepare`` in the replica's preparer. The request counts as
+        pending from now until its preparation ends: a client that leaves meanwhile cancels
+        only its wait (a preparation that has not started is dropped at once)."""
         with self._preparing_lock:
             self.preparing += 1
-        future = self.pool.submit(
-            prepare, body, self.settings, self.processor, self.model_name, self.num_layers
-        )
+        try:
+            future = self.preparer.submit(body)
+        except BaseException:
+            self._prepared(None)
+            raise
         future.add_done_callback(self._prepared)
         return await asyncio.wrap_future(future)
 

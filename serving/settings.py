@@ -79,7 +79,7 @@ class ServeSettings(BaseModel):
     max_batch_size: int = Field(16, ge=1)  # sequences decoding together in a replica
     max_prefill_tokens: int = Field(8192, ge=1)  # prompt tokens prefilled between decode steps
     max_pending: int = Field(64, ge=1)  # running + waiting requests; beyond: 429
-    # threads that validate requests (decode images, encode prompts) beside the decode loop
+    # processes that validate requests (decode images, encode prompts) beside the decode loop
     prepare_workers: int = Field(2, ge=1)
     routing_layer: int = -1
 

@@ -257,3 +257,32 @@ def test_a_dead_scheduler_loop_fails_its_requests_and_the_health_check(tiny, mon
         assert health.status_code == 503
     finally:
         scheduler.close()
+
+
+def test_requests_are_prepared_in_other_processes(tiny):
+    """The preparer's workers are processes of their own (a long prompt's encoding there
+    cannot hold the decode loop's GIL) and prepare exactly what ``prepare`` does here,
+    client errors included."""
+    import os
+
+    from serving.requests import Preparer
+
+    path, _, processor = tiny
+    settings = ServeSettings(model=str(path), max_tokens_limit=16)
+    preparer = Preparer(settings, processor, "m", 2, workers=1)
+    try:
+        assert preparer._pool.submit(os.getpid).result(timeout=120) != os.getpid()
+        data = {"model": "m", "messages": user(image_part(data_url(image_bytes(2))))}
+        body = ChatCompletionRequest.model_validate(data | {"max_tokens": 3})
+        there = preparer.submit(body).result(timeout=120)
+        here = prepare(body, settings, processor, "m", 2)
+        assert there.sample["input_ids"].tolist() == here.sample["input_ids"].tolist()
+        for key, value in here.sample["vision"].items():
+            assert (there.sample["vision"][key] == value).all()
+        assert there.prompt_tokens == here.prompt_tokens
+        too_many = ChatCompletionRequest.model_validate(data | {"max_tokens": 17})
+        with pytest.raises(BadRequest, match="limit of 16") as err:
+            preparer.submit(too_many).result(timeout=60)
+        assert err.value.param == "max_tokens"
+    finally:
+        preparer.close()
