@@ -509,3 +509,23 @@ def test_a_padded_batch_generates_as_each_prompt_alone(gaze_dirs, family):
     for request, result in zip(requests, together, strict=True):
         (alone,) = generate_batch(model, processor, [request])
         assert result.token_ids == alone.token_ids
+
+
+def test_a_video_file_is_timestamped_from_its_frame_rate(stock_dirs, tmp_path):
+    """A path is read with its stream's fps; its frames_per_video frames, spread over the
+    clip, keep their indices (the stock do_sample_frames=False with metadata)."""
+    from gazeattn.processing import VisualBudget
+    from gazeattn.video import read_clip
+    from pipelines.synthetic import write_mp4
+
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(write_mp4(_frames(30, n=12, size=(48, 64)), fps=4))
+    clip = read_clip(str(path), 4)
+    assert clip.fps == 4.0 and clip.indices == (1, 4, 7, 10)
+    _, processor = load_model(stock_dirs["qwen3-vl"], gaze=_off())
+    processor.with_budget(VisualBudget(frames_per_video=4))
+    prompt = processor.render(VIDEO_CHAT, add_generation_prompt=True)
+    text = processor.tokenizer.decode(processor(text=[prompt], videos=[str(path)])["input_ids"][0])
+    stamps = Qwen3VLProcessor._calculate_timestamps(None, list(clip.indices), 4.0, 2)
+    assert [f"{t:.1f}" for t in stamps] == ["0.6", "2.1"]
+    assert "<0.6 seconds><|vision_start|>" in text and "<2.1 seconds><|vision_start|>" in text
