@@ -71,7 +71,7 @@ from serving.schemas import (
     Usage,
 )
 from serving.schemas import TokenLogprob as LogprobOut
-from serving.settings import GazeOverride, ServeSettings
+from serving.settings import GazeOverride, ServeSettings, placement
 
 logger = logging.getLogger("ray.serve")
 
@@ -241,9 +241,11 @@ class GazeChat:
 
         self.settings = ServeSettings.model_validate(settings)
         path = resolve_model(self.settings.model).path
+        device, dtype = placement(self.settings.device, self.settings.dtype, path)
         self.model, self.processor = load_model(
-            path, gaze=gaze_config(path, self.settings.gaze), device=self.settings.device
+            path, gaze=gaze_config(path, self.settings.gaze), device=device, dtype=dtype
         )
+        logger.info("serving %s on %s in %s", path, device, dtype)
         self.model.eval()
         # an MLflow model is named by its URI, a directory by its name
         mlflow_uri = self.settings.model.startswith(MLFLOW_SCHEMES)

@@ -7,8 +7,11 @@ from ``jobs/serve.py``; every field has a default that runs.
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gazeattn.ops.config import Backend, GazeConfig, at_budget, dense_twin
@@ -45,6 +48,20 @@ class GazeOverride(BaseModel):
         return dataclasses.replace(routed, backend=self.backend)
 
 
+def placement(device: str, dtype: str, checkpoint: Path) -> tuple[torch.device, torch.dtype]:
+    """Where and in which dtype a replica runs the model (``ServeSettings.device``/``dtype``)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    where = torch.device(device)
+    if dtype != "auto":
+        return where, getattr(torch, dtype)
+    if where.type == "cpu":
+        return where, torch.float32
+    config = json.loads((checkpoint / "config.json").read_text())
+    saved = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
+    return where, getattr(torch, saved) if saved in ("bfloat16", "float16") else torch.bfloat16
+
+
 class ServeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -53,7 +70,11 @@ class ServeSettings(BaseModel):
     # the name clients send as "model"; defaults to the directory's name
     model_name: str | None = None
     gaze: GazeOverride | None = None
-    device: str | None = None
+    # "auto": CUDA when the replica has a GPU, else the CPU; or a torch device ("cuda:1")
+    device: str = "auto"
+    # "auto": the checkpoint's own dtype (bf16 after our GPU fine-tuning) on a GPU, float32 on
+    # the CPU (where bf16 matmuls are slow); or a dtype by name
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
     # request limits (bad values get 4xx with a message, never a 500)
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
@@ -82,6 +103,17 @@ class ServeSettings(BaseModel):
     # processes that validate requests (decode images, encode prompts) beside the decode loop
     prepare_workers: int = Field(2, ge=1)
     routing_layer: int = -1
+
+    @model_validator(mode="after")
+    def _device_parses(self) -> ServeSettings:
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(
+                    f"device {self.device!r} is neither 'auto' nor a torch device"
+                ) from None
+        return self
 
     @model_validator(mode="after")
     def _allow_list_parses(self) -> ServeSettings:

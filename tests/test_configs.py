@@ -79,10 +79,10 @@ def test_dockerfile_installs_the_lock_and_the_whole_project():
         assert not hits, f".dockerignore drops {needed} ({hits})"
 
 
-def test_rayservice_serves_the_serve_config():
+def test_rayservice_serves_the_gpu_serve_config():
     service = yaml.safe_load((REPO / "infra" / "kuberay" / "rayservice.yaml").read_text())
     embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
-    local = yaml.safe_load((REPO / "infra" / "serve_config.yaml").read_text())
+    local = yaml.safe_load((REPO / "infra" / "serve_config_gpu.yaml").read_text())
     # only the model location may differ: a path on the cluster's shared storage
     embedded["applications"][0]["args"].pop("model")
     local["applications"][0]["args"].pop("model")
@@ -90,6 +90,23 @@ def test_rayservice_serves_the_serve_config():
     import_path = local["applications"][0]["import_path"]
     module, _, attr = import_path.partition(":")
     assert hasattr(__import__(module, fromlist=[attr]), attr)
+
+
+def test_the_gpu_serve_config_is_the_cpu_one_with_a_gpu_per_replica():
+    """The GPU manifests ask for a GPU per replica (and their nodes offer them); the CPU
+    config, for machines like ours, asks for none; nothing else differs."""
+    cpu = yaml.safe_load((REPO / "infra" / "serve_config.yaml").read_text())
+    gpu = yaml.safe_load((REPO / "infra" / "serve_config_gpu.yaml").read_text())
+    options = gpu["applications"][0]["deployments"][0]["ray_actor_options"]
+    assert options["num_gpus"] == 1
+    assert cpu["applications"][0]["deployments"][0]["ray_actor_options"]["num_gpus"] == 0
+    cpu["applications"][0]["deployments"][0]["ray_actor_options"]["num_gpus"] = 1
+    assert cpu == gpu
+    assert gpu["applications"][0]["args"]["device"] == "auto"
+    service = yaml.safe_load((REPO / "infra" / "kuberay" / "rayservice.yaml").read_text())
+    (workers,) = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    (container,) = workers["template"]["spec"]["containers"]
+    assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= options["num_gpus"]
 
 
 def test_rayjob_runs_the_readme_command():

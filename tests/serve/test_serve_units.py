@@ -51,6 +51,31 @@ def test_serve_config_is_valid():
     assert build_app(application.args).__class__.__name__ == "Application"
 
 
+def test_auto_placement_is_the_cpu_here_and_the_checkpoints_dtype_on_a_gpu(
+    model_dir, monkeypatch, tmp_path
+):
+    import json
+
+    import torch
+
+    from serving.settings import placement
+
+    assert not torch.cuda.is_available()
+    assert placement("auto", "auto", model_dir) == (torch.device("cpu"), torch.float32)
+    assert placement("cpu", "bfloat16", model_dir) == (torch.device("cpu"), torch.bfloat16)
+    trained = tmp_path / "bf16"
+    trained.mkdir()
+    config = json.loads((model_dir / "config.json").read_text()) | {"dtype": "bfloat16"}
+    (trained / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert placement("auto", "auto", trained) == (torch.device("cuda"), torch.bfloat16)
+    # a float32 checkpoint still runs in bf16 on a GPU unless asked otherwise
+    assert placement("auto", "auto", model_dir)[1] == torch.bfloat16
+    assert placement("cuda:1", "float32", model_dir) == (torch.device("cuda:1"), torch.float32)
+    with pytest.raises(ValueError, match="torch device"):
+        ServeSettings(model="m", device="gpu please")
+
+
 def png(size=(20, 30), mode="RGB", fmt="PNG", frames=1) -> bytes:
     images = [Image.new(mode, size, color=i * 40) for i in range(frames)]
     buffer = io.BytesIO()
