@@ -529,3 +529,15 @@ def test_a_video_file_is_timestamped_from_its_frame_rate(stock_dirs, tmp_path):
     stamps = Qwen3VLProcessor._calculate_timestamps(None, list(clip.indices), 4.0, 2)
     assert [f"{t:.1f}" for t in stamps] == ["0.6", "2.1"]
     assert "<0.6 seconds><|vision_start|>" in text and "<2.1 seconds><|vision_start|>" in text
+
+
+@pytest.mark.parametrize("family", ["qwen3-vl", "qwen3.5"])
+def test_labels_are_assistant_turns_after_a_video(gaze_dirs, family):
+    _, processor = load_model(gaze_dirs[family])
+    messages = [*VIDEO_CHAT, {"role": "assistant", "content": "at one second"}]
+    sample = processor.encode_sample(messages, videos=[Clip(frames=_frames(40, n=4), fps=2.0)])
+    labelled = sample["labels"] != -100
+    assert processor.tokenizer.decode(sample["input_ids"][labelled]) == "at one second<|im_end|>"
+    # the timestamps are prompt text: never trained on
+    text = processor.tokenizer.decode(sample["input_ids"])
+    assert "<0.2 seconds>" in text and "<1.2 seconds>" in text
