@@ -11,6 +11,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import openai
 import pytest
 from PIL import Image
@@ -455,3 +456,84 @@ def test_auth_protects_everything_but_health(server):
 
 def test_open_app_needs_no_key(server):
     assert httpx.get(f"{server}/v1/models", timeout=30).status_code == 200
+
+
+# ---- lmms-eval's OpenAI-compatible models (the request shapes they send)
+
+
+def _png_base64(image: Image.Image) -> str:
+    """An image as lmms-eval encodes it: PNG, base64."""
+    import base64
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("utf-8")
+
+
+def _lmms_image(b64: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64}"}}
+
+
+def lmms_eval_payloads() -> dict[str, tuple[dict, int]]:
+    """name -> (the body lmms-eval sends, the images in it). Read from lmms-eval's
+    ``models/simple/openai_compatible.py`` (``openai_compatible``: one user message, the
+    context text first, then every image or video frame as a base64 PNG ``image_url`` part; a
+    video is ``max_frames_num`` uniformly sampled frames plus the last one) and
+    ``models/chat/openai_compatible.py`` with ``protocol.ChatMessages`` (``openai_compatible_
+    chat``: the task's messages, list contents for every role, a video as its frames; the
+    Qwen3-VL variant puts a ``<t seconds>`` text before each frame); both send ``max_tokens``
+    and ``temperature`` 0 (greedy) and nothing else."""
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)) for _ in range(9)]
+    picked = [int(i) for i in np.linspace(0, len(frames) - 1, 2, dtype=int)]  # max_frames_num=2
+    if len(frames) - 1 not in picked:
+        picked.append(len(frames) - 1)
+    still = _png_base64(Image.open(io.BytesIO(image_bytes(4))))
+    video = [_png_base64(frames[i]) for i in picked]
+    question = "Which shape is red? Answer with the option's letter."
+
+    def body(messages: list[dict]) -> dict:
+        return {"messages": messages, "model": MODEL, "max_tokens": 16, "temperature": 0}
+
+    simple_image = body([{"role": "user", "content": [{"type": "text", "text": question}]}])
+    simple_image["messages"][0]["content"].append(_lmms_image(still))
+    simple_video = body([{"role": "user", "content": [{"type": "text", "text": question}]}])
+    simple_video["messages"][0]["content"] += [_lmms_image(f) for f in video]
+    chat = body(
+        [
+            {"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]},
+            {"role": "user", "content": [_lmms_image(still), {"type": "text", "text": question}]},
+        ]
+    )
+    timestamped = []
+    for k, frame in enumerate(video):
+        timestamped += [{"type": "text", "text": f"<{0.5 + k:.1f} seconds>"}, _lmms_image(frame)]
+    qwen3_vl = body(
+        [{"role": "user", "content": [*timestamped, {"type": "text", "text": question}]}]
+    )
+    return {
+        "openai_compatible, an image": (simple_image, 1),
+        "openai_compatible, a video": (simple_video, len(video)),
+        "openai_compatible_chat, system and image": (chat, 1),
+        "openai_compatible_chat, Qwen3-VL timestamps": (qwen3_vl, len(video)),
+    }
+
+
+def test_lmms_eval_requests_are_answered(server):
+    """lmms-eval's client calls ``AsyncOpenAI().chat.completions.create(**payload)``, as here."""
+    import asyncio
+
+    payloads = lmms_eval_payloads()
+
+    async def ask_all():
+        client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+        return await asyncio.gather(
+            *(client.chat.completions.create(**payload) for payload, _ in payloads.values())
+        )
+
+    responses = asyncio.run(ask_all())
+    for (name, (_, images)), response in zip(payloads.items(), responses, strict=True):
+        assert isinstance(response.choices[0].message.content, str), name
+        assert response.choices[0].finish_reason in ("stop", "length"), name
+        # every image and frame reached the model (each is 148 tokens of the tiny model)
+        assert response.usage.prompt_tokens > images * IMAGE_TOKENS, name
