@@ -49,9 +49,41 @@ def test_the_buffer_is_bounded_and_counts_what_it_drops(silent_server, caplog):
         for step in range(20):
             tracker.log_metrics({"loss": float(step)}, step)
     try:
-        # the sender holds at most one batch in flight; the rest waits in the bounded buffer
-        assert len(tracker._buffer) <= 5
-        assert tracker.dropped >= 20 - 5 - 1
+        with tracker._cond:
+            # the sender holds at most one buffer's worth in flight, the rest waits in the
+            # bounded buffer, and every other metric was dropped and counted
+            held = len(tracker._buffer) + tracker._in_flight
+            assert len(tracker._buffer) <= 5 and tracker._in_flight <= 5
+            assert tracker.dropped == 20 - held >= 10
         assert sum("dropping" in r.message for r in caplog.records) == 1
     finally:
         tracker.close(timeout_s=0.1)
+
+
+class FlakyClient:
+    """Stands in for MlflowClient: fails while ``down``, else records what it is sent."""
+
+    def __init__(self):
+        self.down = True
+        self.sent = []
+
+    def log_batch(self, run_id, metrics=()):
+        if self.down:
+            raise OSError("connection refused")
+        self.sent += metrics
+
+
+def test_after_a_recovery_the_buffer_and_the_drop_count_arrive(monkeypatch):
+    tracker = Tracker("http://127.0.0.1:9", "0" * 32, max_buffer=3, retry_s=0.05)
+    client = tracker.client = FlakyClient()
+    for step in range(10):
+        tracker.log_metrics({"loss": float(step)}, step)
+    assert not tracker.flush(timeout_s=0.2)
+    client.down = False
+    assert tracker.flush(timeout_s=10)
+    tracker.close(timeout_s=1)
+    losses = [m.step for m in client.sent if m.key == "loss"]
+    # the newest three waited in the buffer; the oldest seven were dropped and counted
+    assert losses == [7, 8, 9] and tracker.dropped == 7
+    (count,) = [m for m in client.sent if m.key == "tracking_dropped_metrics"]
+    assert count.value == 7 and count.step == 9
