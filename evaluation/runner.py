@@ -20,6 +20,7 @@ from pydantic import Field, model_validator
 from evaluation import metrics
 from gazeattn.generation import GenerationRequest, GenerationResult, generate_batch
 from gazeattn.model import gaze_module
+from gazeattn.ops import kv_savings
 from gazeattn.ops.config import GazeConfig, at_budget, dense_twin
 from gazeattn.typed_config import Settings
 
@@ -353,7 +354,7 @@ def summarise(results: list[SampleResult], layers: list[int]) -> dict[str, float
         "eval/visual_entries_per_token": attended,
         "eval/dense_entries_per_token": dense,
         "eval/entries_ratio": attended / dense if dense else 1.0,
-        "eval/kv_savings_pct": 100.0 * (1.0 - attended / dense) if dense else 0.0,
+        "eval/kv_savings_pct": 100.0 * kv_savings(attended, dense),
         "eval/attention_flops_ratio": token_mean([r.flops_ratio for r in results]),
     }
     hit_rates, baselines = [], []

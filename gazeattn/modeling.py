@@ -24,7 +24,14 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast
 
-from gazeattn.ops import GazeConfig, GazeLayout, GazeStats, gaze_attention, region_descriptors
+from gazeattn.ops import (
+    GazeConfig,
+    GazeLayout,
+    GazeStats,
+    gaze_attention,
+    kv_savings,
+    region_descriptors,
+)
 from gazeattn.ops.config import at_budget, dense_twin
 
 ATTN_NAME = "gaze"
@@ -41,7 +48,7 @@ class LayerReport:
 
     @property
     def savings(self) -> float:
-        return 0.0 if self.dense_mean == 0 else 1.0 - self.attended_mean / self.dense_mean
+        return kv_savings(self.attended_mean, self.dense_mean)
 
 
 @dataclass(kw_only=True)

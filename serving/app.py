@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException
 from gazeattn import load_model
 from gazeattn.engine import Engine, StepOutput, TokenLogprob
 from gazeattn.generation import GenerationResult, InvalidRequest
-from gazeattn.ops import GazeConfig
+from gazeattn.ops import GazeConfig, kv_savings
 from gazeattn.processing import ProcessorInputError
 from serving.errors import (
     BadRequest,
@@ -537,7 +537,7 @@ class GazeChat:
             grids=result.grids,
             visual_entries_attended=result.attended_mean,
             visual_entries_dense=dense,
-            savings=0.0 if dense == 0 else 1.0 - result.attended_mean / dense,
+            savings=kv_savings(result.attended_mean, dense),
             tokens=[
                 TokenRouting(token_id=tok, regions=[RoutedRegion(**r) for r in regions])
                 for tok, regions in zip(ids, routing, strict=False)

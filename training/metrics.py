@@ -7,6 +7,7 @@ import math
 import torch
 
 from gazeattn.model import LayerReport
+from gazeattn.ops import kv_savings
 
 
 def routing_entropy(report: LayerReport, num_regions: int) -> float:
@@ -59,11 +60,7 @@ def step_metrics(
         dense = [r.dense_mean for r in reports.values()]
         row["visual_attended"] = sum(attended) / len(attended)
         row["visual_dense"] = sum(dense) / len(dense)
-        row["kv_savings_pct"] = (
-            100.0 * (1.0 - row["visual_attended"] / row["visual_dense"])
-            if row["visual_dense"]
-            else 0.0
-        )
+        row["kv_savings_pct"] = 100.0 * kv_savings(row["visual_attended"], row["visual_dense"])
         entropies = []
         for layer, report in reports.items():
             row[f"kv_savings_pct.layer_{layer}"] = 100.0 * report.savings

@@ -1,7 +1,7 @@
 """Tensor-level gaze attention: config, layout, routing and the attention op (no Ray, no transformers)."""
 
 from gazeattn.ops.config import GazeConfig
-from gazeattn.ops.gaze import GazeStats, gaze_attention, resolve_backend
+from gazeattn.ops.gaze import GazeStats, gaze_attention, kv_savings, resolve_backend
 from gazeattn.ops.layout import (
     GazeLayout,
     Image,
@@ -28,6 +28,7 @@ __all__ = [
     "GazeConfig",
     "GazeLayout",
     "GazeStats",
+    "kv_savings",
     "Image",
     "Progressive",
     "RegionTable",

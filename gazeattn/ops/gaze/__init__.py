@@ -10,10 +10,10 @@ from gazeattn.ops.gaze.dense import dense_attention, dense_decode
 from gazeattn.ops.gaze.launch import interpreted
 from gazeattn.ops.gaze.naive import gaze_attention_reference
 from gazeattn.ops.gaze.prefill import gaze_prefill, prefill_spans
-from gazeattn.ops.gaze.stats import GazeStats
+from gazeattn.ops.gaze.stats import GazeStats, kv_savings
 from gazeattn.ops.layout import GazeLayout
 
-__all__ = ["GazeStats", "gaze_attention", "resolve_backend"]
+__all__ = ["GazeStats", "gaze_attention", "kv_savings", "resolve_backend"]
 
 
 def resolve_backend(config: GazeConfig, device: torch.device) -> str:

@@ -10,6 +10,13 @@ from gazeattn.ops.layout import GazeLayout, TokenKind
 from gazeattn.ops.routing import Route
 
 
+def kv_savings(attended: float, dense: float) -> float:
+    """The fraction of the dense visual KV entries not attended (0.84 = 84% fewer), 0 when
+    there was nothing visual to attend: the one formula every report uses (a layer's, a
+    training step's, an evaluation's, a served request's)."""
+    return 0.0 if dense == 0 else 1.0 - attended / dense
+
+
 @dataclass(kw_only=True)
 class GazeStats:
     """Per-query counts of visual KV entries, for text queries (routed ones).
@@ -43,8 +50,7 @@ class GazeStats:
 
     def savings(self) -> float:
         """Fraction of the dense visual entries not attended (0.84 = 84% fewer)."""
-        dense = self.dense_mean()
-        return 0.0 if dense == 0 else 1.0 - self.attended_mean() / dense
+        return kv_savings(self.attended_mean(), self.dense_mean())
 
 
 def compute_stats(layout: GazeLayout, routed: Route, return_selection: bool = False) -> GazeStats:
