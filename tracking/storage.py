@@ -7,14 +7,20 @@ filesystem: for S3, ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_RE
 for an S3-compatible store, ``AWS_ENDPOINT_URL`` (the processes of a Ray job inherit the
 driver's environment locally; on a cluster, give them in the job's ``runtime_env``).
 
+Directories are published whole (``copy_dir``, ``publish``): built under a temporary prefix
+beside their place, then put there with a manifest (``MANIFEST``: every file and its size)
+written last, so a directory without its manifest is unfinished (``is_complete``).
+
 Models on object storage are used through a local copy (``local_copy``): downloaded once
-per node into a cache directory (``$GAZEATTN_CACHE``, default ``~/.cache/gazeattn``).
+per node, and again for each new publication, into a cache directory (``$GAZEATTN_CACHE``,
+default ``~/.cache/gazeattn``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -23,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.fs as pafs
+
+log = logging.getLogger(__name__)
 
 # written last into a published directory: every other file with its size, and an id that
 # tells one publication from the next (caches are keyed on it)
@@ -121,8 +129,17 @@ def copy_dir(src: Location, dest: Location) -> None:
         )
         publish(staged, dest)
     finally:
-        if staged.exists():
-            staged.filesystem.delete_dir(staged.path)
+        _remove(staged)
+
+
+def _remove(location: Location) -> None:
+    """Delete a temporary prefix if it is there; a failure to is logged, not raised (it
+    would hide the error that left it behind)."""
+    try:
+        if location.exists():
+            location.filesystem.delete_dir(location.path)
+    except OSError as err:
+        log.warning("could not delete the temporary %s: %s", location.uri, err)
 
 
 def staging_location(dest: Location) -> Location:
