@@ -87,6 +87,7 @@ class Tracker:
         self._cond = threading.Condition()
         self._in_flight = 0
         self._closing = False
+        self._retry_now = False
         self._failing = False
         self._dropping = False
         self._reported_dropped = 0
@@ -169,14 +170,24 @@ class Tracker:
                     self._cond.notify_all()
                     if self._closing:
                         return
-                    # flush() and close() wake it early
-                    self._cond.wait(self.retry_s)
+                    self._wait_to_retry()
                 continue
             with self._cond:
                 self._in_flight = 0
                 self._ok()
                 self._report_dropped(batch[-1].step)
                 self._cond.notify_all()
+
+    def _wait_to_retry(self) -> None:
+        """Wait ``retry_s`` (with ``_cond`` held): new metrics do not cut it short, so a dead
+        server is asked once per ``retry_s``, not at every log step; flush() and close() do."""
+        self._retry_now = False
+        deadline = time.monotonic() + self.retry_s
+        while not (self._retry_now or self._closing):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._cond.wait(left)
 
     def _report_dropped(self, step: int) -> None:
         if self.dropped == self._reported_dropped:
@@ -193,6 +204,7 @@ class Tracker:
         now if it was waiting; True when nothing is left to send."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
+            self._retry_now = True
             self._cond.notify_all()
             while self._buffer or self._in_flight:
                 left = deadline - time.monotonic()

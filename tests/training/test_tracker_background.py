@@ -87,3 +87,24 @@ def test_after_a_recovery_the_buffer_and_the_drop_count_arrive(monkeypatch):
     assert losses == [7, 8, 9] and tracker.dropped == 7
     (count,) = [m for m in client.sent if m.key == "tracking_dropped_metrics"]
     assert count.value == 7 and count.step == 9
+
+
+def test_a_dead_server_is_asked_once_per_retry_interval_not_at_every_step():
+    tracker = Tracker("http://127.0.0.1:9", "0" * 32, retry_s=60)
+    client = tracker.client = FlakyClient()
+    calls = []
+    real = client.log_batch
+    client.log_batch = lambda run_id, metrics=(): (
+        calls.append(len(metrics)),
+        real(run_id, metrics),
+    )
+    tracker.log_metrics({"loss": 1.0}, 0)
+    deadline = time.monotonic() + 5
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for step in range(1, 20):
+        tracker.log_metrics({"loss": 1.0}, step)
+    time.sleep(0.2)
+    assert len(calls) == 1
+    tracker.close(timeout_s=0.5)
+    assert tracker.dropped == 20
