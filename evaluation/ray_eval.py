@@ -24,6 +24,8 @@ from evaluation.runner import (
     select_layers,
     summarise,
 )
+from gazeattn.modeling import routed_layer_ids
+from gazeattn.ops import GazeConfig
 
 
 def row_sample(row: dict, frames_per_video: int) -> EvalSample | None:
@@ -118,9 +120,8 @@ def evaluate_dataset(
     samples.sort(key=lambda r: r.id)
     # the layers measured follow from the model's config: no model on the driver
     hf = AutoConfig.from_pretrained(model_path)
-    layers = select_layers(
-        getattr(hf, "gaze_layers", None), hf.text_config.num_hidden_layers, config
-    )
+    saved = GazeConfig.from_dict(hf.gaze_config)
+    layers = select_layers(routed_layer_ids(hf, saved.gaze_layers), config)
     metrics = summarise(samples, layers)
     seconds = sum(float(row["seconds"]) for row in results)
     tokens = sum(r.completion_tokens for r in samples)

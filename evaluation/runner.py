@@ -20,6 +20,7 @@ from pydantic import Field, model_validator
 from evaluation import metrics
 from gazeattn.generation import GenerationRequest, GenerationResult, generate_batch
 from gazeattn.model import gaze_module
+from gazeattn.modeling import routed_layers
 from gazeattn.ops import kv_savings
 from gazeattn.ops.config import GazeConfig, at_budget, dense_twin
 from gazeattn.typed_config import Settings
@@ -177,14 +178,13 @@ def routing_layers(model, config: EvalConfig) -> list[int]:
     inner = gaze_module(model)
     if inner.gaze_config.backend == "dense":  # evaluated dense, or a dense-twin model
         return []
-    return select_layers(inner.gaze_layers, inner.config.text_config.num_hidden_layers, config)
+    return select_layers(routed_layers(model), config)
 
 
-def select_layers(gaze_layers, total: int, config: EvalConfig) -> list[int]:
-    """``config.routing_layers`` checked against the model's gaze layers (all when None)."""
+def select_layers(layers: list[int], config: EvalConfig) -> list[int]:
+    """``config.routing_layers`` checked against the model's routing layers (all when None)."""
     if config.attn == "dense":
         return []
-    layers = sorted(gaze_layers) if gaze_layers is not None else list(range(total))
     if config.routing_layers is None:
         return layers
     bad = [layer for layer in config.routing_layers if layer not in layers]

@@ -15,12 +15,17 @@ column ``end``:
 
 Padding columns hold zeros: attention masks them out, and a masked zero is never NaN.
 The buffer grows geometrically (a copy of the active part) when it runs out of room.
+
+A hybrid decoder's linear-attention layers (Qwen3.5) hold no keys and values but a
+recurrent state per row (``BatchLinearLayer``): it does not grow with the sequence, so a
+row joins by concatenation and leaves by selection, and padding never reaches it (each
+prompt was prefilled alone, and a decode step feeds one real token per row).
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, LinearAttentionLayer
 
 MIN_SLACK = 256
 
@@ -169,6 +174,50 @@ class BatchLayer(CacheLayerMixin):
         self.values = self.vbuf[: self.rows, :, self.start : self.end]
 
 
+class BatchLinearLayer(LinearAttentionLayer):
+    """One linear-attention layer's conv and recurrent states of the batch, [rows, ...] each."""
+
+    def __init__(self, number_of_states: int = 1):
+        super().__init__(number_of_states=number_of_states)
+        self.rows = 0
+
+    def insert(self, prefill: LinearAttentionLayer, max_rows: int) -> int:
+        """Add one row from its prefill's states; returns 0 (nothing to pad)."""
+        for name in ("conv_states", "recurrent_states"):
+            states, new = getattr(self, name), getattr(prefill, name)
+            for i in range(self.number_of_states):
+                if new[i] is None:
+                    raise ValueError(f"the prefill has no {name}[{i}] to add to the batch")
+                old = states[i] if self.rows else None
+                states[i] = new[i].clone() if old is None else torch.cat([old, new[i]])
+        for i in range(self.number_of_states):
+            self.conv_kernel_size[i] = prefill.conv_kernel_size[i]
+            self.is_conv_states_initialized[i] = self.is_recurrent_states_initialized[i] = True
+            self.has_previous_state[i] = True
+        self.device, self.dtype = prefill.device, prefill.dtype
+        self.rows += 1
+        return 0
+
+    def keep(self, index: list[int]) -> None:
+        picked = None
+        for states in (self.conv_states, self.recurrent_states):
+            for i, state in states.items():
+                if state is not None:
+                    picked = torch.tensor(index, dtype=torch.long, device=state.device)
+                    states[i] = state.index_select(0, picked)
+        self.rows = len(index)
+
+    def trim_left(self, columns: int) -> None:
+        """Nothing to trim: the states have no sequence dimension."""
+
+    def snapshot(self) -> tuple:
+        return dict(self.conv_states), dict(self.recurrent_states), self.rows
+
+    def restore(self, state: tuple) -> None:
+        conv, recurrent, self.rows = state
+        self.conv_states, self.recurrent_states = dict(conv), dict(recurrent)
+
+
 class BatchCache(Cache):
     """A transformers ``Cache`` over ``BatchLayer`` s, with the gaze state of the batch.
 
@@ -178,26 +227,36 @@ class BatchCache(Cache):
 
     gaze_state = None
 
-    def __init__(self, num_layers: int):
-        super().__init__(layers=[BatchLayer() for _ in range(num_layers)])
+    def __init__(self, num_layers: int, layer_types: list[str] | None = None):
+        kinds = layer_types or ["full_attention"] * num_layers
+        if len(kinds) != num_layers:
+            raise ValueError(f"{len(kinds)} layer types for {num_layers} layers")
+        super().__init__(
+            layers=[BatchLinearLayer() if k == "linear_attention" else BatchLayer() for k in kinds]
+        )
 
     @property
     def rows(self) -> int:
         return self.layers[0].rows
 
-    def insert(self, per_layer: list[tuple[torch.Tensor, torch.Tensor]], max_rows: int) -> int:
-        """Add a row from its prefill (keys, values) per layer; returns the new left padding
-        of the rows already there."""
+    def insert(self, per_layer: list, max_rows: int) -> int:
+        """Add a row from its prefill: per layer its cache layer (or its (keys, values));
+        returns the new left padding of the rows already there."""
         if len(per_layer) != len(self.layers):
             raise ValueError(f"{len(per_layer)} prefilled layers for a cache of {len(self.layers)}")
         # all layers or none: a failure at any layer (out of memory) restores every layer,
         # so the batch goes on with its rows as they were
         saved = [layer.snapshot() for layer in self.layers]
         try:
-            grows = {
-                layer.insert(k, v, max_rows)
-                for layer, (k, v) in zip(self.layers, per_layer, strict=True)
-            }
+            grows = set()
+            for layer, prefill in zip(self.layers, per_layer, strict=True):
+                if isinstance(layer, BatchLinearLayer):
+                    layer.insert(prefill, max_rows)
+                    continue
+                keys, values = (
+                    prefill if isinstance(prefill, tuple) else (prefill.keys, prefill.values)
+                )
+                grows.add(layer.insert(keys, values, max_rows))
         except BaseException:
             for layer, state in zip(self.layers, saved, strict=True):
                 layer.restore(state)

@@ -49,7 +49,7 @@ from gazeattn.generation import (
     check_request,
     sample_token,
 )
-from gazeattn.modeling import GazeState, gaze_module, is_gaze_model
+from gazeattn.modeling import GazeState, gaze_module, is_gaze_model, routing_layer_of
 from gazeattn.ops.layout import GazeLayout, stack_rows
 from gazeattn.processing import GazeProcessor
 
@@ -211,9 +211,12 @@ class Engine:
                 videos=request.videos,
                 add_generation_prompt=True,
             )
+        layer = self.routing_layer if routing_layer is None else routing_layer
+        if return_routing and self.gaze:
+            layer = routing_layer_of(self.model, layer)
         options = dict(
             return_routing=return_routing,
-            routing_layer=self.routing_layer if routing_layer is None else routing_layer,
+            routing_layer=layer,
             top_logprobs=top_logprobs,
             presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty,
@@ -330,7 +333,9 @@ class Engine:
             k: v.to(self.device) for k, v in batch.items() if k in self.processor.rules.input_names
         }
         mask = batch["attention_mask"].to(self.device)
-        cache = GazeCache() if self.gaze else DynamicCache()
+        # the stock model's cache from its config: a hybrid decoder's linear-attention layers
+        # keep recurrent states (the gaze model fills in its GazeCache the same way)
+        cache = GazeCache() if self.gaze else DynamicCache(config=self.model.config)
         extra: dict[str, Any] = {}
         if self.gaze:
             seq.layout = batch["gaze_layout"]
@@ -385,7 +390,8 @@ class Engine:
     # ---- the batch
 
     def _new_cache(self) -> BatchCache:
-        cache = BatchCache(self.num_layers)
+        text = self.model.config.get_text_config(decoder=True)
+        cache = BatchCache(self.num_layers, layer_types=getattr(text, "layer_types", None))
         if self.gaze:
             inner = gaze_module(self.model)
             cache.gaze_state = GazeState(
@@ -397,10 +403,9 @@ class Engine:
         return cache
 
     def _join(self, seq: EngineSequence, prefill, state: GazeState | None, delta) -> None:
-        per_layer = [(layer.keys, layer.values) for layer in prefill.layers]
-        grow = self.cache.insert(per_layer, self.max_batch_size)
+        grow = self.cache.insert(prefill.layers, self.max_batch_size)
         self._offsets = [o + grow for o in self._offsets]
-        self._offsets.append(self.cache.layers[0].get_seq_length() - seq.prompt_tokens)
+        self._offsets.append(self.cache.get_seq_length() - seq.prompt_tokens)
         self.running.append(seq)
         self._deltas.append(delta)
         if self.gaze:
@@ -475,7 +480,7 @@ class Engine:
 
     def _forward(self, rows: list[EngineSequence]) -> torch.Tensor:
         ids = torch.tensor([[s.tokens[-1]] for s in rows], device=self.device)
-        total = self.cache.layers[0].get_seq_length() + 1
+        total = self.cache.get_seq_length() + 1
         offsets = torch.tensor(self._offsets, device=self.device)
         mask = (torch.arange(total, device=self.device)[None, :] >= offsets[:, None]).long()
         extra: dict[str, Any] = {}
@@ -518,7 +523,7 @@ class Engine:
             seq.attended.append(attended[i])
             seq.dense.append(dense[i])
             if seq.return_routing:
-                chosen = state.stats[layers[seq.routing_layer]].selected
+                chosen = state.stats[seq.routing_layer].selected
                 row = i if batch else 0
                 seq.routing.append(
                     []

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from gazeattn.modeling import is_gaze_model, routing_layer_of
 from gazeattn.processing import GazeProcessor
 
 
@@ -137,6 +138,8 @@ class _decode:
         ]
         for r in requests:
             check_request(r)
+        if return_routing and is_gaze_model(model):
+            routing_layer = routing_layer_of(model, routing_layer)
         self.batch = processor.collate(samples, padding_side="left")
         self.prompt_lens = [len(s["input_ids"]) for s in samples]
         self.grids = [
@@ -157,7 +160,7 @@ class _decode:
         self.attended = [[] for _ in requests]
         self.dense = [[] for _ in requests]
         self.routing: list[list[list[dict]]] = [[] for _ in requests]
-        self.layer = routing_layer
+        self.layer = routing_layer  # a decoder layer id, checked below for a gaze model
         self.generators = [
             torch.Generator().manual_seed(r.seed) if r.seed is not None else None for r in requests
         ]
@@ -239,7 +242,7 @@ class _decode:
             )
             self.dense[i].append(_mean([float(s.dense[i, -1]) for s in stats]))
             if self.return_routing:
-                chosen = state.stats[layers[self.layer]].selected  # [B, Hr, Tq, K]
+                chosen = state.stats[self.layer].selected  # [B, Hr, Tq, K]
                 # None when the layer ran dense (a dense-twin model): nothing was routed
                 self.routing[i].append(
                     [] if chosen is None else _boxes(chosen[i, :, -1], layout.regions.box[i])

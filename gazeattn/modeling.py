@@ -385,6 +385,37 @@ def is_gaze_model(model: nn.Module) -> bool:
     return isinstance(unwrap(model), GazeModelMixin)
 
 
+def routed_layer_ids(config, gaze_layers=None) -> list[int]:
+    """The decoder layers where a gaze model of ``config`` routes (and reports): those of
+    ``gaze_layers`` (all when None) that attend; a hybrid decoder's linear-attention layers
+    do not."""
+    text = config.get_text_config(decoder=True)
+    types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+    attending = [i for i, kind in enumerate(types) if kind != "linear_attention"]
+    return [i for i in attending if gaze_layers is None or i in gaze_layers]
+
+
+def routed_layers(model: nn.Module) -> list[int]:
+    """``routed_layer_ids`` of a loaded gaze model."""
+    inner = gaze_module(model)
+    return routed_layer_ids(inner.config, inner.gaze_layers)
+
+
+def routing_layer_of(model: nn.Module, layer: int) -> int:
+    """A requested routing layer (a decoder layer id, negative from the last decoder layer)
+    as the id its reports are keyed by; ``InvalidRequest`` when that layer does not route."""
+    from gazeattn.generation import InvalidRequest
+
+    total = gaze_module(model).config.get_text_config(decoder=True).num_hidden_layers
+    routed = routed_layers(model)
+    if not -total <= layer < total or layer % total not in routed:
+        raise InvalidRequest(
+            f"layer {layer} does not route in this model; its routing layers are {routed}",
+            param="gaze_layer",
+        )
+    return layer % total
+
+
 def gaze_module(model: nn.Module) -> GazeModelMixin:
     """The gaze model inside any wrappers; TypeError for a model that is not one."""
     inner = unwrap(model)

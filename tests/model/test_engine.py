@@ -464,3 +464,46 @@ def test_a_join_that_fails_at_its_second_layer_leaves_the_batch_whole(loaded, mo
     assert not errors
     for seq, request in [*zip(running, requests[:2], strict=True), (late, requests[2])]:
         assert results[seq.id] == engine.run([request])[0].token_ids
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    """family -> a sharpened tiny gaze model of the Qwen3 families the engine batches."""
+    from gazeattn.tiny import build_tiny
+
+    out = {}
+    for family in ("qwen3-vl", "qwen3.5"):
+        path = build_tiny(
+            tmp_path_factory.mktemp(family),
+            family=family,
+            gaze_config=GazeConfig(keep_ratio=0.3, num_context_tokens=4),
+        )
+        model, processor = load_model(path)
+        _sharpen(model)
+        out[family] = (model.eval(), processor)
+    return out
+
+
+@pytest.mark.parametrize("family", ["qwen3-vl", "qwen3.5"])
+def test_qwen3_families_decode_in_the_engine_as_in_generate(qwen3, family):
+    """DeepStack (Qwen3-VL) and a hybrid decoder whose linear-attention layers keep a
+    recurrent state per row (Qwen3.5): greedy output alone, in a busy batch that rows join
+    and leave, and from generate_batch is the same, and routing is reported at a layer that
+    routes; a linear-attention layer is refused by name."""
+    from gazeattn.modeling import routed_layers
+
+    model, processor = qwen3[family]
+    requests = golden()
+    engine = Engine(model, processor, max_batch_size=3)
+    alone = [engine.run([r])[0].token_ids for r in requests]
+    busy = _staggered(engine, requests, return_routing=True)
+    assert [r.token_ids for r in busy] == alone
+    expected = generate_batch(model, processor, requests)
+    assert [r.token_ids for r in expected] == alone
+    assert all(r.routing and any(r.routing) for r in busy[:1])
+    layers = routed_layers(model)
+    linear = [i for i in range(model.config.text_config.num_hidden_layers) if i not in layers]
+    assert bool(linear) == (family == "qwen3.5")
+    for layer in linear:
+        with pytest.raises(InvalidRequest, match="does not route"):
+            engine.submit(requests[0], return_routing=True, routing_layer=layer)
