@@ -164,7 +164,9 @@ def optimizer_step(
         )
     if engine.was_step_applied():
         guard.applied()
-    else:
+    elif not engine.fp16_enabled():
+        # (fp16's dynamic loss scaler skips overflowing steps by design while it finds its
+        # scale: those are its own business, not counted here)
         guard.skip(f"the update of step {engine.global_steps} (non-finite gradients)")
     return StepResult(
         loss=sum(losses) / len(losses),

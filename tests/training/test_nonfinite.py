@@ -115,3 +115,35 @@ def test_weights_that_are_not_finite_are_refused(distributed):
         model[1].weight[0, 0] = float("nan")
     with pytest.raises(NonFiniteWeights, match=r"not writing the checkpoint.*1\.weight"):
         check_weights_finite(model, "checkpoint")
+
+
+class NanGradient(torch.autograd.Function):
+    """The identity forward; a nan gradient backward (a finite loss, non-finite gradients)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def test_updates_with_nonfinite_gradients_are_skipped_and_counted(distributed, tiny_stock):
+    cfg, model, processor, engine, scheduler = _engine(tiny_stock, max_steps=4, limit=2)
+    poison = {"on": False}
+
+    def hook(module, args, output):
+        return NanGradient.apply(output) if poison["on"] else output
+
+    model.lm_head.register_forward_hook(hook)
+    good = _batch(processor, "good", False)
+    steps = run_steps(cfg, engine, model, processor, scheduler, iter([good] * 4), 0)
+    assert next(steps)[1]["nonfinite_skipped"] == 0
+    poison["on"] = True
+    _, row, _ = next(steps)
+    # the loss was finite; DeepSpeed found the gradients were not and skipped the update
+    assert math.isfinite(row["loss"]) and row["nonfinite_skipped"] == 1
+    assert not engine.was_step_applied() and _finite(model)
+    with pytest.raises(NonFiniteLoss, match="non-finite gradients"):
+        next(steps)
