@@ -17,8 +17,8 @@ from transformers import AutoModelForImageTextToText
 from gazeattn import load_model
 from gazeattn.model import is_gaze_model
 from gazeattn.tiny import build_stock
+from tests.training.test_families_pipeline import _config as family_config
 from tests.training.test_families_pipeline import _image_url
-from training.config import load_config
 from training.trainer import run_finetune
 
 pytestmark = pytest.mark.slow
@@ -33,33 +33,10 @@ CASES = {
     "qwen3.5": {
         "model.visual_budget.max_pixels": 16384,
         "model.visual_budget.frames_per_video": 4,
-        # held-out scoring generates with routing reports (see the module doc)
+        # no held-out scoring in a 3-step run
         "train.heldout_every": 0,
     },
 }
-
-
-def _config(tmp_path, family, stock, tracking_uri):
-    sets = {
-        "model.name_or_path": str(stock),
-        "run.name": f"family-{family}",
-        "run.storage_path": str(tmp_path / "ray"),
-        "data.synthetic_dir": str(tmp_path / "data"),
-        "data.synthetic.n_train": 16,
-        "data.synthetic.n_test": 4,
-        "data.synthetic.image_size": 64,
-        "data.progress_bars": False,
-        "train.max_steps": 3,
-        "train.micro_batch_size": 2,
-        "train.checkpoint_every": 3,
-        "top_k_schedule.warmup_steps": 2,
-        "mlflow.tracking_uri": tracking_uri,
-        "mlflow.experiment": "families",
-        "mlflow.registered_model_name": f"family-{family}",
-        "mlflow.system_metrics": False,
-        **CASES[family],
-    }
-    return load_config("configs/demo.yaml", [f"{k}={v}" for k, v in sets.items()])
 
 
 def _served_answer(export: str) -> tuple[str, int]:
@@ -95,7 +72,7 @@ def _served_answer(export: str) -> tuple[str, int]:
 
 def _train(tmp_path, family, tracking_uri):
     stock = build_stock(tmp_path / "stock", family=family)
-    cfg = _config(tmp_path, family, stock, tracking_uri)
+    cfg = family_config(tmp_path, family, stock, tracking_uri, cases=CASES)
     try:
         result = run_finetune(cfg)
     finally:
