@@ -15,7 +15,31 @@ from PIL import Image
 from serving.images import data_url
 from serving.local import ROOT, local_serve
 
-__all__ = ["ROOT", "data_url", "image_bytes", "image_part", "local_serve", "static_files", "user"]
+__all__ = [
+    "ROOT",
+    "data_url",
+    "http_server",
+    "image_bytes",
+    "image_part",
+    "local_serve",
+    "static_files",
+    "user",
+]
+
+
+@contextmanager
+def http_server(handler):
+    """A threading HTTP server of ``handler`` on loopback; yields its base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
 
 
 @contextmanager

@@ -3,15 +3,14 @@ redirects, trickles, lies about sizes and streams too much."""
 
 from __future__ import annotations
 
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from serving.errors import BadRequest, TooLarge
 from serving.images import MAX_REDIRECTS, _resolve, fetch, load_image
-from tests.serve.harness import image_bytes
+from tests.serve.harness import http_server, image_bytes
 
 PNG = image_bytes(3)
 
@@ -96,13 +95,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def origin():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with http_server(_Handler) as url:
+        yield url
 
 
 def _fetch(origin, path, **kw):

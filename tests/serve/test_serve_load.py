@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import httpx
@@ -24,7 +23,14 @@ from gazeattn.model import load_model
 from gazeattn.ops import GazeConfig
 from gazeattn.tiny import build_tiny
 from serving.settings import ServeSettings
-from tests.serve.harness import data_url, image_bytes, image_part, local_serve, user
+from tests.serve.harness import (
+    data_url,
+    http_server,
+    image_bytes,
+    image_part,
+    local_serve,
+    user,
+)
 from tests.servers import free_port, wait_for
 
 MODEL = "gaze-load"
@@ -55,13 +61,8 @@ class _SlowImage(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def slow_host():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowImage)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with http_server(_SlowImage) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
