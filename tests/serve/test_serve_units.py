@@ -299,3 +299,22 @@ def test_mlflow_uri_resolves_to_the_model_directory(model_dir, tmp_path, monkeyp
     assert path.name == "model" and (path / "config.json").is_file()
     with pytest.raises(FileNotFoundError, match="no config.json"):
         resolve_model(str(tmp_path))
+
+
+def test_only_errors_that_name_the_request_are_client_errors():
+    """An internal ValueError (an inconsistent batch, a library's check) is a fault of the
+    server, answered 500 with the request id; errors that say what is wrong with the request
+    are 400s naming the field."""
+    from gazeattn.generation import InvalidRequest
+    from gazeattn.processing import ProcessorInputError
+    from serving.app import client_error
+    from serving.errors import ServerError
+
+    assert client_error(ValueError("the batch cache holds 3 rows; the model ran 2")) is None
+    assert client_error(RuntimeError("CUDA error")) is None
+    assert client_error(ServerError("internal")) is None
+    bad = client_error(InvalidRequest("temperature is 0 in float32", param="temperature"))
+    assert isinstance(bad, BadRequest) and bad.param == "temperature"
+    assert client_error(ProcessorInputError("media tokens in text")).status == 400
+    too_large = TooLarge("image too large", param="messages.0")
+    assert client_error(too_large) is too_large
