@@ -25,7 +25,6 @@ from evaluation.runner import (
     summarise,
 )
 from gazeattn.modeling import routed_layer_ids
-from gazeattn.ops import GazeConfig
 
 
 def row_sample(row: dict, frames_per_video: int) -> EvalSample | None:
@@ -120,8 +119,7 @@ def evaluate_dataset(
     samples.sort(key=lambda r: r.id)
     # the layers measured follow from the model's config: no model on the driver
     hf = AutoConfig.from_pretrained(model_path)
-    saved = GazeConfig.from_dict(hf.gaze_config)
-    layers = select_layers(routed_layer_ids(hf, saved.gaze_layers), config)
+    layers = select_layers(routed_layer_ids(hf, getattr(hf, "gaze_layers", None)), config)
     metrics = summarise(samples, layers)
     seconds = sum(float(row["seconds"]) for row in results)
     tokens = sum(r.completion_tokens for r in samples)
