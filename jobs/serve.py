@@ -4,12 +4,13 @@
 
 The deployment options (autoscaling, actor resources, max_ongoing_requests) and
 the app's settings come from the config's first application; --model and
---model-name replace its model. Ctrl-C stops Serve.
+--model-name replace its model. Ctrl-C (SIGINT) or SIGTERM stops Serve.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import time
 from pathlib import Path
 
@@ -35,6 +36,10 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=CONFIG)
     args = parser.parse_args()
 
+    # Ctrl-C (and SIGTERM) stop Serve cleanly, also when this was started as a background
+    # job of a shell, which starts it with SIGINT ignored (Python then raises nothing on it)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     application = yaml.safe_load(args.config.read_text())["applications"][0]
     settings = ServeSettings.model_validate(
         {**application.get("args", {}), "model": args.model, "model_name": args.model_name}
