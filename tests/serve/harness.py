@@ -45,16 +45,8 @@ def http_server(handler):
 @contextmanager
 def static_files(root: Path):
     """A plain HTTP file server on loopback (the target of allow-listed image URLs)."""
-    handler = partial(_QuietHandler, directory=str(root))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with http_server(partial(_QuietHandler, directory=str(root))) as url:
+        yield url
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
