@@ -69,7 +69,9 @@ def _image_url(seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _served_answer(export: str) -> tuple[str, int]:
+def _served_answer(export: str, video_frames: int = 0) -> tuple[str, int]:
+    """The export served on a local Ray Serve, asked through the openai client about an
+    image (and a video of ``video_frames`` frames): its answer and prompt tokens."""
     from openai import OpenAI
     from ray import serve
 
@@ -78,6 +80,8 @@ def _served_answer(export: str) -> tuple[str, int]:
     from serving.settings import ServeSettings
 
     settings = ServeSettings(model=export, model_name="family")
+    frames = [{"url": _image_url(10 + i)} for i in range(video_frames)]
+    video = [{"type": "video_frames", "video_frames": frames}] if frames else []
     with local_serve() as url:
         serve.run(app(settings, num_replicas=1), route_prefix="/")
         client = OpenAI(base_url=f"{url}/v1", api_key="unused")
@@ -90,6 +94,7 @@ def _served_answer(export: str) -> tuple[str, int]:
                     "role": "user",
                     "content": [
                         {"type": "image_url", "image_url": {"url": _image_url(3)}},
+                        *video,
                         {"type": "text", "text": "What colour is the square?"},
                     ],
                 }

@@ -18,7 +18,7 @@ from gazeattn import load_model
 from gazeattn.model import is_gaze_model
 from gazeattn.tiny import build_stock
 from tests.training.test_families_pipeline import _config as family_config
-from tests.training.test_families_pipeline import _image_url
+from tests.training.test_families_pipeline import _served_answer
 from training.trainer import run_finetune
 
 pytestmark = pytest.mark.slow
@@ -37,37 +37,6 @@ CASES = {
         "train.heldout_every": 0,
     },
 }
-
-
-def _served_answer(export: str) -> tuple[str, int]:
-    from openai import OpenAI
-    from ray import serve
-
-    from serving.app import app
-    from serving.local import local_serve
-    from serving.settings import ServeSettings
-
-    settings = ServeSettings(model=export, model_name="family")
-    frames = [{"url": _image_url(10 + i)} for i in range(4)]
-    with local_serve() as url:
-        serve.run(app(settings, num_replicas=1), route_prefix="/")
-        client = OpenAI(base_url=f"{url}/v1", api_key="unused")
-        reply = client.chat.completions.create(
-            model="family",
-            max_tokens=4,
-            temperature=0,
-            messages=[
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image_url", "image_url": {"url": _image_url(3)}},
-                        {"type": "video_frames", "video_frames": frames},
-                        {"type": "text", "text": "What colour is the square?"},
-                    ],
-                }
-            ],
-        )
-    return reply.choices[0].message.content, reply.usage.prompt_tokens
 
 
 def _train(tmp_path, family, tracking_uri):
@@ -90,7 +59,7 @@ def test_qwen3_families_through_the_whole_pipeline(tmp_path, mlflow_server, fami
     from evaluation.cli import evaluate_main
 
     export, _, _ = _train(tmp_path, family, mlflow_server.uri)
-    answer, prompt_tokens = _served_answer(export)
+    answer, prompt_tokens = _served_answer(export, video_frames=4)
     # the image's tokens and two timestamped temporal patches of the 4 frames
     assert isinstance(answer, str) and prompt_tokens > 2 * 4
     report = evaluate_main(
