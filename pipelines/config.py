@@ -44,6 +44,12 @@ class SyntheticSettings(Settings):
         "position (of the shape of a colour), shape (which shape the one of a colour is), "
         "shape_at (which shape is at a position)",
     )  # fmt: skip
+    question_first: bool = Field(
+        False,
+        description="the first question in a user turn of its own before the media's turn, "
+        "not after the media in one turn (LLaVA's <image>\\n{question}): then no question "
+        "token can attend to the media (causal); further turns (train_questions) follow it",
+    )
     shapes_per_image: int = Field(3, ge=1, le=9, description="shapes per image (task scatter)")
     seed: int = Field(0, description="everything generated is a function of it")
     shard_size: str = Field("512MB", description="target size of a shard")

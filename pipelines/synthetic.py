@@ -18,6 +18,10 @@
 - Videos (mp4, written with PyAV): a plain background in which one shape appears in exactly
   one frame, in one cell of the grid; the question asks for its colour (balanced too).
   ``target_frame`` is that frame.
+- ``question_first``: the first question comes before the media, in a user turn of its own
+  (then a user turn "<image>", then the answer), instead of LLaVA's "<image>\n{question}";
+  further turns follow the media. Its own turn, since a chat template may render a turn's
+  media before its text whatever their order (the tiny checkpoint's does, as llava-hf's do).
 
 ``target_box`` = [x0, y0, x1, y1] is the box of the shape the answer depends on, in pixels of
 the original image (``image_size`` = [w, h]). No image of the test split is an image of the
@@ -113,7 +117,13 @@ def position_words(box: tuple[int, int, int, int], size: int) -> str:
 
 
 def image_record(
-    rng: np.random.Generator, rid: str, media: Path, size: int, index: int, count: int = 3
+    rng: np.random.Generator,
+    rid: str,
+    media: Path,
+    size: int,
+    index: int,
+    count: int = 3,
+    question_first: bool = False,
 ) -> dict:
     shapes = place_shapes(rng, size, count=count)
     background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
@@ -131,7 +141,8 @@ def image_record(
         task = "position"
         question = f"Where is the {target.colour} {target.kind}?"
         answer = position_words(target.box, size)
-    return image_entry(rid, name, question, answer, task=task, box=target.box, size=size)
+    return image_entry(rid, name, question, answer, task=task, box=target.box, size=size,
+                       question_first=question_first)  # fmt: skip
 
 
 def cell_words(row: int, col: int, grid: int) -> str:
@@ -204,11 +215,13 @@ def grid_record(
     fill: float = 2 / 3,
     questions: int = 1,
     kinds: tuple[str, ...] = DEFAULT_GRID_KINDS,
+    question_first: bool = False,
 ) -> dict:
     """One image of the grid task; ``index`` cycles the question kind, cell and colour.
 
     ``questions`` > 1 adds turns about other cells (in random order, the kinds alternating);
-    the record's task, target box and first question are the first turn's."""
+    the record's task, target box and first question are the first turn's (before the image
+    when ``question_first``)."""
     cells, turn_of = grid * grid, index // len(kinds)
     kind = kinds[index % len(kinds)]
     target_cell = turn_of % cells
@@ -232,9 +245,8 @@ def grid_record(
     name = f"{rid}.{ext}"
     image.save(media / name, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
     task, question, answer = grid_question(shapes, target_cell, grid, kind)
-    record = image_entry(
-        rid, name, question, answer, task=task, box=shapes[target_cell].box, size=size
-    )
+    record = image_entry(rid, name, question, answer, task=task, box=shapes[target_cell].box,
+                         size=size, question_first=question_first)  # fmt: skip
     others = (
         [int(c) for c in rng.permutation(cells) if c != target_cell][: questions - 1]
         if questions > 1
@@ -266,15 +278,31 @@ def grid_question(shapes: list[Shape], cell: int, grid: int, kind: str) -> tuple
     return "grid_position", f"Where is the {shape.colour} shape?", where
 
 
+def first_turns(marker: str, question: str, question_first: bool = False) -> list[dict]:
+    """The human turns before the first answer: the media marker, then the question (LLaVA's
+    "<image>\n{question}"), or the question in a turn of its own, then the marker's turn."""
+    if question_first:
+        return [{"from": "human", "value": question}, {"from": "human", "value": marker}]
+    return [{"from": "human", "value": f"{marker}\n{question}"}]
+
+
 def image_entry(
-    rid: str, name: str, question: str, answer: str, *, task: str, box, size: int
+    rid: str,
+    name: str,
+    question: str,
+    answer: str,
+    *,
+    task: str,
+    box,
+    size: int,
+    question_first: bool = False,
 ) -> dict:
     """One image record in LLaVA format, with the target box (pixels of the original image)."""
     return {
         "id": rid,
         "image": name,
         "conversations": [
-            {"from": "human", "value": f"<image>\n{question}"},
+            *first_turns("<image>", question, question_first),
             {"from": "gpt", "value": answer},
         ],
         "task": task,
@@ -308,6 +336,7 @@ def video_record(
     index: int = 0,
     grid: int = 3,
     fill: float = 2 / 3,
+    question_first: bool = False,
 ) -> dict:
     """One shape in one cell of the grid, in one frame; its colour cycles with ``index``."""
     background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
@@ -328,7 +357,9 @@ def video_record(
         "id": rid,
         "video": name,
         "conversations": [
-            {"from": "human", "value": f"<video>\nWhat colour is the {shape.kind} that appears?"},
+            *first_turns(
+                "<video>", f"What colour is the {shape.kind} that appears?", question_first
+            ),
             {"from": "gpt", "value": shape.colour},
         ],
         "task": "video_colour",
@@ -373,6 +404,7 @@ def generate(
                         index=videos,
                         grid=cells,
                         fill=s.shape_fill,
+                        question_first=s.question_first,
                     )  # fmt: skip
                 )
                 videos += 1
@@ -389,11 +421,20 @@ def generate(
                         fill=s.shape_fill,
                         questions=s.train_questions if split == "train" else 1,
                         kinds=s.grid_kinds,
+                        question_first=s.question_first,
                     )  # fmt: skip
                 )
             else:
                 records.append(
-                    image_record(rng, rid, media, s.image_size, i, count=s.shapes_per_image)
+                    image_record(
+                        rng,
+                        rid,
+                        media,
+                        s.image_size,
+                        i,
+                        count=s.shapes_per_image,
+                        question_first=s.question_first,
+                    )  # fmt: skip
                 )
         paths[split] = out / f"{split}.json"
         paths[split].write_text(json.dumps(records, indent=1))

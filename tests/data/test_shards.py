@@ -391,3 +391,42 @@ def test_the_command_line_is_the_settings(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--grid", "2", "--train-questions", "5"])
     assert "train_questions" in capsys.readouterr().err
+
+
+def test_question_first_puts_the_question_in_a_turn_before_the_media(tmp_path):
+    """question_first: the first question is a user turn of its own before the media's turn
+    (so no question token can attend to the image), the same question and answer as without
+    it; further turns follow; the processor encodes the question's tokens before the image."""
+    from gazeattn.model import load_model
+    from pipelines.conversation import to_messages
+
+    fields = dict(n_train=6, n_test=3, image_size=48, video_fraction=0.3, task="grid", grid=3,
+                  grid_kinds=["shape"], train_questions=2, seed=7)  # fmt: skip
+    plain = generate(tmp_path / "plain", **fields)
+    first = generate(tmp_path / "first", question_first=True, **fields)
+    for split in ("train", "test"):
+        records = json.loads(first[split].read_text())
+        for r, p in zip(records, json.loads(plain[split].read_text()), strict=True):
+            marker = "<video>" if r.get("video") else "<image>"
+            question = p["conversations"][0]["value"].removeprefix(f"{marker}\n")
+            assert r["conversations"][:3] == [
+                {"from": "human", "value": question},
+                {"from": "human", "value": marker},
+                p["conversations"][1],
+            ]
+            assert r["conversations"][3:] == p["conversations"][2:]  # further turns
+            assert all(marker not in t["value"] for t in r["conversations"][2:])
+            assert {k: v for k, v in r.items() if k != "conversations"} == {
+                k: v for k, v in p.items() if k != "conversations"
+            }
+    model_dir = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-grid3"
+    _, processor = load_model(model_dir)
+    r = next(r for r in records if r.get("image"))
+    image = np.asarray(Image.open(tmp_path / "first" / "media" / r["image"]).convert("RGB"))
+    encoded = processor.encode_sample(to_messages(r["conversations"]), [image])
+    kinds = [part[0] for part in encoded["parts"]]
+    assert kinds == ["text", "image", "text"], encoded["parts"]
+    before = encoded["input_ids"][: encoded["parts"][0][1]].tolist()
+    colour = r["conversations"][0]["value"].removeprefix("What shape is the ").removesuffix(" one?")
+    word = processor.tokenizer.encode(f" {colour}", add_special_tokens=False)
+    assert any(before[i : i + len(word)] == word for i in range(len(before))), "asked before"
