@@ -204,6 +204,15 @@ class GazeProcessor(ProcessorMixin):
         self.visual_budget = budget or VisualBudget()
         return self
 
+    def fit_image(self, image):
+        """``image`` (RGB) shrunk now to the size its encoding resizes it to (where smaller),
+        with the same resize: encoding the result gives the original's pixels."""
+        return self.rules.fit_image(image, self.visual_budget)
+
+    def fit_video(self, frames: list) -> list:
+        """``fit_image`` for the frames of one video given without timing."""
+        return self.rules.fit_video(frames, self.visual_budget)
+
     # ---- persistence: transformers' processor files, plus our settings in processor_config.json
 
     def to_dict(self) -> dict[str, Any]:

@@ -175,7 +175,9 @@ def prepare(
         content = message.content
         if isinstance(content, list):
             content = [
-                _part(part, images, videos, settings, budget, f"messages.{i}.content.{j}")
+                _part(
+                    part, images, videos, settings, budget, f"messages.{i}.content.{j}", processor
+                )
                 for j, part in enumerate(content)
             ]
         messages.append({"role": role, "content": content or ""})
@@ -231,8 +233,16 @@ def prepare(
 
 
 def _part(
-    part, images: list, videos: list, settings: ServeSettings, budget: PixelBudget, where: str
+    part,
+    images: list,
+    videos: list,
+    settings: ServeSettings,
+    budget: PixelBudget,
+    where: str,
+    processor: GazeProcessor,
 ) -> dict:
+    """One content part; each image (each video) is shrunk to the size its encoding takes as
+    soon as it is decoded, so a request holds its originals one at a time."""
     if isinstance(part, TextPart):
         return {"type": "text", "text": part.text}
     options = dict(
@@ -244,15 +254,15 @@ def _part(
         budget=budget,
     )
     if isinstance(part, ImagePart):
-        images.append(load_image(part.image_url.url, param=f"{where}.image_url", **options))
+        image = load_image(part.image_url.url, param=f"{where}.image_url", **options)
+        images.append(processor.fit_image(image))
         return {"type": "image"}
     assert isinstance(part, VideoFramesPart)
-    videos.append(
-        [
-            load_image(frame.url, param=f"{where}.video_frames.{k}", **options)
-            for k, frame in enumerate(part.video_frames)
-        ]
-    )
+    frames = [
+        load_image(frame.url, param=f"{where}.video_frames.{k}", **options)
+        for k, frame in enumerate(part.video_frames)
+    ]
+    videos.append(processor.fit_video(frames))
     return {"type": "video"}
 
 

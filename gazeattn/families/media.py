@@ -102,6 +102,40 @@ class MediaRules:
         whose prompt shows the frames' times reads the clip's timing too)."""
         return self.process_video(list(clip.frames), budget)
 
+    def fit_image(self, image, budget):
+        """``image`` (RGB) at the size this family's processing resizes it to, where that is
+        smaller: the image processor's own resize, done as soon as an image is decoded, so
+        that a request holds no more pixels than its encoding uses. Encoding the result
+        resizes it to its own size, which PIL does as a copy: the encoded pixels are the
+        original's (tests/model/test_media_fit.py checks it for every family)."""
+        if not self.image_processor.do_resize:
+            return image
+        return _smaller(image, self._resized(_chw(image), budget, video=False))
+
+    def fit_video(self, frames: list, budget) -> list:
+        """The frames of a video given without timing (as ``process_video`` takes them), each
+        at the size its processing resizes it to, where that is smaller."""
+        if not self.image_processor.do_resize:
+            return list(frames)
+        return [_smaller(f, self._resized(_chw(f), budget, video=True)) for f in frames]
+
+    def _resized(self, array: np.ndarray, budget, *, video: bool) -> np.ndarray:
+        """The image processor's resize of one uint8 [C, H, W] image or frame."""
+        raise NotImplementedError
+
+
+def _chw(image) -> np.ndarray:
+    return np.asarray(image, np.uint8).transpose(2, 0, 1)
+
+
+def _smaller(image, resized: np.ndarray):
+    """``resized`` ([C, H, W]) as an image when it has fewer pixels than ``image``."""
+    if resized.shape[1] * resized.shape[2] >= image.width * image.height:
+        return image
+    from PIL import Image
+
+    return Image.fromarray(np.ascontiguousarray(resized.transpose(1, 2, 0)))
+
 
 class LlavaRules(MediaRules):
     """LLaVA: ``<image>`` becomes one token per patch of the tower's input (plus a CLS when kept).
@@ -151,6 +185,10 @@ class LlavaRules(MediaRules):
 
     def process_image(self, image, budget) -> Media:
         return self._media("image", [image])
+
+    def _resized(self, array: np.ndarray, budget, *, video: bool) -> np.ndarray:
+        ip = self.image_processor
+        return ip.resize(array, size=ip.size, resample=ip.resample)
 
     def process_video(self, frames: list, budget) -> Media:
         return self._media("video", frames)
@@ -232,16 +270,20 @@ class QwenVLRules(MediaRules):
             },
         )
 
+    def _resized(self, array: np.ndarray, budget, *, video: bool) -> np.ndarray:
+        ip = self.image_processor
+        factor = self.vision["patch_size"] * self.vision["merge_size"]
+        size = self._size(budget, video=video)
+        return ip.resize(array, size=size, resample=ip.resample, factor=factor)
+
     def process_video(self, frames: list, budget) -> Media:
         ip = self.image_processor
         p, merge, tps = (
             self.vision[k] for k in ("patch_size", "merge_size", "temporal_patch_size")
         )
-        size = self._size(budget, video=True)
         prepared = []
         for frame in frames:
-            array = np.asarray(frame, np.uint8).transpose(2, 0, 1)  # [C, H, W]
-            array = ip.resize(array, size=size, resample=ip.resample, factor=p * merge)
+            array = self._resized(_chw(frame), budget, video=True)
             array = ip.rescale(array.astype(np.float32), ip.rescale_factor)
             prepared.append(ip.normalize(array, ip.image_mean, ip.image_std))
         video = np.stack(prepared).astype(np.float32)  # [F, C, H, W]
@@ -327,11 +369,7 @@ class Qwen3VLRules(QwenVLRules):
             fps = self.default_video_fps
         frames, indices = list(clip.frames), clip.indices
         if indices is None:
-            picked = (
-                self.frame_indices(len(frames), fps)
-                if self.vision["do_sample_frames"]
-                else np.arange(len(frames))
-            )
+            picked = self._picked(len(frames), fps)
             frames, indices = [frames[i] for i in picked], picked.tolist()
         pixels, grid = self._pixels(frames, budget)
         start, end = self.markers
@@ -348,6 +386,22 @@ class Qwen3VLRules(QwenVLRules):
             frame_text=text,
         )
 
+    def fit_video(self, frames: list, budget) -> list:
+        """The frames at the one size their video is resized to (from as many frames as the
+        sampling keeps of them, at the default fps of frames given without timing)."""
+        frames = list(frames)
+        if not frames or len({f.size for f in frames}) > 1 or not self.image_processor.do_resize:
+            return frames  # (frames of different sizes are refused when encoded)
+        count = len(self._picked(len(frames), self.default_video_fps))
+        height, width = self._video_size(count, frames[0].height, frames[0].width, budget)
+        return [_smaller(f, self._resize_to(_chw(f), height, width)) for f in frames]
+
+    def _picked(self, total: int, fps: float) -> np.ndarray:
+        """Which of ``total`` frames given without indices are encoded."""
+        if self.vision["do_sample_frames"]:
+            return self.frame_indices(total, fps)
+        return np.arange(total)
+
     def frame_indices(self, total: int, fps: float) -> np.ndarray:
         """Which of ``total`` frames of a ``fps`` video the stock ``sample_frames`` keeps."""
         v = self.vision
@@ -361,33 +415,17 @@ class Qwen3VLRules(QwenVLRules):
 
     def _pixels(self, frames: list, budget) -> tuple[np.ndarray, tuple[int, int, int]]:
         """Patches [gt * gh * gw, C * tps * p * p] of the frames, and the grid (gt, gh, gw)."""
-        from transformers.image_utils import SizeDict
-        from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
-
         ip = self.image_processor
         p, merge, tps = (
             self.vision[k] for k in ("patch_size", "merge_size", "temporal_patch_size")
         )
-        arrays = [np.asarray(frame, np.uint8).transpose(2, 0, 1) for frame in frames]  # [C, H, W]
+        arrays = [_chw(frame) for frame in frames]  # [C, H, W]
         if len({a.shape for a in arrays}) > 1:
             raise ValueError("the frames of a video must have one size")
-        low, high = self._video_bounds(budget, len(arrays), p * merge)
-        height, width = smart_resize(
-            num_frames=len(arrays),
-            height=arrays[0].shape[1],
-            width=arrays[0].shape[2],
-            temporal_factor=tps,
-            factor=p * merge,
-            min_pixels=low,
-            max_pixels=high,
-        )
-        # the image processor's own resize (PIL) to that size: its parent class's, since its
-        # own resize picks a per-image size
-        resize = next(c for c in type(ip).__mro__[1:] if "resize" in c.__dict__).resize
-        size = SizeDict(height=height, width=width)
+        height, width = self._video_size(len(arrays), *arrays[0].shape[1:], budget)
         prepared = []
         for array in arrays:
-            array = resize(ip, image=array, size=size, resample=ip.resample)
+            array = self._resize_to(array, height, width)
             array = ip.rescale(array.astype(np.float32), ip.rescale_factor)
             prepared.append(ip.normalize(array, ip.image_mean, ip.image_std))
         video = np.stack(prepared).astype(np.float32)  # [F, C, H, W]
@@ -401,6 +439,33 @@ class Qwen3VLRules(QwenVLRules):
         patches = patches.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
         flat = np.ascontiguousarray(patches.reshape(gt * gh * gw, c * tps * p * p), np.float32)
         return flat, (gt, gh, gw)
+
+    def _video_size(self, frames: int, height: int, width: int, budget) -> tuple[int, int]:
+        """(height, width) of every frame of a ``frames``-frame video of that size."""
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
+
+        factor = self.vision["patch_size"] * self.vision["merge_size"]
+        low, high = self._video_bounds(budget, frames, factor)
+        return smart_resize(
+            num_frames=frames,
+            height=height,
+            width=width,
+            temporal_factor=self.vision["temporal_patch_size"],
+            factor=factor,
+            min_pixels=low,
+            max_pixels=high,
+        )
+
+    def _resize_to(self, array: np.ndarray, height: int, width: int) -> np.ndarray:
+        """The image processor's own resize (PIL) of a [C, H, W] frame to that size: its
+        parent class's, since its own resize picks a per-image size."""
+        from transformers.image_utils import SizeDict
+
+        ip = self.image_processor
+        resize = next(c for c in type(ip).__mro__[1:] if "resize" in c.__dict__).resize
+        return resize(
+            ip, image=array, size=SizeDict(height=height, width=width), resample=ip.resample
+        )
 
     def _video_bounds(self, budget, frames: int, factor: int) -> tuple[int, int]:
         """(min, max) pixels over all of a video's frames: the checkpoint's, or the budget's

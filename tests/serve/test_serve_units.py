@@ -183,6 +183,32 @@ def test_the_pixels_of_a_request_are_bounded_together(model_dir):
     assert err.value.param == "messages.0.content.2.image_url"
 
 
+def test_images_are_shrunk_as_they_are_decoded(model_dir, monkeypatch):
+    """Each image and video leaves the decoder at the size its encoding takes (the tiny
+    model's 96 px), before the next is decoded; what is encoded is the original's pixels
+    (tests/model/test_media_fit.py)."""
+    from serving.requests import prepare
+
+    _, processor = load_model(model_dir)
+    decoded, encoded = [], []
+    fit_image = processor.fit_image
+    monkeypatch.setattr(processor, "fit_image", lambda im: decoded.append(im.size) or fit_image(im))
+    encode = processor.encode_sample
+
+    def record(messages, images, videos, **kw):
+        encoded.extend(im.size for im in [*images, *[f for v in videos for f in v]])
+        return encode(messages, images=images, videos=videos, **kw)
+
+    monkeypatch.setattr(processor, "encode_sample", record)
+    settings = ServeSettings(model=str(model_dir))
+    big = data_url(image_bytes(0, size=(300, 500)))
+    frames = {"type": "video_frames", "video_frames": [{"url": big}, {"url": big}]}
+    data = {"model": "m", "messages": user(image_part(big), frames), "max_tokens": 2}
+    prepare(ChatCompletionRequest.model_validate(data), settings, processor, "m", 2)
+    assert decoded == [(500, 300)]
+    assert encoded == [(96, 96)] * 3
+
+
 def test_prepare_checks_and_converts(model_dir):
     from serving.requests import prepare
 

@@ -1,0 +1,70 @@
+"""Images and video frames shrunk as soon as they are decoded (``GazeProcessor.fit_image`` /
+``fit_video``, #25 item 2) encode exactly as the originals do, in every family: the early
+resize is the processing's own, and its later resize of the result keeps it as it is."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gazeattn.ops import GazeConfig
+from gazeattn.processing import GazeProcessor
+from gazeattn.tiny import FAMILIES, build_tiny
+
+
+@pytest.fixture(scope="module")
+def processors(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fit")
+    config = GazeConfig(keep_ratio=0.3, num_context_tokens=2)
+    return {
+        f: GazeProcessor.from_pretrained(str(build_tiny(root / f, family=f, gaze_config=config)))
+        for f in FAMILIES
+    }
+
+
+def _noise(seed: int, width: int, height: int) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def _encode(processor, images=(), videos=()):
+    content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]
+    messages = [{"role": "user", "content": [*content, {"type": "text", "text": "what?"}]}]
+    return processor.encode_sample(
+        messages, images=list(images), videos=list(videos), add_generation_prompt=True
+    )
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert np.array_equal(a["input_ids"], b["input_ids"]) and a["parts"] == b["parts"]
+    assert a["vision"] and list(a["vision"]) == list(b["vision"])
+    for key, array in a["vision"].items():
+        assert np.array_equal(array, b["vision"][key]), key
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_fitted_image_encodes_as_the_original(processors, family):
+    processor = processors[family]
+    for seed, (width, height) in enumerate([(523, 301), (150, 700), (640, 640)]):
+        original = _noise(seed, width, height)
+        fitted = processor.fit_image(original)
+        # every tiny family resizes these into fewer pixels
+        assert fitted.width * fitted.height < width * height, (family, fitted.size)
+        _assert_same(_encode(processor, images=[fitted]), _encode(processor, images=[original]))
+    small = _noise(9, 12, 10)  # upscaled by the processing: kept as it is
+    assert processor.fit_image(small) is small
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fitted_video_frames_encode_as_the_originals(processors, family):
+    processor = processors[family]
+    frames = [_noise(10 + i, 300, 180) for i in range(6)]
+    fitted = processor.fit_video(frames)
+    assert len(fitted) == len(frames)
+    assert len({f.size for f in fitted}) == 1 and fitted[0].width < 300, fitted[0].size
+    _assert_same(_encode(processor, videos=[fitted]), _encode(processor, videos=[frames]))
+    # frames of different sizes are left for the encoding to refuse
+    mixed = [_noise(1, 300, 180), _noise(2, 200, 180)]
+    if family.startswith("qwen3"):
+        assert processor.fit_video(mixed) == mixed
