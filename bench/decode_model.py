@@ -111,7 +111,7 @@ def main() -> None:
     }
     rows = []
     for name, prompt in prompts(args.frames).items():
-        length = len(processor.encode_sample(add_generation_prompt=True, **prompt)["input_ids"])
+        length = len(processor.encode_sample(add_generation_prompt=True, **prompt))
         for batch in args.batch:
             runs: dict[str, list[tuple[float, float]]] = {m: [] for m in (*configs, "stock-sdpa")}
             for _ in range(args.repeats):

@@ -233,7 +233,7 @@ def main() -> None:
                 [{"role": "user", "content": [{"type": "video"}, messages[0]["content"][1]]}],
                 videos=[[np.zeros((384, 384, 3), np.uint8)] * args.frames],
                 add_generation_prompt=True,
-            )["input_ids"]
+            )
         )
         bias = {str(i): -100 for i in processor.stop_token_ids}
         deployments = {}

@@ -52,6 +52,7 @@ from gazeattn.generation import (
 from gazeattn.modeling import GazeState, gaze_module, is_gaze_model, routing_layer_of
 from gazeattn.ops.layout import GazeLayout, stack_rows
 from gazeattn.processing import GazeProcessor
+from gazeattn.sample import EncodedSample
 
 MAX_TOP_LOGPROBS = 20
 
@@ -97,7 +98,7 @@ class EngineSequence:
 
     _ids = itertools.count()
 
-    def __init__(self, request: GenerationRequest, sample: dict, options: dict):
+    def __init__(self, request: GenerationRequest, sample: EncodedSample, options: dict):
         self.id = next(self._ids)
         self.request = request
         self.sample = sample
@@ -109,7 +110,7 @@ class EngineSequence:
         self.logit_bias: dict[int, float] = options["logit_bias"]
         self.peak_batch = 0  # the most sequences it decoded together with (itself included)
         self.tag: Any = None
-        self.prompt_tokens = len(sample["input_ids"])
+        self.prompt_tokens = len(sample)
         self.tokens: list[int] = []
         self.sent = ""  # text emitted so far
         self.final: str | None = None  # the whole text, once done
@@ -127,11 +128,7 @@ class EngineSequence:
 
     @property
     def grids(self) -> list[list[int]]:
-        return [
-            list(p[1:4]) if p[0] == "video" else [1, *p[1:3]]
-            for p in self.sample["parts"]
-            if p[0] != "text"
-        ]
+        return self.sample.grids
 
 
 class Engine:
@@ -184,7 +181,7 @@ class Engine:
         self,
         request: GenerationRequest,
         *,
-        sample: dict | None = None,
+        sample: EncodedSample | None = None,
         return_routing: bool = False,
         routing_layer: int | None = None,
         top_logprobs: int | None = None,

@@ -141,15 +141,8 @@ class _decode:
         if return_routing and is_gaze_model(model):
             routing_layer = routing_layer_of(model, routing_layer)
         self.batch = processor.collate(samples, padding_side="left")
-        self.prompt_lens = [len(s["input_ids"]) for s in samples]
-        self.grids = [
-            [
-                list(p[1:4]) if p[0] == "video" else [1, *p[1:3]]
-                for p in s["parts"]
-                if p[0] != "text"
-            ]
-            for s in samples
-        ]
+        self.prompt_lens = [len(s) for s in samples]
+        self.grids = [s.grids for s in samples]
         self.stops = set(processor.stop_token_ids)
         # placeholders only the processor may place: a sampled one would break the next step
         banned = set(processor.placeholder_ids) | {processor.tokenizer.pad_token_id}

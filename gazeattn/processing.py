@@ -30,9 +30,10 @@ import torch
 from PIL import Image as PILImage
 from transformers import BatchFeature, ProcessorMixin
 
-from gazeattn.ops import GazeConfig, GazeLayout, Image, Video, build_layout
+from gazeattn.ops import GazeConfig, GazeLayout, build_layout
+from gazeattn.ops.layout import Part
+from gazeattn.sample import IGNORE, EncodedSample
 
-IGNORE = -100
 CONTEXT_TOKEN = "<|gaze_ctx|>"
 
 
@@ -304,8 +305,8 @@ class GazeProcessor(ProcessorMixin):
         label_spans: Sequence[tuple[int, int]] = (),
         add_special_tokens: bool | None = None,
         max_length: int | None = None,
-    ) -> dict[str, Any]:
-        """One prompt with media markers -> ids, labels, vision arrays and parts.
+    ) -> EncodedSample:
+        """One prompt with media markers -> its encoded sample.
 
         The i-th image marker takes ``images[i]`` and the j-th video marker ``videos[j]``;
         each becomes the family's visual tokens plus the context placeholders, and the whole
@@ -367,17 +368,17 @@ class GazeProcessor(ProcessorMixin):
         limit = max_length or self.max_length
         if len(ids) > limit:
             raise SequenceTooLong(len(ids), limit)
-        return {
-            "input_ids": np.asarray(ids, np.int64),
-            "labels": np.asarray(labels, np.int64),
-            "vision": _merge_arrays(vision),
-            "parts": parts,
-        }
+        return EncodedSample(
+            input_ids=np.asarray(ids, np.int64),
+            labels=np.asarray(labels, np.int64),
+            vision=_merge_arrays(vision),
+            parts=parts,
+        )
 
-    def _parts(self, ids: list[int], plan: list) -> list[list]:
+    def _parts(self, ids: list[int], plan: list) -> list[Part]:
         """Walk the ids along the expansion plan: text runs, then each media item's tokens."""
         visual = {self._token_id(t) for t in self.rules.visual_tokens}
-        parts: list[list] = []
+        parts: list[Part] = []
         i = 0
         spans = [
             s for media in plan for s in media.spans(self.context_token, self.num_context_tokens)
@@ -387,7 +388,7 @@ class GazeProcessor(ProcessorMixin):
             while i < len(ids) and ids[i] not in visual:
                 i += 1
             if i > start:
-                parts.append(["text", i - start])
+                parts.append(i - start)
             expect = []
             for token, n in runs:
                 expect += [self._token_id(token)] * n
@@ -402,7 +403,7 @@ class GazeProcessor(ProcessorMixin):
         if any(t in visual for t in ids[i:]):
             raise ProcessorInputError("media tokens in text: use image/video content parts")
         if i < len(ids):
-            parts.append(["text", len(ids) - i])
+            parts.append(len(ids) - i)
         return parts
 
     # ---- chat messages
@@ -587,12 +588,10 @@ class GazeProcessor(ProcessorMixin):
         max_length: int | None = None,
         *,
         add_generation_prompt: bool = False,
-    ) -> dict[str, Any]:
-        """One conversation -> numpy arrays and plain values (Ray Data can carry them).
+    ) -> EncodedSample:
+        """One conversation -> its ``EncodedSample`` (labels: the assistant turns' tokens).
 
-        ``images``/``videos`` match the conversation's image/video parts in order. Returns
-        input_ids [T] int64, labels [T] (-100 outside assistant turns), vision (a dict of
-        float32/int64 arrays: the model's pixel inputs) and parts (JSON-able segment list).
+        ``images``/``videos`` match the conversation's image/video parts in order.
         """
         images, videos = list(images or []), list(videos or [])
         _count_parts(messages, len(images), len(videos))
@@ -612,22 +611,25 @@ class GazeProcessor(ProcessorMixin):
     # ---- batching
 
     def layout_of(
-        self, parts_list: list[list], *, padding_side: str = "right", length: int | None = None
+        self,
+        parts_list: list[list[Part]],
+        *,
+        padding_side: str = "right",
+        length: int | None = None,
     ) -> GazeLayout:
-        sequences = [[_part(p) for p in parts] for parts in parts_list]
         return build_layout(
-            sequences,
+            parts_list,
             region_size=self.region_size,
             num_context_tokens=self.num_context_tokens,
             padding_side=padding_side,
             length=length,
         )
 
-    def collate(self, samples: list[dict], padding_side: str = "right") -> dict[str, Any]:
+    def collate(self, samples: list[EncodedSample], padding_side: str = "right") -> dict[str, Any]:
         """Pad encoded samples into a batch: tensors plus the matching ``gaze_layout``."""
         if not samples:
             raise ProcessorInputError("no samples to collate")
-        length = max(len(s["input_ids"]) for s in samples)
+        length = max(len(s) for s in samples)
         pad = self.tokenizer.pad_token_id
         pad = self.tokenizer.eos_token_id if pad is None else pad
         batch = len(samples)
@@ -635,18 +637,17 @@ class GazeProcessor(ProcessorMixin):
         labels = torch.full((batch, length), IGNORE, dtype=torch.long)
         mask = torch.zeros((batch, length), dtype=torch.long)
         for b, s in enumerate(samples):
-            n = len(s["input_ids"])
+            n = len(s)
             where = slice(length - n, length) if padding_side == "left" else slice(0, n)
-            input_ids[b, where] = torch.as_tensor(np.asarray(s["input_ids"]))
-            if s.get("labels") is not None:
-                labels[b, where] = torch.as_tensor(np.asarray(s["labels"]))
+            input_ids[b, where] = torch.as_tensor(s.input_ids)
+            labels[b, where] = torch.as_tensor(s.labels)
             mask[b, where] = 1
         vision = {
             key: torch.as_tensor(value)
-            for key, value in _merge_arrays([s["vision"] for s in samples]).items()
+            for key, value in _merge_arrays([s.vision for s in samples]).items()
         }
         layout = self.layout_of(
-            [_parts_of(s) for s in samples], padding_side=padding_side, length=length
+            [s.parts for s in samples], padding_side=padding_side, length=length
         )
         return {
             "input_ids": input_ids,
@@ -850,22 +851,6 @@ def _split_markers(text: str, markers: tuple[str, ...]) -> list[str]:
         out.append(marker)
         rest = rest[pos + len(marker) :]
     return out
-
-
-def _parts_of(sample: dict) -> list:
-    parts = sample["parts"]
-    return json.loads(parts) if isinstance(parts, str) else parts
-
-
-def _part(p) -> int | Image | Video:
-    kind = p[0]
-    if kind == "text":
-        return int(p[1])
-    if kind == "image":
-        return Image(int(p[1]), int(p[2]), lead=int(p[3]) if len(p) > 3 else 0)
-    if kind == "video":
-        return Video(int(p[1]), int(p[2]), int(p[3]), lead=int(p[4]) if len(p) > 4 else 0)
-    raise ProcessorInputError(f"unknown part {p!r}")
 
 
 def _with_markers(message: dict) -> dict:

@@ -29,7 +29,6 @@ collective calls:
 from __future__ import annotations
 
 import glob
-import io
 import json
 import logging
 import tarfile
@@ -44,6 +43,7 @@ import ray
 from ray.data.datasource import FileBasedDatasource, FileShuffleConfig
 
 from gazeattn.processing import VisualBudget
+from gazeattn.sample import EncodedSample
 from pipelines.accounting import drop_counter, drop_counts, report_drops, truncated_count
 from pipelines.config import DataConfig
 from pipelines.conversation import add_dummy_image, to_messages
@@ -80,15 +80,9 @@ DECODED_SCHEMA = pa.schema(
         ("media", pa.binary()),  # images, then frames, each [h, w, 3] uint8, C order
     ]
 )
+# the encoded sample's own columns (gazeattn.sample) after where it came from
 ENCODED_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("url", pa.string()),
-        ("input_ids", pa.list_(pa.int64())),
-        ("labels", pa.list_(pa.int64())),
-        ("vision", pa.binary()),  # the processor's pixel inputs (name -> array) as .npz
-        ("parts", pa.string()),  # the processor's parts as JSON
-    ]
+    [("key", pa.string()), ("url", pa.string()), *EncodedSample.arrow_fields()]
 )
 READ_CHUNK = 64
 # a text-only sample's black image: the processor resizes it as any other
@@ -287,54 +281,18 @@ def encode_batch(batch: pa.Table, *, processor, cfg: DataConfig, counter) -> pa.
         except BadSample as bad:
             events.append((row["url"], row["key"], bad.reason, bad.detail))
             continue
-        if sample["truncated"]:
+        if sample.truncated:
             events.append((row["url"], row["key"], "truncated", ""))
-        rows.append(
-            {
-                "key": row["key"],
-                "url": row["url"],
-                "input_ids": sample["input_ids"].tolist(),
-                "labels": sample["labels"].tolist(),
-                "vision": pack_arrays(sample["vision"]),
-                "parts": json.dumps(sample["parts"]),
-            }
-        )
+        rows.append({"key": row["key"], "url": row["url"], **sample.arrow_row()})
     report_drops(counter, events)
     return pa.Table.from_pylist(rows, schema=ENCODED_SCHEMA)
 
 
-def encoded_table_samples(table: pa.Table) -> Iterator[dict[str, Any]]:
-    """Encoded rows (``ENCODED_SCHEMA``) -> the processor's sample dicts, reading the arrow
-    buffers without building Python lists of every token."""
-    ids = table.column("input_ids").combine_chunks()
-    labels = table.column("labels").combine_chunks()
-    vision = table.column("vision").to_pylist()
-    parts = table.column("parts").to_pylist()
+def encoded_table_samples(table: pa.Table) -> Iterator[EncodedSample]:
+    """Encoded rows (``ENCODED_SCHEMA``) -> their samples, with their sample ids."""
     keys, urls = table.column("key").to_pylist(), table.column("url").to_pylist()
-    offsets = ids.offsets.to_numpy()
-    flat_ids, flat_labels = ids.values.to_numpy(), labels.values.to_numpy()
-    for i in range(len(table)):
-        start, end = offsets[i], offsets[i + 1]
-        yield {
-            "sample_id": sample_id(urls[i], keys[i]),
-            # copies: arrow buffers are read-only and torch wants writable arrays
-            "input_ids": flat_ids[start:end].copy(),
-            "labels": flat_labels[start:end].copy(),
-            "vision": unpack_arrays(vision[i]),
-            "parts": json.loads(parts[i]),
-        }
-
-
-def pack_arrays(arrays: dict[str, np.ndarray]) -> bytes:
-    """Named arrays -> .npz bytes (no pickling)."""
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
-
-
-def unpack_arrays(data: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-        return {name: archive[name] for name in archive.files}
+    ids = [sample_id(url, key) for url, key in zip(urls, keys, strict=True)]
+    return EncodedSample.from_arrow(table, ids)
 
 
 def decoded_media(row: dict[str, Any]) -> tuple[list, list]:
@@ -352,11 +310,9 @@ def decoded_media(row: dict[str, Any]) -> tuple[list, list]:
     return images, videos
 
 
-def encode_row(row: dict[str, Any], processor, cfg: DataConfig) -> dict[str, Any]:
-    """A decoded row -> the processor's encoded sample; raises BadSample when it must be dropped.
-
-    The returned dict also has ``truncated`` (bool).
-    """
+def encode_row(row: dict[str, Any], processor, cfg: DataConfig) -> EncodedSample:
+    """A decoded row -> the processor's encoded sample (``truncated`` when the length policy
+    cut it); raises BadSample when it must be dropped."""
     from gazeattn.processing import ProcessorInputError, SequenceTooLong
 
     record = json.loads(row["record"])
@@ -379,28 +335,22 @@ def encode_row(row: dict[str, Any], processor, cfg: DataConfig) -> dict[str, Any
     return fit_length(sample, cfg)
 
 
-def fit_length(sample: dict[str, Any], cfg: DataConfig) -> dict[str, Any]:
+def fit_length(sample: EncodedSample, cfg: DataConfig) -> EncodedSample:
     """Apply the length policy: keep, truncate in the trailing text, or raise too_long."""
-    length = len(sample["input_ids"])
-    sample["truncated"] = False
-    if length <= cfg.max_length:
+    if len(sample) <= cfg.max_length:
         return sample
-    parts = [list(p) for p in sample["parts"]]
-    tail = parts[-1][1] if parts and parts[-1][0] == "text" else 0
-    cut = length - cfg.max_length
-    if cfg.length_policy == "drop" or cut >= tail:
-        raise BadSample("too_long", f"{length} tokens > {cfg.max_length}")
-    labels = sample["labels"][: cfg.max_length]
+    too_long = BadSample("too_long", f"{len(sample)} tokens > {cfg.max_length}")
+    if cfg.length_policy == "drop":
+        raise too_long
+    try:
+        cut = sample.truncated_to(cfg.max_length)
+    except ValueError:  # the cut would reach into a media item
+        raise too_long from None
     # the answer comes last: a cut can take all of it, and a batch of such samples has no
     # token to learn from (its loss is 0 / 0 = nan)
-    if not (np.asarray(labels) >= 0).any():
-        raise BadSample("answer_truncated", f"{length} tokens cut to {cfg.max_length}")
-    parts[-1][1] = tail - cut
-    sample["input_ids"] = sample["input_ids"][: cfg.max_length]
-    sample["labels"] = labels
-    sample["parts"] = parts
-    sample["truncated"] = True
-    return sample
+    if not (cut.labels >= 0).any():
+        raise BadSample("answer_truncated", f"{len(sample)} tokens cut to {cfg.max_length}")
+    return cut
 
 
 def sample_id(url: str, key: str) -> str:
@@ -442,10 +392,10 @@ def encoded_samples(shard, processor, cfg: DataConfig, *, epoch: int, stats: dic
             except BadSample as bad:
                 events.append((row["url"], row["key"], bad.reason, bad.detail))
                 continue
-            if sample.pop("truncated"):
+            if sample.truncated:
                 stats["truncated"] += 1
                 events.append((row["url"], row["key"], "truncated", ""))
-            sample["sample_id"] = sample_id(row["url"], row["key"])
+            sample.sample_id = sample_id(row["url"], row["key"])
             yield sample
         stats["dropped"] += sum(e[2] != "truncated" for e in events)
         report_drops(counter, events)
@@ -473,7 +423,7 @@ def iter_train_batches(
     stats = stats if stats is not None else {}
     for name in ("samples", "truncated", "dropped"):
         stats.setdefault(name, 0)
-    pending: list[dict] = []
+    pending: list[EncodedSample] = []
     for sample in encoded_samples(shard, processor, cfg, epoch=epoch, stats=stats):
         stats["samples"] += 1
         pending.append(sample)
@@ -482,7 +432,7 @@ def iter_train_batches(
         if not _all_ranks_have(True):
             return
         batch = processor.collate(pending)
-        ids = [s["sample_id"] for s in pending]
+        ids = [s.sample_id for s in pending]
         pending = []
         yield (batch, ids) if with_ids else batch
     _all_ranks_have(False)

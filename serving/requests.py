@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from gazeattn.generation import GenerationRequest
 from gazeattn.processing import GazeProcessor, ProcessorInputError, SequenceTooLong
+from gazeattn.sample import EncodedSample
 from serving.errors import BadRequest, NotFound
 from serving.images import PixelBudget, load_image
 from serving.schemas import (
@@ -32,7 +33,7 @@ class Prepared:
     """A validated request: the engine's request, its encoded prompt and its options."""
 
     generation: GenerationRequest
-    sample: dict | None = None  # processor.encode_sample of the prompt: decoded as is
+    sample: EncodedSample | None = None  # processor.encode_sample of the prompt
     gaze: bool
     layer: int
     prompt_tokens: int
@@ -203,7 +204,7 @@ def prepare(
     # the engine decodes the encoded sample: the full-resolution images go now, not when the
     # request ends
     generation.images, generation.videos = [], []
-    prompt_tokens = len(sample["input_ids"])
+    prompt_tokens = len(sample)
     if prompt_tokens > limit:
         raise BadRequest(
             f"the prompt has {prompt_tokens} tokens, more than this server's limit of {limit}",

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
+from gazeattn.sample import EncodedSample
 from training.config import FinetuneConfig
 
 
-def encode_records(data: Path, split: str, processor, max_length: int) -> list[dict]:
+def encode_records(data: Path, split: str, processor, max_length: int) -> list[EncodedSample]:
     """Every record of ``data/{split}.json`` (the synthetic generator's output) encoded."""
     import numpy as np
     from PIL import Image
@@ -49,7 +50,7 @@ def train(
     cfg: FinetuneConfig,
     model,
     processor,
-    samples: list[dict],
+    samples: list[EncodedSample],
     *,
     log_every: int = 50,
 ) -> list[float]:

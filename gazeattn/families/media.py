@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gazeattn.ops import Image, Video
+
 logger = logging.getLogger(__name__)
 
 
@@ -30,11 +32,12 @@ class Media:
     frame_text: tuple[tuple[str, str], ...] = ()
 
     @property
-    def part(self) -> list:
-        """The JSON-able part of a sample's ``parts`` list (the layout is built from these)."""
+    def part(self) -> Image | Video:
+        """This item as a part of its sample's layout."""
         t, h, w = self.grid
-        base = ["image", h, w] if self.kind == "image" else ["video", t, h, w]
-        return base + ([self.lead] if self.lead else [])
+        if self.kind == "image":
+            return Image(h, w, lead=self.lead)
+        return Video(t, h, w, lead=self.lead)
 
     def runs(self, context_token: str, num_context: int) -> list[tuple[str, int]]:
         """(token, count) runs of this media item in the sequence: each frame, then its context."""
@@ -44,7 +47,7 @@ class Media:
         )
         return frame * t
 
-    def spans(self, context_token: str, num_context: int) -> list[tuple[list, list]]:
+    def spans(self, context_token: str, num_context: int) -> list[tuple[Image | Video, list]]:
         """(part, runs) of each span of the layout this item is: the item itself, or for a
         video with text between its frames, each frame."""
         if not self.frame_text:
@@ -132,9 +135,9 @@ def _smaller(image, resized: np.ndarray):
     """``resized`` ([C, H, W]) as an image when it has fewer pixels than ``image``."""
     if resized.shape[1] * resized.shape[2] >= image.width * image.height:
         return image
-    from PIL import Image
+    from PIL import Image as PILImage
 
-    return Image.fromarray(np.ascontiguousarray(resized.transpose(1, 2, 0)))
+    return PILImage.fromarray(np.ascontiguousarray(resized.transpose(1, 2, 0)))
 
 
 class LlavaRules(MediaRules):

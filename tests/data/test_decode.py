@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from gazeattn import ops
+from gazeattn.sample import EncodedSample
 from gazeattn.video import EmptyVideo
 from pipelines.config import DataConfig
 from pipelines.conversation import add_dummy_image, to_messages
@@ -202,21 +204,20 @@ def test_decode_batch_keeps_good_rows_and_reports_bad(caplog):
 
 def test_fit_length_policy():
     def sample(parts):
-        n = sum(p[1] if p[0] == "text" else 10 for p in parts)
-        return {"input_ids": np.arange(n), "labels": np.arange(n), "parts": parts}
+        n = sum(p if isinstance(p, int) else p.h * p.w for p in parts)
+        return EncodedSample(input_ids=np.arange(n), labels=np.arange(n), vision={}, parts=parts)
 
     cfg = DataConfig(max_length=20, length_policy="truncate")
-    kept = fit_length(sample([["text", 3], ["image", 3, 3], ["text", 12]]), cfg)
-    assert len(kept["input_ids"]) == 20 and kept["truncated"]
-    assert kept["parts"] == [["text", 3], ["image", 3, 3], ["text", 7]]
-    assert not fit_length(sample([["text", 5]]), cfg)["truncated"]
+    kept = fit_length(sample([3, ops.Image(3, 3), 12]), cfg)
+    assert len(kept) == 20 and kept.truncated
+    assert kept.parts == [3, ops.Image(3, 3), 8]
+    assert not fit_length(sample([5]), cfg).truncated
     with pytest.raises(BadSample, match="too_long"):
         # the cut would fall inside the image
-        fit_length(sample([["text", 3], ["image", 3, 3], ["text", 8], ["image", 3, 3]]), cfg)
+        fit_length(sample([3, ops.Image(3, 3), 8, ops.Image(3, 3)]), cfg)
     with pytest.raises(BadSample, match="too_long"):
         fit_length(
-            sample([["text", 3], ["image", 3, 3], ["text", 12]]),
-            DataConfig(max_length=20, length_policy="drop"),
+            sample([3, ops.Image(3, 3), 12]), DataConfig(max_length=20, length_policy="drop")
         )
     with pytest.raises(ValueError, match="length_policy"):
         DataConfig(length_policy="cut")

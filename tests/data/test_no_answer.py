@@ -4,26 +4,26 @@
 import numpy as np
 import pytest
 
+from gazeattn.ops import Image
+from gazeattn.sample import IGNORE, EncodedSample
 from pipelines.config import DataConfig
 from pipelines.dataset import fit_length
 from pipelines.decode import BadSample
 
-IGNORE = -100
 
-
-def _sample(prompt: int, answer: int) -> dict:
+def _sample(prompt: int, answer: int) -> EncodedSample:
     """An image of 9 tokens, then ``prompt`` text tokens and an ``answer`` of labelled ones."""
     n = 9 + prompt + answer
     labels = np.full(n, IGNORE)
     labels[n - answer :] = np.arange(n - answer, n)
-    parts = [["image", 3, 3], ["text", prompt + answer]]
-    return {"input_ids": np.arange(n), "labels": labels, "parts": parts}
+    parts = [Image(3, 3), prompt + answer]
+    return EncodedSample(input_ids=np.arange(n), labels=labels, vision={}, parts=parts)
 
 
 def test_a_cut_that_keeps_part_of_the_answer_keeps_the_sample():
     cfg = DataConfig(max_length=9 + 5 + 1, length_policy="truncate")
     kept = fit_length(_sample(prompt=5, answer=3), cfg)
-    assert kept["truncated"] and (kept["labels"] >= 0).sum() == 1
+    assert kept.truncated and (kept.labels >= 0).sum() == 1
 
 
 def test_a_cut_that_takes_the_whole_answer_drops_the_sample():

@@ -216,6 +216,11 @@ def test_split_batches_feed_the_tiny_model(ray_session, data, tiny, encode_in):
     assert torch.isfinite(out.loss)
 
 
+def _tail(sample) -> int:
+    """Tokens of the sample's trailing text (0 when it ends with a media item)."""
+    return sample.parts[-1] if isinstance(sample.parts[-1], int) else 0
+
+
 @pytest.mark.parametrize("policy", ["drop", "truncate"])
 def test_length_policy_and_text_only_drop(ray_session, data, tiny, policy):
     from pipelines.dataset import encode_row
@@ -231,14 +236,14 @@ def test_length_policy_and_text_only_drop(ray_session, data, tiny, policy):
 
     def cut(limit):
         """(longer than limit, cut inside the last text part, of those: an answer token left)"""
-        over = [s for s in media if len(s["input_ids"]) > limit]
-        in_tail = [s for s in over if len(s["input_ids"]) - limit < s["parts"][-1][1]]
-        kept = [s for s in in_tail if (np.asarray(s["labels"][:limit]) >= 0).any()]
+        over = [s for s in media if len(s.input_ids) > limit]
+        in_tail = [s for s in over if len(s) - limit < _tail(s)]
+        kept = [s for s in in_tail if (np.asarray(s.labels[:limit]) >= 0).any()]
         return over, in_tail, kept
 
     # the smallest limit that cuts some sample inside its last text part and leaves part of
     # its answer (truncated) and, if the data allow it, drops some other (under either policy)
-    lengths = range(1, max(len(s["input_ids"]) for s in media))
+    lengths = range(1, max(len(s.input_ids) for s in media))
     candidates = [n for n in lengths if cut(n)[2]]
     both = [n for n in candidates if len(cut(n)[0]) > len(cut(n)[2])]
     limit = min(both or candidates)
@@ -280,9 +285,9 @@ def test_pipeline_encoding_equals_worker_encoding(ray_session, data, tiny):
     assert sorted(keys) == sorted(decoded)
     for key, sample in zip(keys, encoded_table_samples(table), strict=True):
         expected = encode_row(decoded[key], processor, cfg)
-        np.testing.assert_array_equal(sample["input_ids"], expected["input_ids"])
-        np.testing.assert_array_equal(sample["labels"], expected["labels"])
-        assert sample["vision"].keys() == expected["vision"].keys()
-        for name, array in expected["vision"].items():
-            np.testing.assert_array_equal(sample["vision"][name], array)
-        assert sample["parts"] == [list(p) for p in expected["parts"]]
+        np.testing.assert_array_equal(sample.input_ids, expected.input_ids)
+        np.testing.assert_array_equal(sample.labels, expected.labels)
+        assert sample.vision.keys() == expected.vision.keys()
+        for name, array in expected.vision.items():
+            np.testing.assert_array_equal(sample.vision[name], array)
+        assert sample.parts == expected.parts

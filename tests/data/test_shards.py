@@ -424,9 +424,9 @@ def test_question_first_puts_the_question_in_a_turn_before_the_media(tmp_path):
     r = next(r for r in records if r.get("image"))
     image = np.asarray(Image.open(tmp_path / "first" / "media" / r["image"]).convert("RGB"))
     encoded = processor.encode_sample(to_messages(r["conversations"]), [image])
-    kinds = [part[0] for part in encoded["parts"]]
-    assert kinds == ["text", "image", "text"], encoded["parts"]
-    before = encoded["input_ids"][: encoded["parts"][0][1]].tolist()
+    kinds = [type(part).__name__ for part in encoded.parts]
+    assert kinds == ["int", "Image", "int"], encoded.parts
+    before = encoded.input_ids[: encoded.parts[0]].tolist()
     colour = r["conversations"][0]["value"].removeprefix("What shape is the ").removesuffix(" one?")
     word = processor.tokenizer.encode(f" {colour}", add_special_tokens=False)
     assert any(before[i : i + len(word)] == word for i in range(len(before))), "asked before"

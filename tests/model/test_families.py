@@ -27,7 +27,7 @@ from transformers import (
 from gazeattn import load_model
 from gazeattn.generation import GazeCache, GenerationRequest, generate_batch
 from gazeattn.model import UnsupportedModel, convert_to_gaze, is_gaze_model
-from gazeattn.ops import GazeConfig, TokenKind
+from gazeattn.ops import GazeConfig, Image, TokenKind, Video
 from gazeattn.processing import GazeProcessor, ProcessorInputError
 from gazeattn.tiny import build_stock
 from tests.model.conftest import FAMILIES, image_chat, random_image
@@ -134,7 +134,7 @@ def test_clip_cls_and_feature_layer_lists_keep_parity(tmp_path):
     model, processor = load_model(path, gaze=_off("reference"))
     image = random_image(4, (60, 30))
     sample = processor.encode_sample(image_chat(), images=[image])
-    assert ["image", 12, 12, 1] in sample["parts"]
+    assert Image(12, 12, lead=1) in sample.parts
     batch = processor.collate([sample])
     expect = _stock_logits(stock, "llava-1.5", batch)
     with torch.no_grad():
@@ -145,16 +145,6 @@ def test_clip_cls_and_feature_layer_lists_keep_parity(tmp_path):
         images=[image], text=prompt, return_tensors="pt"
     )["input_ids"]
     assert torch.equal(processor(images=[image], text=prompt)["input_ids"], stock_ids)
-
-
-def _extend(sample: dict, tokens: list[int]) -> dict:
-    parts = [list(p) for p in sample["parts"]]
-    if parts[-1][0] == "text":
-        parts[-1][1] += len(tokens)
-    else:
-        parts.append(["text", len(tokens)])
-    ids = np.concatenate([sample["input_ids"], np.asarray(tokens, np.int64)])
-    return {**sample, "input_ids": ids, "labels": None, "parts": parts}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -183,10 +173,10 @@ def test_cached_decode_equals_full_forward(gaze_dirs, family):
         out = model(**batch, cache=cache, use_cache=True)
         for _ in range(4):
             tokens.append(int(out.logits[0, -1].argmax()))
-            full_batch = processor.collate([_extend(sample, tokens)])
+            full_batch = processor.collate([sample.followed_by(tokens)])
             full_batch.pop("labels")
             full = model(**full_batch).logits[0, -1]
-            mask = torch.ones(1, len(sample["input_ids"]) + len(tokens), dtype=torch.long)
+            mask = torch.ones(1, len(sample.input_ids) + len(tokens), dtype=torch.long)
             out = model(
                 input_ids=torch.tensor([[tokens[-1]]]),
                 attention_mask=mask,
@@ -301,10 +291,10 @@ def test_labels_are_assistant_turns_ending_with_the_end_of_turn(gaze_dirs, famil
         {"role": "assistant", "content": "blue"},
     ]
     sample = processor.encode_sample(messages, images=[random_image(0)])
-    labelled = sample["labels"] != -100
-    text = processor.tokenizer.decode(sample["input_ids"][labelled])
+    labelled = sample.labels != -100
+    text = processor.tokenizer.decode(sample.input_ids[labelled])
     assert text.replace(" ", "") == f"redcircle{turn_end}blue{turn_end}"
-    assert (sample["labels"][labelled] == sample["input_ids"][labelled]).all()
+    assert (sample.labels[labelled] == sample.input_ids[labelled]).all()
     assert processor.tokenizer.convert_tokens_to_ids(turn_end) in processor.stop_token_ids
 
 
@@ -425,5 +415,5 @@ def test_video_paths_are_read_with_the_budget(gaze_dirs, tmp_path):
         videos=[str(path)],
     )
     frames = processor.visual_budget.frames_per_video
-    assert ["video", frames, 12, 12] in sample["parts"]
-    assert sample["vision"]["pixel_values"].shape[0] == frames
+    assert Video(frames, 12, 12) in sample.parts
+    assert sample.vision["pixel_values"].shape[0] == frames

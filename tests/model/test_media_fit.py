@@ -37,10 +37,10 @@ def _encode(processor, images=(), videos=()):
 
 
 def _assert_same(a: dict, b: dict) -> None:
-    assert np.array_equal(a["input_ids"], b["input_ids"]) and a["parts"] == b["parts"]
-    assert a["vision"] and list(a["vision"]) == list(b["vision"])
-    for key, array in a["vision"].items():
-        assert np.array_equal(array, b["vision"][key]), key
+    assert np.array_equal(a.input_ids, b.input_ids) and a.parts == b.parts
+    assert a.vision and list(a.vision) == list(b.vision)
+    for key, array in a.vision.items():
+        assert np.array_equal(array, b.vision[key]), key
 
 
 @pytest.mark.parametrize("family", FAMILIES)

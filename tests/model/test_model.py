@@ -51,8 +51,8 @@ def test_save_load_round_trip(gaze_dir, tmp_path):
     assert again.gaze_config == model.gaze_config == processor2.gaze_config
     sample = processor.encode_sample(image_chat(), images=[random_image(4)])
     assert (
-        processor2.encode_sample(image_chat(), images=[random_image(4)])["input_ids"]
-        == sample["input_ids"]
+        processor2.encode_sample(image_chat(), images=[random_image(4)]).input_ids
+        == sample.input_ids
     ).all()
     batch = processor.collate([sample])
     with torch.no_grad():
@@ -114,7 +114,7 @@ def test_last_query_entries(gaze_dir):
     with torch.no_grad():
         model(
             input_ids=torch.tensor([[5]]),
-            attention_mask=torch.ones(1, len(sample["input_ids"]) + 1, dtype=torch.long),
+            attention_mask=torch.ones(1, len(sample.input_ids) + 1, dtype=torch.long),
             cache=cache,
             use_cache=True,
             gaze_layout=batch["gaze_layout"],

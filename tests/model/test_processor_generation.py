@@ -28,10 +28,10 @@ def test_labels_only_on_assistant_turns(gaze):
         {"role": "assistant", "content": "blue"},
     ]
     sample = processor.encode_sample(messages, images=[random_image(0)])
-    labelled = sample["labels"] != -100
-    text = processor.tokenizer.decode(sample["input_ids"][labelled])
+    labelled = sample.labels != -100
+    text = processor.tokenizer.decode(sample.input_ids[labelled])
     assert text == "red circle<|im_end|>blue<|im_end|>"
-    assert (sample["labels"][labelled] == sample["input_ids"][labelled]).all()
+    assert (sample.labels[labelled] == sample.input_ids[labelled]).all()
 
 
 def test_layout_matches_tokens(gaze):

@@ -243,16 +243,6 @@ def _video_prompt(processor):
     return messages, [random_image(5, (50, 80))], [clip]
 
 
-def _extend(sample: dict, tokens: list[int]) -> dict:
-    parts = [list(p) for p in sample["parts"]]
-    if parts[-1][0] == "text":
-        parts[-1][1] += len(tokens)
-    else:
-        parts.append(["text", len(tokens)])
-    ids = np.concatenate([sample["input_ids"], np.asarray(tokens, np.int64)])
-    return {**sample, "input_ids": ids, "labels": None, "parts": parts}
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cached_decode_equals_full_forward(gaze_dirs, family):
     model, processor = load_model(gaze_dirs[family])
@@ -267,10 +257,10 @@ def test_cached_decode_equals_full_forward(gaze_dirs, family):
         out = model(**batch, cache=cache, use_cache=True)
         for _ in range(3):
             tokens.append(int(out.logits[0, -1].argmax()))
-            full_batch = processor.collate([_extend(sample, tokens)])
+            full_batch = processor.collate([sample.followed_by(tokens)])
             full_batch.pop("labels")
             full = model(**full_batch).logits[0, -1]
-            mask = torch.ones(1, len(sample["input_ids"]) + len(tokens), dtype=torch.long)
+            mask = torch.ones(1, len(sample.input_ids) + len(tokens), dtype=torch.long)
             out = model(
                 input_ids=torch.tensor([[tokens[-1]]]),
                 attention_mask=mask,
@@ -536,8 +526,8 @@ def test_labels_are_assistant_turns_after_a_video(gaze_dirs, family):
     _, processor = load_model(gaze_dirs[family])
     messages = [*VIDEO_CHAT, {"role": "assistant", "content": "at one second"}]
     sample = processor.encode_sample(messages, videos=[Clip(frames=_frames(40, n=4), fps=2.0)])
-    labelled = sample["labels"] != -100
-    assert processor.tokenizer.decode(sample["input_ids"][labelled]) == "at one second<|im_end|>"
+    labelled = sample.labels != -100
+    assert processor.tokenizer.decode(sample.input_ids[labelled]) == "at one second<|im_end|>"
     # the timestamps are prompt text: never trained on
-    text = processor.tokenizer.decode(sample["input_ids"])
+    text = processor.tokenizer.decode(sample.input_ids)
     assert "<0.2 seconds>" in text and "<1.2 seconds>" in text

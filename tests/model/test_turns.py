@@ -78,7 +78,7 @@ def test_long_conversations_render_a_bounded_number_of_times(processors, monkeyp
     messages = conversation(400, image=False)
     sample = processor.encode_sample(messages)
     assert len(calls) <= 6
-    labelled = sum(label != -100 for label in sample["labels"])
+    labelled = sum(label != -100 for label in sample.labels)
     answers = processor.tokenizer("".join(f"answer {t}<|im_end|>" for t in range(400) if t != 1))[
         "input_ids"
     ]
@@ -99,7 +99,7 @@ def test_a_template_that_drops_the_markers_is_rendered_turn_by_turn(processors):
         assert [text[a:b] for a, b in spans][0] == "red<|im_end|>"
         images = [random_image(0)]
         sample = processor.encode_sample(messages, images=images)
-        assert any(label != -100 for label in sample["labels"])
+        assert any(label != -100 for label in sample.labels)
         long = conversation(MAX_RENDERED_TURNS + 1)
         long[2]["content"] = "<think>hm</think>red"
         with pytest.raises(ProcessorInputError, match="assistant turns"):

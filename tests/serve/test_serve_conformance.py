@@ -160,9 +160,7 @@ def test_sampling_fields_reach_the_engine(tiny):
     assert options["presence_penalty"] == 0.5 and options["frequency_penalty"] == -0.5
     g = prepared.generation
     assert (g.seed, g.temperature, g.top_p, g.stop, g.max_new_tokens) == (4, 0.5, 0.8, ("x",), 5)
-    assert (
-        prepared.sample is not None and len(prepared.sample["input_ids"]) == prepared.prompt_tokens
-    )
+    assert prepared.sample is not None and len(prepared.sample) == prepared.prompt_tokens
     assert _prepare(tiny, logprobs=True).top_logprobs == 0
     assert _prepare(tiny).top_logprobs is None
 
@@ -276,9 +274,9 @@ def test_requests_are_prepared_in_other_processes(tiny):
         body = ChatCompletionRequest.model_validate(data | {"max_tokens": 3})
         there = preparer.submit(body).result(timeout=120)
         here = prepare(body, settings, processor, "m", 2)
-        assert there.sample["input_ids"].tolist() == here.sample["input_ids"].tolist()
-        for key, value in here.sample["vision"].items():
-            assert (there.sample["vision"][key] == value).all()
+        assert there.sample.input_ids.tolist() == here.sample.input_ids.tolist()
+        for key, value in here.sample.vision.items():
+            assert (there.sample.vision[key] == value).all()
         assert there.prompt_tokens == here.prompt_tokens
         too_many = ChatCompletionRequest.model_validate(data | {"max_tokens": 17})
         with pytest.raises(BadRequest, match="limit of 16") as err:

@@ -231,7 +231,7 @@ def test_prepare_checks_and_converts(model_dir):
     assert generation.messages[1]["content"][0] == {"type": "video"}
     # the engine decodes the encoded sample; the decoded frames are not kept
     assert generation.videos == [] and generation.images == []
-    assert [p[0] for p in prepared.sample["parts"]].count("video") == 1
+    assert [type(p).__name__ for p in prepared.sample.parts].count("Video") == 1
     assert generation.max_new_tokens == 5 and generation.stop == ("x",)
     assert prepared.gaze and prepared.layer == -1 and prepared.prompt_tokens > 148
     with pytest.raises(NotFound):

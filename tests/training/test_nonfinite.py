@@ -68,7 +68,7 @@ def _batch(processor, name: str, masked: bool):
         ]
         sample = processor.encode_sample(messages, images=[image])
         if masked:  # the answer cut away: nothing to learn from, the loss is 0 / 0
-            sample["labels"] = np.full_like(np.asarray(sample["labels"]), IGNORE)
+            sample.labels = np.full_like(sample.labels, IGNORE)
         samples.append(sample)
     return processor.collate(samples), [f"{name}{i}" for i in range(2)]
 

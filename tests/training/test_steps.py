@@ -58,8 +58,9 @@ def _samples(processor) -> list[dict]:
             {"role": "assistant", "content": "red"},
         ]
         sample = processor.encode_sample(messages, images=[image])
-        out.append({**sample, "sample_id": f"s{i}"})
-    lengths = {int((np.asarray(s["labels"]) >= 0).sum()) for s in out}
+        sample.sample_id = f"s{i}"
+        out.append(sample)
+    lengths = {int((s.labels >= 0).sum()) for s in out}
     assert len(lengths) == 1, f"the answers must have the same number of tokens, got {lengths}"
     return out
 
@@ -73,7 +74,7 @@ def _run(model_dir, grad_accum: int, micro: int):
     samples = _samples(processor)
     batches = itertools.cycle(
         [
-            (processor.collate(samples[i : i + micro]), [s["sample_id"] for s in samples[i : i + micro]])
+            (processor.collate(samples[i : i + micro]), [s.sample_id for s in samples[i : i + micro]])
             for i in range(0, 4, micro)
         ]
     )  # fmt: skip
