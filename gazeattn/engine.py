@@ -45,7 +45,6 @@ from gazeattn.generation import (
     GenerationRequest,
     GenerationResult,
     InvalidRequest,
-    _boxes,
     check_request,
     sample_token,
 )
@@ -666,6 +665,16 @@ def _logprob(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
         values, ids = logprobs.topk(top)
         best = list(zip(ids.tolist(), values.tolist(), strict=True))
     return TokenLogprob(token_id=token, logprob=float(logprobs[token]), top=best)
+
+
+def _boxes(selected: torch.Tensor, boxes: torch.Tensor) -> list[dict]:
+    """selected [Hr, K] region ids -> regions with the number of heads that chose each."""
+    ids, counts = torch.unique(selected[selected >= 0], return_counts=True)
+    rows = [
+        {"box": boxes[r].tolist(), "heads": int(c)}
+        for r, c in zip(ids.tolist(), counts.tolist(), strict=True)
+    ]
+    return sorted(rows, key=lambda row: -row["heads"])
 
 
 def _mean(values: list[float]) -> float:

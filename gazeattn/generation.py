@@ -1,13 +1,15 @@
-"""Batched generation with the gaze KV cache, and streaming for one request.
+"""Generation requests and results, and the batch and streaming entry points over the one
+engine that generates (``gazeattn.engine``: serving, evaluation and the MLflow model run it).
 
-The gaze KV cache is a transformers ``DynamicCache`` that also keeps the gaze
-state: per layer, the region descriptors computed once at prefill. A decode
-step then costs the routing GEMV plus the gather of the selected regions
-(``gazeattn.ops.gaze.decode``), not a pass over every visual key.
+The gaze KV cache is a transformers ``DynamicCache`` that also keeps the gaze state: per
+layer, the region descriptors computed once at prefill. A decode step then costs the routing
+GEMV plus the gather of the selected regions (``gazeattn.ops.gaze.decode``), not a pass over
+every visual key. ``GazeCache`` is that cache for transformers' own ``generate``.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +17,6 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from gazeattn.modeling import is_gaze_model, routing_layer_of
 from gazeattn.processing import GazeProcessor
 
 
@@ -82,13 +83,20 @@ def generate_batch(
     return_routing: bool = False,
     routing_layer: int = -1,
 ) -> list[GenerationResult]:
-    """Generate for several requests at once (left padding, one gaze cache)."""
+    """Generate for several requests at once: the serving engine (``gazeattn.engine``) with
+    all of them in one batch, each prefilled alone and decoded together."""
+    from gazeattn.engine import Engine
+
     if not requests:
         return []
-    steps = _decode(model, processor, list(requests), return_routing, routing_layer)
-    for _ in steps:
-        pass
-    return steps.results
+    engine = Engine(
+        model,
+        processor,
+        max_batch_size=len(requests),
+        max_prefill_tokens=sys.maxsize,
+        routing_layer=routing_layer,
+    )
+    return engine.run(requests, return_routing=return_routing)
 
 
 def stream_generate(
@@ -99,182 +107,24 @@ def stream_generate(
     return_routing: bool = False,
     routing_layer: int = -1,
 ) -> Iterator[str]:
-    """Yield text deltas as tokens are generated; the final GenerationResult is the return value.
+    """Yield text deltas as tokens are generated (the serving engine's, for one request); the
+    final GenerationResult is the return value.
 
     Text that could still become one of the request's stop strings is held back until it
     cannot, so a stop string never reaches the stream (as it never reaches the result).
     """
-    steps = _decode(model, processor, [request], return_routing, routing_layer)
-    hold = max((len(s) for s in request.stop if s), default=1) - 1
-    sent = ""
-    for _ in steps:
-        if steps.done[0]:
-            # the rest comes from the result, cut before a stop string
-            continue
-        text = steps.text(0)
-        # a partial UTF-8 character decodes as U+FFFD until its last byte arrives
-        text = text.rstrip("\ufffd")
-        text = text[: len(text) - hold] if hold else text
-        if len(text) > len(sent) and text.startswith(sent):
-            yield text[len(sent) :]
-            sent = text
-    final = steps.results[0].text
-    if len(final) > len(sent) and final.startswith(sent):
-        yield final[len(sent) :]
-    return steps.results[0]
+    from gazeattn.engine import Engine
 
-
-class _decode:
-    """Iterates decode steps over a batch; ``results`` is filled when it ends."""
-
-    def __init__(self, model, processor, requests, return_routing, routing_layer):
-        self.model, self.processor, self.requests = model, processor, requests
-        self.return_routing = return_routing
-        samples = [
-            processor.encode_sample(
-                r.messages, images=r.images, videos=r.videos, add_generation_prompt=True
-            )
-            for r in requests
-        ]
-        for r in requests:
-            check_request(r)
-        if return_routing and is_gaze_model(model):
-            routing_layer = routing_layer_of(model, routing_layer)
-        self.batch = processor.collate(samples, padding_side="left")
-        self.prompt_lens = [len(s) for s in samples]
-        self.grids = [s.grids for s in samples]
-        self.stops = set(processor.stop_token_ids)
-        # placeholders only the processor may place: a sampled one would break the next step
-        banned = set(processor.placeholder_ids) | {processor.tokenizer.pad_token_id}
-        self.banned = sorted(banned - {None} - self.stops)
-        self.tokens: list[list[int]] = [[] for _ in requests]
-        self.done = [False] * len(requests)
-        self.finish = ["length"] * len(requests)
-        self.attended = [[] for _ in requests]
-        self.dense = [[] for _ in requests]
-        self.routing: list[list[list[dict]]] = [[] for _ in requests]
-        self.layer = routing_layer  # a decoder layer id, checked below for a gaze model
-        self.generators = [
-            torch.Generator().manual_seed(r.seed) if r.seed is not None else None for r in requests
-        ]
-        self.results: list[GenerationResult] = []
-
-    def text(self, i: int) -> str:
-        return self.processor.decode(self.tokens[i])
-
-    def __iter__(self):
-        model, batch = self.model, self.batch
-        device = next(model.parameters()).device
-        ids = batch["input_ids"].to(device)
-        mask = batch["attention_mask"].to(device)
-        layout = batch["gaze_layout"]
-        vision = {
-            k: v.to(device) for k, v in batch.items() if k in self.processor.rules.input_names
-        }
-        cache = GazeCache()
-        max_new = max(r.max_new_tokens for r in self.requests)
-        step_ids = ids
-        with torch.no_grad():
-            for step in range(max_new):
-                out = model(
-                    input_ids=step_ids,
-                    **(vision if step == 0 else {}),
-                    attention_mask=mask,
-                    cache=cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                    gaze_layout=layout,
-                    gaze_report=True,
-                    gaze_selection=self.return_routing,
-                )
-                self._record(cache.gaze_state, layout)
-                logits = out.logits[:, -1].float()
-                logits[:, self.banned] = float("-inf")
-                next_ids = self._pick(logits)
-                self._advance(next_ids)
-                yield step
-                if all(self.done):
-                    break
-                step_ids = next_ids[:, None].to(device)
-                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        self._finish()
-
-    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
-        picks = []
-        for i, r in enumerate(self.requests):
-            row = logits[i]
-            if r.temperature <= 0:
-                picks.append(int(row.argmax()))
-                continue
-            picks.append(sample_token(row, r.temperature, r.top_p, self.generators[i]))
-        return torch.tensor(picks)
-
-    def _advance(self, next_ids: torch.Tensor) -> None:
-        for i, r in enumerate(self.requests):
-            if self.done[i]:
-                continue
-            tok = int(next_ids[i])
-            if tok in self.stops:
-                self.done[i], self.finish[i] = True, "stop"
-                continue
-            self.tokens[i].append(tok)
-            if r.stop and any(s and s in self.text(i) for s in r.stop):
-                self.done[i], self.finish[i] = True, "stop"
-            elif len(self.tokens[i]) >= r.max_new_tokens:
-                self.done[i] = True
-
-    def _record(self, state, layout) -> None:
-        """Routing of the last query, which picks the next token: entries per layer, boxes at one layer."""
-        layers = sorted(state.stats)
-        for i in range(len(self.requests)):
-            if self.done[i]:
-                continue
-            stats = [state.stats[layer] for layer in layers]
-            self.attended[i].append(
-                _mean([float(s.attended[i, :, -1].float().mean()) for s in stats])
-            )
-            self.dense[i].append(_mean([float(s.dense[i, -1]) for s in stats]))
-            if self.return_routing:
-                chosen = state.stats[self.layer].selected  # [B, Hr, Tq, K]
-                # None when the layer ran dense (a dense-twin model): nothing was routed
-                self.routing[i].append(
-                    [] if chosen is None else _boxes(chosen[i, :, -1], layout.regions.box[i])
-                )
-
-    def _finish(self) -> None:
-        for i, r in enumerate(self.requests):
-            text = self.text(i)
-            for s in r.stop:
-                if s and s in text:
-                    text = text[: text.index(s)]
-            n = len(self.tokens[i])
-            self.results.append(
-                GenerationResult(
-                    text=text,
-                    token_ids=self.tokens[i],
-                    finish_reason=self.finish[i],
-                    prompt_tokens=self.prompt_lens[i],
-                    completion_tokens=n,
-                    attended_mean=_mean(self.attended[i]),
-                    dense_mean=_mean(self.dense[i]),
-                    routing=self.routing[i] if self.return_routing else None,
-                    grids=self.grids[i],
-                )
-            )
-
-
-def _boxes(selected: torch.Tensor, boxes: torch.Tensor) -> list[dict]:
-    """selected [Hr, K] region ids -> regions with the number of heads that chose each."""
-    ids, counts = torch.unique(selected[selected >= 0], return_counts=True)
-    rows = [
-        {"box": boxes[r].tolist(), "heads": int(c)}
-        for r, c in zip(ids.tolist(), counts.tolist(), strict=True)
-    ]
-    return sorted(rows, key=lambda row: -row["heads"])
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else 0.0
+    engine = Engine(model, processor, max_batch_size=1, routing_layer=routing_layer)
+    engine.submit(request, return_routing=return_routing)
+    while True:
+        for out in engine.step():
+            if out.error is not None:
+                raise out.error
+            if out.text:
+                yield out.text
+            if out.result is not None:
+                return out.result
 
 
 def check_temperature(temperature: float) -> None:
