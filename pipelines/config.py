@@ -50,6 +50,12 @@ class SyntheticSettings(Settings):
         "not after the media in one turn (LLaVA's <image>\\n{question}): then no question "
         "token can attend to the media (causal); further turns (train_questions) follow it",
     )
+    spaced_answers: bool = Field(
+        False,
+        description='answers written with a leading space (" square"), as a word inside a '
+        'sentence: the tiny tokenizer keeps " square", " circle", " triangle" in one '
+        'token where "square" is two (s, quare), so the answer is the one token that decides',
+    )
     shapes_per_image: int = Field(3, ge=1, le=9, description="shapes per image (task scatter)")
     seed: int = Field(0, description="everything generated is a function of it")
     shard_size: str = Field("512MB", description="target size of a shard")

@@ -436,6 +436,11 @@ def generate(
                         question_first=s.question_first,
                     )  # fmt: skip
                 )
+        if s.spaced_answers:
+            for record in records:
+                for turn in record["conversations"]:
+                    if turn["from"] == "gpt":
+                        turn["value"] = f" {turn['value']}"
         paths[split] = out / f"{split}.json"
         paths[split].write_text(json.dumps(records, indent=1))
     return paths

@@ -430,3 +430,27 @@ def test_question_first_puts_the_question_in_a_turn_before_the_media(tmp_path):
     colour = r["conversations"][0]["value"].removeprefix("What shape is the ").removesuffix(" one?")
     word = processor.tokenizer.encode(f" {colour}", add_special_tokens=False)
     assert any(before[i : i + len(word)] == word for i in range(len(before))), "asked before"
+
+
+def test_spaced_answers_are_one_token_of_the_tiny_tokenizer(tmp_path):
+    """spaced_answers: every answer turn gains a leading space and nothing else changes; the
+    tiny tokenizer then writes each shape answer as one token (" square"), where "square"
+    is two ("s", "quare") and the second, decided by the first, needs no look."""
+    from transformers import AutoTokenizer
+
+    fields = dict(n_train=6, n_test=3, image_size=48, video_fraction=0.3, task="grid", grid=3,
+                  grid_kinds=["shape"], train_questions=2, seed=8)  # fmt: skip
+    plain = generate(tmp_path / "plain", **fields)
+    spaced = generate(tmp_path / "spaced", spaced_answers=True, **fields)
+    for split in ("train", "test"):
+        for r, p in zip(*(json.loads(x[split].read_text()) for x in (spaced, plain)), strict=True):
+            want = [
+                {**t, "value": f" {t['value']}"} if t["from"] == "gpt" else t
+                for t in p["conversations"]
+            ]
+            assert r["conversations"] == want
+    model_dir = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-grid3"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    for shape in ("square", "circle", "triangle"):
+        assert len(tokenizer.encode(f" {shape}", add_special_tokens=False)) == 1
+        assert len(tokenizer.encode(shape, add_special_tokens=False)) == 2
