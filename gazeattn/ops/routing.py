@@ -133,9 +133,16 @@ def select_regions(
     chosen [B, Hr, Tq, R] bool.
     """
     masked = scores.masked_fill(~visible[:, None], -math.inf)
+    k_max = int(k.max()) if k.numel() else 0
+    if k_max == 1:
+        # one region each (a decode step's usual budget): the first maximum is the lower id
+        # of equal scores, as the sort below ranks them, without the sort
+        best = masked.argmax(-1, keepdim=True)
+        ok = (k[:, None, :, None] > 0).expand_as(best)
+        chosen = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+        return torch.where(ok, best, -1), chosen.scatter_(-1, best, ok)
     # a stable descending sort keeps equal scores in id order: ties go to the lower id
     order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
-    k_max = int(k.max()) if k.numel() else 0
     rank_ok = torch.arange(k_max, device=k.device) < k[:, None, :, None]
     ids = torch.where(rank_ok, order[..., :k_max], -1)
     # unused ranks scatter into an extra column that is dropped

@@ -109,9 +109,19 @@ ROUTINGS = {"kv_head": {"routing": "kv_head"}, "query_head": {"routing": "query_
             "random": {"routing": "kv_head", "random_routing_seed": 5}}  # fmt: skip
 
 
+@pytest.fixture(params=["masked", "gathered"])
+def decode_path(request, monkeypatch):
+    """Both ways the lean decode reads its keys: all of them masked (few keys) or the
+    attended ones gathered (many keys)."""
+    from gazeattn.ops.gaze import decode
+
+    monkeypatch.setattr(decode, "MASKED_DECODE_KEYS", 10**9 if request.param == "masked" else 0)
+    return request.param
+
+
 @pytest.mark.parametrize("routing", list(ROUTINGS))
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_decode_equals_last_prefill_row(routing, side):
+def test_decode_equals_last_prefill_row(routing, side, decode_path):
     seqs = [[3, Image(12, 12), 2, Video(2, 6, 7), 5], [1, Image(6, 6), 4]]
     layout = build_layout(seqs, padding_side=side, num_context_tokens=2)
     config = GazeConfig(top_k=3, num_context_tokens=2, **ROUTINGS[routing])
@@ -132,7 +142,7 @@ def test_decode_equals_last_prefill_row(routing, side):
     )
 
 
-def test_decode_beyond_layout_uses_cached_descriptors():
+def test_decode_beyond_layout_uses_cached_descriptors(decode_path):
     """Generated tokens lie past the layout; cached descriptors give the same result."""
     layout = build_layout([[4, Video(3, 6, 6), 3]])
     config = GazeConfig(keep_ratio=0.25)

@@ -120,8 +120,9 @@ def test_dense_decode_matches_reference(case_id, seqs, side, region, n_ctx, hq, 
     torch.testing.assert_close(routed, ref, **FP32)
 
 
+@pytest.mark.parametrize("keys", ["masked", "gathered"])
 @pytest.mark.parametrize("backend", ["reference", "dense"])
-def test_decode_reads_a_strided_cache_view(backend):
+def test_decode_reads_a_strided_cache_view(backend, keys, monkeypatch):
     """k/v as a view into a larger buffer (rows and positions beyond them) decode as contiguous."""
     layout = _layout(
         [[2, Image(4, 4), 6], [5, Image(4, 4), 1, Image(3, 5), 2]], "left", (1, 2, 2), 1
@@ -137,6 +138,9 @@ def test_decode_reads_a_strided_cache_view(backend):
     big_v[1:3, :, 3 : 3 + t] = v
     view_k, view_v = big_k[1:3, :, 3 : 3 + t], big_v[1:3, :, 3 : 3 + t]
     assert not view_k.is_contiguous()
+    from gazeattn.ops.gaze import decode
+
+    monkeypatch.setattr(decode, "MASKED_DECODE_KEYS", 10**9 if keys == "masked" else 0)
     with torch.no_grad():
         out, _ = gaze_attention(q, view_k, view_v, layout, config)
         expect, _ = gaze_attention(q, k, v, layout, config)

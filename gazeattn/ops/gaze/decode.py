@@ -9,6 +9,7 @@ when ``descriptors`` come from the cache.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from gazeattn.ops.config import GazeConfig
 from gazeattn.ops.gaze.stats import GazeStats, compute_stats, context_before
@@ -31,6 +32,44 @@ def can_decode(q: torch.Tensor, k: torch.Tensor, layout: GazeLayout) -> bool:
         # past the layout every position is text
         return True
     return bool((layout.kinds[:, -1] == TokenKind.TEXT).all())
+
+
+# a decode step over at most this many keys x routing heads attends over every key with a mask
+# (the selected regions' tokens and every text and context key) instead of gathering the
+# attended ones: below it, the gather's index bookkeeping costs more than reading all keys
+# (bench/decode_model.py, the small size: 83 keys x 2 heads)
+MASKED_DECODE_KEYS = 4096
+
+
+def _masked_keys(k, v, kv_head, chosen, layout: GazeLayout):
+    """Every key and value per routing head ([B, Hr, Tk, D]: views when the routing is per KV
+    head) and which of them the query attends ([B, Hr, Tk]): text and context keys, and the
+    tokens of the regions ``chosen`` [B, Hr, R] (bool) picked."""
+    batch, hr, regions = chosen.shape
+    tk = k.shape[2]
+    base, region = _key_tables(layout, k.device)  # [B, L] bool, [B, L] region id or R
+    length = min(tk, layout.length)
+    picked = torch.cat([chosen, chosen.new_zeros(batch, hr, 1)], dim=-1)
+    picked = picked.gather(-1, region[:, None, :length].clamp(max=regions).expand(-1, hr, -1))
+    valid = picked | base[:, None, :length]
+    if tk > length:  # decoded tokens past the layout: text
+        valid = torch.cat([valid, valid.new_ones(batch, hr, tk - length)], dim=-1)
+    if hr != k.shape[1]:
+        k, v = k.index_select(1, kv_head), v.index_select(1, kv_head)
+    return k, v, valid
+
+
+def _key_tables(layout: GazeLayout, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, L] text and context positions of the layout, and [B, L] the region of each visual
+    token (the number of regions elsewhere): once per layout."""
+    key = ("decode_key_tables", device)
+    if key not in layout._derived:
+        kinds = layout.kinds.to(device)
+        base = (kinds == TokenKind.TEXT) | (kinds == TokenKind.CONTEXT)
+        none = layout.regions.size.shape[1]
+        region = torch.where(layout.region >= 0, layout.region, none).to(device)
+        layout._derived[key] = (base, region)
+    return layout._derived[key]
 
 
 def gather_plan(
@@ -73,17 +112,21 @@ def gaze_decode(
     scores = routing_scores(q, descriptors, config, query_positions(1, tk, q.device))
     ids, chosen = select_regions(scores, plan["visible"], plan["k"])
     hr = scores.shape[1]
-    positions, valid = gather_plan(layout, ids[:, :, 0], tk)
     kv_head = torch.arange(hr, device=q.device) // (hr // hkv)
-    m = positions.shape[-1]
-    kg = _gather_rows(k, kv_head, positions).view(batch, hr, m, dim)
-    vg = _gather_rows(v, kv_head, positions).view(batch, hr, m, dim)
+    if tk * hr <= MASKED_DECODE_KEYS:
+        # few keys: every key, masked to what the query attends, costs less than the
+        # gather's bookkeeping (the same keys, the same softmax)
+        kg, vg, valid = _masked_keys(k, v, kv_head, chosen[:, :, 0], layout)
+    else:
+        positions, valid = gather_plan(layout, ids[:, :, 0], tk)
+        m = positions.shape[-1]
+        kg = _gather_rows(k, kv_head, positions).view(batch, hr, m, dim)
+        vg = _gather_rows(v, kv_head, positions).view(batch, hr, m, dim)
     # [B, Hr, G, D]: the query heads that share each gathered set
     qg = q.view(batch, hr, hq // hr, dim)
-    logits = (qg @ kg.transpose(-1, -2)).float() * scale
-    logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
-    probs = torch.softmax(logits, dim=-1).to(v.dtype)
-    out = (probs @ vg).view(batch, hq, 1, dim)
+    mask = valid[:, :, None, :]
+    out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)
+    out = out.view(batch, hq, 1, dim)
     # compute_stats' counts, from the step's shared parts: routed entries + context tokens
     attended = (chosen.to(torch.float32) @ plan["size"]).squeeze(-1) + plan["context"]
     stats = GazeStats(
