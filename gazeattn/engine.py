@@ -50,6 +50,7 @@ from gazeattn.generation import (
 )
 from gazeattn.modeling import GazeState, gaze_module, is_gaze_model, routing_layer_of
 from gazeattn.ops.layout import GazeLayout, stack_rows
+from gazeattn.prefix_cache import PrefixCache, prefix_key, prefix_length
 from gazeattn.processing import GazeProcessor
 from gazeattn.sample import EncodedSample
 
@@ -108,6 +109,7 @@ class EngineSequence:
         self.frequency_penalty: float = options["frequency_penalty"]
         self.logit_bias: dict[int, float] = options["logit_bias"]
         self.peak_batch = 0  # the most sequences it decoded together with (itself included)
+        self.cached_tokens = 0  # prompt tokens its prefill took from the prefix cache
         self.tag: Any = None
         self.prompt_tokens = len(sample)
         self.tokens: list[int] = []
@@ -140,6 +142,8 @@ class Engine:
         max_prefill_tokens: prompt tokens prefilled in one step before the batch decodes
             again (a longer prompt is still prefilled, alone).
         routing_layer: the layer whose routing is reported when a sequence asks for it.
+        prefix_cache_bytes: memory for prefilled visual prefixes (``gazeattn.prefix_cache``)
+            a gaze model reuses across requests; 0 turns prefix caching off.
     """
 
     def __init__(
@@ -150,6 +154,7 @@ class Engine:
         max_batch_size: int = 16,
         max_prefill_tokens: int = 8192,
         routing_layer: int = -1,
+        prefix_cache_bytes: int = 0,
     ):
         if max_batch_size < 1 or max_prefill_tokens < 1:
             raise ValueError("max_batch_size and max_prefill_tokens must be >= 1")
@@ -173,6 +178,10 @@ class Engine:
         self._offsets: list[int] = []
         self._deltas: list[torch.Tensor] = []  # [1, 1] rotary delta per row (M-RoPE)
         self.cache = self._new_cache()
+        # prefixes of gaze models only: a stock model's prefill is transformers' own
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
+        if not self.gaze:
+            self.prefix_cache = None
 
     # ---- from any thread
 
@@ -340,6 +349,13 @@ class Engine:
                 gaze_report=True,
                 gaze_selection=seq.return_routing,
             )
+            prefix = self._cached_prefix(seq, ids, mask, vision)
+            if prefix is not None:
+                # the suffix (text only) on the prefix's cache; past the prefix's layout
+                # every position is text
+                cache, length = prefix
+                ids, vision = ids[:, length:], {}
+                extra["gaze_layout"] = cache.gaze_state.layout
         else:
             if self._stock_types:
                 extra["mm_token_type_ids"] = self._token_types(ids)
@@ -364,6 +380,37 @@ class Engine:
         if not seq.done:
             self._join(seq, cache, state, delta)
         return output
+
+    def _cached_prefix(self, seq: EngineSequence, ids, mask, vision) -> tuple | None:
+        """(the decode cache after the sequence's visual prefix, its length): from the prefix
+        cache, or prefilled now and stored there. None when prefixes are not cached or the
+        prompt has no image or video with text after it."""
+        if self.prefix_cache is None:
+            return None
+        inner = gaze_module(self.model)
+        length = prefix_length(seq.sample, inner.gaze_config.num_context_tokens)
+        if not 0 < length < len(seq.sample):
+            return None
+        settings = repr((inner.gaze_config, inner.gaze_top_k, inner.gaze_layers))
+        key = prefix_key(seq.sample, length, settings)
+        cache = self.prefix_cache.get(key)
+        if cache is not None:
+            seq.cached_tokens = length
+            return cache, length
+        media = max(i for i, p in enumerate(seq.sample.parts) if not isinstance(p, int))
+        layout = self.processor.layout_of([seq.sample.parts[: media + 1]]).to(self.device)
+        cache = GazeCache()
+        self.model(
+            input_ids=ids[:, :length],
+            **vision,
+            attention_mask=mask[:, :length],
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            gaze_layout=layout,
+        )
+        self.prefix_cache.put(key, cache, length)
+        return cache, length
 
     def _token_types(self, ids: torch.Tensor) -> torch.Tensor:
         """Stock Qwen-VL's mm_token_type_ids (text 0, image 1, video 2) from the placeholders."""
@@ -643,6 +690,7 @@ class Engine:
             routing=seq.routing if seq.return_routing else None,
             grids=seq.grids,
             logprobs=seq.logprobs if seq.top_logprobs is not None else None,
+            cached_tokens=seq.cached_tokens,
         )
 
 

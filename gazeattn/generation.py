@@ -73,6 +73,7 @@ class GenerationResult:
     grids: list[list[int]] = field(default_factory=list)  # (t, h, w) of each image/video span
     # per generated token, when asked (gazeattn.engine.TokenLogprob)
     logprobs: list | None = None
+    cached_tokens: int = 0  # prompt tokens whose prefill came from the prefix cache
 
 
 def generate_batch(

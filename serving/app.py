@@ -65,6 +65,7 @@ from serving.schemas import (
     GazeReport,
     ModelCard,
     ModelList,
+    PromptTokensDetails,
     RoutedRegion,
     TokenRouting,
     TopLogprob,
@@ -141,6 +142,7 @@ def usage(result: GenerationResult) -> Usage:
         prompt_tokens=result.prompt_tokens,
         completion_tokens=result.completion_tokens,
         total_tokens=result.prompt_tokens + result.completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=result.cached_tokens),
     )
 
 
@@ -264,10 +266,9 @@ class GazeChat:
             max_batch_size=self.settings.max_batch_size,
             max_prefill_tokens=self.settings.max_prefill_tokens,
             routing_layer=self.settings.routing_layer,
+            prefix_cache_bytes=self.settings.prefix_cache_bytes,
         )
-        self.scheduler = Scheduler(
-            self.engine, on_step=lambda e: self.metrics.engine(e.num_waiting, e.num_running)
-        )
+        self.scheduler = Scheduler(self.engine, on_step=self.metrics.engine)
         # requests are validated (images decoded, prompt encoded) in a bounded pool of other
         # processes, so that preparation never holds the decode loop's GIL
         self.preparer = Preparer(
@@ -405,6 +406,7 @@ class GazeChat:
                     seq = out.sequence
                     self.metrics.finished(
                         prompt=seq.prompt_tokens,
+                        cached=seq.cached_tokens,
                         generated=out.result.completion_tokens,
                         attended=sum(seq.attended),
                         dense=sum(seq.dense),

@@ -56,17 +56,41 @@ class ServeMetrics:
             "gazeattn_visual_entries_dense_total",
             description="Visual KV entries dense attention would read for the same tokens.",
         )
+        self.cached = metrics.Counter(
+            "gazeattn_prefix_cache_tokens_total",
+            description="Prompt tokens whose prefill came from the prefix cache.",
+        )
+        self.prefix_hit_rate = metrics.Gauge(
+            "gazeattn_prefix_cache_hit_rate",
+            description="Prefix cache lookups that hit, of all (prompts with images or video).",
+        )
+        self.prefix_bytes = metrics.Gauge(
+            "gazeattn_prefix_cache_bytes", description="Bytes of prefilled prefixes held."
+        )
+        self.prefix_entries = metrics.Gauge(
+            "gazeattn_prefix_cache_entries", description="Prefilled prefixes held."
+        )
 
     def outcome(self, status: str) -> None:
         self.requests.inc(tags={"status": status})
 
-    def engine(self, waiting: int, running: int) -> None:
-        self.queue_length.set(waiting)
-        self.batch_size.set(running)
+    def engine(self, engine) -> None:
+        """The engine's queue, batch and prefix cache (after each step)."""
+        self.queue_length.set(engine.num_waiting)
+        self.batch_size.set(engine.num_running)
+        if engine.prefix_cache is not None:
+            stats = engine.prefix_cache.stats
+            lookups = stats.hits + stats.misses
+            self.prefix_hit_rate.set(stats.hits / lookups if lookups else 0.0)
+            self.prefix_bytes.set(stats.bytes)
+            self.prefix_entries.set(stats.entries)
 
-    def finished(self, *, prompt: int, generated: int, attended: float, dense: float) -> None:
+    def finished(
+        self, *, prompt: int, cached: int, generated: int, attended: float, dense: float
+    ) -> None:
         for counter, value in (
             (self.prompt, prompt),
+            (self.cached, cached),
             (self.generated, generated),
             (self.attended, attended),
             (self.dense, dense),

@@ -100,6 +100,9 @@ class ServeSettings(BaseModel):
     max_batch_size: int = Field(16, ge=1)  # sequences decoding together in a replica
     max_prefill_tokens: int = Field(8192, ge=1)  # prompt tokens prefilled between decode steps
     max_pending: int = Field(64, ge=1)  # running + waiting requests; beyond: 429
+    # memory for prefilled visual prefixes reused by requests with the same images or video
+    # (gazeattn.prefix_cache, least recently used out first); 0 turns prefix caching off
+    prefix_cache_bytes: int = Field(2**30, ge=0)
     # processes that validate requests (decode images, encode prompts) beside the decode loop
     prepare_workers: int = Field(2, ge=1)
     routing_layer: int = -1

@@ -537,3 +537,59 @@ def test_qwen3_families_decode_in_the_engine_as_in_generate(qwen3, family):
     for layer in linear:
         with pytest.raises(InvalidRequest, match="does not route"):
             engine.submit(requests[0], return_routing=True, routing_layer=layer)
+
+
+def _one_picture_questions(seed: int = 21) -> list[GenerationRequest]:
+    """Several users asking different questions about one picture (one prefix)."""
+    image = random_image(seed, (40, 56))
+    asks = ("what colour is it?", "where is the circle?", "how many shapes are there?")
+    return [
+        GenerationRequest(messages=image_chat(q, answer=None), images=[image], max_new_tokens=6)
+        for q in asks
+    ]
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "qwen3-vl", "qwen3.5"])
+def test_prefix_cache_hits_answer_as_a_cold_prefill(family, loaded, qwen3):
+    """Prompts that share their images or video reuse the prefilled prefix (keys and values,
+    descriptors, rotary deltas, a hybrid decoder's recurrent states): greedy output is the
+    same as without the cache, alone or in a busy batch, and a hit reports its tokens."""
+    model, processor = loaded[family] if family in loaded else qwen3[family]
+    requests = [*golden(), *_one_picture_questions()]
+    cold = [r.token_ids for r in Engine(model, processor).run(requests)]
+    assert len({tuple(t) for t in cold[-3:]}) > 1, "the questions must give different answers"
+    engine = Engine(model, processor, max_batch_size=3, prefix_cache_bytes=2**30)
+    first = engine.run(requests)
+    again = _staggered(engine, requests)
+    assert [r.token_ids for r in first] == cold == [r.token_ids for r in again]
+    media = [bool(r.images or r.videos) for r in requests]
+    # the first pass: the picture's later questions hit; the second: every media prompt
+    assert [r.cached_tokens > 0 for r in first] == [False] * len(golden()) + [False, True, True]
+    assert [r.cached_tokens > 0 for r in again] == media
+    assert all(r.cached_tokens < r.prompt_tokens for r in again)
+    stats = engine.prefix_cache.stats
+    assert stats.hits == 2 + sum(media) and stats.entries == sum(media[: len(golden())]) + 1
+    assert stats.cached_tokens == sum(r.cached_tokens for r in [*first, *again])
+    assert engine.num_running == 0 and engine.cache.rows == 0
+
+
+def test_prefix_cache_evicts_the_least_recent_and_never_fails(loaded):
+    """Over its budget the cache drops its least recently used prefixes (answers unchanged
+    after an eviction); a prefix larger than the whole budget is served uncached."""
+    model, processor = loaded["llava"]
+    a, b = _one_picture_questions(21), _one_picture_questions(22)
+    cold = [r.token_ids for r in Engine(model, processor).run([*a, *b])]
+    probe = Engine(model, processor, prefix_cache_bytes=2**30)
+    probe.run(a[:1])
+    one = probe.prefix_cache.stats.bytes
+    engine = Engine(model, processor, prefix_cache_bytes=int(1.5 * one))  # room for one
+    order = [a[0], b[0], a[1], b[1], b[2], a[2]]
+    results = engine.run(order)
+    expected = [cold[0], cold[3], cold[1], cold[4], cold[5], cold[2]]
+    assert [r.token_ids for r in results] == expected
+    assert [r.cached_tokens > 0 for r in results] == [False, False, False, False, True, False]
+    stats = engine.prefix_cache.stats
+    assert stats.entries == 1 and stats.evictions == 4 and stats.bytes == one
+    tiny = Engine(model, processor, prefix_cache_bytes=one // 2)
+    assert [r.token_ids for r in tiny.run(a)] == cold[:3]
+    assert tiny.prefix_cache.stats.entries == 0 and tiny.prefix_cache.stats.hits == 0

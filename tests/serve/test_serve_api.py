@@ -129,6 +129,20 @@ def test_images_add_their_tokens(client):
     assert three - text == 3 * (IMAGE_TOKENS + MARKER)
 
 
+def test_questions_about_one_image_reuse_its_prefill(client):
+    """The prefix cache (on by default): a second question about the same image (the same
+    bytes) reports the prefilled prefix in OpenAI's usage field; the answer is unchanged."""
+    image = image_part(data_url(image_bytes(31)))
+    first = chat(client, user(image, text="what color is it?"))
+    other = chat(client, user(image, text="where is the circle?"))
+    again = chat(client, user(image, text="what color is it?"))
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = other.usage.prompt_tokens_details.cached_tokens
+    assert IMAGE_TOKENS < cached < other.usage.prompt_tokens
+    assert again.usage.prompt_tokens_details.cached_tokens == cached
+    assert again.choices[0].message.content == first.choices[0].message.content
+
+
 def test_video_frames_extension(client):
     frames = [{"url": data_url(image_bytes(10 + i))} for i in range(3)]
     video = {"type": "video_frames", "video_frames": frames}
@@ -152,7 +166,11 @@ def test_streaming_matches_the_completion(client):
     ]
     assert text == whole.choices[0].message.content
     assert finals == [whole.choices[0].finish_reason]
-    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    streamed = chunks[-1].usage
+    assert chunks[-1].choices == [] and streamed.total_tokens == whole.usage.total_tokens
+    assert streamed.completion_tokens == whole.usage.completion_tokens
+    # the same image again: its prefix came from the prefix cache
+    assert streamed.prompt_tokens_details.cached_tokens > 0
 
 
 def test_gaze_extension(client):
@@ -203,9 +221,13 @@ def test_continuous_batches_give_the_single_answers(client):
         batched = list(pool.map(ask, prompts))
     assert all(size == 1 for _, size in single)
     assert max(size for _, size in batched) >= 2, "the concurrent requests were never batched"
-    for (one, _), (many, _) in zip(single, batched, strict=True):
+    for messages, (one, _), (many, _) in zip(prompts, single, batched, strict=True):
         assert many.choices[0].message.content == one.choices[0].message.content
-        assert many.usage.model_dump() == one.usage.model_dump()
+        assert many.usage.total_tokens == one.usage.total_tokens
+        assert many.usage.completion_tokens == one.usage.completion_tokens
+        # the batched request's images were prefilled by the single one before it
+        has_image = any(p["type"] == "image_url" for p in messages[0]["content"][:-1])
+        assert (many.usage.prompt_tokens_details.cached_tokens > 0) == has_image
 
 
 def test_served_answers_equal_generate_on_the_checkpoint(client):

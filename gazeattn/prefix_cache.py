@@ -1,0 +1,154 @@
+"""Prefix caching for visual prompts: requests that share their images or video (and the text
+before them) reuse the prefilled prefix instead of prefilling it again.
+
+The prefix of a prompt ends after its last image or video (its context tokens included):
+what several questions about one picture, a chat about one video or an agent's repeated
+screenshot share. Its key is the content, not a URL: the token ids up to there, every pixel
+input's bytes, and the model's gaze settings (they change the prefix's hidden states). An
+entry is the decode cache after prefilling the prefix alone: every layer's keys and values
+(and a hybrid decoder's recurrent states), the region descriptors and the rotary deltas.
+
+A prompt whose prefix is cached prefills only its suffix on a copy of the entry; one whose
+prefix is not prefills the prefix, stores it, and prefills the suffix the same way, so a
+sequence's output is the same with and without a hit (bitwise: the same computation).
+
+The cache holds at most ``budget_bytes`` (least recently used entries go first). A running
+sequence never holds an entry: its prefill copies the entry into the batch, so eviction
+cannot reach it. A prefix larger than the whole budget is not stored (served uncached).
+Used from the engine's scheduler thread only; ``stats`` may be read from any thread.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gazeattn.sample import EncodedSample
+
+
+@dataclass(kw_only=True)
+class PrefixStats:
+    hits: int = 0
+    misses: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the cache (summed over hits)
+    bytes: int = 0  # held now
+    entries: int = 0
+    evictions: int = 0
+
+
+@dataclass(kw_only=True)
+class _Entry:
+    cache: object  # the decode cache after the prefix (never handed out: copies are)
+    length: int
+    bytes: int
+
+
+class PrefixCache:
+    def __init__(self, budget_bytes: int):
+        if budget_bytes < 0:
+            raise ValueError("budget_bytes must be >= 0")
+        self.budget_bytes = budget_bytes
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._stats = PrefixStats()
+        self._lock = threading.Lock()
+
+    @property
+    def stats(self) -> PrefixStats:
+        with self._lock:
+            return copy.copy(self._stats)
+
+    def get(self, key: str):
+        """A private copy of the cache stored under ``key`` (None on a miss), counted."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self._stats.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self._stats.hits += 1
+            self._stats.cached_tokens += entry.length
+        return copy.deepcopy(entry.cache)
+
+    def put(self, key: str, cache, length: int) -> bool:
+        """Store a copy of ``cache`` (the state after ``length`` prefix tokens); False when it
+        is larger than the whole budget (then nothing is evicted for it)."""
+        size = cache_bytes(cache)
+        if size > self.budget_bytes:
+            return False
+        entry = _Entry(cache=copy.deepcopy(cache), length=length, bytes=size)
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._stats.bytes -= old.bytes
+            while self._entries and self._stats.bytes + size > self.budget_bytes:
+                _, evicted = self._entries.popitem(last=False)
+                self._stats.bytes -= evicted.bytes
+                self._stats.evictions += 1
+            self._entries[key] = entry
+            self._stats.bytes += size
+            self._stats.entries = len(self._entries)
+        return True
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._stats.bytes, self._stats.entries = 0, 0
+
+
+def prefix_length(sample: EncodedSample, num_context_tokens: int) -> int:
+    """Tokens up to the end of the sample's last image or video (0 without media)."""
+    end = position = 0
+    for part in sample.parts:
+        if isinstance(part, int):
+            position += part
+            continue
+        frames = getattr(part, "t", 1)
+        position += frames * (part.lead + part.h * part.w + num_context_tokens)
+        end = position
+    return end
+
+
+def prefix_key(sample: EncodedSample, length: int, settings: str) -> str:
+    """The content key of the sample's first ``length`` tokens (with all its pixel inputs,
+    which belong to media in the prefix) under the model's ``settings``."""
+    digest = hashlib.blake2b(digest_size=20)
+    digest.update(settings.encode())
+    digest.update(np.ascontiguousarray(sample.input_ids[:length], np.int64).tobytes())
+    for name in sorted(sample.vision):
+        array = np.ascontiguousarray(sample.vision[name])
+        digest.update(f"{name}:{array.dtype}:{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of the tensors a decode cache holds (its layers' and its gaze state's)."""
+    seen: set[int] = set()
+    total = 0
+
+    def add(value) -> None:
+        nonlocal total
+        if isinstance(value, torch.Tensor):
+            if id(value) not in seen:
+                seen.add(id(value))
+                total += value.numel() * value.element_size()
+        elif isinstance(value, dict):
+            for item in value.values():
+                add(item)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                add(item)
+
+    for layer in getattr(cache, "layers", ()):
+        add(list(vars(layer).values()))
+    state = getattr(cache, "gaze_state", None)
+    if state is not None:
+        add(state.descriptors)
+        add(state.rope_deltas)
+    return total
