@@ -81,7 +81,8 @@ def decode_step_s(model, processor, prompt: dict, batch: int, tokens: int) -> tu
     )
     # the end of turn is never chosen: every row decodes all the steps
     never_stop = {i: -100.0 for i in processor.stop_token_ids}
-    seqs = [engine.submit(request, sample=sample, logit_bias=never_stop) for _ in range(batch)]
+    request.logit_bias = never_stop
+    seqs = [engine.submit(request, sample=sample) for _ in range(batch)]
     start = time.perf_counter()
     while engine.num_running < batch:
         engine.step()

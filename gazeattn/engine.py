@@ -44,8 +44,6 @@ from gazeattn.generation import (
     GazeCache,
     GenerationRequest,
     GenerationResult,
-    InvalidRequest,
-    check_request,
     sample_token,
 )
 from gazeattn.modeling import GazeState, gaze_module, is_gaze_model, routing_layer_of
@@ -53,8 +51,6 @@ from gazeattn.ops.layout import GazeLayout, stack_rows
 from gazeattn.prefix_cache import PrefixCache, prefix_key, prefix_length
 from gazeattn.processing import GazeProcessor
 from gazeattn.sample import EncodedSample
-
-MAX_TOP_LOGPROBS = 20
 
 logger = logging.getLogger(__name__)
 
@@ -104,10 +100,10 @@ class EngineSequence:
         self.sample = sample
         self.return_routing: bool = options["return_routing"]
         self.routing_layer: int = options["routing_layer"]
-        self.top_logprobs: int | None = options["top_logprobs"]
-        self.presence_penalty: float = options["presence_penalty"]
-        self.frequency_penalty: float = options["frequency_penalty"]
-        self.logit_bias: dict[int, float] = options["logit_bias"]
+        self.top_logprobs: int | None = request.top_logprobs
+        self.presence_penalty: float = request.presence_penalty
+        self.frequency_penalty: float = request.frequency_penalty
+        self.logit_bias: dict[int, float] = dict(request.logit_bias)
         self.peak_batch = 0  # the most sequences it decoded together with (itself included)
         self.cached_tokens = 0  # prompt tokens its prefill took from the prefix cache
         self.tag: Any = None
@@ -192,23 +188,14 @@ class Engine:
         sample: EncodedSample | None = None,
         return_routing: bool = False,
         routing_layer: int | None = None,
-        top_logprobs: int | None = None,
-        presence_penalty: float = 0.0,
-        frequency_penalty: float = 0.0,
-        logit_bias: dict[int, float] | None = None,
         tag: Any = None,
     ) -> EngineSequence:
-        """Queue a request; ``sample`` is its ``processor.encode_sample`` (encoded here when not
-        given). Raises ValueError / ProcessorInputError for a request that cannot run.
-
-        - ``top_logprobs``: None for no logprobs, else how many alternatives per token (0-20).
-        - ``presence_penalty`` / ``frequency_penalty`` (OpenAI's, in [-2, 2]): subtracted from
-          the logit of every token generated so far, once / once per occurrence.
-        - ``logit_bias``: token id -> bias in [-100, 100], added to that token's logit.
-        - ``tag``: anything the caller wants back on the sequence (``seq.tag``).
-        """
-        logit_bias = dict(logit_bias or {})
-        _check(request, top_logprobs, presence_penalty, frequency_penalty, logit_bias, self)
+        """Queue a request (it samples as its ``SamplingParams`` say); ``sample`` is its
+        ``processor.encode_sample`` (encoded here when not given). Raises InvalidRequest /
+        ProcessorInputError for a request that cannot run. ``return_routing`` reports the
+        regions routed at ``routing_layer``; ``tag``: anything the caller wants back on the
+        sequence (``seq.tag``)."""
+        request.check(self.model.get_output_embeddings().weight.shape[0])
         if sample is None:
             sample = self.processor.encode_sample(
                 request.messages,
@@ -219,14 +206,7 @@ class Engine:
         layer = self.routing_layer if routing_layer is None else routing_layer
         if return_routing and self.gaze:
             layer = routing_layer_of(self.model, layer)
-        options = dict(
-            return_routing=return_routing,
-            routing_layer=layer,
-            top_logprobs=top_logprobs,
-            presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty,
-            logit_bias=logit_bias,
-        )
+        options = dict(return_routing=return_routing, routing_layer=layer)
         seq = EngineSequence(request, sample, options)
         seq.tag = tag
         with self._work:
@@ -727,26 +707,3 @@ def _boxes(selected: torch.Tensor, boxes: torch.Tensor) -> list[dict]:
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
-
-
-def _check(r: GenerationRequest, top_logprobs, presence, frequency, bias, engine) -> None:
-    if not -2.0 <= presence <= 2.0 or not -2.0 <= frequency <= 2.0:
-        raise InvalidRequest(
-            "presence_penalty and frequency_penalty must be in [-2, 2]", param="presence_penalty"
-        )
-    vocab = engine.model.get_output_embeddings().weight.shape[0]
-    for token, value in bias.items():
-        if not isinstance(token, int) or not 0 <= token < vocab:
-            raise InvalidRequest(
-                f"logit_bias: {token!r} is not a token id of this model (0-{vocab - 1})",
-                param="logit_bias",
-            )
-        if not -100.0 <= value <= 100.0:
-            raise InvalidRequest(
-                f"logit_bias: the bias of token {token} must be in [-100, 100]", param="logit_bias"
-            )
-    check_request(r)
-    if top_logprobs is not None and not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
-        raise InvalidRequest(
-            f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs"
-        )

@@ -43,19 +43,68 @@ class InvalidRequest(ValueError):
         self.param = param
 
 
-@dataclass(kw_only=True)
-class GenerationRequest:
-    """One chat request. ``messages`` use {"type": "image"} / {"type": "video"} parts, matched in
-    order with ``images`` (PIL or HWC uint8) and ``videos`` (lists of frames)."""
+MAX_TOP_LOGPROBS = 20
 
-    messages: list[dict]
-    images: Sequence[Any] = ()
-    videos: Sequence[Sequence[Any]] = ()
+
+@dataclass(kw_only=True)
+class SamplingParams:
+    """How a request samples and when it stops: declared here once and checked by ``check``
+    (the server maps OpenAI's fields onto it, the engine reads it).
+
+    - ``temperature`` 0 is greedy; ``top_p`` the nucleus; ``seed`` makes sampling repeat;
+    - ``stop`` strings end the answer and never reach it;
+    - ``top_logprobs``: None for no logprobs, else how many alternatives per token (0-20);
+    - ``presence_penalty`` / ``frequency_penalty`` (OpenAI's, in [-2, 2]): subtracted from
+      the logit of every token generated so far, once / once per occurrence;
+    - ``logit_bias``: token id -> bias in [-100, 100], added to that token's logit.
+    """
+
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
     stop: Sequence[str] = ()
+    top_logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+    def check(self, vocab_size: int) -> None:
+        """``InvalidRequest`` naming (in OpenAI's terms) the first setting that is wrong."""
+        if self.max_new_tokens < 1:
+            raise InvalidRequest("max_new_tokens must be >= 1", param="max_tokens")
+        check_temperature(self.temperature)
+        if not 0 < self.top_p <= 1:
+            raise InvalidRequest("top_p must be in (0, 1]", param="top_p")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequest(
+                f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs"
+            )
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise InvalidRequest(f"{name} must be in [-2, 2]", param=name)
+        for token, value in self.logit_bias.items():
+            if not isinstance(token, int) or not 0 <= token < vocab_size:
+                raise InvalidRequest(
+                    f"logit_bias: {token!r} is not a token id of this model (0-{vocab_size - 1})",
+                    param="logit_bias",
+                )
+            if not -100.0 <= value <= 100.0:
+                raise InvalidRequest(
+                    f"logit_bias: the bias of token {token} must be in [-100, 100]",
+                    param="logit_bias",
+                )
+
+
+@dataclass(kw_only=True)
+class GenerationRequest(SamplingParams):
+    """One chat request. ``messages`` use {"type": "image"} / {"type": "video"} parts, matched in
+    order with ``images`` (PIL or HWC uint8) and ``videos`` (lists of frames); how it samples
+    is its ``SamplingParams``."""
+
+    messages: list[dict]
+    images: Sequence[Any] = ()
+    videos: Sequence[Sequence[Any]] = ()
 
 
 @dataclass(kw_only=True)
@@ -139,15 +188,6 @@ def check_temperature(temperature: float) -> None:
             "for greedy decoding or a larger temperature",
             param="temperature",
         )
-
-
-def check_request(r: GenerationRequest) -> None:
-    """The request's own settings (``InvalidRequest`` naming the first that is wrong)."""
-    if r.max_new_tokens < 1:
-        raise InvalidRequest("max_new_tokens must be >= 1", param="max_tokens")
-    check_temperature(r.temperature)
-    if not 0 < r.top_p <= 1:
-        raise InvalidRequest("top_p must be in (0, 1]", param="top_p")
 
 
 def sample_token(

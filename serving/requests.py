@@ -9,9 +9,9 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from gazeattn.generation import GenerationRequest
+from gazeattn.generation import GenerationRequest, InvalidRequest, SamplingParams
 from gazeattn.processing import GazeProcessor, ProcessorInputError, SequenceTooLong
 from gazeattn.sample import EncodedSample
 from serving.errors import BadRequest, NotFound
@@ -37,23 +37,11 @@ class Prepared:
     gaze: bool
     layer: int
     prompt_tokens: int
-    top_logprobs: int | None = None  # None: no logprobs
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[int, float] = field(default_factory=dict)
     user: str | None = None
 
     def engine_options(self) -> dict:
         """The keyword arguments of ``gazeattn.engine.Engine.submit``."""
-        return dict(
-            sample=self.sample,
-            return_routing=self.gaze,
-            routing_layer=self.layer,
-            top_logprobs=self.top_logprobs,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            logit_bias=self.logit_bias,
-        )
+        return dict(sample=self.sample, return_routing=self.gaze, routing_layer=self.layer)
 
 
 def refuse_unsupported(body: ChatCompletionRequest) -> None:
@@ -100,21 +88,35 @@ def _neutral(name: str, value, param: str) -> None:
         )
 
 
-def logit_bias(body: ChatCompletionRequest, vocab: int) -> dict[int, float]:
+def logit_bias(body: ChatCompletionRequest) -> dict[int, float]:
+    """OpenAI's logit_bias (token ids as JSON strings) with int keys; ``SamplingParams.check``
+    checks the ids and values."""
     out = {}
     for key, value in (body.logit_bias or {}).items():
-        if not key.isdigit() or int(key) >= vocab:
-            raise BadRequest(
-                f"logit_bias key {key[:20]!r} is not a token id of this model (0-{vocab - 1})",
-                param="logit_bias",
-            )
-        if not -100.0 <= value <= 100.0:
-            raise BadRequest(
-                f"logit_bias of token {key} must be in [-100, 100], got {value}",
-                param="logit_bias",
-            )
+        if not key.isdigit():
+            raise BadRequest(f"logit_bias key {key[:20]!r} is not a token id", param="logit_bias")
         out[int(key)] = float(value)
     return out
+
+
+def sampling(body: ChatCompletionRequest, max_new: int, vocab: int) -> SamplingParams:
+    """The request's sampling settings, checked (a 400 naming the field)."""
+    params = SamplingParams(
+        max_new_tokens=max_new,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop=tuple(body.stop_list()),
+        top_logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        logit_bias=logit_bias(body),
+    )
+    try:
+        params.check(vocab)
+    except InvalidRequest as err:
+        raise BadRequest(str(err), param=err.param) from None
+    return params
 
 
 def check_options(body: ChatCompletionRequest, settings: ServeSettings, model_name: str) -> int:
@@ -163,6 +165,7 @@ def prepare(
 ) -> Prepared:
     """Validate, decode the images and count the prompt tokens (CPU work: run it off the loop)."""
     max_new = check_options(body, settings, model_name)
+    params = sampling(body, max_new, len(processor.tokenizer))
     layer = settings.routing_layer if body.gaze_layer is None else body.gaze_layer
     if not -num_layers <= layer < num_layers:
         raise BadRequest(
@@ -182,16 +185,7 @@ def prepare(
                 for j, part in enumerate(content)
             ]
         messages.append({"role": role, "content": content or ""})
-    generation = GenerationRequest(
-        messages=messages,
-        images=images,
-        videos=videos,
-        max_new_tokens=max_new,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        seed=body.seed,
-        stop=tuple(body.stop_list()),
-    )
+    generation = GenerationRequest(messages=messages, images=images, videos=videos, **vars(params))
     limit = settings.max_prompt_tokens or processor.max_length
     try:
         sample = processor.encode_sample(
@@ -225,10 +219,6 @@ def prepare(
         gaze=body.gaze,
         layer=layer,
         prompt_tokens=prompt_tokens,
-        top_logprobs=(body.top_logprobs or 0) if body.logprobs else None,
-        presence_penalty=body.presence_penalty or 0.0,
-        frequency_penalty=body.frequency_penalty or 0.0,
-        logit_bias=logit_bias(body, len(processor.tokenizer)),
         user=body.user or body.safety_identifier,
     )
 

@@ -10,6 +10,8 @@ whatever they read, and would hide a wrong position or a wrong row.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -135,8 +137,9 @@ def test_greedy_is_the_same_alone_in_a_busy_batch_and_in_generate(family, export
 def test_logprobs_alone_equal_logprobs_in_a_batch(family, loaded):
     model, processor = loaded[family]
     engine = Engine(model, processor, max_batch_size=4)
-    alone = [engine.run([r], top_logprobs=3)[0] for r in golden()]
-    batched = _staggered(engine, golden(), top_logprobs=3)
+    asked = [replace(r, top_logprobs=3) for r in golden()]
+    alone = [engine.run([r])[0] for r in asked]
+    batched = _staggered(engine, asked)
     for one, many in zip(alone, batched, strict=True):
         assert len(one.logprobs) == one.completion_tokens
         for a, b in zip(one.logprobs, many.logprobs, strict=True):
@@ -270,22 +273,26 @@ def test_penalties_and_logit_bias(loaded):
     request = golden()[1]
     plain = engine.run([request])[0].token_ids
     forced = plain[0] + 1
-    biased = engine.run([request], logit_bias={forced: 100.0})[0].token_ids
+    biased = engine.run([replace(request, logit_bias={forced: 100.0})])[0].token_ids
     assert biased == [forced] * len(plain)
-    avoided = engine.run([request], logit_bias={plain[0]: -100.0})[0].token_ids
+    avoided = engine.run([replace(request, logit_bias={plain[0]: -100.0})])[0].token_ids
     assert avoided[0] != plain[0]
     # the penalised logits, on a row that generated [5, 5, 9]
-    seq = engine.submit(request, presence_penalty=0.5, frequency_penalty=1.0)
+    seq = engine.submit(replace(request, presence_penalty=0.5, frequency_penalty=1.0))
     seq.tokens = [5, 5, 9]
     logits = torch.zeros(1, model.get_output_embeddings().weight.shape[0])
     adjusted = engine._adjusted([seq], logits)
     assert adjusted[0, 5] == -2.5 and adjusted[0, 9] == -1.5 and adjusted[0, 10] == 0
     engine.cancel(seq)
     engine.step()
-    with pytest.raises(ValueError, match="logit_bias"):
-        engine.submit(request, logit_bias={10**9: 1.0})
-    with pytest.raises(ValueError, match="penalty"):
-        engine.submit(request, presence_penalty=3.0)
+    with pytest.raises(InvalidRequest, match="logit_bias") as err:
+        engine.submit(replace(request, logit_bias={10**9: 1.0}))
+    assert err.value.param == "logit_bias"
+    with pytest.raises(InvalidRequest, match="presence_penalty") as err:
+        engine.submit(replace(request, presence_penalty=3.0))
+    assert err.value.param == "presence_penalty"
+    with pytest.raises(InvalidRequest, match="top_logprobs"):
+        engine.submit(replace(request, top_logprobs=21))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

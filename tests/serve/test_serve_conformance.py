@@ -155,14 +155,14 @@ def test_sampling_fields_reach_the_engine(tiny):
         stop=["x"],
         max_completion_tokens=5,
     )
-    options = prepared.engine_options()
-    assert options["top_logprobs"] == 3 and options["logit_bias"] == {7: -100.0}
-    assert options["presence_penalty"] == 0.5 and options["frequency_penalty"] == -0.5
     g = prepared.generation
+    assert g.top_logprobs == 3 and g.logit_bias == {7: -100.0}
+    assert g.presence_penalty == 0.5 and g.frequency_penalty == -0.5
     assert (g.seed, g.temperature, g.top_p, g.stop, g.max_new_tokens) == (4, 0.5, 0.8, ("x",), 5)
     assert prepared.sample is not None and len(prepared.sample) == prepared.prompt_tokens
-    assert _prepare(tiny, logprobs=True).top_logprobs == 0
-    assert _prepare(tiny).top_logprobs is None
+    assert prepared.engine_options()["sample"] is prepared.sample
+    assert _prepare(tiny, logprobs=True).generation.top_logprobs == 0
+    assert _prepare(tiny).generation.top_logprobs is None
 
 
 def _item(max_new: int, **kw) -> Prepared:
