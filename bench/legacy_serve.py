@@ -1,14 +1,15 @@
 """The serving app before continuous batching, kept as the benchmark's baseline (bench/serve.py).
 
 Non-streamed requests that arrive together are grouped by ``@serve.batch`` into one
-``generate_batch`` call (left padding, a ``DynamicCache`` that grows by concatenation),
-which runs until the longest ``max_tokens`` of the group, under a lock; requests that
-arrive meanwhile wait for the whole group. Only ``POST /v1/chat/completions`` without
-streaming; request checks are the current app's (``serving.requests.prepare``).
+``generate_batch`` call, which runs until the longest ``max_tokens`` of the group, under a
+lock; requests that arrive meanwhile wait for the whole group. (``generate_batch`` is now
+the engine run on that group alone: what this baseline keeps is the grouping, not the old
+decode loop.) Only ``POST /v1/chat/completions`` without streaming; request checks are the
+current app's (``serving.requests.prepare``).
 
 The benchmark asks every mode for exactly ``max_tokens`` tokens: the current app bans
-the end-of-turn tokens through ``logit_bias``, which ``generate_batch`` does not take, so
-this app clears the processor's stop tokens instead (the same decode work).
+the end-of-turn tokens through the request's ``logit_bias``; this app clears the
+processor's stop tokens instead (the same decode work).
 """
 
 # no `from __future__ import annotations`: FastAPI must see the Request annotation as a class
