@@ -45,30 +45,27 @@ def _masked_keys(k, v, kv_head, chosen, layout: GazeLayout):
     """Every key and value per routing head ([B, Hr, Tk, D]: views when the routing is per KV
     head) and which of them the query attends ([B, Hr, Tk]): text and context keys, and the
     tokens of the regions ``chosen`` [B, Hr, R] (bool) picked."""
-    batch, hr, regions = chosen.shape
-    tk = k.shape[2]
-    base, region = _key_tables(layout, k.device)  # [B, L] bool, [B, L] region id or R
-    length = min(tk, layout.length)
-    picked = torch.cat([chosen, chosen.new_zeros(batch, hr, 1)], dim=-1)
-    picked = picked.gather(-1, region[:, None, :length].clamp(max=regions).expand(-1, hr, -1))
-    valid = picked | base[:, None, :length]
-    if tk > length:  # decoded tokens past the layout: text
-        valid = torch.cat([valid, valid.new_ones(batch, hr, tk - length)], dim=-1)
+    hr = chosen.shape[1]
+    base, region = _key_tables(layout, k.shape[2], k.device)
+    # a last column of False for the keys that are in no region
+    picked = F.pad(chosen, (0, 1)).gather(-1, region[:, None].expand(-1, hr, -1))
+    valid = picked | base[:, None]
     if hr != k.shape[1]:
-        k, v = k.index_select(1, kv_head), v.index_select(1, kv_head)
+        k, v = k.index_select(1, kv_head()), v.index_select(1, kv_head())
     return k, v, valid
 
 
-def _key_tables(layout: GazeLayout, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, L] text and context positions of the layout, and [B, L] the region of each visual
-    token (the number of regions elsewhere): once per layout."""
-    key = ("decode_key_tables", device)
+def _key_tables(layout: GazeLayout, tk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, Tk] the text and context keys (decoded ones past the layout are text), and [B, Tk]
+    the region of each visual key (the number of regions elsewhere): once per decode step,
+    shared by its layers."""
+    key = ("decode_key_tables", tk, device)
     if key not in layout._derived:
-        kinds = layout.kinds.to(device)
+        kinds, _, region = layout.padded(tk)
+        kinds, region = kinds.to(device), region.to(device)
         base = (kinds == TokenKind.TEXT) | (kinds == TokenKind.CONTEXT)
-        none = layout.regions.size.shape[1]
-        region = torch.where(layout.region >= 0, layout.region, none).to(device)
-        layout._derived[key] = (base, region)
+        region = torch.where(region >= 0, region, layout.regions.size.shape[1])
+        layout._keep_latest(key, (base, region))
     return layout._derived[key]
 
 
@@ -112,7 +109,10 @@ def gaze_decode(
     scores = routing_scores(q, descriptors, config, query_positions(1, tk, q.device))
     ids, chosen = select_regions(scores, plan["visible"], plan["k"])
     hr = scores.shape[1]
-    kv_head = torch.arange(hr, device=q.device) // (hr // hkv)
+
+    def kv_head() -> torch.Tensor:  # the KV head of each routing head
+        return torch.arange(hr, device=q.device) // (hr // hkv)
+
     if tk * hr <= MASKED_DECODE_KEYS:
         # few keys: every key, masked to what the query attends, costs less than the
         # gather's bookkeeping (the same keys, the same softmax)
@@ -120,8 +120,9 @@ def gaze_decode(
     else:
         positions, valid = gather_plan(layout, ids[:, :, 0], tk)
         m = positions.shape[-1]
-        kg = _gather_rows(k, kv_head, positions).view(batch, hr, m, dim)
-        vg = _gather_rows(v, kv_head, positions).view(batch, hr, m, dim)
+        heads = kv_head()
+        kg = _gather_rows(k, heads, positions).view(batch, hr, m, dim)
+        vg = _gather_rows(v, heads, positions).view(batch, hr, m, dim)
     # [B, Hr, G, D]: the query heads that share each gathered set
     qg = q.view(batch, hr, hq // hr, dim)
     mask = valid[:, :, None, :]
