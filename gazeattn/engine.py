@@ -14,11 +14,16 @@ An ``Engine`` owns a model (gaze or stock) and its processor. Each ``step()``:
 The gaze cache follows the rows (``gazeattn.cache.BatchCache``): a sequence's region
 descriptors are computed at its own prefill and move with its row, its layout is stacked
 into the batch's (``gazeattn.ops.layout.stack_rows``) at its left padding, and M-RoPE
-families keep its rotary delta. Greedy output of a sequence is the same alone or in a busy
-batch, and the same as ``generate_batch``.
+families keep its rotary delta. A gaze model's prompts with images or video prefill their
+visual prefix through the prefix cache (``gazeattn.prefix_cache``). Greedy output of a
+sequence is the same alone, in a busy batch and with or without a prefix-cache hit;
+``generate_batch`` and ``stream_generate`` are this engine.
 
-Text is emitted as it is decoded, except what could still become a stop string: stop
-strings never reach the output, streamed or not.
+Its parts: the scheduling (admission, bounded prefill, retirement) and the model runner
+(prefill, the batch's decode forward, the gaze report) are here; the sampler
+(``gazeattn.sampler``: penalties, logit bias, greedy or sampled tokens, logprobs) and the
+detokenizer (``gazeattn.detokenizer``: text as it is decoded, except what could still
+become a stop string; stop strings never reach the output, streamed or not) are their own.
 
 The engine is not thread-safe except for ``submit`` and ``cancel``, which a server calls
 from other threads than the one running ``step``. No Ray here (``serving/`` drives it).
@@ -40,37 +45,20 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from gazeattn.cache import BatchCache
+from gazeattn.detokenizer import Detokenizer
 from gazeattn.generation import (
     GazeCache,
     GenerationRequest,
     GenerationResult,
-    sample_token,
 )
 from gazeattn.modeling import GazeState, gaze_module, is_gaze_model, routing_layer_of
 from gazeattn.ops.layout import GazeLayout, stack_rows
 from gazeattn.prefix_cache import PrefixCache, prefix_key, prefix_length
 from gazeattn.processing import GazeProcessor
 from gazeattn.sample import EncodedSample
+from gazeattn.sampler import Sampler, TokenLogprob
 
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteLogits(RuntimeError):
-    """The model's logits for a sequence hold NaN or +inf (a fault of the model, not the request)."""
-
-
-@dataclass(kw_only=True)
-class TokenLogprob:
-    """The log-probability of a generated token under the model, and the most likely tokens.
-
-    Log-probabilities are those of the model's distribution at that step (log-softmax of the
-    logits, with the never-generated placeholder tokens excluded), before temperature and
-    top_p, as OpenAI and vLLM report them.
-    """
-
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)
@@ -163,7 +151,8 @@ class Engine:
         self.num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
         self.stops = set(processor.stop_token_ids)
         banned = set(processor.placeholder_ids) | {processor.tokenizer.pad_token_id}
-        self.banned = sorted(banned - {None} - self.stops)
+        self.sampler = Sampler(sorted(banned - {None} - self.stops))
+        self.detokenizer = Detokenizer(processor)
         self._stock_types = (
             not self.gaze and "mm_token_type_ids" in inspect.signature(model.forward).parameters
         )
@@ -557,42 +546,31 @@ class Engine:
     # ---- sampling, stops, text
 
     def _advance(self, rows: list[EngineSequence], logits: torch.Tensor) -> list[StepOutput]:
-        """Each row's next token, stops and text. A row that fails (non-finite logits, a
-        sampling error) ends alone with its error; the others go on."""
-        logits[:, self.banned] = float("-inf")
-        adjusted = self._adjusted(rows, logits)
-        greedy = adjusted.argmax(-1).tolist()
-        broken = (adjusted.isnan() | (adjusted == float("inf"))).any(-1)
-        broken |= (adjusted == float("-inf")).all(-1)
-        broken = broken.tolist()
-        want = [s.top_logprobs is not None for s in rows]
-        logprobs = torch.log_softmax(logits, dim=-1) if any(want) else None
+        """Each row's next token (the sampler's), stops and text (the detokenizer's). A row
+        that fails (non-finite logits, a sampling error) ends alone with its error; the
+        others go on."""
         outputs = []
+        try:
+            picks = self.sampler.pick(rows, logits)
+        except Exception as err:  # noqa: BLE001 - a failure of the step's sampling ends its rows
+            logger.exception("sampling failed for %d sequences", len(rows))
+            for seq in rows:
+                seq.done = True
+            return [StepOutput(sequence=seq, error=err) for seq in rows]
         for i, seq in enumerate(rows):
             try:
-                if broken[i]:
-                    raise NonFiniteLogits(
-                        "the model produced non-finite logits for this sequence; it was ended"
-                    )
-                outputs.append(self._advance_row(seq, adjusted[i], greedy[i], logprobs, i))
+                if picks.errors[i] is not None:
+                    raise picks.errors[i]
+                outputs.append(self._advance_row(seq, picks.tokens[i], picks.logprobs[i]))
             except Exception as err:  # noqa: BLE001 - one row's failure ends only it
                 logger.exception("sequence %d failed in sampling", seq.id)
                 seq.done = True
                 outputs.append(StepOutput(sequence=seq, error=err))
         return outputs
 
-    def _advance_row(
-        self, seq: EngineSequence, row: torch.Tensor, greedy: int, logprobs, i: int
-    ) -> StepOutput:
-        r = seq.request
-        tok = (
-            greedy
-            if r.temperature <= 0
-            else sample_token(row, r.temperature, r.top_p, seq.generator)
-        )
+    def _advance_row(self, seq: EngineSequence, tok: int, entry: TokenLogprob | None) -> StepOutput:
         out = StepOutput(sequence=seq)
-        if logprobs is not None and seq.top_logprobs is not None:
-            entry = _logprob(logprobs[i], tok, seq.top_logprobs)
+        if entry is not None:
             seq.logprobs.append(entry)
             out.logprobs.append(entry)
         if tok in self.stops:
@@ -602,61 +580,10 @@ class Engine:
             out.token_ids.append(tok)
             if len(seq.tokens) >= seq.request.max_new_tokens:
                 seq.done = True
-        out.text = self._text(seq)
+        out.text = self.detokenizer.delta(seq)
         if seq.done:
             out.result = self._result(seq)
         return out
-
-    def _adjusted(self, rows: list[EngineSequence], logits: torch.Tensor) -> torch.Tensor:
-        """The logits sampling reads: penalties for tokens generated so far, the logit bias."""
-        rows_to_change = [
-            i
-            for i, s in enumerate(rows)
-            if s.logit_bias or (s.tokens and (s.presence_penalty or s.frequency_penalty))
-        ]
-        if not rows_to_change:
-            return logits
-        logits = logits.clone()
-        for i in rows_to_change:
-            seq = rows[i]
-            if seq.tokens and (seq.presence_penalty or seq.frequency_penalty):
-                ids, counts = torch.tensor(seq.tokens).unique(return_counts=True)
-                ids = ids.to(logits.device)
-                penalty = seq.presence_penalty + seq.frequency_penalty * counts.to(logits)
-                logits[i, ids] -= penalty.to(logits.device)
-            if seq.logit_bias:
-                ids = torch.tensor(list(seq.logit_bias), device=logits.device)
-                bias = torch.tensor(list(seq.logit_bias.values()), device=logits.device)
-                logits[i, ids] += bias
-        # a placeholder stays impossible whatever the bias says
-        logits[:, self.banned] = float("-inf")
-        return logits
-
-    def _text(self, seq: EngineSequence) -> str:
-        """The new text to emit: held back while it could still be the start of a stop string;
-        cut before a stop string (which then ends the sequence)."""
-        text = self.processor.decode(seq.tokens)
-        stops = [s for s in seq.request.stop if s]
-        found = [text.find(s, max(len(seq.sent) - len(s) + 1, 0)) for s in stops]
-        hits = [i for i in found if i >= 0]
-        if hits:
-            text = text[: min(hits)]
-            seq.done, seq.finish_reason = True, "stop"
-        elif not seq.done:
-            hold = max((len(s) for s in stops), default=1) - 1
-            # a partial UTF-8 character decodes as U+FFFD until its last byte arrives
-            while text.endswith("\ufffd"):
-                text = text[:-1]
-            text = text[: len(text) - hold] if hold else text
-        if seq.done:
-            # the result's text; the same as what was streamed unless decoding more tokens
-            # rewrote earlier characters (then the result is the exact one)
-            seq.final = text
-        if not text.startswith(seq.sent) or len(text) <= len(seq.sent):
-            return ""
-        delta = text[len(seq.sent) :]
-        seq.sent = text
-        return delta
 
     def _result(self, seq: EngineSequence) -> GenerationResult:
         return GenerationResult(
@@ -685,14 +612,6 @@ def _fit_regions(desc: torch.Tensor, regions: int) -> torch.Tensor:
     if desc.shape[2] >= regions:
         return desc[:, :, :regions]
     return F.pad(desc, (0, 0, 0, regions - desc.shape[2]))
-
-
-def _logprob(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
-    best = []
-    if top:
-        values, ids = logprobs.topk(top)
-        best = list(zip(ids.tolist(), values.tolist(), strict=True))
-    return TokenLogprob(token_id=token, logprob=float(logprobs[token]), top=best)
 
 
 def _boxes(selected: torch.Tensor, boxes: torch.Tensor) -> list[dict]:

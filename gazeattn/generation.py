@@ -120,7 +120,7 @@ class GenerationResult:
     # [{"box": [span, t0, t1, h0, h1, w0, w1], "heads": n}, ...] (most heads first)
     routing: list[list[dict]] | None = None
     grids: list[list[int]] = field(default_factory=list)  # (t, h, w) of each image/video span
-    # per generated token, when asked (gazeattn.engine.TokenLogprob)
+    # per generated token, when asked (gazeattn.sampler.TokenLogprob)
     logprobs: list | None = None
     cached_tokens: int = 0  # prompt tokens whose prefill came from the prefix cache
 
@@ -188,18 +188,3 @@ def check_temperature(temperature: float) -> None:
             "for greedy decoding or a larger temperature",
             param="temperature",
         )
-
-
-def sample_token(
-    row: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
-) -> int:
-    """One token from the logits ``row`` at ``temperature`` (> 0) with nucleus ``top_p``."""
-    # shift by the max first: with a tiny temperature the other logits then go to -inf
-    # instead of the max going to inf (inf - inf = nan in the softmax)
-    probs = torch.softmax((row - row.max()) / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-        probs = probs / probs.sum()
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))

@@ -36,10 +36,11 @@ from ray.serve import Application
 from starlette.exceptions import HTTPException
 
 from gazeattn import load_model
-from gazeattn.engine import Engine, StepOutput, TokenLogprob
+from gazeattn.engine import Engine, StepOutput
 from gazeattn.generation import GenerationResult, InvalidRequest
 from gazeattn.ops import GazeConfig, kv_savings
 from gazeattn.processing import ProcessorInputError
+from gazeattn.sampler import TokenLogprob
 from serving.errors import (
     BadRequest,
     InvalidBody,

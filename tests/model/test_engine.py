@@ -281,7 +281,7 @@ def test_penalties_and_logit_bias(loaded):
     seq = engine.submit(replace(request, presence_penalty=0.5, frequency_penalty=1.0))
     seq.tokens = [5, 5, 9]
     logits = torch.zeros(1, model.get_output_embeddings().weight.shape[0])
-    adjusted = engine._adjusted([seq], logits)
+    adjusted = engine.sampler.adjusted([seq], logits)
     assert adjusted[0, 5] == -2.5 and adjusted[0, 9] == -1.5 and adjusted[0, 10] == 0
     engine.cancel(seq)
     engine.step()
