@@ -42,11 +42,10 @@ class EvalSample:
 
     @property
     def question(self) -> str:
-        """The text of the last user turn."""
-        content = [m for m in self.messages if m["role"] == "user"][-1]["content"]
-        if isinstance(content, str):
-            return content
-        return " ".join(p.get("text", "") for p in content if p.get("type") == "text").strip()
+        """The text of the last user turn that has text (a turn of media only, such as the
+        image's turn after a question asked first, has none)."""
+        texts = [_text_of(m["content"]) for m in self.messages if m["role"] == "user"]
+        return next((t for t in reversed(texts) if t), "")
 
     def media_size(self) -> tuple[int, int]:
         if self.image_size:
@@ -54,6 +53,12 @@ class EvalSample:
         first = self.images[0] if self.images else self.videos[0][0]
         array = np.asarray(first)
         return int(array.shape[1]), int(array.shape[0])
+
+
+def _text_of(content) -> str:
+    if isinstance(content, str):
+        return content
+    return " ".join(p.get("text", "") for p in content if p.get("type") == "text").strip()
 
 
 def question_sample(

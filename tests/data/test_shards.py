@@ -424,6 +424,9 @@ def test_question_first_puts_the_question_in_a_turn_before_the_media(tmp_path):
     r = next(r for r in records if r.get("image"))
     image = np.asarray(Image.open(tmp_path / "first" / "media" / r["image"]).convert("RGB"))
     encoded = processor.encode_sample(to_messages(r["conversations"]), [image])
+    from evaluation.data import load_json
+
+    assert load_json(first["test"])[0].question == records[0]["conversations"][0]["value"]
     kinds = [type(part).__name__ for part in encoded.parts]
     assert kinds == ["int", "Image", "int"], encoded.parts
     before = encoded.input_ids[: encoded.parts[0]].tolist()
