@@ -186,6 +186,11 @@ def where_it_looks(entry, samples, own: dict) -> list[str]:
     if not any(words):
         return []
     learned = prompt_word_hits(entry.model, entry.processor, samples, words, EvalConfig(**own))
+    if not learned:  # asked before the image (data.synthetic.question_first)
+        return [
+            "where it looks: every colour word comes before the image and cannot attend to it; "
+            "what finds the asked cell is the answer's own query (the table's last-layer hit)"
+        ]
     shuffled = prompt_word_hits(entry.model, entry.processor, samples, words,
                                 EvalConfig(**own, random_routing_seed=0))  # fmt: skip
     return [
