@@ -315,7 +315,7 @@ def test_a_killed_replica_under_load_fails_clearly_and_the_app_recovers(cluster,
 def test_a_killed_training_worker_resumes_from_its_checkpoint(
     cluster, mlflow_server, data_dir, tmp_path
 ):
-    name, steps = "worker-kill", 20
+    name, steps = "worker-kill", 12
     job, saved = start_fault_run(cluster, mlflow_server.uri, data_dir, tmp_path, name, steps)
     # the worker on the second node dies (SIGKILL) while the job runs
     head = head_id(cluster)
@@ -349,7 +349,7 @@ def test_stopping_mlflow_mid_run_does_not_stop_training(cluster, data_dir, tmp_p
 
 def test_a_killed_node_resumes_on_a_replacement_node(cluster, mlflow_server, data_dir, tmp_path):
     # last in this module: the second node does not come back
-    name, steps = "node-kill", 20
+    name, steps = "node-kill", 12
     job, saved = start_fault_run(cluster, mlflow_server.uri, data_dir, tmp_path, name, steps)
     second = next(n for n in cluster.nodes if n.name == "node-b")
     # the job's own actors live on the driver's node (the head), not on the one that dies
