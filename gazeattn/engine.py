@@ -38,6 +38,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -148,7 +149,8 @@ class Engine:
         self.routing_layer = routing_layer
         self.gaze = is_gaze_model(model)
         self.device = next(model.parameters()).device
-        self.num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+        self._text_config = model.config.get_text_config(decoder=True)
+        self.num_layers = self._text_config.num_hidden_layers
         self.stops = set(processor.stop_token_ids)
         banned = set(processor.placeholder_ids) | {processor.tokenizer.pad_token_id}
         self.sampler = Sampler(sorted(banned - {None} - self.stops))
@@ -282,8 +284,8 @@ class Engine:
     # ---- admission and prefill
 
     def _admit(self) -> list[StepOutput]:
-        outputs, budget = [], self.max_prefill_tokens
-        while len(self.running) < self.max_batch_size and budget > 0:
+        group, budget = [], self.max_prefill_tokens
+        while len(self.running) + len(group) < self.max_batch_size and budget > 0:
             with self._lock:
                 if not self._waiting:
                     break
@@ -293,11 +295,73 @@ class Engine:
             if seq.cancelled:
                 continue
             budget -= seq.prompt_tokens
+            group.append(seq)
+        if len(group) > 1 and self._batched_prefill:
+            try:
+                return self._prefill_together(group)
+            except Exception:  # noqa: BLE001 - each alone below, so a bad request ends alone
+                logger.warning("a batched prefill failed; prefilling its sequences alone")
+        outputs = []
+        for seq in group:
             try:
                 outputs.append(self._prefill(seq))
             except Exception as err:  # noqa: BLE001 - one request's failure ends only it
                 seq.done = True
                 outputs.append(StepOutput(sequence=seq, error=err))
+        return outputs
+
+    @property
+    def _batched_prefill(self) -> bool:
+        """Whether sequences admitted together prefill in one left-padded forward: a gaze
+        model without prefix caching and without recurrent layers (whose states a padded
+        batch would change)."""
+        linear = "linear_attention" in (getattr(self._text_config, "layer_types", None) or ())
+        return self.gaze and self.prefix_cache is None and not linear
+
+    def _prefill_together(self, group: list[EngineSequence]) -> list[StepOutput]:
+        """Prefill ``group`` in one left-padded forward (what ``generate_batch`` asks: many
+        prompts at once), then each row joins the batch as if prefilled alone."""
+        batch = self.processor.collate([s.sample for s in group], padding_side="left")
+        ids = batch["input_ids"].to(self.device)
+        vision = {
+            k: v.to(self.device) for k, v in batch.items() if k in self.processor.rules.input_names
+        }
+        layout = batch["gaze_layout"]
+        cache = GazeCache()
+        out = self.model(
+            input_ids=ids,
+            **vision,
+            attention_mask=batch["attention_mask"].to(self.device),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            gaze_layout=layout.to(self.device),
+            gaze_report=True,
+            gaze_selection=any(s.return_routing for s in group),
+        )
+        state = cache.gaze_state
+        for seq in group:
+            seq.layout = self.processor.layout_of([seq.sample.parts])
+        self._record(group, state, [layout] * len(group), batch=True)
+        outputs = self._advance(group, out.logits[:, -1].float())
+        total = ids.shape[1]
+        for i, seq in enumerate(group):
+            if seq.done:
+                continue
+            start = total - seq.prompt_tokens  # its left padding
+            row = [(layer.keys[i : i + 1, :, start:], layer.values[i : i + 1, :, start:])
+                   for layer in cache.layers]  # fmt: skip
+            own = GazeState(
+                layout=seq.layout,
+                config=state.config,
+                descriptors={k: v[i : i + 1] for k, v in state.descriptors.items()},
+            )
+            delta = (
+                state.rope_deltas[i : i + 1].reshape(1, 1).to(self.device)
+                if state.rope_deltas is not None
+                else torch.zeros(1, 1, dtype=torch.long, device=self.device)
+            )
+            self._join(seq, SimpleNamespace(layers=row), own, delta)
         return outputs
 
     def _prefill(self, seq: EngineSequence) -> StepOutput:

@@ -255,6 +255,15 @@ def test_one_failing_prefill_ends_only_its_request(loaded, monkeypatch):
         return original(seq)
 
     monkeypatch.setattr(engine, "_prefill", fail_on_bad)
+    together = engine._prefill_together
+
+    def fail_together(group):
+        # the three arrive together: their batched prefill fails, then each is prefilled alone
+        if bad in group:
+            raise ValueError("broken pixels")
+        return together(group)
+
+    monkeypatch.setattr(engine, "_prefill_together", fail_together)
     errors, results = [], {}
     while engine.has_work:
         for out in engine.step():
