@@ -3,10 +3,12 @@
 An ``Engine`` owns a model (gaze or stock) and its processor. Each ``step()``:
 
 1. drops cancelled sequences (their rows are freed at once);
-2. prefills waiting sequences, each alone (no padding), while the batch has room and at
-   most ``max_prefill_tokens`` prompt tokens are prefilled in this step (always at least
-   one sequence): prefill is bounded, so running sequences keep streaming. A prefilled
-   sequence's first token is sampled from its prefill, and it joins the batch;
+2. prefills waiting sequences while the batch has room and at most ``max_prefill_tokens``
+   prompt tokens are prefilled in this step (always at least one sequence): prefill is
+   bounded, so running sequences keep streaming. Those admitted together prefill in one
+   left-padded forward where that is exact (a gaze model without prefix caching or
+   recurrent layers), else each alone. A prefilled sequence's first token is sampled from
+   its prefill, and it joins the batch;
 3. runs one decode step over every running sequence together, each with its own sampling
    settings (temperature, top_p, seed), stop tokens and strings, and token budget;
 4. removes the sequences that finished, at once.
