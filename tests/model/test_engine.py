@@ -247,23 +247,20 @@ def test_one_failing_prefill_ends_only_its_request(loaded, monkeypatch):
     engine = Engine(model, processor)
     good = [engine.submit(r) for r in golden()[:2]]
     bad = engine.submit(golden()[2])
-    original = engine._prefill
 
-    def fail_on_bad(seq):
-        if seq is bad:
-            raise ValueError("broken pixels")
-        return original(seq)
+    def failing(method: str, hits) -> None:
+        original = getattr(engine, method)
 
-    monkeypatch.setattr(engine, "_prefill", fail_on_bad)
-    together = engine._prefill_together
+        def wrapped(arg):
+            if hits(arg):
+                raise ValueError("broken pixels")
+            return original(arg)
 
-    def fail_together(group):
-        # the three arrive together: their batched prefill fails, then each is prefilled alone
-        if bad in group:
-            raise ValueError("broken pixels")
-        return together(group)
+        monkeypatch.setattr(engine, method, wrapped)
 
-    monkeypatch.setattr(engine, "_prefill_together", fail_together)
+    failing("_prefill", lambda seq: seq is bad)
+    # the three arrive together: their batched prefill fails, then each is prefilled alone
+    failing("_prefill_together", lambda group: bad in group)
     errors, results = [], {}
     while engine.has_work:
         for out in engine.step():
