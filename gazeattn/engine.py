@@ -299,10 +299,9 @@ class Engine:
             budget -= seq.prompt_tokens
             group.append(seq)
         if len(group) > 1 and self._batched_prefill:
-            try:
-                return self._prefill_together(group)
-            except Exception:  # noqa: BLE001 - each alone below, so a bad request ends alone
-                logger.warning("a batched prefill failed; prefilling its sequences alone")
+            outputs = self._prefill_together(group)
+            if outputs is not None:
+                return outputs
         outputs = []
         for seq in group:
             try:
@@ -320,27 +319,35 @@ class Engine:
         linear = "linear_attention" in (getattr(self._text_config, "layer_types", None) or ())
         return self.gaze and self.prefix_cache is None and not linear
 
-    def _prefill_together(self, group: list[EngineSequence]) -> list[StepOutput]:
+    def _prefill_together(self, group: list[EngineSequence]) -> list[StepOutput] | None:
         """Prefill ``group`` in one left-padded forward (what ``generate_batch`` asks: many
-        prompts at once), then each row joins the batch as if prefilled alone."""
-        batch = self.processor.collate([s.sample for s in group], padding_side="left")
-        ids = batch["input_ids"].to(self.device)
-        vision = {
-            k: v.to(self.device) for k, v in batch.items() if k in self.processor.rules.input_names
-        }
-        layout = batch["gaze_layout"]
-        cache = GazeCache()
-        out = self.model(
-            input_ids=ids,
-            **vision,
-            attention_mask=batch["attention_mask"].to(self.device),
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-            gaze_layout=layout.to(self.device),
-            gaze_report=True,
-            gaze_selection=any(s.return_routing for s in group),
-        )
+        prompts at once), then each row joins the batch as if prefilled alone. None when the
+        forward failed (nothing has changed then: the caller prefills each alone, so a bad
+        request ends alone)."""
+        try:
+            batch = self.processor.collate([s.sample for s in group], padding_side="left")
+            ids = batch["input_ids"].to(self.device)
+            vision = {
+                k: v.to(self.device)
+                for k, v in batch.items()
+                if k in self.processor.rules.input_names
+            }
+            layout = batch["gaze_layout"]
+            cache = GazeCache()
+            out = self.model(
+                input_ids=ids,
+                **vision,
+                attention_mask=batch["attention_mask"].to(self.device),
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                gaze_layout=layout.to(self.device),
+                gaze_report=True,
+                gaze_selection=any(s.return_routing for s in group),
+            )
+        except Exception:  # noqa: BLE001 - each is prefilled alone instead
+            logger.warning("a batched prefill failed; prefilling its sequences alone")
+            return None
         state = cache.gaze_state
         for seq in group:
             seq.layout = self.processor.layout_of([seq.sample.parts])
@@ -363,7 +370,11 @@ class Engine:
                 if state.rope_deltas is not None
                 else torch.zeros(1, 1, dtype=torch.long, device=self.device)
             )
-            self._join(seq, SimpleNamespace(layers=row), own, delta)
+            try:
+                self._join(seq, SimpleNamespace(layers=row), own, delta)
+            except Exception as err:  # noqa: BLE001 - as a prefill alone: it ends only this one
+                seq.done = True
+                outputs[i] = StepOutput(sequence=seq, error=err)
         return outputs
 
     def _prefill(self, seq: EngineSequence) -> StepOutput:

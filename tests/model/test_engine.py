@@ -248,19 +248,24 @@ def test_one_failing_prefill_ends_only_its_request(loaded, monkeypatch):
     good = [engine.submit(r) for r in golden()[:2]]
     bad = engine.submit(golden()[2])
 
-    def failing(method: str, hits) -> None:
-        original = getattr(engine, method)
+    prefill = engine._prefill
 
-        def wrapped(arg):
-            if hits(arg):
-                raise ValueError("broken pixels")
-            return original(arg)
+    def fail_on_bad(seq):
+        if seq is bad:
+            raise ValueError("broken pixels")
+        return prefill(seq)
 
-        monkeypatch.setattr(engine, method, wrapped)
+    monkeypatch.setattr(engine, "_prefill", fail_on_bad)
+    forward = model.forward
 
-    failing("_prefill", lambda seq: seq is bad)
-    # the three arrive together: their batched prefill fails, then each is prefilled alone
-    failing("_prefill_together", lambda group: bad in group)
+    def fail_together(*args, **kwargs):
+        # the three arrive together: their batched prefill fails (a bad image among them),
+        # then each is prefilled alone
+        if kwargs["input_ids"].shape[0] > 1 and kwargs["input_ids"].shape[1] > 1:
+            raise ValueError("broken pixels")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", fail_together)
     errors, results = [], {}
     while engine.has_work:
         for out in engine.step():
