@@ -325,19 +325,12 @@ class Engine:
         forward failed (nothing has changed then: the caller prefills each alone, so a bad
         request ends alone)."""
         try:
-            batch = self.processor.collate([s.sample for s in group], padding_side="left")
-            ids = batch["input_ids"].to(self.device)
-            vision = {
-                k: v.to(self.device)
-                for k, v in batch.items()
-                if k in self.processor.rules.input_names
-            }
-            layout = batch["gaze_layout"]
+            ids, mask, vision, layout = self._inputs([s.sample for s in group])
             cache = GazeCache()
             out = self.model(
                 input_ids=ids,
                 **vision,
-                attention_mask=batch["attention_mask"].to(self.device),
+                attention_mask=mask,
                 cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
@@ -378,18 +371,13 @@ class Engine:
         return outputs
 
     def _prefill(self, seq: EngineSequence) -> StepOutput:
-        batch = self.processor.collate([seq.sample], padding_side="left")
-        ids = batch["input_ids"].to(self.device)
-        vision = {
-            k: v.to(self.device) for k, v in batch.items() if k in self.processor.rules.input_names
-        }
-        mask = batch["attention_mask"].to(self.device)
+        ids, mask, vision, layout = self._inputs([seq.sample])
         # the stock model's cache from its config: a hybrid decoder's linear-attention layers
         # keep recurrent states (the gaze model fills in its GazeCache the same way)
         cache = GazeCache() if self.gaze else DynamicCache(config=self.model.config)
         extra: dict[str, Any] = {}
         if self.gaze:
-            seq.layout = batch["gaze_layout"]
+            seq.layout = layout
             extra = dict(
                 gaze_layout=seq.layout.to(self.device),
                 gaze_report=True,
@@ -427,6 +415,15 @@ class Engine:
             self._join(seq, cache, state, delta)
         return output
 
+    def _inputs(self, samples: list[EncodedSample]) -> tuple:
+        """``samples`` as one left-padded batch: ids, attention mask and pixel inputs on the
+        device, and the gaze layout."""
+        batch = self.processor.collate(samples, padding_side="left")
+        names = self.processor.rules.input_names
+        vision = {k: v.to(self.device) for k, v in batch.items() if k in names}
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        return ids, mask, vision, batch["gaze_layout"]
+
     def _cached_prefix(self, seq: EngineSequence, ids, mask, vision) -> tuple | None:
         """(the decode cache after the sequence's visual prefix, its length): from the prefix
         cache, or prefilled now and stored there. None when prefixes are not cached or the
@@ -434,7 +431,7 @@ class Engine:
         if self.prefix_cache is None:
             return None
         inner = gaze_module(self.model)
-        length = prefix_length(seq.sample, inner.gaze_config.num_context_tokens)
+        length = prefix_length(seq.layout)
         if not 0 < length < len(seq.sample):
             return None
         settings = repr((inner.gaze_config, inner.gaze_top_k, inner.gaze_layers))

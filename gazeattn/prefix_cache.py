@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gazeattn.ops.layout import GazeLayout, TokenKind
 from gazeattn.sample import EncodedSample
 
 
@@ -101,17 +102,11 @@ class PrefixCache:
             self._stats.bytes, self._stats.entries = 0, 0
 
 
-def prefix_length(sample: EncodedSample, num_context_tokens: int) -> int:
-    """Tokens up to the end of the sample's last image or video (0 without media)."""
-    end = position = 0
-    for part in sample.parts:
-        if isinstance(part, int):
-            position += part
-            continue
-        frames = getattr(part, "t", 1)
-        position += frames * (part.lead + part.h * part.w + num_context_tokens)
-        end = position
-    return end
+def prefix_length(layout: GazeLayout) -> int:
+    """Tokens of the layout's (one) sequence up to the end of its last image or video, its
+    context tokens included (0 without media)."""
+    media = (layout.kinds[0] != TokenKind.TEXT).nonzero()
+    return int(media[-1]) + 1 if len(media) else 0
 
 
 def prefix_key(sample: EncodedSample, length: int, settings: str) -> str:
