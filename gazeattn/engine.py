@@ -327,13 +327,11 @@ class Engine:
         try:
             ids, mask, vision, layout = self._inputs([s.sample for s in group])
             cache = GazeCache()
-            out = self.model(
-                input_ids=ids,
-                **vision,
-                attention_mask=mask,
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
+            out = self._prefill_forward(
+                ids,
+                mask,
+                vision,
+                cache,
                 gaze_layout=layout.to(self.device),
                 gaze_report=True,
                 gaze_selection=any(s.return_routing for s in group),
@@ -396,15 +394,7 @@ class Engine:
             inner = getattr(self.model, "model", None)
             if hasattr(inner, "rope_deltas"):
                 inner.rope_deltas = None
-        out = self.model(
-            input_ids=ids,
-            **vision,
-            attention_mask=mask,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-            **extra,
-        )
+        out = self._prefill_forward(ids, mask, vision, cache, **extra)
         state = cache.gaze_state if self.gaze else None
         logits = out.logits[:, -1].float()
         if state is not None:
@@ -414,6 +404,18 @@ class Engine:
         if not seq.done:
             self._join(seq, cache, state, delta)
         return output
+
+    def _prefill_forward(self, ids, mask, vision: dict, cache, **extra):
+        """The model over prompt tokens into ``cache`` (the last position's logits only)."""
+        return self.model(
+            input_ids=ids,
+            **vision,
+            attention_mask=mask,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **extra,
+        )
 
     def _inputs(self, samples: list[EncodedSample]) -> tuple:
         """``samples`` as one left-padded batch: ids, attention mask and pixel inputs on the
@@ -443,15 +445,7 @@ class Engine:
         media = max(i for i, p in enumerate(seq.sample.parts) if not isinstance(p, int))
         layout = self.processor.layout_of([seq.sample.parts[: media + 1]]).to(self.device)
         cache = GazeCache()
-        self.model(
-            input_ids=ids[:, :length],
-            **vision,
-            attention_mask=mask[:, :length],
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-            gaze_layout=layout,
-        )
+        self._prefill_forward(ids[:, :length], mask[:, :length], vision, cache, gaze_layout=layout)
         self.prefix_cache.put(key, cache, length)
         return cache, length
 
