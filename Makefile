@@ -1,4 +1,7 @@
 PY := .venv/bin/python
+# recipes run as in an activated venv: its tools (ninja among them) come first on PATH for
+# the tests, the Ray workers they start and the jobs
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
 PIP := .venv/bin/pip
 STAMP := .venv/.installed
 
@@ -19,6 +22,9 @@ $(STAMP): pyproject.toml $(LOCK) $(DEV_LOCK)
 	$(PIP) install -q torch==2.13.0
 	DS_BUILD_OPS=0 $(PIP) install -q -r $(DEV_LOCK)
 	$(PIP) install -q --no-deps --no-build-isolation -e .
+	@echo "building DeepSpeed's CPU shared-memory op once (~30 s; ~/.cache/torch_extensions)"
+	-$(PY) -c "from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder; \
+		ShareMemCommBuilder().load(verbose=False)"
 	touch $(STAMP)
 
 # recompute the lock files from pyproject.toml: a new or changed dependency gets pinned, the

@@ -24,3 +24,13 @@ def distributed():
         deepspeed.init_distributed("gloo")
     yield
     torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ray_serve():
+    """One local Ray with Serve for a module, as on a cluster: each family's fine-tuning runs
+    on it and its export is deployed on it (a Ray per step would start two per test)."""
+    from serving.local import local_serve
+
+    with local_serve() as url:
+        yield url

@@ -1,7 +1,8 @@
 """The whole pipeline on a stock hub-layout checkpoint of each family.
 
 make_shards -> fine-tuning (2 ZeRO-3 workers on a local Ray, MLflow on a real server)
--> HF export -> Ray Serve (the openai client, an image in the request) -> evaluation.
+-> HF export -> Ray Serve on the same Ray (the openai client, an image in the request) ->
+evaluation.
 LLaVA-1.5 (CLIP with its CLS token, Llama tokenizer, USER/ASSISTANT template) trains its
 decoder fully; Qwen2.5-VL (dynamic resolution, merger, M-RoPE) trains LoRA adapters that
 the driver merges into the export.
@@ -14,7 +15,6 @@ import io
 
 import numpy as np
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from transformers import AutoModelForImageTextToText
@@ -69,22 +69,22 @@ def _image_url(seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _served_answer(export: str, video_frames: int = 0) -> tuple[str, int]:
-    """The export served on a local Ray Serve, asked through the openai client about an
-    image (and a video of ``video_frames`` frames): its answer and prompt tokens."""
+def _served_answer(url: str, export: str, name: str, video_frames: int = 0) -> tuple[str, int]:
+    """The export deployed as the app ``name`` on the module's Ray Serve, asked through the
+    openai client about an image (and a video of ``video_frames`` frames): its answer and
+    prompt tokens. The app is deleted after."""
     from openai import OpenAI
     from ray import serve
 
     from serving.app import app
-    from serving.local import local_serve
     from serving.settings import ServeSettings
 
     settings = ServeSettings(model=export, model_name="family")
     frames = [{"url": _image_url(10 + i)} for i in range(video_frames)]
     video = [{"type": "video_frames", "video_frames": frames}] if frames else []
-    with local_serve() as url:
-        serve.run(app(settings, num_replicas=1), route_prefix="/")
-        client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    serve.run(app(settings, num_replicas=1), name=name, route_prefix=f"/{name}")
+    try:
+        client = OpenAI(base_url=f"{url}/{name}/v1", api_key="unused")
         reply = client.chat.completions.create(
             model="family",
             max_tokens=4,
@@ -100,19 +100,18 @@ def _served_answer(export: str, video_frames: int = 0) -> tuple[str, int]:
                 }
             ],
         )
+    finally:
+        serve.delete(name)
     return reply.choices[0].message.content, reply.usage.prompt_tokens
 
 
 @pytest.mark.parametrize("family", sorted(CASES))
-def test_a_stock_checkpoint_through_the_whole_pipeline(tmp_path, family, mlflow_server):
+def test_a_stock_checkpoint_through_the_whole_pipeline(tmp_path, family, mlflow_server, ray_serve):
     from evaluation.cli import evaluate_main
 
     stock = build_stock(tmp_path / "stock", family=family)
     cfg = _config(tmp_path, family, stock, mlflow_server.uri)
-    try:
-        result = run_finetune(cfg)
-    finally:
-        ray.shutdown()
+    result = run_finetune(cfg)
     export = result.export_dir
     assert result.metrics["step"] == 3 and np.isfinite(result.metrics["loss"])
 
@@ -130,7 +129,7 @@ def test_a_stock_checkpoint_through_the_whole_pipeline(tmp_path, family, mlflow_
         cfg.model.visual_budget.frames_per_video
     )
 
-    answer, prompt_tokens = _served_answer(export)
+    answer, prompt_tokens = _served_answer(ray_serve, export, family)
     assert isinstance(answer, str) and prompt_tokens > 4
 
     report = evaluate_main(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import ray
 from transformers import AutoModelForImageTextToText
 
 from gazeattn import load_model
@@ -42,10 +41,7 @@ CASES = {
 def _train(tmp_path, family, tracking_uri):
     stock = build_stock(tmp_path / "stock", family=family)
     cfg = family_config(tmp_path, family, stock, tracking_uri, cases=CASES)
-    try:
-        result = run_finetune(cfg)
-    finally:
-        ray.shutdown()
+    result = run_finetune(cfg)
     assert result.metrics["step"] == 3 and np.isfinite(result.metrics["loss"])
     model, processor = load_model(result.export_dir)
     assert is_gaze_model(model) and processor.family == FAMILY_NAMES[family]
@@ -55,11 +51,11 @@ def _train(tmp_path, family, tracking_uri):
 
 
 @pytest.mark.parametrize("family", ["qwen3-vl", "qwen3.5"])
-def test_qwen3_families_through_the_whole_pipeline(tmp_path, mlflow_server, family):
+def test_qwen3_families_through_the_whole_pipeline(tmp_path, mlflow_server, ray_serve, family):
     from evaluation.cli import evaluate_main
 
     export, _, _ = _train(tmp_path, family, mlflow_server.uri)
-    answer, prompt_tokens = _served_answer(export, video_frames=4)
+    answer, prompt_tokens = _served_answer(ray_serve, export, family, video_frames=4)
     # the image's tokens and two timestamped temporal patches of the 4 frames
     assert isinstance(answer, str) and prompt_tokens > 2 * 4
     report = evaluate_main(
