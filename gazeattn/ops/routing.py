@@ -124,16 +124,18 @@ def budgets(
 
 
 def select_regions(
-    scores: torch.Tensor, visible: torch.Tensor, k: torch.Tensor
+    scores: torch.Tensor, visible: torch.Tensor, k: torch.Tensor, k_max: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-K regions per query and head.
 
     scores [B, Hr, Tq, R], visible [B, Tq, R], k [B, Tq] ->
     ids [B, Hr, Tq, Kmax] (ranked; -1 where a query has fewer than Kmax) and
-    chosen [B, Hr, Tq, R] bool.
+    chosen [B, Hr, Tq, R] bool. ``k_max``: ``k.max()`` when the caller has it (a decode
+    step's plan), so that it is not read back from the tensor at every call.
     """
     masked = scores.masked_fill(~visible[:, None], -math.inf)
-    k_max = int(k.max()) if k.numel() else 0
+    if k_max is None:
+        k_max = int(k.max()) if k.numel() else 0
     if k_max == 1:
         # one region each (a decode step's usual budget): the first maximum is the lower id
         # of equal scores, as the sort below ranks them, without the sort

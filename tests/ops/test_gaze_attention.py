@@ -161,6 +161,29 @@ def test_decode_beyond_layout_uses_cached_descriptors(decode_path):
     torch.testing.assert_close(step, full[:, :, -1:], **FP32)
 
 
+def test_many_decode_steps_on_one_layout(decode_path):
+    """The engine decodes step after step on one layout, whose per-step tables (the decode
+    plan, the key tables and their growing capacity) are kept on it: every step equals the
+    same step on a fresh layout, past the tables' first capacity."""
+    seqs = [[3, Image(12, 12), 2, Video(2, 6, 6), 4], [1, Image(6, 6), 5]]
+    kept = build_layout(seqs, padding_side="left", num_context_tokens=2)
+    config = GazeConfig(top_k=2, num_context_tokens=2)
+    steps = 2 * max(kept.length, 64) + 3 - kept.length  # at least one regrowth
+    total = kept.length + steps
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, total, 16, generator=gen)
+    k = torch.randn(2, 2, total, 16, generator=gen)
+    v = torch.randn(2, 2, total, 16, generator=gen)
+    for tk in range(kept.length + 1, total + 1, 7):
+        fresh = build_layout(seqs, padding_side="left", num_context_tokens=2)
+        args = (q[:, :, tk - 1 : tk], k[:, :, :tk], v[:, :, :tk])
+        out, stats = gaze_decode(*args, kept, config, return_selection=True)
+        want, want_stats = gaze_decode(*args, fresh, config, return_selection=True)
+        torch.testing.assert_close(out, want, atol=0, rtol=0)
+        assert torch.equal(stats.attended, want_stats.attended)
+        assert torch.equal(stats.selected, want_stats.selected)
+
+
 def test_routing_only_sees_earlier_segments():
     layout = build_layout(
         [[2, Image(6, 6), 3, Image(6, 6), 2, Video(2, 6, 6), 2]], num_context_tokens=1

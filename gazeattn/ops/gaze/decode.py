@@ -57,16 +57,22 @@ def _masked_keys(k, v, kv_head, chosen, layout: GazeLayout):
 
 def _key_tables(layout: GazeLayout, tk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, Tk] the text and context keys (decoded ones past the layout are text), and [B, Tk]
-    the region of each visual key (the number of regions elsewhere): once per decode step,
-    shared by its layers."""
-    key = ("decode_key_tables", tk, device)
-    if key not in layout._derived:
-        kinds, _, region = layout.padded(tk)
+    the region of each visual key (the number of regions elsewhere).
+
+    Views of tables made for a capacity that doubles as the keys grow: past the layout every
+    key is text, so a decode step takes the first Tk columns instead of building new tables
+    (once per layout and doubling, not once per step)."""
+    key = ("decode_key_tables", device)
+    held = layout._derived.get(key)
+    if held is None or held[0].shape[1] < tk:
+        capacity = max(2 * tk, layout.length, 64)
+        kinds, _, region = layout.padded(capacity)
         kinds, region = kinds.to(device), region.to(device)
         base = (kinds == TokenKind.TEXT) | (kinds == TokenKind.CONTEXT)
         region = torch.where(region >= 0, region, layout.regions.size.shape[1])
-        layout._keep_latest(key, (base, region))
-    return layout._derived[key]
+        held = layout._derived[key] = (base, region)
+    base, region = held
+    return base[:, :tk], region[:, :tk]
 
 
 def gather_plan(
@@ -107,7 +113,7 @@ def gaze_decode(
     if descriptors is None:
         descriptors = region_descriptors(k, layout)
     scores = routing_scores(q, descriptors, config, query_positions(1, tk, q.device))
-    ids, chosen = select_regions(scores, plan["visible"], plan["k"])
+    ids, chosen = select_regions(scores, plan["visible"], plan["k"], plan["k_max"])
     hr = scores.shape[1]
 
     def kv_head() -> torch.Tensor:  # the KV head of each routing head
@@ -141,17 +147,22 @@ def gaze_decode(
 
 def _step_plan(layout: GazeLayout, tk: int, device, config: GazeConfig, top_k) -> dict:
     """What every layer of one decode step shares (the query, the regions it sees, its K,
-    the dense counts): computed at the first layer, not at each."""
-    key = ("decode_plan", tk, device, config, top_k)
+    the dense counts): computed at the first layer, not at each.
+
+    A query past the layout (each decode step after the prompt) sees every region and
+    context token of its row, wherever it is: one plan serves all those steps."""
+    key = ("decode_plan", "past" if tk > layout.length else tk, device, config, top_k)
     if key not in layout._derived:
         every = decode_route(layout, tk, device)
         q_pos, visible = every.q_pos, every.visible
         base = compute_stats(layout, every)
         size = layout.regions.size.to(device=device, dtype=torch.float32)[:, None, :, None]
         dense = base.dense  # [B, 1]: every visible region and context token
+        k = budgets(config, visible.sum(-1), top_k)
         plan = {
             "visible": visible,
-            "k": budgets(config, visible.sum(-1), top_k),
+            "k": k,
+            "k_max": int(k.max()) if k.numel() else 0,
             "size": size,
             "dense": dense,
             "routed": base.routed,
