@@ -124,24 +124,33 @@ def budgets(
 
 
 def select_regions(
-    scores: torch.Tensor, visible: torch.Tensor, k: torch.Tensor, k_max: int | None = None
+    scores: torch.Tensor,
+    visible: torch.Tensor | None,
+    k: torch.Tensor,
+    k_max: int | None = None,
+    k_min: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-K regions per query and head.
 
     scores [B, Hr, Tq, R], visible [B, Tq, R], k [B, Tq] ->
     ids [B, Hr, Tq, Kmax] (ranked; -1 where a query has fewer than Kmax) and
-    chosen [B, Hr, Tq, R] bool. ``k_max``: ``k.max()`` when the caller has it (a decode
-    step's plan), so that it is not read back from the tensor at every call.
+    chosen [B, Hr, Tq, R] bool.
+
+    What a decode step's plan knows once for all its steps, so that it is not recomputed
+    at every call: ``visible`` None when every region is visible, and ``k.max()`` /
+    ``k.min()`` as ``k_max`` / ``k_min``.
     """
-    masked = scores.masked_fill(~visible[:, None], -math.inf)
+    masked = scores if visible is None else scores.masked_fill(~visible[:, None], -math.inf)
     if k_max is None:
         k_max = int(k.max()) if k.numel() else 0
     if k_max == 1:
         # one region each (a decode step's usual budget): the first maximum is the lower id
         # of equal scores, as the sort below ranks them, without the sort
         best = masked.argmax(-1, keepdim=True)
-        ok = (k[:, None, :, None] > 0).expand_as(best)
         chosen = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+        if k_min == 1:  # every query picks one
+            return best, chosen.scatter_(-1, best, True)
+        ok = (k[:, None, :, None] > 0).expand_as(best)
         return torch.where(ok, best, -1), chosen.scatter_(-1, best, ok)
     # a stable descending sort keeps equal scores in id order: ties go to the lower id
     order = torch.sort(masked, dim=-1, descending=True, stable=True).indices

@@ -134,6 +134,19 @@ def test_select_regions_breaks_ties_to_lower_id():
     assert ids.numel() == 0 and not chosen.any()
 
 
+@pytest.mark.parametrize("k_value", [1, 2, 3])
+def test_what_a_plan_knows_selects_the_same_regions(k_value):
+    """A decode plan's shortcuts (every region visible: no mask; K's extremes given) select
+    what the general path selects, ties included."""
+    gen = torch.Generator().manual_seed(k_value)
+    scores = torch.randint(0, 3, (3, 2, 1, 6), generator=gen).float()  # many ties
+    visible = torch.ones(3, 1, 6, dtype=torch.bool)
+    k = torch.full((3, 1), k_value)
+    want = select_regions(scores, visible, k)
+    for got in (select_regions(scores, None, k, k_value, k_value), select_regions(scores, None, k)):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
 def test_top_k_schedule(kind):
     ks = [

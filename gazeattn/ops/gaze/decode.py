@@ -113,7 +113,9 @@ def gaze_decode(
     if descriptors is None:
         descriptors = region_descriptors(k, layout)
     scores = routing_scores(q, descriptors, config, query_positions(1, tk, q.device))
-    ids, chosen = select_regions(scores, plan["visible"], plan["k"], plan["k_max"])
+    ids, chosen = select_regions(
+        scores, plan["visible_or_all"], plan["k"], plan["k_max"], plan["k_min"]
+    )
     hr = scores.shape[1]
 
     def kv_head() -> torch.Tensor:  # the KV head of each routing head
@@ -160,9 +162,11 @@ def _step_plan(layout: GazeLayout, tk: int, device, config: GazeConfig, top_k) -
         dense = base.dense  # [B, 1]: every visible region and context token
         k = budgets(config, visible.sum(-1), top_k)
         plan = {
-            "visible": visible,
             "k": k,
             "k_max": int(k.max()) if k.numel() else 0,
+            "k_min": int(k.min()) if k.numel() else 0,
+            # None when every region is visible: nothing to mask
+            "visible_or_all": None if bool(visible.all()) else visible,
             "size": size,
             "dense": dense,
             "routed": base.routed,
