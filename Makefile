@@ -37,8 +37,10 @@ lock: setup
 # the default suite, then the two-node Ray cluster tests (marker `cluster`, about 8 minutes)
 test: test-default test-cluster
 
+# two pytest-xdist workers: the tests that start a Ray (marker `ray`) run one at a time on one,
+# the others (kernels, models, packaging) beside them on the other
 test-default: setup browser
-	$(PY) -m pytest -m "not cluster" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not cluster" -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 test-cluster: setup
 	$(PY) -m pytest -m cluster $(PYTEST_ARGS)

@@ -1,4 +1,5 @@
-"""Test setup: the Triton interpreter where there is no GPU, and the gpu marker's skip."""
+"""Test setup: the Triton interpreter where there is no GPU, the gpu marker's skip, and the
+xdist group of the tests that start a Ray."""
 
 import os
 
@@ -14,6 +15,12 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def pytest_collection_modifyitems(config, items):
+    # under pytest-xdist (`make test` runs two workers): the tests that start a Ray all go to
+    # one worker, one after another, as each sizes its Ray for the whole machine; the others
+    # (kernels, models, packaging) run beside them
+    for item in items:
+        if item.get_closest_marker("ray") or item.get_closest_marker("cluster"):
+            item.add_marker(pytest.mark.xdist_group("ray"))
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; this machine has none")

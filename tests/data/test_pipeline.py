@@ -17,6 +17,8 @@ from pipelines.dataset import build_train_dataset, decoded_media, iter_train_bat
 from pipelines.make_shards import make_shards, shard_paths, write_tar
 from pipelines.synthetic import generate, write_mp4
 
+pytestmark = pytest.mark.ray
+
 IMAGE_SIZE = 48
 
 

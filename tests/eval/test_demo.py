@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 N_TEST = 24
 REGION, REGIONS, CONTEXT, HEADS = 4, 9, 4, 2
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 def _random_hit(k: int) -> float:

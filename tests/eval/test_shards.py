@@ -7,7 +7,7 @@ import pytest
 from evaluation.data import load_json
 from evaluation.runner import EvalConfig, evaluate_samples
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 @pytest.fixture

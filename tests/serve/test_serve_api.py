@@ -28,6 +28,8 @@ from tests.serve.harness import (
     user,
 )
 
+pytestmark = pytest.mark.ray
+
 MODEL = "gaze-tiny"
 SERVED: dict = {}  # the served checkpoint's directory (set by the server fixture)
 KEY = "test-key-0123"

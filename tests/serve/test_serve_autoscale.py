@@ -16,7 +16,7 @@ from serving.settings import ServeSettings
 from tests.serve.harness import data_url, image_bytes, image_part, local_serve, user
 from tests.servers import wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 APP, MODEL = "scaled", "gaze-tiny"
 CLIENTS, LOAD_SECONDS = 8, 20

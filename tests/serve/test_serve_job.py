@@ -26,6 +26,8 @@ from tests.serve.harness import ROOT, data_url, image_bytes, image_part, user
 from tests.servers import free_port
 from tracking.models import resolve_model
 
+pytestmark = pytest.mark.ray
+
 REGISTERED = "serve-job-gaze-tiny"
 
 

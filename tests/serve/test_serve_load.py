@@ -33,6 +33,8 @@ from tests.serve.harness import (
 )
 from tests.servers import free_port, wait_for
 
+pytestmark = pytest.mark.ray
+
 MODEL = "gaze-load"
 LONG = 400
 FORCED: dict[str, float] = {}  # logit_bias: one word made certain (set by the fixture)

@@ -25,7 +25,7 @@ from gazeattn.tiny import build_stock
 from training.config import load_config
 from training.trainer import run_finetune
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 FAMILY_NAMES = {"llava-1.5": "llava", "qwen2.5-vl": "qwen2_5_vl"}
 CASES = {

@@ -21,7 +21,7 @@ from tests.servers import MlflowServer, free_port
 from training.config import load_config
 from training.trainer import run_finetune
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 @pytest.fixture(scope="module")

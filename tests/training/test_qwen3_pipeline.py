@@ -20,7 +20,7 @@ from tests.training.test_families_pipeline import _config as family_config
 from tests.training.test_families_pipeline import _served_answer
 from training.trainer import run_finetune
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 FAMILY_NAMES = {"qwen3-vl": "qwen3_vl", "qwen3.5": "qwen3_5"}
 CASES = {

@@ -12,7 +12,7 @@ import pytest
 from tests.servers import free_port
 from training.config import load_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 BUCKET = "gazeattn-ckpts"
 
