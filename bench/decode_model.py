@@ -119,6 +119,56 @@ def prefix_ttft_s(model, processor, prompt: dict, repeats: int) -> tuple[float, 
     return statistics.median(cold), statistics.median(hit)
 
 
+def same_video_questions(model, processor, video: list, batch: int, tokens: int) -> dict:
+    """Issue #24's regime (a) through the engine: ``batch`` users, each with their own
+    question about the same video, decode ``tokens`` new tokens together, the video's prefix
+    warm in the prefix cache (a gaze model's; a stock model's prompts are not cached and
+    prefill whole). Returns the time to the first token of the first question (cold) and of
+    a second one (a hit for a gaze model), the batch's prefill time and its decode
+    tokens/s."""
+    engine = Engine(
+        model, processor, max_batch_size=batch, max_prefill_tokens=10**9,
+        prefix_cache_bytes=2**36,
+    )  # fmt: skip
+    never_stop = {i: -100.0 for i in processor.stop_token_ids}
+
+    def request(n: int, new: int) -> GenerationRequest:
+        content = [{"type": "video"}, {"type": "text", "text": f"question {n}: what moves?"}]
+        return GenerationRequest(
+            messages=[{"role": "user", "content": content}],
+            videos=[video],
+            max_new_tokens=new,
+            logit_bias=never_stop,
+        )
+
+    ttft = []
+    for n in (-1, -2):
+        start = time.perf_counter()
+        engine.run([request(n, 1)])
+        ttft.append(time.perf_counter() - start)
+    seqs = [engine.submit(request(i, tokens)) for i in range(batch)]
+    start = time.perf_counter()
+    while engine.num_running < batch:
+        engine.step()
+    prefill = time.perf_counter() - start
+    engine.step()  # the first decode step of the new batch
+    steps = max(tokens - 2, 1)
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    elapsed = time.perf_counter() - start
+    for seq in seqs:
+        engine.cancel(seq)
+    engine.step()
+    return {
+        "batch": batch,
+        "ttft_cold_s": ttft[0],
+        "ttft_second_s": ttft[1],
+        "prefill_s": prefill,
+        "decode_tokens_per_s": batch * steps / elapsed,
+    }
+
+
 def prompts(size: str, frames: int) -> dict[str, dict]:
     side = SIZES[size]["model"]["image_size"]
     rng = np.random.default_rng(0)

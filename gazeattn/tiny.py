@@ -172,14 +172,18 @@ def qwen_vl_tokenizer(vocab_size: int = 512):
     return tok
 
 
-def _text_kwargs(tokenizer, hidden, layers, heads, kv_heads, max_positions, init_range) -> dict:
+def _text_kwargs(
+    tokenizer, hidden, layers, heads, kv_heads, max_positions, init_range, intermediate, vocab
+) -> dict:
+    if vocab is not None and vocab < len(tokenizer):
+        raise ValueError(f"vocab {vocab} is smaller than the tokenizer's {len(tokenizer)} tokens")
     return dict(
         hidden_size=hidden,
-        intermediate_size=2 * hidden,
+        intermediate_size=intermediate or 2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        vocab_size=len(tokenizer),
+        vocab_size=vocab or len(tokenizer),
         max_position_embeddings=max_positions,
         initializer_range=init_range,
         pad_token_id=tokenizer.pad_token_id,
@@ -489,8 +493,16 @@ def build_stock(
     init_range: float = 0.02,
     strategy: str | None = None,
     feature_layer: int | list[int] | None = None,
+    intermediate: int | None = None,
+    vocab: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Save a tiny random stock checkpoint of ``family`` (see the module doc) to ``out_dir``.
+
+    ``intermediate`` (the decoder's MLP width, default twice its hidden size), ``vocab`` (its
+    embedding rows, default the tokenizer's; more only widen the output layer) and ``dtype``
+    (of the saved weights, made in it: default float32) shape a random model of a real
+    size, e.g. Qwen2.5-VL-3B's decoder in bf16 (``bench/gpu_check.py``).
 
     ``image_size`` is the square input of LLaVA towers, and the largest area (its square) a
     Qwen-VL image is resized into. ``strategy`` / ``feature_layer`` override a LLaVA
@@ -519,8 +531,17 @@ def build_stock(
         init_range=init_range,
         strategy=strategy,
         feature_layer=feature_layer,
+        intermediate=intermediate,
+        vocab=vocab,
     )
-    (_save_qwen3 if qwen3 else _save_qwen_vl if qwen else _save_llava)(out, family, **sizes)
+    save = _save_qwen3 if qwen3 else _save_qwen_vl if qwen else _save_llava
+    default = torch.get_default_dtype()
+    # the random weights are made in ``dtype``: no float32 copy of a large model
+    torch.set_default_dtype(dtype or default)
+    try:
+        save(out, family, **sizes)
+    finally:
+        torch.set_default_dtype(default)
     return out
 
 

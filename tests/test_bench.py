@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,3 +45,24 @@ def test_a_claim_row_has_the_interval_and_the_lift():
     assert len(cells) == HEADER.splitlines()[0].count("|") - 1
     assert cells[2] == "20.0%" and cells[3].startswith("90.0% (87.") and cells[6] == "0.81"
     assert cells[7] == "50.0%"
+
+
+def test_the_gpu_checks_model_step_rehearses_on_the_cpu(tmp_path):
+    """``bench/gpu_check.py --rehearse``'s model step: the shipped path (a stock Qwen2.5-VL
+    checkpoint converted by load_model, its dense twin, the stock model) through the
+    serving engine in regime (a), and training steps, at toy sizes; its table is written."""
+    done = subprocess.run(
+        [sys.executable, "bench/gpu_check.py", "--rehearse", "--out", str(tmp_path),
+         "--skip", "precompile", "tests", "attention"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (step,) = json.loads((tmp_path / "gpu_check.json").read_text())["steps"][1:]
+    model = step["model"]
+    assert [r["batch"] for r in model["regime_a"]] == [1, 2]
+    for row in model["regime_a"]:
+        for mode in ("gaze", "dense twin", "stock"):
+            assert row[mode]["decode_tokens_per_s"] > 0, row
+    assert {"gaze", "stock"} == set(model["train"])
+    assert "gaze vs twin" in (tmp_path / "gpu_check.md").read_text()
