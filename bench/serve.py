@@ -23,7 +23,20 @@ request's ITL is the time from its first to its last text chunk over its tokens;
 printed; the figures and the KV share of a decode step's bytes go to
 bench/results/serve.json.
 
-Run: PYTHONPATH=. python bench/serve.py [--frames 4] [--tokens 256] [--concurrency 1 4 16 32]
+Regimes where decode dominates (issue #24, ``--regime``; each sets the defaults of frames,
+tokens, levels and modes, and asks each request its own question):
+
+- ``a``: many users asking different questions about the same long video: 16 frames x 576
+  tokens, 128 new tokens, concurrency 1/4/16/32, each request its own question. The warm-up
+  request puts the video's prefix in the prefix cache (the first request's time to first
+  token is the cold one), so every timed request of the gaze model and its twin is a hit;
+  the stock model is not prefix-cached and prefills each prompt. Targets on our 2-core CPU:
+  gaze >= 2x the twin's tokens/s at concurrency 16, tokens/s x3 from concurrency 1 to 16, a
+  hit's time to first token <= 0.1x of a cold one.
+- ``b``: long answers: 512 new tokens over an 8-frame video, concurrency 16.
+
+Run: PYTHONPATH=. python bench/serve.py [--regime a|b] [--frames 4] [--tokens 256]
+     [--concurrency 1 4 16 32]
 """
 
 from __future__ import annotations
@@ -50,6 +63,14 @@ from serving.settings import GazeOverride, ServeSettings  # noqa: E402
 
 MODES = ("gaze", "dense", "stock", "legacy")
 BYTES = 4  # fp32 on CPU
+
+# issue #24's decode-bound regimes: what each sets, and its targets (checked in ``targets``)
+REGIMES = {
+    "a": dict(frames=16, tokens=128, concurrency=[1, 4, 16, 32], modes=["gaze", "dense", "stock"],
+              distinct=True),
+    "b": dict(frames=8, tokens=512, concurrency=[16], modes=["gaze", "dense", "stock"],
+              distinct=True),
+}  # fmt: skip
 
 
 def build_models(root: Path, args) -> tuple[Path, Path]:
@@ -85,17 +106,31 @@ def frame_png(i: int) -> bytes:
     return buffer.getvalue()
 
 
-def video_messages(frames: int) -> list[dict]:
-    urls = [{"url": data_url(frame_png(i))} for i in range(frames)]
+def video_messages(
+    frames: int, question: str = "which frame has the red circle?", first: int = 0
+) -> list[dict]:
+    """A video of ``frames`` frames (``first`` shifts them: another video) and a question."""
+    urls = [{"url": data_url(frame_png(first + i))} for i in range(frames)]
     return [
         {
             "role": "user",
             "content": [
                 {"type": "video_frames", "video_frames": urls},
-                {"type": "text", "text": "which frame has the red circle?"},
+                {"type": "text", "text": question},
             ],
         }
     ]
+
+
+QUESTIONS = ("which frame has the red circle?", "where is the green square?",
+             "what colour is the background?", "does the circle move?")  # fmt: skip
+
+
+def asked(messages: list[dict], n: int) -> list[dict]:
+    """``messages`` with the n-th question of the run: the same video, its own question."""
+    question = f"{QUESTIONS[n % len(QUESTIONS)]} (user {n})"
+    content = [*messages[0]["content"][:-1], {"type": "text", "text": question}]
+    return [{"role": "user", "content": content}]
 
 
 def one_request(client, messages, tokens: int, stream: bool, bias: dict) -> dict:
@@ -135,9 +170,17 @@ def run_level(base: str, messages, concurrency: int, args, stream: bool, bias: d
 
     client = openai.OpenAI(base_url=base, api_key="-", max_retries=0, timeout=3600)
 
-    def client_loop(_):
+    def client_loop(i):
+        # with --regime: each request its own question about the same video
         return [
-            one_request(client, messages, args.tokens, stream, bias) for _ in range(args.rounds)
+            one_request(
+                client,
+                asked(messages, i * args.rounds + r) if args.distinct else messages,
+                args.tokens,
+                stream,
+                bias,
+            )
+            for r in range(args.rounds)
         ]
 
     start = time.perf_counter()
@@ -199,6 +242,10 @@ def kv_share(args, prompt_tokens: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--regime", choices=sorted(REGIMES), default=None,
+        help="a decode-bound regime of issue #24 (sets frames, tokens, levels and modes)",
+    )  # fmt: skip
     parser.add_argument("--frames", type=int, default=4, help="video frames of 576 tokens")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
@@ -216,6 +263,11 @@ def main() -> None:
         default=0,
         help="max_prefill_tokens of the app (0: one prompt, so a step prefills one request)",
     )
+    parser.set_defaults(distinct=False)
+    regime = parser.parse_known_args()[0].regime
+    if regime is not None:
+        # the regime's settings are the defaults: options given explicitly still win
+        parser.set_defaults(**REGIMES[regime])
     args = parser.parse_args()
 
     from bench.legacy_serve import LegacyChat
@@ -259,7 +311,7 @@ def main() -> None:
                 )
             else:
                 deployments[mode] = app(settings, **options)
-        results = run_all(deployments, messages, args, bias)
+        results, cold = run_all(deployments, messages, args, bias)
 
     ratios = _ratios(results, args.concurrency)
     share = kv_share(args, prompt_tokens)
@@ -276,12 +328,17 @@ def main() -> None:
         )
     for line in ratios["lines"]:
         print(line)
+    checked = targets(results, cold, args) if args.regime == "a" else []
+    for line in checked:
+        print(line["line"])
     path = write_results(
-        "serve",
+        f"serve-{args.regime}" if args.regime else "serve",
         {
             "config": {**vars(args), "prompt_tokens": prompt_tokens},
             "results": results,
+            "cold_ttft_s": cold,
             "ratios": ratios["table"],
+            "targets": checked,
             "kv_share": share,
         },
     )
@@ -299,6 +356,7 @@ def run_all(deployments: dict, messages, args, bias: dict, attempts: int = 4) ->
     from ray.exceptions import RayError
 
     results: dict[str, list[dict]] = {mode: [] for mode in deployments}
+    cold: dict[str, float] = {}  # each mode's first request on its fresh replica
     todo = [(c, mode) for c in args.concurrency for mode in deployments]
     for attempt in range(1, attempts + 1):
         try:
@@ -306,7 +364,13 @@ def run_all(deployments: dict, messages, args, bias: dict, attempts: int = 4) ->
                 for mode, deployment in deployments.items():
                     serve.run(deployment, name=mode, route_prefix=f"/{mode}")
                     warm = argparse.Namespace(**{**vars(args), "rounds": 1})
-                    run_level(f"{url}/{mode}/v1", messages, 1, warm, mode != "legacy", bias)
+                    base, stream = f"{url}/{mode}/v1", mode != "legacy"
+                    # another video warms the replica up, so that the first request about
+                    # the benchmark's video is cold for the prefix cache only
+                    other = video_messages(args.frames, first=1000)
+                    run_level(base, other, 1, warm, stream, bias)
+                    first = run_level(base, messages, 1, warm, stream, bias)
+                    cold.setdefault(mode, first["ttft_p50_s"])
                 while todo:
                     c, mode = todo[0]
                     base = f"{url}/{mode}/v1"
@@ -314,10 +378,42 @@ def run_all(deployments: dict, messages, args, bias: dict, attempts: int = 4) ->
                     results[mode].append(row)
                     todo.pop(0)
                     print(f"{mode:6} c={c:>2} {_fmt(row)}", flush=True)
-                return results
+                return results, cold
         except (openai.APIConnectionError, openai.InternalServerError, RayError) as err:
             print(f"attempt {attempt} lost its server ({err!r}); again on a fresh Ray", flush=True)
     raise RuntimeError("every attempt lost its server")
+
+
+def targets(results: dict, cold: dict, args) -> list[dict]:
+    """Regime (a)'s three targets, each with what was measured and whether it was met."""
+
+    def rate(mode: str, c: int) -> float | None:
+        rows = [r for r in results.get(mode, []) if r["concurrency"] == c]
+        return rows[0]["tokens_per_s"] if rows else None
+
+    out = []
+
+    def check(name: str, value: float | None, target: float, at_most: bool = False) -> None:
+        if value is None:
+            line = f"target {name}: not measured"
+            met = None
+        else:
+            met = value <= target if at_most else value >= target
+            sign = "<=" if at_most else ">="
+            line = f"target {name}: {value:.2f}x ({sign} {target}x: {'met' if met else 'NOT met'})"
+        out.append({"target": name, "value": value, "goal": target, "met": met, "line": line})
+
+    gaze16, dense16, gaze1 = rate("gaze", 16), rate("dense", 16), rate("gaze", 1)
+    check(
+        "gaze over its twin, tokens/s at c=16",
+        gaze16 / dense16 if gaze16 and dense16 else None,
+        2.0,
+    )
+    check("gaze tokens/s, c=16 over c=1", gaze16 / gaze1 if gaze16 and gaze1 else None, 3.0)
+    hit = [r["ttft_p50_s"] for r in results.get("gaze", []) if r["concurrency"] == 1]
+    ratio = hit[0] / cold["gaze"] if hit and cold.get("gaze") else None
+    check("prefix-cache hit's time to first token over a cold one (gaze, c=1)", ratio, 0.1, True)
+    return out
 
 
 def _fmt(row: dict) -> str:
