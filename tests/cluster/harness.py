@@ -126,9 +126,15 @@ class LocalCluster:
         raise LookupError(f"no raylet process for node {node.name} ({node.node_id})")
 
     def kill_node(self, node: Node, timeout: float = 120) -> None:
-        """SIGKILL the node's raylet, as when a machine fails; returns once the head has
-        marked the node dead (its GCS health check fails for a few periods)."""
-        os.kill(self.raylet_pid(node), signal.SIGKILL)
+        """SIGKILL the node's raylet and every process it started (its workers), as when a
+        machine fails; returns once the head has marked the node dead (its GCS health check
+        fails for a few periods). A worker whose raylet alone died can run on for a while."""
+        raylet = self.raylet_pid(node)
+        for pid in [raylet, *_descendants(raylet)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:  # ended by itself meanwhile
+                pass
         dead = wait_for(lambda: node.node_id not in (self.alive_ids() or {node.node_id}), timeout)
         if not dead:
             raise TimeoutError(
@@ -151,3 +157,24 @@ class LocalCluster:
             [str(RAY), "stop", "--force"], env=self.env, capture_output=True, timeout=120
         )
         shutil.rmtree(self.temp, ignore_errors=True)
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (children, their children, ...), from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # the field after the command (which may hold spaces) is the state, then the ppid
+            stat = (entry / "stat").read_text()
+        except OSError:  # the process ended while we looked
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        out += children
+        todo += children
+    return out

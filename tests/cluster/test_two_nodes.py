@@ -5,8 +5,8 @@ ZeRO-3 workers of the demo fine-tuning (each asking for a slot) must land on dif
 nodes. The job goes in through `ray job submit` as on a real cluster; the export is
 served from the same cluster with `serve deploy`. Then the faults, each with its
 expected outcome: a Serve replica killed under bounded load, and one run that loses first a
-training worker (it resumes from its checkpoint) and then the second node's raylet (it
-resumes on a replacement node). The MLflow server stopping mid-run is tested on one node
+training worker (it resumes from its checkpoint) and then the second node, its raylet and
+worker killed together (it resumes on a replacement node). The MLflow server stopping mid-run is tested on one node
 (``tests/training/test_finetune.py``): the tracker that rides it out is the same code here.
 """
 
@@ -319,9 +319,9 @@ def test_a_killed_worker_then_a_killed_node_each_resume_from_a_checkpoint(
     """Two faults in one run (last in this module: the second node does not come back).
     First the training worker on the second node dies (SIGKILL) and Ray Train restarts the
     group on the same nodes; once that restarted group has committed a checkpoint of its
-    own, the second node's raylet dies, taking its worker with it, and the run resumes on a
+    own, the second node dies (its raylet and worker, SIGKILL) and the run resumes on a
     replacement node."""
-    name, steps = "worker-then-node", 16
+    name, steps = "worker-then-node", 20
     job, saved = start_fault_run(cluster, mlflow_server.uri, data_dir, tmp_path, name, steps)
     head = head_id(cluster)
     victim = next(a for a in cluster.actors("RayTrainWorker") if a.node_id != head)
@@ -347,6 +347,8 @@ def test_a_killed_worker_then_a_killed_node_each_resume_from_a_checkpoint(
 
     logs = assert_resumed(cluster, job, saved, mlflow_server.uri, name, steps)
     resumed = [int(n) for n in re.findall(r"resumed from step (\d+)", logs)]
-    assert len(resumed) >= 2 and max(resumed) >= again, (saved, again, resumed)
+    # each rank says where it resumed: two restarts, the second from the restarted group's
+    # own checkpoint
+    assert len(set(resumed)) >= 2 and max(resumed) >= again, (saved, again, resumed)
     assert replacement.node_id in set().union(*worker_nodes(logs).values()), logs[-3000:]
     assert (tmp_path / name / "export" / "config.json").exists()
