@@ -323,11 +323,9 @@ def model_train(model, processor, video, steps: int) -> dict:
         {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "what moves?"}]},
         {"role": "assistant", "content": "the red circle, from left to right"},
     ]
+    # what training feeds the model (training/single.py): the processor's collated batch
     batch = processor.collate([processor.encode_sample(messages, videos=[video])])
-    names = {"input_ids", "attention_mask", "labels", *processor.rules.input_names}
-    if processor.gaze_config is not None:
-        names.add("gaze_layout")
-    inputs = {k: v.to(model.device) for k, v in batch.items() if k in names}
+    inputs = {k: v.to(model.device) for k, v in batch.items()}
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     times = []
