@@ -42,6 +42,9 @@ class LocalCluster:
         self.env = {
             **os.environ,
             "RAY_AUTH_MODE": "disabled",
+            # every worker line in a job's logs: Ray's dedup folds lines that differ only in
+            # numbers and ids (the two ranks' "worker rank r on node N" lines among them)
+            "RAY_DEDUP_LOGS": "0",
             # `python` in a job's entrypoint is this interpreter, as in an activated venv
             "PATH": os.pathsep.join([str(RAY.parent), os.environ.get("PATH", "")]),
         }
