@@ -4,11 +4,14 @@ An ``Engine`` owns a model (gaze or stock) and its processor. Each ``step()``:
 
 1. drops cancelled sequences (their rows are freed at once);
 2. prefills waiting sequences while the batch has room and at most ``max_prefill_tokens``
-   prompt tokens are prefilled in this step (always at least one sequence): prefill is
-   bounded, so running sequences keep streaming. Those admitted together prefill in one
-   left-padded forward where that is exact (a gaze model without prefix caching or
-   recurrent layers), else each alone. A prefilled sequence's first token is sampled from
-   its prefill, and it joins the batch;
+   prompt tokens are prefilled in this step: prefill is bounded, so running sequences keep
+   streaming. A prompt larger than what is left of the step's budget is prefilled in
+   chunks, one per step (chunked prefill: a gaze model without recurrent layers; other
+   models prefill it alone in a step of its own). A prefix-cache hit counts only the tokens
+   it still prefills. Those admitted together prefill in one left-padded forward where
+   that is exact (a gaze model without prefix caching or recurrent layers), else each
+   alone. A prefilled sequence's first token is sampled from its prefill, and it joins the
+   batch;
 3. runs one decode step over every running sequence together, each with its own sampling
    settings (temperature, top_p, seed), stop tokens and strings, and token budget;
 4. removes the sequences that finished, at once.
@@ -54,7 +57,13 @@ from gazeattn.generation import (
     GenerationRequest,
     GenerationResult,
 )
-from gazeattn.modeling import GazeState, gaze_module, is_gaze_model, routing_layer_of
+from gazeattn.modeling import (
+    ChunkedPrefill,
+    GazeState,
+    gaze_module,
+    is_gaze_model,
+    routing_layer_of,
+)
 from gazeattn.ops.layout import GazeLayout, stack_rows
 from gazeattn.prefix_cache import PrefixCache, prefix_key, prefix_length
 from gazeattn.processing import GazeProcessor
@@ -113,6 +122,10 @@ class EngineSequence:
             torch.Generator().manual_seed(request.seed) if request.seed is not None else None
         )
         self.layout: GazeLayout | None = None  # its own layout (one row, no padding)
+        self.prefix: tuple[str, int] | None = None  # (key, length) of its cacheable prefix
+        self.chunks: ChunkedPrefill | None = None  # its prefill, while it runs in chunks
+        self.chunk_tokens = 0  # prompt tokens of its last chunk
+        self.prompt_ids: tuple | None = None  # (ids, mask) of a chunked prefill's prompt
 
     @property
     def grids(self) -> list[list[int]]:
@@ -127,7 +140,10 @@ class Engine:
         processor: its GazeProcessor (for a stock model, one without a gaze config).
         max_batch_size: most sequences decoding together.
         max_prefill_tokens: prompt tokens prefilled in one step before the batch decodes
-            again (a longer prompt is still prefilled, alone).
+            again (a longer prompt is prefilled in chunks of at most this many, or alone
+            where chunks are off or the model cannot run them).
+        chunked_prefill: whether a prompt larger than the step's budget is prefilled in
+            chunks (a gaze model without recurrent layers).
         routing_layer: the layer whose routing is reported when a sequence asks for it.
         prefix_cache_bytes: memory for prefilled visual prefixes (``gazeattn.prefix_cache``)
             a gaze model reuses across requests; 0 turns prefix caching off.
@@ -142,6 +158,7 @@ class Engine:
         max_prefill_tokens: int = 8192,
         routing_layer: int = -1,
         prefix_cache_bytes: int = 0,
+        chunked_prefill: bool = True,
     ):
         if max_batch_size < 1 or max_prefill_tokens < 1:
             raise ValueError("max_batch_size and max_prefill_tokens must be >= 1")
@@ -171,6 +188,12 @@ class Engine:
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
         if not self.gaze:
             self.prefix_cache = None
+        # a hybrid decoder's recurrent states: a padded or a cut prefill would change them
+        types = getattr(self._text_config, "layer_types", None) or ()
+        self._recurrent = "linear_attention" in types
+        self.chunked_prefill = chunked_prefill and self.gaze and not self._recurrent
+        self._partial: EngineSequence | None = None  # the sequence prefilling in chunks
+        self.chunks_run = 0  # prefill chunks run so far (a chunked prompt's every chunk)
 
     # ---- from any thread
 
@@ -226,11 +249,16 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return bool(self._waiting) or bool(self.running)
+        return bool(self._waiting) or bool(self.running) or self._partial is not None
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        return len(self._waiting) + (self._partial is not None)
+
+    @property
+    def prefilling(self) -> EngineSequence | None:
+        """The sequence whose prompt is being prefilled in chunks, if any."""
+        return self._partial
 
     @property
     def num_running(self) -> int:
@@ -265,6 +293,9 @@ class Engine:
         with self._lock:
             seqs = [*self.running, *self._waiting]
             self._waiting.clear()
+        if self._partial is not None:
+            seqs.append(self._partial)
+            self._partial = None
         for seq in seqs:
             seq.done = True
         self.running, self._offsets, self._deltas = [], [], []
@@ -286,23 +317,43 @@ class Engine:
     # ---- admission and prefill
 
     def _admit(self) -> list[StepOutput]:
-        group, budget = [], self.max_prefill_tokens
+        outputs, budget = [], self.max_prefill_tokens
+        if self._partial is not None:
+            # the prompt prefilling in chunks goes first; while it lasts, nothing else joins
+            seq = self._partial
+            done = self._chunk(seq, budget)
+            if done is not None:
+                outputs.append(done)
+            if self._partial is not None:
+                return outputs
+            budget -= seq.chunk_tokens
+        group = []
         while len(self.running) + len(group) < self.max_batch_size and budget > 0:
+            # only this thread takes from the queue: its head stays the head until taken
             with self._lock:
-                if not self._waiting:
-                    break
-                if self._waiting[0].prompt_tokens > budget and budget < self.max_prefill_tokens:
-                    break
-                seq = self._waiting.popleft()
+                seq = self._waiting[0] if self._waiting else None
+            if seq is None:
+                break
             if seq.cancelled:
+                self._take()
                 continue
-            budget -= seq.prompt_tokens
+            cost = self._cost(seq)
+            if cost > budget and (self.chunked_prefill or budget < self.max_prefill_tokens):
+                if not self.chunked_prefill or group:
+                    break
+                # larger than what is left of this step: its prefill starts in chunks
+                self._take()
+                done = self._start_chunks(seq, budget)
+                if done is not None:
+                    outputs.append(done)
+                break
+            self._take()
+            budget -= cost
             group.append(seq)
         if len(group) > 1 and self._batched_prefill:
-            outputs = self._prefill_together(group)
-            if outputs is not None:
-                return outputs
-        outputs = []
+            together = self._prefill_together(group)
+            if together is not None:
+                return outputs + together
         for seq in group:
             try:
                 outputs.append(self._prefill(seq))
@@ -311,13 +362,91 @@ class Engine:
                 outputs.append(StepOutput(sequence=seq, error=err))
         return outputs
 
+    def _take(self) -> EngineSequence:
+        with self._lock:
+            return self._waiting.popleft()
+
+    def _cost(self, seq: EngineSequence) -> int:
+        """Prompt tokens the sequence's prefill runs: its whole prompt, less a cached prefix."""
+        plan = self._prefix_plan(seq)
+        if plan is not None and self.prefix_cache.holds(plan[0]):
+            return seq.prompt_tokens - plan[1]
+        return seq.prompt_tokens
+
+    def _start_chunks(self, seq: EngineSequence, budget: int) -> StepOutput | None:
+        """Begin the sequence's prefill in chunks and run the first (``budget`` tokens); a
+        prompt whose prefix is cached prefills its short suffix now, at once. Returns the
+        sequence's output when its prefill ended (or failed) in this call."""
+        try:
+            ids, mask, vision, layout = self._inputs([seq.sample])
+            seq.layout = layout
+            plan = self._prefix_plan(seq)
+            if plan is not None and self.prefix_cache.holds(plan[0]):
+                return self._prefill(seq)
+            if plan is not None:
+                # the prefix in chunks, stored, then its text suffix, as a miss prefills it
+                self.prefix_cache.get(plan[0])  # None: counted as the miss it is
+                length = plan[1]
+                ids_c, mask_c = ids[:, :length], mask[:, :length]
+                layout_c, report = self._prefix_layout(seq), False
+            else:
+                ids_c, mask_c, layout_c, report = ids, mask, layout, True
+            seq.prompt_ids = (ids, mask)
+            seq.chunks = gaze_module(self.model).start_prefill(
+                ids_c,
+                vision,
+                attention_mask=mask_c,
+                cache=GazeCache(),
+                gaze_layout=layout_c.to(self.device),
+                gaze_report=report,
+                gaze_selection=report and seq.return_routing,
+            )
+        except Exception as err:  # noqa: BLE001 - one request's failure ends only it
+            seq.done = True
+            return StepOutput(sequence=seq, error=err)
+        self._partial = seq
+        return self._chunk(seq, budget)
+
+    def _chunk(self, seq: EngineSequence, budget: int) -> StepOutput | None:
+        """Run the next chunk (at most ``budget`` tokens) of the sequence's chunked prefill;
+        after the last, it samples its first token and joins the batch (its output)."""
+        chunks = seq.chunks
+        seq.chunk_tokens = min(budget, chunks.remaining)
+        try:
+            logits = chunks.run(seq.chunk_tokens)
+            self.chunks_run += 1
+            if logits is None:
+                return None
+            self._partial, seq.chunks = None, None
+            cache = chunks.cache
+            ids, mask = seq.prompt_ids
+            seq.prompt_ids = None
+            if chunks.length < ids.shape[1]:
+                # the chunks were the cacheable prefix: store it, then prefill the suffix
+                key, length = seq.prefix
+                self.prefix_cache.put(key, cache, length)
+                out = self._prefill_forward(
+                    ids[:, length:],
+                    mask,
+                    {},
+                    cache,
+                    gaze_layout=cache.gaze_state.layout,
+                    gaze_report=True,
+                    gaze_selection=seq.return_routing,
+                )
+                logits = out.logits
+            return self._prefilled(seq, cache, logits[:, -1].float())
+        except Exception as err:  # noqa: BLE001 - one request's failure ends only it
+            self._partial, seq.chunks, seq.prompt_ids = None, None, None
+            seq.done = True
+            return StepOutput(sequence=seq, error=err)
+
     @property
     def _batched_prefill(self) -> bool:
         """Whether sequences admitted together prefill in one left-padded forward: a gaze
         model without prefix caching and without recurrent layers (whose states a padded
         batch would change)."""
-        linear = "linear_attention" in (getattr(self._text_config, "layer_types", None) or ())
-        return self.gaze and self.prefix_cache is None and not linear
+        return self.gaze and self.prefix_cache is None and not self._recurrent
 
     def _prefill_together(self, group: list[EngineSequence]) -> list[StepOutput] | None:
         """Prefill ``group`` in one left-padded forward (what ``generate_batch`` asks: many
@@ -395,8 +524,12 @@ class Engine:
             if hasattr(inner, "rope_deltas"):
                 inner.rope_deltas = None
         out = self._prefill_forward(ids, mask, vision, cache, **extra)
+        return self._prefilled(seq, cache, out.logits[:, -1].float())
+
+    def _prefilled(self, seq: EngineSequence, cache, logits: torch.Tensor) -> StepOutput:
+        """A sequence whose prompt is in ``cache``: its first token from the prompt's last
+        ``logits``, and it joins the batch."""
         state = cache.gaze_state if self.gaze else None
-        logits = out.logits[:, -1].float()
         if state is not None:
             self._record([seq], state, [seq.layout])
         delta = self._delta_after_prefill(state)
@@ -430,24 +563,40 @@ class Engine:
         """(the decode cache after the sequence's visual prefix, its length): from the prefix
         cache, or prefilled now and stored there. None when prefixes are not cached or the
         prompt has no image or video with text after it."""
-        if self.prefix_cache is None:
+        plan = self._prefix_plan(seq)
+        if plan is None:
             return None
-        inner = gaze_module(self.model)
-        length = prefix_length(seq.layout)
-        if not 0 < length < len(seq.sample):
-            return None
-        settings = repr((inner.gaze_config, inner.gaze_top_k, inner.gaze_layers))
-        key = prefix_key(seq.sample, length, settings)
+        key, length = plan
         cache = self.prefix_cache.get(key)
         if cache is not None:
             seq.cached_tokens = length
             return cache, length
-        media = max(i for i, p in enumerate(seq.sample.parts) if not isinstance(p, int))
-        layout = self.processor.layout_of([seq.sample.parts[: media + 1]]).to(self.device)
         cache = GazeCache()
+        layout = self._prefix_layout(seq).to(self.device)
         self._prefill_forward(ids[:, :length], mask[:, :length], vision, cache, gaze_layout=layout)
         self.prefix_cache.put(key, cache, length)
         return cache, length
+
+    def _prefix_plan(self, seq: EngineSequence) -> tuple[str, int] | None:
+        """(content key, length) of the sequence's cacheable visual prefix (computed once);
+        None when prefixes are not cached or the prompt has no image or video with text
+        after it."""
+        if self.prefix_cache is None:
+            return None
+        if seq.prefix is None:
+            if seq.layout is None:
+                seq.layout = self.processor.layout_of([seq.sample.parts])
+            inner = gaze_module(self.model)
+            length = prefix_length(seq.layout)
+            settings = repr((inner.gaze_config, inner.gaze_top_k, inner.gaze_layers))
+            key = prefix_key(seq.sample, length, settings) if 0 < length < len(seq.sample) else ""
+            seq.prefix = (key, length)
+        return seq.prefix if seq.prefix[0] else None
+
+    def _prefix_layout(self, seq: EngineSequence) -> GazeLayout:
+        """The layout of the sequence's prefix alone (its parts up to its last medium)."""
+        media = max(i for i, p in enumerate(seq.sample.parts) if not isinstance(p, int))
+        return self.processor.layout_of([seq.sample.parts[: media + 1]])
 
     def _token_types(self, ids: torch.Tensor) -> torch.Tensor:
         """Stock Qwen-VL's mm_token_type_ids (text 0, image 1, video 2) from the placeholders."""
@@ -538,6 +687,9 @@ class Engine:
         with self._lock:
             if any(s.cancelled for s in self._waiting):
                 self._waiting = deque(s for s in self._waiting if not s.cancelled)
+        if self._partial is not None and self._partial.cancelled:
+            self._partial.chunks = self._partial.prompt_ids = None
+            self._partial = None
         if any(s.cancelled for s in self.running):
             self._retire()
 

@@ -112,8 +112,10 @@ def gaze_attention_forward(
         config = dense_twin(config)
     tq, tk = query.shape[2], key.shape[2]
     descriptors = state.descriptors.get(layer)
-    if descriptors is None and tq == tk and tk >= state.layout.length and config.backend != "dense":
-        # prefill: the descriptors are computed once here and reused by every decode step
+    prefill = tq == tk or tq > 1  # a whole prompt, or a chunk of one (never a decode step)
+    if descriptors is None and prefill and tk >= state.layout.length and config.backend != "dense":
+        # the prefill (or its chunk) whose keys cover the layout: the descriptors are computed
+        # once here and reused by every decode step
         descriptors = region_descriptors(key[:, :, : state.layout.length], state.layout)
         state.descriptors[layer] = (
             descriptors.detach() if not torch.is_grad_enabled() else descriptors
@@ -262,6 +264,37 @@ class GazeModelMixin:
             out.gaze_report = dict(sorted(state.reports.items()))
         return out
 
+    def start_prefill(
+        self,
+        input_ids: torch.LongTensor,
+        vision: dict,
+        *,
+        attention_mask: torch.Tensor,
+        cache,
+        gaze_layout: GazeLayout,
+        gaze_report: bool = False,
+        gaze_selection: bool = False,
+    ) -> ChunkedPrefill:
+        """A one-sequence prompt's prefill into ``cache``, to be run in chunks
+        (``ChunkedPrefill.run``): the vision tower, the context tokens and the positions of
+        the whole prompt are computed here, once; the decoder then runs a chunk at a time.
+        The cache ends as one ``forward`` over the whole prompt leaves it."""
+        if input_ids.shape[0] != 1:
+            raise ValueError("a chunked prefill takes one sequence")
+        embeds, deepstack = self._embed(input_ids, vision)
+        cache = self._gaze_cache(cache)
+        state = self._state(gaze_layout, cache, gaze_report, gaze_selection)
+        positions = self._positions(input_ids, attention_mask, None, cache, state, vision)
+        return ChunkedPrefill(
+            model=self,
+            embeds=embeds,
+            positions=positions,
+            mask=attention_mask,
+            deepstack=deepstack,
+            state=state,
+            cache=cache,
+        )
+
     def _gaze_cache(self, cache):
         """The cache the decoder runs on (a hybrid decoder fills in its layer kinds)."""
         return cache
@@ -323,6 +356,80 @@ class GazeModelMixin:
             index = torch.arange(layout.batch_size).repeat_interleave(expand_size)
             model_kwargs["gaze_layout"] = layout.select_rows(index)
         return input_ids, model_kwargs
+
+
+@dataclass(kw_only=True)
+class ChunkedPrefill:
+    """A prompt's prefill run a chunk at a time (``GazeModelMixin.start_prefill``), so that a
+    long visual prompt does not hold a batch's decode steps back.
+
+    Chunk boundaries may fall anywhere, inside an image or a frame too: a visual query
+    attends causally and a context query to its own segment, whose tokens come before it;
+    a text query routes among the segments that ended before it, whose keys are all in the
+    cache by then. A chunk that ends before the layout does runs on ``layout.head`` (the
+    regions not yet complete are not visible to it) with a state of its own; the chunk that
+    completes the layout computes the region descriptors on the whole layout and keeps
+    them, as a whole prefill does.
+    """
+
+    model: GazeModelMixin
+    embeds: torch.Tensor  # [1, T, hidden] with visual features and context tokens in place
+    positions: torch.Tensor  # [..., 1, T]
+    mask: torch.Tensor  # [1, T]
+    deepstack: dict
+    state: GazeState  # the cache's state: the whole layout, rotary deltas
+    cache: object
+    done: int = 0  # positions prefilled so far
+
+    @property
+    def length(self) -> int:
+        return self.embeds.shape[1]
+
+    @property
+    def remaining(self) -> int:
+        return self.length - self.done
+
+    def run(self, tokens: int) -> torch.Tensor | None:
+        """Prefill the next ``tokens`` positions (at least 1); the last position's logits
+        [1, 1, V] once the whole prompt is in the cache, else None."""
+        start, end = self.done, min(self.length, self.done + max(1, tokens))
+        final = end == self.length
+        state = self.state
+        if end < state.layout.length:
+            state = GazeState(
+                layout=state.layout.head(end),
+                config=state.config,
+                top_k=state.top_k,
+                layers=state.layers,
+            )
+        else:
+            # a text chunk before may have reported: the last chunk's report is the call's
+            state.reports, state.stats = {}, {}
+        outputs = self.model.model.language_model(
+            inputs_embeds=self.embeds[:, start:end],
+            attention_mask=self.mask[:, :end],
+            position_ids=self.positions[..., start:end],
+            cache=self.cache,
+            use_cache=True,
+            gaze_state=state,
+            **_deepstack_chunk(self.deepstack, start, end),
+        )
+        self.done = end
+        if not final:
+            return None
+        return self.model.lm_head(outputs.last_hidden_state[:, -1:, :])
+
+
+def _deepstack_chunk(deepstack: dict, start: int, end: int) -> dict:
+    """The DeepStack inputs of positions [start, end) of a one-sequence prompt."""
+    if not deepstack:
+        return {}
+    visual = deepstack["visual_pos_masks"]
+    first, last = int(visual[:, :start].sum()), int(visual[:, :end].sum())
+    return {
+        "visual_pos_masks": visual[:, start:end],
+        "deepstack_visual_embeds": [e[first:last] for e in deepstack["deepstack_visual_embeds"]],
+    }
 
 
 def _total(piece: tuple) -> torch.Tensor:

@@ -76,6 +76,11 @@ class PrefixCache:
             self._stats.cached_tokens += entry.length
         return copy.deepcopy(entry.cache)
 
+    def holds(self, key: str) -> bool:
+        """Whether ``key`` is stored now (not counted as a lookup)."""
+        with self._lock:
+            return key in self._entries
+
     def put(self, key: str, cache, length: int) -> bool:
         """Store a copy of ``cache`` (the state after ``length`` prefix tokens); False when it
         is larger than the whole budget (then nothing is evicted for it)."""

@@ -266,6 +266,7 @@ class GazeChat:
             self.processor,
             max_batch_size=self.settings.max_batch_size,
             max_prefill_tokens=self.settings.max_prefill_tokens,
+            chunked_prefill=self.settings.chunked_prefill,
             routing_layer=self.settings.routing_layer,
             prefix_cache_bytes=self.settings.prefix_cache_bytes,
         )

@@ -70,6 +70,11 @@ class ServeMetrics:
         self.prefix_entries = metrics.Gauge(
             "gazeattn_prefix_cache_entries", description="Prefilled prefixes held."
         )
+        self.chunks = metrics.Counter(
+            "gazeattn_prefill_chunks_total",
+            description="Chunks of prompts prefilled in chunks (one per engine step).",
+        )
+        self._chunks_seen = 0
 
     def outcome(self, status: str) -> None:
         self.requests.inc(tags={"status": status})
@@ -78,6 +83,9 @@ class ServeMetrics:
         """The engine's queue, batch and prefix cache (after each step)."""
         self.queue_length.set(engine.num_waiting)
         self.batch_size.set(engine.num_running)
+        if engine.chunks_run > self._chunks_seen:
+            self.chunks.inc(float(engine.chunks_run - self._chunks_seen))
+            self._chunks_seen = engine.chunks_run
         if engine.prefix_cache is not None:
             stats = engine.prefix_cache.stats
             lookups = stats.hits + stats.misses

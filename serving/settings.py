@@ -99,6 +99,9 @@ class ServeSettings(BaseModel):
     # continuous batching (gazeattn.engine) and the gaze extension
     max_batch_size: int = Field(16, ge=1)  # sequences decoding together in a replica
     max_prefill_tokens: int = Field(8192, ge=1)  # prompt tokens prefilled between decode steps
+    # a longer prompt (a 16-frame video) prefills in chunks of at most max_prefill_tokens, one
+    # per step, so running streams keep decoding (a gaze model without recurrent layers)
+    chunked_prefill: bool = True
     max_pending: int = Field(64, ge=1)  # running + waiting requests; beyond: 429
     # memory for prefilled visual prefixes reused by requests with the same images or video
     # (gazeattn.prefix_cache, least recently used out first); 0 turns prefix caching off

@@ -182,6 +182,34 @@ class GazeLayout:
             region_size=self.region_size,
         )
 
+    def head(self, length: int) -> GazeLayout:
+        """The layout of the first ``length`` positions (a chunk of a prefill that ends there).
+
+        A region with a token at or past ``length`` ends there or later, so no query before
+        ``length`` sees it (``last`` is kept): it stays in the table (region ids keep their
+        meaning) without those tokens, which the keys of the head do not hold. ``spans``
+        are the whole layout's.
+        """
+        if not 0 < length <= self.length:
+            raise ValueError(f"a head of {length} positions of a layout of {self.length}")
+        if length == self.length:
+            return self
+        table = self.regions
+        return GazeLayout(
+            kinds=self.kinds[:, :length],
+            segment=self.segment[:, :length],
+            region=self.region[:, :length],
+            regions=RegionTable(
+                tokens=torch.where(table.tokens >= length, -1, table.tokens),
+                size=table.size,
+                last=table.last,
+                box=table.box,
+                count=table.count,
+            ),
+            spans=self.spans,
+            region_size=self.region_size,
+        )
+
     def padded(self, total: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """kinds, segment and region extended to ``total`` positions (the extra ones text)."""
         extra = total - self.length

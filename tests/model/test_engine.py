@@ -223,7 +223,8 @@ def test_cancel_frees_the_slot_and_spares_the_others(loaded):
 
 def test_prefill_is_bounded_and_running_rows_keep_streaming(loaded):
     model, processor = loaded["llava"]
-    engine = Engine(model, processor, max_batch_size=3, max_prefill_tokens=1)
+    # chunks off: a prompt larger than the budget is prefilled alone, in a step of its own
+    engine = Engine(model, processor, max_batch_size=3, max_prefill_tokens=1, chunked_prefill=False)
     long = GenerationRequest(
         messages=image_chat(answer=None), images=[random_image(1)], max_new_tokens=12
     )
@@ -611,3 +612,56 @@ def test_prefix_cache_evicts_the_least_recent_and_never_fails(loaded):
     tiny = Engine(model, processor, prefix_cache_bytes=one // 2)
     assert [r.token_ids for r in tiny.run(a)] == cold[:3]
     assert tiny.prefix_cache.stats.entries == 0 and tiny.prefix_cache.stats.hits == 0
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "qwen3-vl"])
+def test_chunked_prefill_answers_as_one_prefill(family, loaded, qwen3):
+    """A prompt prefilled in chunks of a few tokens (cut inside images, frames and text)
+    answers as one prefill of it does, with and without the prefix cache, alone and in a
+    busy batch; routing reported at its prompt's end is the same too."""
+    model, processor = loaded[family] if family in loaded else qwen3[family]
+    requests = [*golden(), *_one_picture_questions()]
+    whole = Engine(model, processor, chunked_prefill=False).run(requests, return_routing=True)
+    for cache_bytes in (0, 2**30):
+        engine = Engine(
+            model, processor, max_batch_size=3, max_prefill_tokens=13,
+            prefix_cache_bytes=cache_bytes,
+        )  # fmt: skip
+        chunked = _staggered(engine, requests, return_routing=True)
+        assert [r.token_ids for r in chunked] == [r.token_ids for r in whole]
+        assert [r.routing for r in chunked] == [r.routing for r in whole]
+        assert engine.chunks_run > len(requests)
+        assert engine.num_running == 0 and engine.prefilling is None
+
+
+def test_a_long_prompt_prefills_in_chunks_between_decode_steps(loaded):
+    """While a long video prompt prefills, a chunk per step, the running sequence gets a
+    token at every step: its inter-token latency is bounded by a chunk, not the prompt."""
+    model, processor = loaded["llava"]
+    budget = 16
+    engine = Engine(model, processor, max_batch_size=4, max_prefill_tokens=budget)
+    stops = {i: -100.0 for i in processor.stop_token_ids}
+    running = engine.submit(
+        GenerationRequest(
+            messages=[{"role": "user", "content": "describe"}], max_new_tokens=200, logit_bias=stops
+        )
+    )
+    while not running.tokens:
+        engine.step()
+    video = GenerationRequest(
+        messages=video_chat(),
+        videos=[[random_image(s) for s in range(3)]],
+        max_new_tokens=8,
+        logit_bias=stops,
+    )
+    long = engine.submit(video)
+    chunks = 0
+    while not long.tokens:
+        before = len(running.tokens)
+        engine.step()
+        chunks += 1
+        assert len(running.tokens) == before + 1  # it decoded in this step
+        assert engine.num_running == (1 if not long.tokens else 2)
+    assert long.prompt_tokens > 4 * budget
+    assert chunks == -(-long.prompt_tokens // budget) == engine.chunks_run
+    assert not running.done

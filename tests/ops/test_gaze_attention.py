@@ -290,3 +290,26 @@ def test_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
     q, k, v = _inputs(layout, 2, 2, dim=16)
     with pytest.raises(RuntimeError, match="CUDA"):
         gaze_attention(q, k, v, layout, GazeConfig(top_k=1, backend="triton"))
+
+
+def test_a_prefill_in_chunks_equals_one_prefill():
+    """Chunk boundaries anywhere (inside a region, a frame, a run of context tokens, the text
+    between media): each chunk's queries on the keys so far and ``layout.head`` of them give
+    the rows of one prefill, routing included (a region not yet complete is never seen)."""
+    seqs = [[3, Image(12, 12), 2, Video(2, 6, 6), 4]]
+    layout = build_layout(seqs, num_context_tokens=2)
+    config = GazeConfig(top_k=2, num_context_tokens=2)
+    q, k, v = _inputs(layout, 4, 2, dim=16)
+    want, want_stats = gaze_attention_reference(q, k, v, layout, config, return_selection=True)
+    for size in (1, 5, 13):
+        for start in range(0, layout.length, size):
+            end = min(layout.length, start + size)
+            part = layout.head(end)
+            args = (q[:, :, start:end], k[:, :, :end], v[:, :, :end])
+            out, stats = gaze_attention(*args, part, config, return_selection=True)
+            torch.testing.assert_close(out, want[:, :, start:end], atol=1e-5, rtol=1e-5)
+            assert torch.equal(stats.attended, want_stats.attended[:, :, start:end])
+            picked = want_stats.selected[:, :, start:end, : stats.selected.shape[-1]]
+            assert torch.equal(stats.selected, picked)
+    with pytest.raises(ValueError, match="head"):
+        layout.head(layout.length + 1)

@@ -43,6 +43,7 @@ ENDLESS = 4000
 
 
 SLOW_FETCH_S = 4.0
+CHUNK = 16  # max_prefill_tokens of the "chunked" app
 
 
 class _SlowImage(BaseHTTPRequestHandler):
@@ -107,6 +108,9 @@ def served(tmp_path_factory, slow_host):
             )
         )
         serve.run(app(slow, **options), name="slow", route_prefix="/slow")
+        # a prefill budget of a few tokens: a video prompt prefills in many chunks
+        chunked = settings.model_copy(update=dict(max_prefill_tokens=CHUNK, max_pending=4))
+        serve.run(app(chunked, **options), name="chunked", route_prefix="/chunked")
         yield url, f"http://127.0.0.1:{metrics_port}/metrics"
 
 
@@ -266,6 +270,43 @@ def test_metrics_are_on_the_ray_metrics_endpoint(served):
     assert 0 < attended < dense
     assert _metric(metrics_url, "gazeattn_prefix_cache_tokens_total", "") > 0
     assert _metric(metrics_url, "gazeattn_prefix_cache_bytes", "") > 0
+
+
+def test_a_long_video_prompt_prefills_in_chunks_while_a_stream_decodes(served):
+    """A video prompt many times the replica's prefill budget arrives while a stream
+    decodes: it prefills in chunks (the metric counts them), decodes beside the stream
+    (batch 2), and answers as the same model does with the whole prompt in one step; the
+    stream goes on after it."""
+    url, metrics_url = served
+    frames = [image_part(data_url(image_bytes(s)))["image_url"] for s in range(4)]
+    video = body(4, messages=user({"type": "video_frames", "video_frames": frames}))
+    whole = httpx.post(f"{url}/v1/chat/completions", json=video, timeout=120)
+    before = _metric(metrics_url, "gazeattn_prefill_chunks_total", "") or 0.0
+    with ThreadPoolExecutor(1) as pool:
+        with httpx.stream(
+            "POST",
+            f"{url}/chunked/v1/chat/completions",
+            json=body(ENDLESS, logit_bias=FORCED, stream=True),
+            timeout=60,
+        ) as stream:
+            lines = stream.iter_lines()
+            assert sum(next(lines).startswith("data: {") for _ in range(4)) >= 2
+            chunked = pool.submit(
+                httpx.post, f"{url}/chunked/v1/chat/completions", json=video, timeout=120
+            ).result()
+            after = [next(lines) for _ in range(4)]
+    assert chunked.status_code == 200 and whole.status_code == 200
+    prompt = chunked.json()["usage"]["prompt_tokens"]
+    assert prompt > 4 * CHUNK
+    assert chunked.headers["x-batch-size"] == "2"
+    assert chunked.json()["choices"][0]["message"] == whole.json()["choices"][0]["message"]
+    assert all(line.startswith("data: {") or not line for line in after)
+    chunks = -(-prompt // CHUNK)
+    assert wait_for(
+        lambda: (_metric(metrics_url, "gazeattn_prefill_chunks_total", "") or 0) >= before + chunks,
+        30,
+    )
+    assert wait_for(lambda: health(url + "/chunked")["running"] == 0, timeout=8, interval=0.1)
 
 
 def _metric(metrics_url: str, name: str, label: str) -> float | None:
