@@ -182,7 +182,9 @@ def _build_sharing(model: nn.Module, model_cls, config) -> GazeModelMixin:
             leaf, stock_buffers[name], persistent=name in model.state_dict()
         )
     context = gaze_model.gaze_context
-    context.weight = nn.Parameter(torch.zeros(context.weight.shape, device=device, dtype=dtype))
+    if context.weight is not None:
+        shape = context.weight.shape
+        context.weight = nn.Parameter(torch.zeros(shape, device=device, dtype=dtype))
     gaze_model.tie_weights()
     return gaze_model
 

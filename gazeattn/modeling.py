@@ -148,8 +148,10 @@ class GazeContextEmbedding(nn.Module):
 
     def __init__(self, num_tokens: int, hidden: int):
         super().__init__()
-        self.num_tokens = num_tokens
-        self.weight = nn.Parameter(torch.zeros(max(num_tokens, 0), hidden))
+        self.num_tokens = max(num_tokens, 0)
+        # none: no parameter at all (ZeRO-3 cannot gather a tensor of no elements)
+        weight = nn.Parameter(torch.zeros(num_tokens, hidden)) if num_tokens > 0 else None
+        self.register_parameter("weight", weight)
 
     def forward(self, embeds: torch.Tensor, is_context: torch.Tensor) -> torch.Tensor:
         if self.num_tokens == 0 or not bool(is_context.any()):
@@ -189,6 +191,8 @@ class GazeModelMixin:
 
     def _init_weights(self, module):
         if isinstance(module, GazeContextEmbedding):
+            if module.weight is None:
+                return
             nn.init.normal_(
                 module.weight, std=getattr(self.config.text_config, "initializer_range", 0.02)
             )
