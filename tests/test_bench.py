@@ -23,12 +23,19 @@ def test_bench_modules_import(name):
 
 
 def test_every_claim_run_is_a_valid_config():
-    from bench.claim import RUNS
+    """Every run over the recipe its rows were measured with (BASE), its own settings last."""
+    from bench.claim import BASE, RUNS
 
     names = [name for name, _, _ in RUNS]
     assert len(set(names)) == len(names)
-    for _, _, sets in RUNS:
-        load_config(REPO / "configs" / "demo.yaml", sets)
+    configs = {
+        name: load_config(REPO / "configs" / "demo.yaml", [*BASE, *sets]) for name, _, sets in RUNS
+    }
+    base = configs["demo"]
+    assert base.model.gaze.keep_ratio == 0.1 and base.model.gaze.num_context_tokens == 4
+    assert not base.data.synthetic.question_first
+    assert configs["scratch-step"].model.name_or_path == "tiny"
+    assert configs["context-0"].model.gaze.num_context_tokens == 0
 
 
 def test_a_claim_row_has_the_interval_and_the_lift():
