@@ -1,7 +1,7 @@
 """The README's first command: the main job on the embedded default.
 
 Starts, as a user starts from a hub checkpoint, from a small dense checkpoint this project
-pretrained itself (``checkpoints/tiny-grid3``, made by ``jobs/pretrain_tiny.py``; its log
+pretrained itself (``checkpoints/tiny-grid3q``, made by ``jobs/pretrain_tiny.py``; its log
 beside it), converts it into the gaze model and into its dense twin, and fine-tunes both
 from the same weights on the same shards, steps and seed (2 DeepSpeed ZeRO-3 workers each, on
 a local Ray, CPU) on the grid task (pipelines.synthetic: a 3 x 3 arrangement of shapes per

@@ -36,8 +36,9 @@ from training.config import FinetuneConfig, load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "checkpoints" / "tiny-grid3"
-# the demo's checkpoint: one stage, "which shape is the red one?" (bench/RESULTS.md, "The
-# claim", says what a second stage on "which shape is in the top left?" gave)
+# the first checkpoint: one stage, "which shape is the red one?". The demo's (tiny-grid3q)
+# is three runs more from it, the question asked first (configs/pretrain-tiny-q1.yaml says
+# how); bench/RESULTS.md, "The claim", says what other stages gave
 DEFAULT_STAGES = (REPO / "configs" / "pretrain-tiny.yaml",)
 WEIGHT_FILES = ("config.json", "generation_config.json", "model.safetensors")
 

@@ -3,7 +3,7 @@
 The demo converts the pretrained tiny checkpoint into the gaze model and its dense twin,
 fine-tunes both on the grid task and prints one held-out table. Here with a few steps and
 image-only data, so that every count is plain budget arithmetic: a 48 px image is 6 x 6
-tokens in nine 2 x 2 regions, with 4 context tokens after it; two KV heads route.
+tokens in nine 2 x 2 regions, without context tokens (the demo's); two KV heads route.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[2]
 N_TEST = 24
-REGION, REGIONS, CONTEXT, HEADS = 4, 9, 4, 2
+REGION, REGIONS, CONTEXT, HEADS = 4, 9, 0, 2
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -32,10 +32,10 @@ def _random_hit(k: int) -> float:
 EXPECTED = {
     ("dense twin", "dense"): (REGIONS * REGION + CONTEXT, None),
     # a budget asked of the dense twin is applied (routed), not silently dense
-    ("dense twin", "gaze-keep0.1"): (REGION + CONTEXT, _random_hit(1)),
-    ("gaze model", "gaze-keep0.1"): (REGION + CONTEXT, _random_hit(1)),
+    ("dense twin", "gaze-keep0.2"): (2 * REGION + CONTEXT, _random_hit(2)),
+    ("gaze model", "gaze-keep0.2"): (2 * REGION + CONTEXT, _random_hit(2)),
     # the ablation: the same budget routed to random regions
-    ("gaze model", "gaze-keep0.1-random"): (REGION + CONTEXT, _random_hit(1)),
+    ("gaze model", "gaze-keep0.2-random"): (2 * REGION + CONTEXT, _random_hit(2)),
     ("gaze model", "gaze-keep0.5"): (5 * REGION + CONTEXT, _random_hit(5)),
     ("gaze model", "gaze-top1"): (REGION + CONTEXT, _random_hit(1)),
 }
