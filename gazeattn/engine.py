@@ -7,8 +7,9 @@ An ``Engine`` owns a model (gaze or stock) and its processor. Each ``step()``:
    prompt tokens are prefilled in this step: prefill is bounded, so running sequences keep
    streaming. A prompt larger than what is left of the step's budget is prefilled in
    chunks, one per step (chunked prefill: a gaze model without recurrent layers; other
-   models prefill it alone in a step of its own). A prefix-cache hit counts only the tokens
-   it still prefills. Those admitted together prefill in one left-padded forward where
+   models prefill it alone in a step of its own). A prefix-cache hit counts its whole
+   prompt (measured: counting only its suffix let 16 hits join in one step, whose first
+   tokens then all waited for the step's end; bench/RESULTS.md). Those admitted together prefill in one left-padded forward where
    that is exact (a gaze model without prefix caching or recurrent layers), else each
    alone. A prefilled sequence's first token is sampled from its prefill, and it joins the
    batch;
@@ -337,7 +338,7 @@ class Engine:
             if seq.cancelled:
                 self._take()
                 continue
-            cost = self._cost(seq)
+            cost = seq.prompt_tokens
             if cost > budget and (self.chunked_prefill or budget < self.max_prefill_tokens):
                 if not self.chunked_prefill or group:
                     break
@@ -365,13 +366,6 @@ class Engine:
     def _take(self) -> EngineSequence:
         with self._lock:
             return self._waiting.popleft()
-
-    def _cost(self, seq: EngineSequence) -> int:
-        """Prompt tokens the sequence's prefill runs: its whole prompt, less a cached prefix."""
-        plan = self._prefix_plan(seq)
-        if plan is not None and self.prefix_cache.holds(plan[0]):
-            return seq.prompt_tokens - plan[1]
-        return seq.prompt_tokens
 
     def _start_chunks(self, seq: EngineSequence, budget: int) -> StepOutput | None:
         """Begin the sequence's prefill in chunks and run the first (``budget`` tokens); a
