@@ -572,14 +572,12 @@ class Engine:
         return cache, length
 
     def _prefix_plan(self, seq: EngineSequence) -> tuple[str, int] | None:
-        """(content key, length) of the sequence's cacheable visual prefix (computed once);
-        None when prefixes are not cached or the prompt has no image or video with text
+        """(content key, length) of the sequence's cacheable visual prefix (computed once,
+        from its layout); None when prefixes are not cached or the prompt has no image or video with text
         after it."""
         if self.prefix_cache is None:
             return None
         if seq.prefix is None:
-            if seq.layout is None:
-                seq.layout = self.processor.layout_of([seq.sample.parts])
             inner = gaze_module(self.model)
             length = prefix_length(seq.layout)
             settings = repr((inner.gaze_config, inner.gaze_top_k, inner.gaze_layers))
