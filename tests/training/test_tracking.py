@@ -38,6 +38,8 @@ def test_tracker_buffers_while_the_server_is_down(tmp_path, caplog):
     run_id = resolve_run(server.uri, "exp-down", "run")
     tracker = Tracker(server.uri, run_id)
     tracker.log_metrics({"loss": 3.0}, 0)
+    # step 0 reaches the live server before it stops (else the sender may still hold it)
+    assert tracker.flush(timeout_s=30)
     server.stop()
     with caplog.at_level(logging.WARNING, logger="training.tracking"):
         tracker.log_metrics({"loss": 2.0}, 1)
