@@ -1,39 +1,47 @@
 """The per-worker training function: DeepSpeed ZeRO-3 over a gaze model, inside Ray Train.
 
-Every rank runs ``train_loop``. Rank 0 logs to MLflow. Checkpoints go through
-``ray.train.report`` so Ray merges the rank shards into one directory; a rerun
-with the same run name (or a restart after a worker failure) resumes from it.
-The last checkpoint also holds a consolidated Hugging Face export under ``hf/``.
+Every rank runs ``train_loop``: it builds the model and the DeepSpeed engine, restores the
+checkpoint Ray Train gives it (``training.checkpointing``), reads its micro-batches from
+``pipelines.stream.DataStream`` and runs optimizer steps (``run_steps``) under the LR and
+progressive Top-K schedules (``training.schedules``). Rank 0 logs to MLflow. After every step
+the loop calls the run's step hooks (``StepEvent``), which is how tests trace the samples of
+each step and kill a worker at a step.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
 import sys
-import tempfile
 import time
 import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import ray.train
 import torch
 
+from pipelines.stream import DataStream
+from training import checkpointing
 from training.config import IN_WORKER, FinetuneConfig, deepspeed_config_path
 from training.metrics import step_metrics
 from training.schedules import TopKClock, apply_top_k, budget_metric, lr_lambda
 from training.tracking import Tracker
 
-CKPT_TAG = "zero"
-EXPORT_SUBDIR = "hf"
-# the data position (DataPosition) in a checkpoint
-DATA_STATE = "data_state.json"
-TRAIN_DATASET = "train"
-# the rest of an interrupted epoch (pipelines.resume)
-RESUME_DATASET = "resume"
+
+@dataclass(frozen=True, kw_only=True)
+class StepEvent:
+    """What a step hook sees: this rank, the optimizer steps done, the epoch, and the sample
+    ids of this rank's last step (none in the event before the first step of an attempt)."""
+
+    rank: int
+    step: int
+    epoch: int
+    sample_ids: tuple[str, ...] = ()
+
+
+# a step hook (``run_finetune(hooks=...)``): called on every rank before an attempt's first
+# step and after each step (after its checkpoint); it must pickle (Ray sends it to the workers)
+StepHook = Callable[[StepEvent], None]
 
 
 def deepspeed_config(cfg: FinetuneConfig) -> dict:
@@ -60,10 +68,6 @@ def deepspeed_config(cfg: FinetuneConfig) -> dict:
 
 class NonFiniteLoss(RuntimeError):
     """``train.max_nonfinite_in_a_row`` micro-batches or updates in a row were not finite."""
-
-
-class NonFiniteWeights(RuntimeError):
-    """Weights that are not finite, which are never checkpointed or exported."""
 
 
 @dataclass(kw_only=True)
@@ -98,26 +102,6 @@ def _finite_on_every_rank(loss: torch.Tensor) -> bool:
     flag = finite.to(torch.int32).reshape(1).to(loss.device)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
     return bool(flag.item())
-
-
-def check_weights_finite(model, what: str) -> None:
-    """Raise NonFiniteWeights, before ``what`` is written, when a weight is not finite (each
-    rank checks its ZeRO-3 partition; the ranks agree)."""
-    bad = [
-        name
-        for name, p in model.named_parameters()
-        if not bool(torch.isfinite(getattr(p, "ds_tensor", p).detach()).all())
-    ]
-    count = torch.tensor([len(bad)], dtype=torch.int64)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        if torch.distributed.get_backend() == "nccl":
-            count = count.cuda()
-        torch.distributed.all_reduce(count)
-    if int(count.item()):
-        raise NonFiniteWeights(
-            f"not writing the {what}: {int(count.item())} parameter partitions hold nan or inf "
-            f"(on this rank: {', '.join(bad[:5]) or 'none'})"
-        )
 
 
 @dataclass(kw_only=True)
@@ -249,8 +233,9 @@ def train_loop(loop_config: dict) -> None:
         model=model, model_parameters=trainable, config=ds_config, lr_scheduler=make_scheduler
     )
 
-    step, position, started_at = _resume(engine)
-    clock = TopKClock.start(cfg.top_k_schedule, started_at)
+    resumed = checkpointing.restore(engine, say)
+    step = resumed.step
+    clock = TopKClock.start(cfg.top_k_schedule, resumed.top_k_started_at)
     tracker = None
     if rank == 0 and loop_config.get("mlflow_run_id"):
         tracker = Tracker(
@@ -258,11 +243,13 @@ def train_loop(loop_config: dict) -> None:
             loop_config["mlflow_run_id"],
             system_metrics=cfg.mlflow.system_metrics,
         )
-    stream = DataStream(cfg, processor, position)
+    stream = DataStream(cfg.data, cfg.train.micro_batch_size, processor, resumed.position)
     heldout = HeldOut.load(loop_config.get("heldout"), cfg)
+    hooks: list[StepHook] = loop_config.get("hooks") or []
     attempt_steps = 0
     try:
-        _maybe_crash(loop_config, rank, step)
+        for hook in hooks:
+            hook(StepEvent(rank=rank, step=step, epoch=stream.epoch))
         steps = run_steps(
             cfg, engine, model, processor, scheduler, iter(stream), step, ctx.get_world_size(),
             clock,
@@ -270,7 +257,6 @@ def train_loop(loop_config: dict) -> None:
         for step, row, result in steps:
             attempt_steps += 1
             row.update(_drop_metrics())
-            _trace(loop_config, rank, step, stream.epoch, result.sample_ids)
             if rank == 0 and clock.started_at == step and cfg.top_k_schedule.start == "loss":
                 say(f"[train] step {step}: the loss reached {cfg.top_k_schedule.start_loss}; "
                     "the progressive Top-K starts")  # fmt: skip
@@ -293,14 +279,18 @@ def train_loop(loop_config: dict) -> None:
                         tracker.log_metrics(scores, step)
             stop = cfg.train.stop_after is not None and attempt_steps >= cfg.train.stop_after
             if last or stop or step % cfg.train.checkpoint_every == 0:
-                _checkpoint(
+                checkpointing.save(
                     engine, model, processor, step, row, stream.state(),
                     export=last, adapter_base=loop_config.get("adapter_base"),
                     top_k_started_at=clock.started_at,
                 )  # fmt: skip
+            event = StepEvent(
+                rank=rank, step=step, epoch=stream.epoch, sample_ids=tuple(result.sample_ids)
+            )
+            for hook in hooks:
+                hook(event)
             if stop and not last:
                 break
-            _maybe_crash(loop_config, rank, step)
     finally:
         if tracker:
             tracker.close()
@@ -398,183 +388,7 @@ def _budget_text(budget) -> str:
     return "-" if budget is None else f"{budget:.3g}" if isinstance(budget, float) else str(budget)
 
 
-def _resume(engine) -> tuple[int, DataPosition, int | None]:
-    """The optimizer step, the data position and the step the progressive Top-K started at
-    (None: not yet, or a new run) of the checkpoint Ray Train restored."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return 0, DataPosition(), None
-    with checkpoint.as_directory() as path:
-        _, client_state = engine.load_checkpoint(path, tag=CKPT_TAG)
-        position = DataPosition.load(Path(path))
-    step = int(client_state["step"])
-    say(
-        f"[train] resumed from step {step} (epoch {position.epoch}, "
-        f"{len(position.consumed)} of its samples done)"
-    )
-    return step, position, client_state.get("top_k_started_at")
-
-
-def _checkpoint(
-    engine,
-    model,
-    processor,
-    step: int,
-    row: dict,
-    position: DataPosition,
-    *,
-    export: bool,
-    adapter_base: str | None = None,
-    top_k_started_at: int | None = None,
-) -> None:
-    """A checkpoint (every rank's shards, the data position); with ``export`` also the HF
-    export under ``hf/`` (``adapter_base``: see ``_export``)."""
-    rank = ray.train.get_context().get_world_rank()
-    # a model that went non-finite must not rotate the last good checkpoint out
-    check_weights_finite(model, "export" if export else "checkpoint")
-    with tempfile.TemporaryDirectory() as tmp:
-        state = {"step": step, "top_k_started_at": top_k_started_at}
-        engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state=state)
-        if rank == 0:
-            position.save(Path(tmp))
-        if export:
-            _export(model, processor, Path(tmp) / EXPORT_SUBDIR, adapter_base=adapter_base)
-        ray.train.report({**row, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-def _export(model, processor, out: Path, *, adapter_base=None) -> None:
-    """Consolidated weights (gathered from every rank), written by rank 0: the full model in
-    HF format, or for a LoRA model its adapter in peft's format beside ``adapter_base``."""
-    import deepspeed
-
-    from gazeattn.adapters import save_adapter
-
-    rank = ray.train.get_context().get_world_rank()
-    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-        if rank == 0:
-            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    if rank != 0:
-        return
-    if adapter_base is not None:
-        save_adapter(model, processor, out, base=adapter_base, state_dict=state)
-    else:
-        model.save_pretrained(out, state_dict=state, safe_serialization=True)
-        processor.save_pretrained(out)
-
-
 def _drop_metrics() -> dict[str, float]:
     from pipelines.dataset import drop_counts
 
     return {f"data_dropped.{reason}": float(n) for reason, n in drop_counts().items()}
-
-
-@dataclass(kw_only=True)
-class DataPosition:
-    """Where the data stream of all ranks is: the epoch, and the ids of its samples trained on."""
-
-    epoch: int = 0
-    consumed: list[str] = field(default_factory=list)
-
-    def save(self, checkpoint_dir: Path) -> None:
-        (checkpoint_dir / DATA_STATE).write_text(json.dumps(dataclasses.asdict(self)))
-
-    @classmethod
-    def load(cls, checkpoint_dir: Path) -> DataPosition:
-        path = checkpoint_dir / DATA_STATE
-        # checkpoints written before the data position was kept: from the start of epoch 0
-        return cls(**json.loads(path.read_text())) if path.is_file() else cls()
-
-
-class NoBatches(RuntimeError):
-    """An epoch gave no batch: every sample was dropped, or too few were left for a full
-    micro-batch on every rank (starting another epoch would loop for ever)."""
-
-    @classmethod
-    def of(cls, epoch: int, micro_batch: int, stats: dict[str, int]) -> NoBatches:
-        from pipelines.dataset import drop_counts, truncated_count
-
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        read = stats["samples"] + stats["dropped"]
-        return cls(
-            f"epoch {epoch} gave no batch: this rank read {read} samples, {stats['dropped']} "
-            f"dropped here and {stats['samples']} kept ({stats['truncated']} truncated), and "
-            f"every rank needs a full micro-batch of {micro_batch} ({world} ranks); the job's "
-            f"drops so far by reason: {drop_counts() or 'none'} ({truncated_count()} "
-            "truncated). Check data.max_length, data.length_policy, data.text_only and the "
-            "shards (bad_tar), or lower train.micro_batch_size"
-        )
-
-
-class DataStream:
-    """This rank's micro-batches across epochs, resumed at a ``DataPosition``.
-
-    The rest of an interrupted epoch comes from the ``resume`` dataset, which drops (before
-    the split) the samples every rank already trained on; later epochs from ``train``.
-    """
-
-    def __init__(self, cfg: FinetuneConfig, processor, position: DataPosition):
-        self.cfg = cfg
-        self.processor = processor
-        self.epoch = position.epoch
-        self.consumed = list(position.consumed)
-
-    def __iter__(self) -> Iterator[tuple[dict, list[str]]]:
-        from pipelines.dataset import iter_train_batches
-        from pipelines.resume import set_skip
-
-        resuming = bool(self.consumed)
-        if resuming:
-            if ray.train.get_context().get_world_rank() == 0:
-                set_skip(self.consumed)
-            # no rank reads the resume dataset before rank 0 has set what it skips
-            torch.distributed.barrier()
-        while True:
-            shard = ray.train.get_dataset_shard(RESUME_DATASET if resuming else TRAIN_DATASET)
-            stats: dict[str, int] = {}
-            batches = 0
-            for batch, ids in iter_train_batches(
-                shard,
-                self.processor,
-                self.cfg.data,
-                batch_size=self.cfg.train.micro_batch_size,
-                epoch=self.epoch,
-                stats=stats,
-                with_ids=True,
-            ):
-                batches += 1
-                self.consumed += ids
-                yield batch, ids
-            # the ranks agree on every batch, so all of them stop here together; the rest of
-            # a resumed epoch may be empty (it ended at the checkpoint), a whole epoch not
-            if not batches and not resuming:
-                raise NoBatches.of(self.epoch, self.cfg.train.micro_batch_size, stats)
-            resuming = False
-            self.epoch += 1
-            self.consumed = []
-
-    def state(self) -> DataPosition:
-        """The position of all ranks together (a collective: every rank calls it)."""
-        gathered: list = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, self.consumed)
-        return DataPosition(epoch=self.epoch, consumed=[i for ids in gathered for i in ids])
-
-
-def _trace(loop_config: dict, rank: int, step: int, epoch: int, ids: list[str]) -> None:
-    """For tests: the sample ids of each optimizer step, one file per rank (with the process
-    id, which tells a restarted attempt's run of a step from the failed attempt's)."""
-    trace = loop_config.get("trace")
-    if trace:
-        with open(Path(trace) / f"rank{rank}.tsv", "a") as f:
-            f.writelines(f"{step}\t{epoch}\t{os.getpid()}\t{i}\n" for i in ids)
-
-
-def _maybe_crash(loop_config: dict, rank: int, step: int) -> None:
-    """Fault injection for tests: the process of ``rank`` dies once at ``step``."""
-    crash = loop_config.get("crash")
-    if not crash or rank != crash["rank"] or step != crash["step"]:
-        return
-    marker = Path(crash["marker"])
-    if marker.exists():
-        return
-    marker.write_text(str(os.getpid()))
-    os._exit(1)

@@ -15,6 +15,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from gazeattn.typed_config import flatten, to_dict
+from pipelines.stream import RESUME_DATASET, TRAIN_DATASET
 from tracking.storage import (
     Location,
     StorageError,
@@ -28,18 +29,16 @@ from tracking.storage import (
     staging_location,
 )
 from tracking.uri import resolve_tracking_uri
+from training.checkpointing import EXPORT_SUBDIR, check_resume
 from training.config import REPO, FinetuneConfig
-from training.loop import (
-    EXPORT_SUBDIR,
-    RESUME_DATASET,
-    TRAIN_DATASET,
-    deepspeed_config,
-    train_loop,
-)
+from training.loop import StepHook, deepspeed_config, train_loop
 from training.tracking import TRACKING_ERRORS, Tracker, resolve_run
 
 log = logging.getLogger(__name__)
 
+# what prepare_model builds under the run's directory: the tiny stock model, the gaze start
+TINY_BASE = "tiny-base"
+GAZE_INIT = "gaze-init"
 PACKAGES = ("torch", "ray", "deepspeed", "transformers", "mlflow", "triton", "webdataset")
 
 
@@ -75,7 +74,7 @@ def prepare_model(cfg: FinetuneConfig, root: Location) -> str:
     object storage the converted model is uploaded beside the checkpoints, where every node
     reads it, and its URI returned. A source that does not exist fails here, at submission.
     """
-    out = root.join(cfg.run.name, "gaze-init")
+    out = root.join(cfg.run.name, GAZE_INIT)
     # complete means published with its manifest: transformers writes config.json before
     # the weights, so a conversion stopped half-way has one and is done again
     if is_complete(out):
@@ -84,12 +83,12 @@ def prepare_model(cfg: FinetuneConfig, root: Location) -> str:
         work = Path(root.join(cfg.run.name).path) if root.is_local else Path(tmp)
         source = cfg.model.name_or_path
         if source == "tiny":
-            source = _tiny_base(cfg, open_location(work / "tiny-base"))
+            source = _tiny_base(cfg, open_location(work / TINY_BASE))
         if _is_gaze_checkpoint(source):
             return source
         print(f"[finetune] converting {source} into a gaze model at {out.uri}", flush=True)
         # built beside its place (locally: put there by a rename), or uploaded from tmp
-        staged = staging_location(out) if root.is_local else open_location(Path(tmp) / "gaze-init")
+        staged = staging_location(out) if root.is_local else open_location(Path(tmp) / GAZE_INIT)
         try:
             _convert(cfg, source, Path(staged.path))
             if root.is_local:
@@ -100,6 +99,17 @@ def prepare_model(cfg: FinetuneConfig, root: Location) -> str:
             if root.is_local and staged.exists():
                 shutil.rmtree(staged.path, ignore_errors=True)
     return out.uri
+
+
+def _forget_prepared(run: Location, changes: list[str]) -> None:
+    """A new start of a run name whose model settings changed builds its model again: the
+    tiny base and the converted start of the old settings are deleted."""
+    if not any(change.startswith("model.") for change in changes):
+        return
+    for prepared in (run.join(TINY_BASE), run.join(GAZE_INIT)):
+        if prepared.exists():
+            print(f"[finetune] model settings changed: building {prepared.uri} again", flush=True)
+            prepared.filesystem.delete_dir(prepared.path)
 
 
 def _tiny_base(cfg: FinetuneConfig, out: Location) -> str:
@@ -150,17 +160,15 @@ def adapter_base(cfg: FinetuneConfig, model_path: str) -> str | None:
     return model_path if cfg.model.name_or_path == "tiny" else cfg.model.name_or_path
 
 
-def run_finetune(
-    cfg: FinetuneConfig, *, crash: dict | None = None, trace: str | None = None
-) -> FinetuneResult:
-    """Fine-tune as configured and return where the export is; resumes a run of the same name.
-
-    ``crash`` and ``trace`` are test hooks (a worker killed at a step; the sample ids of each
-    step written under a directory)."""
+def run_finetune(cfg: FinetuneConfig, *, hooks: list[StepHook] = ()) -> FinetuneResult:
+    """Fine-tune as configured and return where the export is; resumes a run of the same name
+    (``training.checkpointing.ResumeMismatch`` when its checkpoints were written with another
+    configuration). ``hooks``: called by every worker around each step (``StepEvent``)."""
     from pipelines.dataset import build_train_dataset
 
-    # bad storage or a missing model fails here, before Ray starts a worker
+    # bad storage, a missing model or a mismatched resume fails here, before Ray starts
     root = storage_root(cfg)
+    _forget_prepared(root.join(cfg.run.name), check_resume(cfg, root.join(cfg.run.name)))
     export = export_location(cfg, root)
     model_path = prepare_model(cfg, root)
     # read before ray.init: in a `ray job submit` driver, ray.init can replace the job's
@@ -196,8 +204,7 @@ def run_finetune(
         "model_path": model_path,
         "mlflow_uri": uri,
         "mlflow_run_id": run_id,
-        "crash": crash,
-        "trace": trace,
+        "hooks": list(hooks),
         "adapter_base": adapter_base(cfg, model_path),
         # after the datasets: a generated split exists once they are built
         "heldout": heldout_path(cfg),

@@ -18,6 +18,8 @@ from mlflow.tracking import MlflowClient
 
 from gazeattn.model import load_model
 from tests.servers import MlflowServer, free_port
+from tests.training.faults import CrashOnce, TraceSteps
+from training.checkpointing import ResumeMismatch
 from training.config import load_config
 from training.trainer import run_finetune
 
@@ -135,14 +137,21 @@ def test_stop_resume_crash_recovery_export_and_tracking(local_ray, tmp_path, mlf
     )
     trace = tmp_path / "trace"
     trace.mkdir()
-    first = run_finetune(cfg, trace=str(trace))
+    first = run_finetune(cfg, hooks=[TraceSteps(str(trace))])
     assert first.metrics["step"] == 2 and first.registered_model is None
+
+    # a rerun of the name with another learning rate would resume these checkpoints: refused
+    # before Ray starts, naming the change
+    other = cfg.model_copy(deep=True)
+    other.optim.lr = 0.5
+    with pytest.raises(ResumeMismatch, match="optim.lr"):
+        run_finetune(other)
 
     # the rerun resumes at step 2; rank 1's process dies at step 3 and Ray restarts the group
     cfg.train.stop_after = None
     marker = tmp_path / "crashed"
     second = run_finetune(
-        cfg, crash={"rank": 1, "step": 3, "marker": str(marker)}, trace=str(trace)
+        cfg, hooks=[TraceSteps(str(trace)), CrashOnce(rank=1, step=3, marker=str(marker))]
     )
     assert marker.exists(), "the worker process was not killed"
     assert second.metrics["step"] == 6
@@ -248,7 +257,7 @@ def test_dense_baseline_lands_beside_gaze_and_survives_mlflow_going_down(local_r
         trace = tmp_path / "trace"
         trace.mkdir()
         thread = threading.Thread(
-            target=lambda: outcome.update(result=run_finetune(cfg, trace=str(trace)))
+            target=lambda: outcome.update(result=run_finetune(cfg, hooks=[TraceSteps(str(trace))]))
         )
         thread.start()
         deadline = time.monotonic() + 300

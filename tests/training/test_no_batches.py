@@ -11,8 +11,8 @@ import pytest
 import ray.train
 
 from pipelines.dataset import DECODED_SCHEMA
+from pipelines.stream import DataPosition, DataStream, NoBatches
 from training.config import load_config
-from training.loop import DataPosition, DataStream, NoBatches
 
 # a loop that starts more epochs than this is the bug: the test stops it
 EPOCHS_BOUND = 5
@@ -54,7 +54,7 @@ def _stream(monkeypatch, processor, rows, **sets) -> DataStream:
 
     monkeypatch.setattr(ray.train, "get_dataset_shard", shard)
     cfg = load_config(None, [f"{k}={v}" for k, v in sets.items()])
-    return DataStream(cfg, processor, DataPosition())
+    return DataStream(cfg.data, cfg.train.micro_batch_size, processor, DataPosition())
 
 
 def test_every_sample_dropped_stops_naming_the_drops(monkeypatch, processor):

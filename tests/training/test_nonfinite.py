@@ -15,15 +15,9 @@ import numpy as np
 import pytest
 import torch
 
+from training.checkpointing import NonFiniteWeights, check_weights_finite
 from training.config import load_config
-from training.loop import (
-    NonFiniteLoss,
-    NonFiniteWeights,
-    _build_model,
-    check_weights_finite,
-    deepspeed_config,
-    run_steps,
-)
+from training.loop import NonFiniteLoss, _build_model, deepspeed_config, run_steps
 from training.schedules import lr_lambda
 
 IGNORE = -100
