@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import ray  # noqa: E402
 
 from gazeattn.typed_config import ConfigError  # noqa: E402
+from training.checkpointing import ResumeMismatch  # noqa: E402
 from training.config import FinetuneConfig, load_config  # noqa: E402
 from training.trainer import FinetuneResult, run_finetune  # noqa: E402
 
@@ -87,7 +88,10 @@ def main(argv: list[str] | None = None) -> None:
         "steps",
         flush=True,
     )
-    gaze = run_finetune(config)
+    try:
+        gaze = run_finetune(config)
+    except ResumeMismatch as err:  # a changed config meeting the last run's checkpoints
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     _summary("gaze model", gaze, started)
     ray.shutdown()  # the twin starts on a fresh local Ray, nothing of this run left in it
     dense = None

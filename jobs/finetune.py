@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gazeattn.typed_config import ConfigError  # noqa: E402
+from training.checkpointing import ResumeMismatch  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.trainer import run_finetune  # noqa: E402
 
@@ -33,7 +34,10 @@ def main(argv: list[str] | None = None) -> None:
         config = load_config(args.config, args.overrides)
     except ConfigError as err:  # a typo or a wrong type: stop here, before Ray starts
         parser.error(str(err))
-    result = run_finetune(config)
+    try:
+        result = run_finetune(config)
+    except ResumeMismatch as err:  # the run name's checkpoints are another configuration's
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     print(f"[finetune] final metrics: {result.metrics}")
     print(f"[finetune] exported model: {result.export_dir}")
     if result.mlflow_uri:

@@ -64,6 +64,23 @@ class NoBatches(RuntimeError):
         )
 
 
+def ingest_config():
+    """Ray Train's dataset config for the job's datasets: its default, without the deprecated
+    ``exclude_resources`` that Ray Train's own default passes (a RayDeprecationWarning in
+    every run's log)."""
+    from ray.data import DataContext, ExecutionOptions
+    from ray.train import DataConfig as IngestConfig
+
+    current = DataContext.get_current().execution_options
+    return IngestConfig(
+        execution_options=ExecutionOptions(
+            resource_limits=current.resource_limits,
+            preserve_order=current.preserve_order,
+            verbose_progress=current.verbose_progress,
+        )
+    )
+
+
 class DataStream:
     """This rank's micro-batches of ``micro_batch_size`` across epochs, resumed at a
     ``DataPosition``; yields ``(batch, sample ids)``.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -176,6 +177,13 @@ def deepspeed_config_path(cfg: FinetuneConfig) -> Path:
     if path.is_absolute() or (Path.cwd() / path).is_file():
         return path.resolve()
     return REPO / path
+
+
+def name_the_accelerator(cfg: FinetuneConfig) -> None:
+    """Tell DeepSpeed (before it is imported, in the driver and in each worker) which
+    accelerator the job uses: left to guess, it warns on every CPU process that it found none.
+    A ``DS_ACCELERATOR`` already set wins."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> FinetuneConfig:

@@ -10,6 +10,8 @@ each step and kill a worker at a step.
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import json
 import sys
 import time
@@ -22,7 +24,7 @@ import torch
 
 from pipelines.stream import DataStream
 from training import checkpointing
-from training.config import IN_WORKER, FinetuneConfig, deepspeed_config_path
+from training.config import IN_WORKER, FinetuneConfig, deepspeed_config_path, name_the_accelerator
 from training.metrics import step_metrics
 from training.schedules import TopKClock, apply_top_k, budget_metric, lr_lambda
 from training.tracking import Tracker
@@ -208,16 +210,20 @@ def train_loop(loop_config: dict) -> None:
     """Ray Train worker entry; ``loop_config`` holds the config dict and driver-resolved paths."""
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed")
+    cfg = FinetuneConfig.model_validate(loop_config["config"], context={IN_WORKER: True})
+    name_the_accelerator(cfg)
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
-    cfg = FinetuneConfig.model_validate(loop_config["config"], context={IN_WORKER: True})
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     node = ray.get_runtime_context().get_node_id()
     say(f"[train] worker rank {rank}/{ctx.get_world_size()} on node {node}")
     torch.manual_seed(cfg.train.seed + rank)
-    deepspeed.init_distributed("nccl" if cfg.scaling.use_gpu else "gloo")
+    # on CPU it builds its shared-memory collectives and prints a line saying so (print, not
+    # its logger), a line per worker in every run's log
+    with _without_print():
+        deepspeed.init_distributed("nccl" if cfg.scaling.use_gpu else "gloo")
 
     ds_config = loop_config["deepspeed"]
     # alive while loading, so transformers partitions the weights at load (ZeRO-3 init)
@@ -371,6 +377,18 @@ def _build_model(cfg: FinetuneConfig, model_path: str, *, report: bool = False):
         say(f"[train] trainable parameters:\n{trainable_report(model)}")
     model.train()
     return model, processor
+
+
+@contextlib.contextmanager
+def _without_print():
+    """``print`` does nothing in the block: a redirect of stdout does not silence it in a Ray
+    Train worker, whose patched ``print`` sends every line to the logger as well."""
+    saved = builtins.print
+    builtins.print = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        builtins.print = saved
 
 
 def say(text: str) -> None:

@@ -15,7 +15,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from gazeattn.typed_config import flatten, to_dict
-from pipelines.stream import RESUME_DATASET, TRAIN_DATASET
+from pipelines.stream import RESUME_DATASET, TRAIN_DATASET, ingest_config
 from tracking.storage import (
     Location,
     StorageError,
@@ -30,7 +30,7 @@ from tracking.storage import (
 )
 from tracking.uri import resolve_tracking_uri
 from training.checkpointing import EXPORT_SUBDIR, check_resume
-from training.config import REPO, FinetuneConfig
+from training.config import REPO, FinetuneConfig, name_the_accelerator
 from training.loop import StepHook, deepspeed_config, train_loop
 from training.tracking import TRACKING_ERRORS, Tracker, resolve_run
 
@@ -166,6 +166,7 @@ def run_finetune(cfg: FinetuneConfig, *, hooks: list[StepHook] = ()) -> Finetune
     configuration). ``hooks``: called by every worker around each step (``StepEvent``)."""
     from pipelines.dataset import build_train_dataset
 
+    name_the_accelerator(cfg)
     # bad storage, a missing model or a mismatched resume fails here, before Ray starts
     root = storage_root(cfg)
     _forget_prepared(root.join(cfg.run.name), check_resume(cfg, root.join(cfg.run.name)))
@@ -235,6 +236,7 @@ def run_finetune(cfg: FinetuneConfig, *, hooks: list[StepHook] = ()) -> Finetune
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
         datasets=datasets,
+        dataset_config=ingest_config(),
     )
     result = trainer.fit()
     if result.error:

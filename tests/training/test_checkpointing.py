@@ -69,3 +69,16 @@ def test_a_new_start_with_other_model_settings_prepares_its_model_again(tmp_path
     _forget_prepared(run, changes)
     assert not (tmp_path / "run" / GAZE_INIT).exists()
     assert not (tmp_path / "run" / TINY_BASE).exists()
+
+
+def test_the_job_stops_with_the_changes_before_ray_starts(tmp_path, capsys):
+    from jobs.finetune import main
+
+    storage = f"run.storage_path={tmp_path}"
+    check_resume(_cfg(storage), open_location(tmp_path / "gaze-demo"))
+    _with_checkpoint(tmp_path / "gaze-demo")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", "configs/demo.yaml", "--set", storage, "--set", "optim.lr=0.5"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "optim.lr: 0.001 -> 0.5" in err and "--set run.name=" in err
