@@ -14,7 +14,10 @@ column ``end``:
 - columns no row uses any more are dropped from the left (``trim_left``).
 
 Padding columns hold zeros: attention masks them out, and a masked zero is never NaN.
-The buffer grows geometrically (a copy of the active part) when it runs out of room.
+The buffer grows geometrically (a copy of the active part) when it runs out of room. A new
+buffer is not cleared (a join that grows the rows of a long batch cleared hundreds of MB):
+every column a view shows is written first, by a join (its keys and its padding zeros), a
+batch that grows to the left (zeros) or a step.
 
 A hybrid decoder's linear-attention layers (Qwen3.5) hold no keys and values but a
 recurrent state per row (``BatchLinearLayer``): it does not grow with the sequence, so a
@@ -139,8 +142,7 @@ class BatchLayer(CacheLayerMixin):
     def _allocate(self, like: torch.Tensor, *, rows: int, length: int) -> None:
         _, heads, _, dim = like.shape
         size = (rows, heads, length + 2 * max(MIN_SLACK, length // 2), dim)
-        self.kbuf = torch.zeros(size, dtype=like.dtype, device=like.device)
-        self.vbuf = torch.zeros(size, dtype=like.dtype, device=like.device)
+        self.kbuf, self.vbuf = _buffer(size, like), _buffer(size, like)
         self.device = like.device
         self.is_initialized = True
 
@@ -160,8 +162,7 @@ class BatchLayer(CacheLayerMixin):
 
     def _move(self, size: tuple[int, ...], new_start: int) -> None:
         used = self.get_seq_length()
-        kbuf = torch.zeros(size, dtype=self.kbuf.dtype, device=self.kbuf.device)
-        vbuf = torch.zeros(size, dtype=self.vbuf.dtype, device=self.vbuf.device)
+        kbuf, vbuf = _buffer(size, self.kbuf), _buffer(size, self.vbuf)
         old, new = slice(self.start, self.end), slice(new_start, new_start + used)
         kbuf[: self.rows, :, new] = self.kbuf[: self.rows, :, old]
         vbuf[: self.rows, :, new] = self.vbuf[: self.rows, :, old]
@@ -172,6 +173,11 @@ class BatchLayer(CacheLayerMixin):
         # [rows, Hkv, T, D] views: what transformers and the attention functions read
         self.keys = self.kbuf[: self.rows, :, self.start : self.end]
         self.values = self.vbuf[: self.rows, :, self.start : self.end]
+
+
+def _buffer(size: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A new key or value buffer, not cleared (see the module doc)."""
+    return torch.empty(size, dtype=like.dtype, device=like.device)
 
 
 class BatchLinearLayer(LinearAttentionLayer):

@@ -66,7 +66,7 @@ from gazeattn.modeling import (
     routing_layer_of,
 )
 from gazeattn.ops.layout import GazeLayout, stack_rows
-from gazeattn.prefix_cache import PrefixCache, prefix_key, prefix_length
+from gazeattn.prefix_cache import PrefixCache, prefix_key, visual_prefix
 from gazeattn.processing import GazeProcessor
 from gazeattn.sample import EncodedSample
 from gazeattn.sampler import Sampler, TokenLogprob
@@ -372,11 +372,11 @@ class Engine:
         prompt whose prefix is cached prefills its short suffix now, at once. Returns the
         sequence's output when its prefill ended (or failed) in this call."""
         try:
-            ids, mask, vision, layout = self._inputs([seq.sample])
-            seq.layout = layout
             plan = self._prefix_plan(seq)
             if plan is not None and self.prefix_cache.holds(plan[0]):
                 return self._prefill(seq)
+            ids, mask, vision, layout = self._inputs([seq.sample])
+            seq.layout = layout
             if plan is not None:
                 # the prefix in chunks, stored, then its text suffix, as a miss prefills it
                 self.prefix_cache.get(plan[0])  # None: counted as the miss it is
@@ -572,17 +572,16 @@ class Engine:
         return cache, length
 
     def _prefix_plan(self, seq: EngineSequence) -> tuple[str, int] | None:
-        """(content key, length) of the sequence's cacheable visual prefix (computed once,
-        from its layout); None when prefixes are not cached or the prompt has no image or video with text
-        after it."""
+        """(cache key, length) of the sequence's cacheable visual prefix (computed once; its
+        content digest may come computed with the sample); None when prefixes are not cached
+        or the prompt has no image or video with text after it."""
         if self.prefix_cache is None:
             return None
         if seq.prefix is None:
             inner = gaze_module(self.model)
-            length = prefix_length(seq.layout)
+            length, digest = visual_prefix(seq.sample, self.processor)
             settings = repr((inner.gaze_config, inner.gaze_top_k, inner.gaze_layers))
-            key = prefix_key(seq.sample, length, settings) if 0 < length < len(seq.sample) else ""
-            seq.prefix = (key, length)
+            seq.prefix = (prefix_key(digest, settings) if digest else "", length)
         return seq.prefix if seq.prefix[0] else None
 
     def _prefix_layout(self, seq: EngineSequence) -> GazeLayout:

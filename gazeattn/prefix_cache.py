@@ -114,17 +114,33 @@ def prefix_length(layout: GazeLayout) -> int:
     return int(media[-1]) + 1 if len(media) else 0
 
 
-def prefix_key(sample: EncodedSample, length: int, settings: str) -> str:
-    """The content key of the sample's first ``length`` tokens (with all its pixel inputs,
-    which belong to media in the prefix) under the model's ``settings``."""
-    digest = hashlib.blake2b(digest_size=20)
-    digest.update(settings.encode())
-    digest.update(np.ascontiguousarray(sample.input_ids[:length], np.int64).tobytes())
-    for name in sorted(sample.vision):
-        array = np.ascontiguousarray(sample.vision[name])
-        digest.update(f"{name}:{array.dtype}:{array.shape}".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
+def visual_prefix(sample: EncodedSample, processor) -> tuple[int, str]:
+    """(length, content digest) of the sample's cacheable prefix: its tokens up to the end of
+    its last image or video (``prefix_length``) and every pixel input it has (they belong to
+    media in the prefix); the digest is "" when the prompt has no media or no text after it.
+
+    Hashing every frame's pixels is tens of milliseconds for a long video: it is computed
+    once and kept on the sample (``sample.prefix``), so a server computes it where it encodes
+    the request, not on the engine's scheduler thread."""
+    if sample.prefix is None:
+        length = prefix_length(processor.layout_of([sample.parts]))
+        digest = ""
+        if 0 < length < len(sample):
+            content = hashlib.blake2b(digest_size=20)
+            content.update(np.ascontiguousarray(sample.input_ids[:length], np.int64).tobytes())
+            for name in sorted(sample.vision):
+                array = np.ascontiguousarray(sample.vision[name])
+                content.update(f"{name}:{array.dtype}:{array.shape}".encode())
+                content.update(array.tobytes())
+            digest = content.hexdigest()
+        sample.prefix = (length, digest)
+    return sample.prefix
+
+
+def prefix_key(digest: str, settings: str) -> str:
+    """The cache key of a prefix of content ``digest`` (``visual_prefix``) under the model's
+    ``settings`` (they change its hidden states)."""
+    return hashlib.blake2b(f"{settings}\n{digest}".encode(), digest_size=20).hexdigest()
 
 
 def cache_bytes(cache) -> int:

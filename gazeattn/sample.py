@@ -36,6 +36,9 @@ class EncodedSample:
     parts: list[Part]  # the layout's parts (text runs, media grids; context tokens implied)
     sample_id: str | None = None
     truncated: bool = False
+    # (length, content digest) of its cacheable visual prefix, once computed
+    # (``gazeattn.prefix_cache.visual_prefix``; a server computes it where it encodes)
+    prefix: tuple[int, str] | None = None
 
     def __post_init__(self):
         if len(self.labels) != len(self.input_ids):
@@ -62,6 +65,7 @@ class EncodedSample:
             input_ids=np.concatenate([self.input_ids, np.asarray(tokens, np.int64)]),
             labels=np.concatenate([self.labels, np.full(len(tokens), IGNORE, np.int64)]),
             parts=[*parts, tail + len(tokens)],
+            prefix=None,
         )
 
     def truncated_to(self, length: int) -> EncodedSample:
@@ -79,6 +83,7 @@ class EncodedSample:
             labels=self.labels[:length],
             parts=[*self.parts[:-1], tail - cut],
             truncated=True,
+            prefix=None,
         )
 
     # ---- Arrow blocks

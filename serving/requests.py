@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass
 
 from gazeattn.generation import GenerationRequest, InvalidRequest, SamplingParams
+from gazeattn.prefix_cache import visual_prefix
 from gazeattn.processing import GazeProcessor, ProcessorInputError, SequenceTooLong
 from gazeattn.sample import EncodedSample
 from serving.errors import BadRequest, NotFound
@@ -213,6 +214,9 @@ def prepare(
             param="max_tokens",
             code="context_length_exceeded",
         )
+    if settings.prefix_cache_bytes and processor.gaze_config is not None:
+        # the prefix's content key, hashed here (a preparing process), not on the scheduler
+        visual_prefix(sample, processor)
     return Prepared(
         generation=generation,
         sample=sample,

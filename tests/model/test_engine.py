@@ -10,6 +10,7 @@ whatever they read, and would hide a wrong position or a wrong row.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -17,6 +18,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from gazeattn import cache as cache_module
 from gazeattn.cache import BatchCache
 from gazeattn.engine import Engine
 from gazeattn.generation import (
@@ -28,6 +30,7 @@ from gazeattn.generation import (
 )
 from gazeattn.model import load_model
 from gazeattn.ops import GazeConfig
+from gazeattn.prefix_cache import visual_prefix
 from tests.model.conftest import image_chat, random_image, video_chat
 
 FAMILIES = ("llava", "qwen2.5-vl")
@@ -105,6 +108,16 @@ def _staggered(engine: Engine, requests, **options) -> list:
             if out.result is not None:
                 results[out.sequence.id] = out.result
     return [results[s.id] for s in seqs]
+
+
+@pytest.fixture(autouse=True)
+def _nan_buffers(monkeypatch):
+    """The batch cache does not clear its new buffers; here they start as NaN, so a row that
+    reads a column nothing wrote (padding, a moved or grown buffer) ends with NaN logits and
+    differs from its reference in every test of this module."""
+    monkeypatch.setattr(
+        cache_module, "_buffer", lambda size, like: torch.full(size, math.nan, dtype=like.dtype)
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -373,7 +386,8 @@ def test_dense_twin_in_the_engine_equals_a_full_recompute(loaded):
 
 
 def test_batch_cache_rows_join_move_and_leave():
-    """The cache views equal left-padded stacks of each row's keys as rows come and go."""
+    """The cache views equal left-padded stacks of each row's keys as rows come and go (a
+    view showing a column nothing wrote holds NaN: see ``_nan_buffers``)."""
     gen = torch.Generator().manual_seed(0)
     cache = BatchCache(num_layers=2)
     rows: list[torch.Tensor] = []  # each row's keys [H, T_i, D]
@@ -590,6 +604,27 @@ def test_prefix_cache_hits_answer_as_a_cold_prefill(family, loaded, qwen3):
     assert stats.hits == 2 + sum(media) and stats.entries == sum(media[: len(golden())]) + 1
     assert stats.cached_tokens == sum(r.cached_tokens for r in [*first, *again])
     assert engine.num_running == 0 and engine.cache.rows == 0
+
+
+def test_a_prefix_digest_computed_before_submit_hits_as_the_engines_own(loaded):
+    """A server hashes the prefix where it encodes the request (``visual_prefix`` on the
+    sample): its key is the engine's, so such a prompt and one the engine hashes itself share
+    the entry; a sample cut or extended in its text forgets its digest."""
+    model, processor = loaded["llava"]
+    first, second = _one_picture_questions(23)[:2]
+    engine = Engine(model, processor, prefix_cache_bytes=2**30)
+    engine.run([first])
+    sample = processor.encode_sample(
+        second.messages, images=second.images, add_generation_prompt=True
+    )
+    length, digest = visual_prefix(sample, processor)
+    seq = engine.submit(second, sample=sample)
+    while not seq.done:
+        engine.step()
+    assert seq.cached_tokens == length and engine.prefix_cache.stats.hits == 1
+    assert sample.followed_by([1, 2]).prefix is None
+    assert sample.truncated_to(len(sample) - 1).prefix is None
+    assert visual_prefix(sample.followed_by([1, 2]), processor) == (length, digest)
 
 
 def test_prefix_cache_evicts_the_least_recent_and_never_fails(loaded):

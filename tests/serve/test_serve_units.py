@@ -210,6 +210,9 @@ def test_images_are_shrunk_as_they_are_decoded(model_dir, monkeypatch):
 
 
 def test_prepare_checks_and_converts(model_dir):
+    from dataclasses import replace
+
+    from gazeattn.prefix_cache import visual_prefix
     from serving.requests import prepare
 
     _, processor = load_model(model_dir)
@@ -234,6 +237,10 @@ def test_prepare_checks_and_converts(model_dir):
     assert [type(p).__name__ for p in prepared.sample.parts].count("Video") == 1
     assert generation.max_new_tokens == 5 and generation.stop == ("x",)
     assert prepared.gaze and prepared.layer == -1 and prepared.prompt_tokens > 148
+    # the prefix cache's content digest is hashed here, off the scheduler, as the engine would
+    length, digest = prepared.sample.prefix
+    assert digest and 0 < length < prepared.prompt_tokens
+    assert visual_prefix(replace(prepared.sample, prefix=None), processor) == (length, digest)
     with pytest.raises(NotFound):
         prepare(ChatCompletionRequest(model="x", messages=user()), settings, processor, "m", 2)
     with pytest.raises(BadRequest, match="limit of 16"):
