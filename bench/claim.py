@@ -1,27 +1,33 @@
 """The claim benchmark: what the demo cannot hold in its 10 minutes, each row with its 95%
 interval, from one command (at most about an hour on 2 cores).
 
-Every run is the demo's recipe as it was when the rows in bench/RESULTS.md were measured
-(``BASE`` over configs/demo.yaml: the colour question after the image, keep 10%, 4 context
-tokens, from checkpoints/tiny-grid3; the demo now asks first, at keep 20% without context
-tokens) with one thing changed, trained and scored in one process by
-``bench/recipe.py`` (the job's model construction and schedules, the evaluation's code), on
-the same generated data and held-out samples:
+Every run is a recipe (``--base``) over configs/demo.yaml with one thing changed, trained and
+scored in one process by ``bench/recipe.py`` (the job's model construction and schedules, the
+evaluation's code), on the same generated data and held-out samples. Two recipes:
+
+- ``demo`` (the default): configs/demo.yaml as it is, the question asked before the image,
+  keep 20% without context tokens, from checkpoints/tiny-grid3q;
+- ``colour-after``: the recipe of the first rows in bench/RESULTS.md (the colour question
+  after the image, keep 10%, 4 context tokens, from checkpoints/tiny-grid3).
+
+The runs, each over the recipe (one equal to the recipe itself is not run again):
 
 - the paper's ablations at our scale: context tokens 0 / 1 / 4 / 16, region size (one token
   vs the demo's 2 x 2 = one cell), routing per KV head vs per query head;
-- the progressive Top-K: sparse from the first step, the demo's cosine warm-up, and one that
-  waits for the loss (``top_k_schedule.start: loss``);
+- the progressive Top-K: sparse from the first step, a cosine warm-up of 150 steps, and one
+  that waits for the loss (``top_k_schedule.start: loss``);
 - a video whose answer is in one of 8 frames (every sample a video);
 - from random weights instead of the pretrained checkpoint (the tiny model as the demo was
   before), with the step-started and the loss-started schedule.
 
 Each row: accuracy at the run's own budget (95% Wilson interval), % of the dense entries, the
 last layer's routing hit rate against random routing and its lift, and accuracy when the same
-model routes to random regions at the same budget. Writes ``bench/results/claim.jsonl`` (one
-line per run, as ``bench/recipe.py`` logs) and ``bench/results/claim.md`` (the table).
+model routes to random regions at the same budget. Writes ``bench/results/claim-<base>.jsonl``
+(``claim.jsonl`` for colour-after; one line per run, as ``bench/recipe.py`` logs) and the
+table beside it (``.md``).
 
-    python bench/claim.py [--jobs 2] [--eval 500] [--only NAME ...] [--list]
+    python bench/claim.py [--base demo|colour-after] [--jobs 2] [--eval 500]
+                          [--only NAME ...] [--list]
 """
 
 from __future__ import annotations
@@ -37,18 +43,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 RESULTS = Path("bench/results")
 DATA = "/tmp/gazeattn-claim-data"
-# the recipe the claim rows were measured with (configs/demo.yaml before 2026-12-03 15:40)
-BASE = [
-    "model.name_or_path=checkpoints/tiny-grid3",
-    "model.gaze.keep_ratio=0.1",
-    "model.gaze.num_context_tokens=4",
-    "data.synthetic.question_first=false",
-    "data.synthetic.train_questions=4",
-    "data.synthetic.spaced_answers=false",
-    "top_k_schedule.warmup_steps=150",
-    "train.max_steps=400",
-]
-# (name, what it shows, overrides of configs/demo.yaml after BASE)
+# the recipes the runs change one thing of (overrides of configs/demo.yaml), and what each is
+BASES: dict[str, tuple[list[str], str]] = {
+    "demo": ([], "the demo's recipe (asked first, keep 20%, no context tokens)"),
+    # configs/demo.yaml before 2026-12-03 15:40: the first rows in bench/RESULTS.md
+    "colour-after": (
+        [
+            "model.name_or_path=checkpoints/tiny-grid3",
+            "model.gaze.keep_ratio=0.1",
+            "model.gaze.num_context_tokens=4",
+            "data.synthetic.question_first=false",
+            "data.synthetic.train_questions=4",
+            "data.synthetic.spaced_answers=false",
+            "top_k_schedule.warmup_steps=150",
+            "train.max_steps=400",
+        ],
+        "the earlier recipe (colour after the image, keep 10%, 4 context tokens)",
+    ),
+}
+# (name, what it shows, overrides of configs/demo.yaml after the recipe's)
 SCRATCH = [
     "model.name_or_path=tiny",
     'model.tiny_options={"image_size":48,"init_range":0.1}',
@@ -63,16 +76,19 @@ VIDEO = [
     "data.synthetic.n_train=1500",
 ]
 RUNS: list[tuple[str, str, list[str]]] = [
-    ("demo", "the demo's recipe (keep 10%, 4 context tokens, 2 x 2 regions)", []),
+    ("recipe", "the recipe itself", []),
     ("dense-twin", "its dense twin", ["model.attn=dense"]),
     ("context-0", "no context tokens", ["model.gaze.num_context_tokens=0"]),
     ("context-1", "1 context token", ["model.gaze.num_context_tokens=1"]),
+    ("context-4", "4 context tokens", ["model.gaze.num_context_tokens=4"]),
     ("context-16", "16 context tokens", ["model.gaze.num_context_tokens=16"]),
     ("regions-1x1", "regions of one token (36 per image)", ["model.gaze.region_size=[1,1,1]"]),
     ("query-head", "one selection per query head", ["model.gaze.routing=query_head"]),
     ("warmup-0", "sparse from the first step", ["top_k_schedule.warmup_steps=0"]),
-    ("warmup-loss", "the warm-up starts when the loss is at most 0.1",
-     ["top_k_schedule.start=loss", "top_k_schedule.start_loss=0.1"]),
+    ("warmup-150", "a cosine warm-up of 150 steps", ["top_k_schedule.warmup_steps=150"]),
+    ("warmup-loss", "the 150-step warm-up starts when the loss is at most 0.1",
+     ["top_k_schedule.warmup_steps=150", "top_k_schedule.start=loss",
+      "top_k_schedule.start_loss=0.1"]),
     ("video-8-frames", "videos only: the answer in one of 8 frames", VIDEO),
     ("scratch-step", "from random weights, the step-started warm-up", SCRATCH),
     ("scratch-loss", "from random weights, the warm-up waits for loss <= 0.3",
@@ -83,13 +99,32 @@ RUNS: list[tuple[str, str, list[str]]] = [
 
 def _one(args: tuple[str, list[str], int, str]) -> dict:
     name, sets, eval_n, log = args
-    sets = [*BASE, *sets]
     import torch
 
     from bench.recipe import run
 
     torch.set_num_threads(1)
     return run(name, sets, eval_n=eval_n, log=log, data_root=DATA)
+
+
+def plan(base: str, only: list[str] | None = None) -> list[tuple[str, str, list[str]]]:
+    """(name, what, overrides) of each run over the recipe ``base``, its own settings last;
+    a run whose configuration is the recipe's (e.g. no context tokens over the demo's) is
+    left out: the recipe's own row is it."""
+    from gazeattn.typed_config import to_dict
+    from training.config import load_config
+
+    recipe, what = BASES[base]
+
+    def config(sets: list[str]) -> dict:
+        return to_dict(load_config("configs/demo.yaml", [*recipe, *sets]))
+
+    own = config([])
+    return [
+        (name, what if name == "recipe" else text, [*recipe, *sets])
+        for name, text, sets in RUNS
+        if (not only or name in only) and (name == "recipe" or config(sets) != own)
+    ]
 
 
 def row(result: dict, what: str) -> str:
@@ -129,36 +164,38 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--base", choices=sorted(BASES), default="demo", help="the recipe")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
     parser.add_argument("--eval", type=int, default=500, help="held-out samples per run")
     parser.add_argument("--only", nargs="*", help="these runs (default: all)")
     parser.add_argument("--list", action="store_true", help="name the runs and stop")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
-    runs = [r for r in RUNS if not args.only or r[0] in args.only]
+    runs = plan(args.base, args.only)
     if args.list or not runs:
-        for name, what, sets in RUNS:
+        for name, what, sets in plan(args.base):
             print(f"{name}: {what} {sets}")
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    log = out / "claim.jsonl"
+    stem = "claim" if args.base == "colour-after" else f"claim-{args.base}"
+    log = out / f"{stem}.jsonl"
     started = time.perf_counter()
     os.environ.setdefault("RECIPE_THREADS", "1")
     from bench.recipe import data_for
     from training.config import load_config
 
     for _, _, sets in runs:  # each setting's data once, before runs share it
-        data_for(load_config("configs/demo.yaml", [*BASE, *sets]), DATA)
+        data_for(load_config("configs/demo.yaml", sets), DATA)
     jobs = [(name, sets, args.eval, str(log)) for name, _, sets in runs]
     if args.jobs > 1:
         with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
             results = pool.map(_one, jobs, chunksize=1)
     else:
         results = [_one(job) for job in jobs]
-    what = {name: text for name, text, _ in RUNS}
+    what = {name: text for name, text, _ in runs}
     table = "\n".join([HEADER, *(row(r, what[r["name"]]) for r in results)])
-    (out / "claim.md").write_text(table + "\n")
+    (out / f"{stem}.md").write_text(table + "\n")
     print(table)
     print(f"[claim] {len(results)} runs in {time.perf_counter() - started:.0f} s: {out}")
 

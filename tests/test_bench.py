@@ -23,19 +23,30 @@ def test_bench_modules_import(name):
 
 
 def test_every_claim_run_is_a_valid_config():
-    """Every run over the recipe its rows were measured with (BASE), its own settings last."""
-    from bench.claim import BASE, RUNS
+    """Every run over its recipe, its own settings last; a run that equals its recipe is left
+    out, and the earlier recipe keeps the settings its recorded rows were measured with."""
+    from bench.claim import BASES, RUNS, plan
 
     names = [name for name, _, _ in RUNS]
     assert len(set(names)) == len(names)
-    configs = {
-        name: load_config(REPO / "configs" / "demo.yaml", [*BASE, *sets]) for name, _, sets in RUNS
-    }
-    base = configs["demo"]
-    assert base.model.gaze.keep_ratio == 0.1 and base.model.gaze.num_context_tokens == 4
-    assert not base.data.synthetic.question_first
-    assert configs["scratch-step"].model.name_or_path == "tiny"
-    assert configs["context-0"].model.gaze.num_context_tokens == 0
+    for base in BASES:
+        configs = {
+            name: load_config(REPO / "configs" / "demo.yaml", sets) for name, _, sets in plan(base)
+        }
+        assert configs["scratch-step"].model.name_or_path == "tiny"
+        assert configs["dense-twin"].model.attn == "dense"
+        recipe = configs["recipe"]
+        assert sum(config == recipe for config in configs.values()) == 1
+    old = {name: sets for name, _, sets in plan("colour-after")}
+    earlier = load_config(REPO / "configs" / "demo.yaml", old["recipe"])
+    assert earlier.model.gaze.keep_ratio == 0.1 and earlier.model.gaze.num_context_tokens == 4
+    assert not earlier.data.synthetic.question_first and "context-4" not in old
+    demo = {name: sets for name, _, sets in plan("demo")}
+    assert demo["recipe"] == [] and "context-0" not in demo and "warmup-0" not in demo
+    assert (
+        load_config(REPO / "configs" / "demo.yaml", demo["context-4"]).model.gaze.num_context_tokens
+        == 4
+    )
 
 
 def test_a_claim_row_has_the_interval_and_the_lift():
