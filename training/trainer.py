@@ -169,7 +169,8 @@ def run_finetune(cfg: FinetuneConfig, *, hooks: list[StepHook] = ()) -> Finetune
     name_the_accelerator(cfg)
     # bad storage, a missing model or a mismatched resume fails here, before Ray starts
     root = storage_root(cfg)
-    _forget_prepared(root.join(cfg.run.name), check_resume(cfg, root.join(cfg.run.name)))
+    run = root.join(cfg.run.name)
+    _forget_prepared(run, check_resume(cfg, run))
     export = export_location(cfg, root)
     model_path = prepare_model(cfg, root)
     # read before ray.init: in a `ray job submit` driver, ray.init can replace the job's
