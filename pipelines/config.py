@@ -10,6 +10,8 @@ from gazeattn.typed_config import Settings
 
 GridKind = Literal["colour", "position", "shape", "shape_at"]
 GRID_KINDS: tuple[GridKind, ...] = get_args(GridKind)
+# the shapes' colours (pipelines.synthetic draws them; their RGB values live there)
+COLOUR_NAMES = ("red", "green", "blue", "yellow", "purple", "orange", "white", "cyan", "pink")
 # what the grid task asks unless told: both questions about places
 DEFAULT_GRID_KINDS: tuple[GridKind, ...] = ("colour", "position")
 
@@ -29,12 +31,16 @@ class SyntheticSettings(Settings):
     task: Literal["grid", "scatter"] = Field(
         "grid", description="grid: a grid x grid arrangement, the answer in one cell"
     )
-    grid: int = Field(2, ge=1, le=3, description="cells per side (task grid)")
+    grid: int = Field(
+        2, ge=1, le=4,
+        description="cells per side (task grid; with 4, 16 cells and 9 colours, only the "
+        "asked colour is unique in its image)",
+    )  # fmt: skip
     shape_fill: float = Field(
         2 / 3, gt=0, le=1, description="a shape's side as a share of its cell's side"
     )
     train_questions: int = Field(
-        1, ge=1, le=9,
+        1, ge=1, le=16,
         description="questions per training image (task grid: further turns about other "
         "cells); held-out records have one",
     )  # fmt: skip
@@ -68,6 +74,16 @@ class SyntheticSettings(Settings):
             raise ValueError(
                 f"train_questions must be in [1, {self.grid * self.grid}] (one per cell of the "
                 f"{self.grid} x {self.grid} grid), got {self.train_questions}"
+            )
+        if (
+            self.grid * self.grid > len(COLOUR_NAMES)
+            and self.train_questions > 1
+            and {"position", "shape"} & set(self.grid_kinds)
+        ):
+            raise ValueError(
+                f"a {self.grid} x {self.grid} grid repeats colours: only the asked cell's "
+                "colour is unique, so questions that name a colour (grid_kinds position, "
+                f"shape) take train_questions 1, got {self.train_questions}"
             )
         if len(set(self.grid_kinds)) != len(self.grid_kinds):
             raise ValueError(f"grid_kinds must be distinct, got {list(self.grid_kinds)}")

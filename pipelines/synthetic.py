@@ -3,7 +3,8 @@
     python -m pipelines.synthetic --out DIR --n-train N --n-test N [--no-shard]
 
 - ``task="grid"`` (the demo's): a ``grid x grid`` arrangement of coloured shapes, one per
-  cell and every colour different, so that with regions of one cell (the demo's 6 x 6
+  cell and every colour different (a 4 x 4 grid has more cells than colours: there only the
+  asked cell's colour is unique, the others repeat), so that with regions of one cell (the demo's 6 x 6
   tokens in 2 x 2 regions, a 3 x 3 grid) the answer lives in exactly one region. The question
   names one shape by its position ("What colour is the shape in the top left?"), by its
   colour ("Where is the red shape?") or asks which shape the one of a colour is ("What shape
@@ -49,19 +50,20 @@ from PIL import Image, ImageDraw
 from pydantic import ValidationError
 
 from gazeattn.typed_config import describe
-from pipelines.config import DEFAULT_GRID_KINDS, SyntheticSettings
+from pipelines.config import COLOUR_NAMES, DEFAULT_GRID_KINDS, SyntheticSettings
 
-COLOURS = {
-    "red": (220, 30, 30),
-    "green": (30, 180, 40),
-    "blue": (30, 60, 220),
-    "yellow": (240, 220, 20),
-    "purple": (150, 40, 190),
-    "orange": (250, 140, 10),
-    "white": (250, 250, 250),
-    "cyan": (20, 200, 210),
-    "pink": (250, 130, 190),
-}
+RGB = (
+    (220, 30, 30),
+    (30, 180, 40),
+    (30, 60, 220),
+    (240, 220, 20),
+    (150, 40, 190),
+    (250, 140, 10),
+    (250, 250, 250),
+    (20, 200, 210),
+    (250, 130, 190),
+)
+COLOURS = dict(zip(COLOUR_NAMES, RGB, strict=True))
 SHAPES = ("square", "circle", "triangle")
 BACKGROUNDS = ((40, 40, 40), (90, 90, 90), (20, 30, 60))
 # image encodings cycle so every format the pipeline reads is exercised
@@ -150,7 +152,9 @@ def cell_words(row: int, col: int, grid: int) -> str:
     if grid == 1:
         return "centre"
     names = {2: (("top", "bottom"), ("left", "right")),
-             3: (("top", "middle", "bottom"), ("left", "centre", "right"))}[grid]  # fmt: skip
+             3: (("top", "middle", "bottom"), ("left", "centre", "right")),
+             4: (("top", "upper", "lower", "bottom"),
+                 ("left", "centre left", "centre right", "right"))}[grid]  # fmt: skip
     vertical, horizontal = names[0][row], names[1][col]
     return (
         "centre" if (vertical, horizontal) == ("middle", "centre") else f"{vertical} {horizontal}"
@@ -184,11 +188,13 @@ def grid_shapes(
     fill: float = 2 / 3,
     target_kind: str | None = None,
 ) -> list[Shape]:
-    """One shape per cell, all colours different; ``target_colour`` goes in ``target_cell``
-    (and ``target_kind``, when given, is its shape)."""
+    """One shape per cell, all colours different (when the grid has more cells than colours,
+    the others repeat: ``target_colour`` stays unique); ``target_colour`` goes in
+    ``target_cell`` (and ``target_kind``, when given, is its shape)."""
     cell = size // grid
     others = [c for c in range(len(COLOURS)) if c != target_colour]
-    colours = list(rng.choice(others, size=grid * grid - 1, replace=False))
+    repeat = grid * grid - 1 > len(others)
+    colours = list(rng.choice(others, size=grid * grid - 1, replace=repeat))
     colours.insert(target_cell, target_colour)
     kinds = [SHAPES[int(k)] for k in rng.integers(len(SHAPES), size=grid * grid)]
     if target_kind is not None:

@@ -457,3 +457,37 @@ def test_spaced_answers_are_one_token_of_the_tiny_tokenizer(tmp_path):
     for shape in ("square", "circle", "triangle"):
         assert len(tokenizer.encode(f" {shape}", add_special_tokens=False)) == 1
         assert len(tokenizer.encode(shape, add_special_tokens=False)) == 2
+
+
+def test_a_4x4_grid_repeats_colours_but_never_the_asked_one(tmp_path):
+    """grid 4 (16 cells, 9 colours): the other cells' colours repeat, the asked colour is in
+    one cell only, and the answer is the shape drawn there; its 16 places have 16 names; a
+    question naming another cell's colour would be ambiguous, so train_questions is 1."""
+    assert len({cell_words(*divmod(c, 4), 4) for c in range(16)}) == 16
+    paths = generate(tmp_path, n_train=24, n_test=12, image_size=64, video_fraction=0.0,
+                     task="grid", grid=4, shape_fill=0.9, grid_kinds=["shape"], seed=6)  # fmt: skip
+    cell, repeated = 16, 0
+    for split in ("train", "test"):
+        for r in json.loads(paths[split].read_text()):
+            if not r["image"].endswith(".png"):  # lossless: the colours are exact
+                continue
+            pixels = np.asarray(Image.open(tmp_path / "media" / r["image"]).convert("RGB"))
+            colours = []
+            for row in range(4):
+                for col in range(4):
+                    block = pixels[row * cell : (row + 1) * cell, col * cell : (col + 1) * cell]
+                    found = {tuple(c) for c in block.reshape(-1, 3)} & set(COLOURS.values())
+                    assert len(found) == 1, (r["id"], row, col)
+                    colours.append(found.pop())
+            name = r["conversations"][0]["value"].removeprefix("<image>\n")
+            name = name.removeprefix("What shape is the ")
+            rgb = COLOURS[name.removesuffix(" one?")]
+            assert colours.count(rgb) == 1, r["id"]
+            repeated += len(colours) > len(set(colours))
+            ys, xs = np.nonzero(np.all(pixels == rgb, axis=-1))
+            box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+            assert _shape_in(pixels, box, rgb) == r["conversations"][1]["value"], r["id"]
+    assert repeated, "16 cells of 9 colours repeat some"
+    with pytest.raises(ValueError, match="repeats colours"):
+        generate(tmp_path / "x", n_train=1, n_test=0, task="grid", grid=4, image_size=64,
+                 grid_kinds=["shape"], train_questions=2)  # fmt: skip
