@@ -545,6 +545,52 @@ def build_stock(
     return out
 
 
+def resize_llava_input(src: str | Path, out_dir: str | Path, image_size: int) -> Path:
+    """A copy of the stock LLaVA checkpoint ``src`` whose vision tower takes ``image_size`` px
+    squares: its position embeddings interpolated (bicubic) from the old patch grid to the
+    new one, as a hub checkpoint's resolution is raised before fine-tuning; the config's
+    sizes and the image processor's follow. Saved to ``out_dir`` in the same stock layout.
+
+    The claim benchmark's 4 x 4 grid uses it: the demo's 48 px checkpoint (6 x 6 patches)
+    at 64 px (8 x 8 patches), so that each of the 16 cells is a 2 x 2-patch region."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(src)
+    processor = AutoProcessor.from_pretrained(src)
+    vision = model.config.vision_config
+    if vision.model_type not in ("siglip_vision_model", "clip_vision_model"):
+        raise ValueError(f"resize_llava_input takes SigLIP or CLIP towers, not {vision.model_type}")
+    patch = vision.patch_size
+    if image_size % patch:
+        raise ValueError(f"image_size {image_size} is not a multiple of the patch size {patch}")
+    old_side, side = vision.image_size // patch, image_size // patch
+    state = model.state_dict()
+    key = next(k for k in state if k.endswith("embeddings.position_embedding.weight"))
+    table = state[key]
+    extra = table.shape[0] - old_side * old_side  # CLIP's class position stays as it is
+    grid = table[extra:].reshape(1, old_side, old_side, -1).permute(0, 3, 1, 2)
+    grid = torch.nn.functional.interpolate(
+        grid.float(), size=(side, side), mode="bicubic", align_corners=False
+    ).to(table.dtype)
+    state[key] = torch.cat([table[:extra], grid.permute(0, 2, 3, 1).reshape(side * side, -1)])
+    config = model.config
+    config.vision_config.image_size = image_size
+    config.image_seq_length += side * side - old_side * old_side
+    resized = LlavaForConditionalGeneration(config)
+    resized.load_state_dict(state, strict=False)  # non-persistent buffers are rebuilt
+    resized.generation_config = model.generation_config
+    out = Path(out_dir)
+    resized.save_pretrained(out)
+    images = processor.image_processor
+    if "shortest_edge" in (images.size or {}):
+        images.size = {"shortest_edge": image_size}
+        images.crop_size = {"height": image_size, "width": image_size}
+    else:
+        images.size = {"height": image_size, "width": image_size}
+    processor.save_pretrained(out)
+    return out
+
+
 def build_tiny(
     out_dir: str | Path,
     *,

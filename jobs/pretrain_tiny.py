@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from gazeattn.tiny import resize_llava_input  # noqa: E402
 from gazeattn.typed_config import ConfigError  # noqa: E402
 from training.config import FinetuneConfig, load_config  # noqa: E402
 
@@ -178,6 +179,11 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     parser.add_argument("--eval-limit", type=int, default=None, help="first N held-out samples")
+    parser.add_argument(
+        "--resize-input", type=int, metavar="PX",
+        help="the first stage starts from its LLaVA checkpoint at PX px squares, its position "
+        "embeddings interpolated (gazeattn.tiny.resize_llava_input)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     stages = args.stages or [str(p) for p in DEFAULT_STAGES]
     try:
@@ -193,8 +199,15 @@ def main(argv: list[str] | None = None) -> None:
     with open(out / "pretrain.log", "w") as log, tempfile.TemporaryDirectory() as tmp:
         stdout = sys.stdout
         sys.stdout = Tee(stdout, log)
+        words = sys.argv[1:] if argv is None else argv
+        print("$ python jobs/pretrain_tiny.py " + " ".join(words), flush=True)
         try:
             source = None
+            if args.resize_input:
+                first = configs[0].model.name_or_path
+                source = str(Path(tmp) / "resized")
+                resize_llava_input(first, source, args.resize_input)
+                print(f"[pretrain] {first} resized to {args.resize_input} px: {source}", flush=True)
             for i, (path, cfg) in enumerate(zip(stages, configs, strict=True)):
                 if source is not None:  # from the stage before
                     cfg = cfg.model_copy(
@@ -205,10 +218,14 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"[pretrain] stage {i + 1}/{len(stages)}: {path}", flush=True)
                 records.append(pretrain(cfg, target, eval_limit=args.eval_limit))
                 records[-1]["stage"] = os.path.relpath(Path(path).resolve(), REPO)
+                records[-1]["command"] = "python jobs/pretrain_tiny.py " + " ".join(words)
                 source = str(target)
         finally:
             sys.stdout = stdout
     record = {"stages": records, "held_out": records[-1]["held_out"]}
+    if args.resize_input:  # the first stage's name_or_path is the resized copy's (temporary)
+        record["resized_input"] = args.resize_input
+        record["resized_from"] = configs[0].model.name_or_path
     (out / "pretrain.json").write_text(json.dumps(record, indent=1) + "\n")
     seconds = sum(r["train_s"] for r in records)
     print(f"[pretrain] saved {out} in {seconds:.0f} s: {record['held_out']}")
