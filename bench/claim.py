@@ -17,16 +17,23 @@ The runs, each over the recipe (one equal to the recipe itself is not run again)
 - the progressive Top-K: sparse from the first step, a cosine warm-up of 150 steps, and one
   that waits for the loss (``top_k_schedule.start: loss``);
 - a video whose answer is in one of 8 frames (every sample a video);
+- a 4 x 4 grid (16 regions, keep 25%) and its dense twin, from checkpoints/tiny-grid4q (the
+  demo's checkpoint at 64 px, pretrained densely on the 4 x 4 grid:
+  configs/pretrain-tiny-grid4.yaml);
 - from random weights instead of the pretrained checkpoint (the tiny model as the demo was
   before), with the step-started and the loss-started schedule.
 
-Each row: accuracy at the run's own budget (95% Wilson interval), % of the dense entries, the
-last layer's routing hit rate against random routing and its lift, and accuracy when the same
-model routes to random regions at the same budget. Writes ``bench/results/claim-<base>.jsonl``
-(``claim.jsonl`` for colour-after; one line per run, as ``bench/recipe.py`` logs) and the
-table beside it (``.md``).
+Every run is trained once per seed (``--seeds``, default 0 1 2): seed s sets ``train.seed``,
+``data.seed`` and ``data.synthetic.seed`` (new generated data, the checkpoint the same), as
+the demo's seeds do. Each run's row: accuracy at its own budget per seed and pooled over
+the seeds (95% Wilson interval of the pooled count), % of the dense entries, the last
+layer's routing hit rate against random routing and its lift, and accuracy when the same
+model routes to random regions at the same budget (means over the seeds); a second table
+holds each seed's row with its own interval. Writes ``bench/results/claim-<base>.jsonl``
+(``claim.jsonl`` for colour-after; one line per run and seed, as ``bench/recipe.py`` logs)
+and the tables beside it (``.md``).
 
-    python bench/claim.py [--base demo|colour-after] [--jobs 2] [--eval 500]
+    python bench/claim.py [--base demo|colour-after] [--seeds 0 1 2] [--jobs 2] [--eval 500]
                           [--only NAME ...] [--list]
 """
 
@@ -75,6 +82,14 @@ VIDEO = [
     "model.visual_budget.frames_per_video=8",
     "data.synthetic.n_train=1500",
 ]
+GRID4 = [
+    "model.name_or_path=checkpoints/tiny-grid4q",
+    "data.synthetic.grid=4",
+    "data.synthetic.image_size=64",
+    "data.synthetic.train_questions=1",
+    "data.synthetic.question_first=true",
+    "model.gaze.keep_ratio=0.25",
+]
 RUNS: list[tuple[str, str, list[str]]] = [
     ("recipe", "the recipe itself", []),
     ("dense-twin", "its dense twin", ["model.attn=dense"]),
@@ -90,11 +105,19 @@ RUNS: list[tuple[str, str, list[str]]] = [
      ["top_k_schedule.warmup_steps=150", "top_k_schedule.start=loss",
       "top_k_schedule.start_loss=0.1"]),
     ("video-8-frames", "videos only: the answer in one of 8 frames", VIDEO),
+    ("grid-4x4", "a 4 x 4 grid at 64 px (16 regions), keep 25%", GRID4),
+    ("grid-4x4-twin", "the 4 x 4 grid's dense twin", [*GRID4, "model.attn=dense"]),
     ("scratch-step", "from random weights, the step-started warm-up", SCRATCH),
     ("scratch-loss", "from random weights, the warm-up waits for loss <= 0.3",
      [*SCRATCH, "top_k_schedule.start=loss", "top_k_schedule.start_loss=0.3",
       "top_k_schedule.warmup_steps=600"]),
 ]  # fmt: skip
+
+
+def seeded(sets: list[str], seed: int) -> list[str]:
+    """A run's overrides for one seed: the training's, the data order's and the generated
+    data's (the checkpoint stays)."""
+    return [*sets, f"train.seed={seed}", f"data.seed={seed}", f"data.synthetic.seed={seed}"]
 
 
 def _one(args: tuple[str, list[str], int, str]) -> dict:
@@ -127,8 +150,54 @@ def plan(base: str, only: list[str] | None = None) -> list[tuple[str, str, list[
     ]
 
 
+def summary_row(results: list[dict], what: str) -> str:
+    """One table row of a run over its seeds: accuracy per seed, pooled (with the pooled
+    count's interval), and the means of the routing columns."""
+    from evaluation.compare import routing_lift
+    from evaluation.metrics import wilson_interval
+
+    def mean(values: list) -> float | None:
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+    def percent(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.1f}%"
+
+    owns = [r["own"] for r in results]
+    correct = sum(int(o["correct"]) for o in owns)
+    n = sum(int(o["samples"]) for o in owns)
+    low, high = wilson_interval(correct, n)
+    hit, random = (
+        mean([o.get("last_hit") for o in owns]),
+        mean([o.get("last_random") for o in owns]),
+    )
+    lifts = [routing_lift(o.get("last_hit"), o.get("last_random")) for o in owns]
+    lift = mean(lifts)
+    shuffled = mean([r["random"]["accuracy"] if r.get("random") else None for r in results])
+    cells = [
+        results[0]["name"].split("/")[0],
+        what,
+        percent(mean([o["entries_ratio"] for o in owns])),
+        " / ".join(f"{100 * o['accuracy']:.1f}" for o in owns),
+        f"{100 * correct / n:.1f}% ({100 * low:.1f}-{100 * high:.1f})",
+        percent(hit),
+        percent(random),
+        "-" if lift is None else f"{lift:.2f}",
+        percent(shuffled),
+        f"{mean([r['train_s'] for r in results]):.0f}",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+SUMMARY_HEADER = (
+    "| run | what | % of dense entries | accuracy per seed | pooled (95% CI) "
+    "| routing hit, last layer | random routing | lift | accuracy, routed at random "
+    "| train s |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
 def row(result: dict, what: str) -> str:
-    """One table row of a run's result."""
+    """One table row of a run's result (one seed)."""
     from evaluation.compare import routing_lift
     from evaluation.metrics import wilson_interval
 
@@ -167,6 +236,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base", choices=sorted(BASES), default="demo", help="the recipe")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
     parser.add_argument("--eval", type=int, default=500, help="held-out samples per run")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="each run once per seed"
+    )
     parser.add_argument("--only", nargs="*", help="these runs (default: all)")
     parser.add_argument("--list", action="store_true", help="name the runs and stop")
     parser.add_argument("--out", default=str(RESULTS))
@@ -185,16 +257,24 @@ def main(argv: list[str] | None = None) -> None:
     from bench.recipe import data_for
     from training.config import load_config
 
-    for _, _, sets in runs:  # each setting's data once, before runs share it
+    jobs = [
+        (f"{name}/seed{seed}", seeded(sets, seed), args.eval, str(log))
+        for seed in args.seeds
+        for name, _, sets in runs
+    ]
+    for _, sets, _, _ in jobs:  # each setting's data once, before runs share it
         data_for(load_config("configs/demo.yaml", sets), DATA)
-    jobs = [(name, sets, args.eval, str(log)) for name, _, sets in runs]
+    print(f"[claim] {len(jobs)} runs ({len(runs)} x seeds {args.seeds}), {args.jobs} at once")
     if args.jobs > 1:
         with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
             results = pool.map(_one, jobs, chunksize=1)
     else:
         results = [_one(job) for job in jobs]
     what = {name: text for name, text, _ in runs}
-    table = "\n".join([HEADER, *(row(r, what[r["name"]]) for r in results)])
+    by_run = {name: [r for r in results if r["name"].split("/")[0] == name] for name in what}
+    summary = [summary_row(rs, what[name]) for name, rs in by_run.items()]
+    seeds = [row(r, what[r["name"].split("/")[0]]) for rs in by_run.values() for r in rs]
+    table = "\n".join([SUMMARY_HEADER, *summary, "", HEADER, *seeds])
     (out / f"{stem}.md").write_text(table + "\n")
     print(table)
     print(f"[claim] {len(results)} runs in {time.perf_counter() - started:.0f} s: {out}")

@@ -42,11 +42,49 @@ def test_every_claim_run_is_a_valid_config():
     assert earlier.model.gaze.keep_ratio == 0.1 and earlier.model.gaze.num_context_tokens == 4
     assert not earlier.data.synthetic.question_first and "context-4" not in old
     demo = {name: sets for name, _, sets in plan("demo")}
+    grid4 = load_config(REPO / "configs" / "demo.yaml", demo["grid-4x4"])
+    twin4 = load_config(REPO / "configs" / "demo.yaml", demo["grid-4x4-twin"])
+    assert grid4.data.synthetic.grid == 4 and grid4.model.gaze.keep_ratio == 0.25
+    assert grid4.model.name_or_path == twin4.model.name_or_path == "checkpoints/tiny-grid4q"
+    assert twin4.model.attn == "dense" and grid4.model.attn == "gaze"
     assert demo["recipe"] == [] and "context-0" not in demo and "warmup-0" not in demo
     assert (
         load_config(REPO / "configs" / "demo.yaml", demo["context-4"]).model.gaze.num_context_tokens
         == 4
     )
+
+
+def test_a_claim_seed_changes_the_training_and_the_data_not_the_checkpoint():
+    from bench.claim import plan, seeded
+
+    sets = {name: sets for name, _, sets in plan("demo")}["recipe"]
+    base = load_config(REPO / "configs" / "demo.yaml", sets)
+    other = load_config(REPO / "configs" / "demo.yaml", seeded(sets, 2))
+    assert (other.train.seed, other.data.seed, other.data.synthetic.seed) == (2, 2, 2)
+    assert other.model == base.model
+    assert load_config(REPO / "configs" / "demo.yaml", seeded(sets, 0)) == base
+
+
+def test_a_claim_summary_pools_the_seeds():
+    """A run's summary row: each seed's accuracy, the pooled count's interval, the means of
+    the routing columns (the lift is each seed's, averaged)."""
+    from bench.claim import SUMMARY_HEADER, summary_row
+
+    def result(seed: int, correct: int, hit: float) -> dict:
+        return {
+            "name": f"demo/seed{seed}", "train_s": 60.0 + seed,
+            "own": {"samples": 500.0, "correct": float(correct), "accuracy": correct / 500,
+                    "entries_ratio": 0.2, "last_hit": hit, "last_random": 0.2},
+            "random": {"accuracy": 0.4 + 0.1 * seed},
+        }  # fmt: skip
+
+    line = summary_row([result(0, 450, 0.84), result(1, 500, 1.0)], "the demo")
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert len(cells) == SUMMARY_HEADER.splitlines()[0].count("|") - 1
+    assert cells[0] == "demo" and cells[2] == "20.0%" and cells[3] == "90.0 / 100.0"
+    assert cells[4].startswith("95.0% (93.")  # 950 of 1000
+    assert cells[5] == "92.0%" and cells[6] == "20.0%" and cells[7] == "0.90"
+    assert cells[8] == "45.0%" and cells[9] == "60"
 
 
 def test_a_claim_row_has_the_interval_and_the_lift():
