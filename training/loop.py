@@ -13,6 +13,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import json
+import logging
 import sys
 import time
 import warnings
@@ -210,6 +211,7 @@ def train_loop(loop_config: dict) -> None:
     """Ray Train worker entry; ``loop_config`` holds the config dict and driver-resolved paths."""
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed")
+    _quiet_reports()
     cfg = FinetuneConfig.model_validate(loop_config["config"], context={IN_WORKER: True})
     name_the_accelerator(cfg)
     import deepspeed
@@ -290,6 +292,10 @@ def train_loop(loop_config: dict) -> None:
                     export=last, adapter_base=loop_config.get("adapter_base"),
                     top_k_started_at=clock.started_at,
                 )  # fmt: skip
+                if rank == 0:
+                    say(
+                        f"[train] step {step}: checkpoint saved" + (" and exported" if last else "")
+                    )
             event = StepEvent(
                 rank=rank, step=step, epoch=stream.epoch, sample_ids=tuple(result.sample_ids)
             )
@@ -377,6 +383,16 @@ def _build_model(cfg: FinetuneConfig, model_path: str, *, report: bool = False):
         say(f"[train] trainable parameters:\n{trainable_report(model)}")
     model.train()
     return model, processor
+
+
+def _quiet_reports() -> None:
+    """Ray Train's INFO lines for each report and checkpoint ("Reporting training result
+    ...", "Checkpoint successfully created at ...", 16 of a demo's 164 lines) are dropped:
+    the job says what it saved in its own lines. One logger is named by its module's file."""
+    from ray.train.v2._internal.execution import context, storage
+
+    for name in (context.__file__, storage.__name__):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 @contextlib.contextmanager

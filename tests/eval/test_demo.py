@@ -79,6 +79,12 @@ def test_a_shortened_demo_prints_the_held_out_table(mlflow_server, tmp_path):
     output = (done.stdout + done.stderr).splitlines()
     steps = [line for line in output if "[train] step 5/6" in line]
     assert len(steps) == 2, steps  # the gaze model's and the twin's
+    # a newcomer's console: a checkpoint is one line of ours, none of the libraries' noise
+    saved = [line for line in output if "[train] step 6: checkpoint saved and exported" in line]
+    assert len(saved) == 2, saved
+    noise = ("Checkpoint successfully created", "Reporting training result", "shm_comm_op",
+             "Setting accelerator to", "exclude_resources")  # fmt: skip
+    assert not [line for line in output if any(n in line for n in noise)], log
     # routing seen while it is learned: held-out checks at steps 3 and 6 of each training
     checks = [line for line in output if "held-out: accuracy" in line]
     assert len(checks) == 4, checks
