@@ -11,6 +11,10 @@ weights, config, tokenizer, image processor and chat template). Beside it: ``pre
 per question kind, versions, commit).
 
     python jobs/pretrain_tiny.py [--config STAGE.yaml ...] [--out DIR] [--set k=v]
+                                 [--resize-input PX]
+
+``--resize-input PX``: the first stage starts from its checkpoint at PX px squares
+(``gazeattn.tiny.resize_llava_input``), as ``checkpoints/tiny-grid4q`` was made.
 
 The demo (``configs/demo.yaml``, ``model.name_or_path``) converts the saved checkpoint into
 its gaze model and its dense twin and fine-tunes both from these same weights.
@@ -190,6 +194,9 @@ def main(argv: list[str] | None = None) -> None:
         configs = [load_config(path, args.overrides) for path in stages]
     except (ConfigError, ValueError) as err:
         parser.error(str(err))
+    if args.resize_input and configs[0].model.name_or_path == "tiny":
+        parser.error("--resize-input resizes a saved checkpoint: the first stage's "
+                     "model.name_or_path is 'tiny' (set model.tiny_options.image_size instead)")  # fmt: skip
     import torch
 
     torch.set_num_threads(int(os.environ.get("PRETRAIN_THREADS", "2")))

@@ -59,6 +59,9 @@ def test_a_stage_starts_from_a_resized_checkpoint(tmp_path):
     assert "--resize-input 64" in record["stages"][0]["command"]
     assert (out / "pretrain.log").read_text().startswith("$ python jobs/pretrain_tiny.py --config")
     assert AutoConfig.from_pretrained(out).vision_config.image_size == 64
+    with pytest.raises(SystemExit):  # nothing saved to resize
+        main(["--config", str(REPO / "configs" / "pretrain-tiny.yaml"), "--resize-input", "64",
+              "--out", str(tmp_path / "no")])  # fmt: skip
 
 
 def test_pretraining_refuses_what_is_not_the_stock_function(tmp_path):
