@@ -577,7 +577,7 @@ def resize_llava_input(src: str | Path, out_dir: str | Path, image_size: int) ->
     config.vision_config.image_size = image_size
     config.image_seq_length += side * side - old_side * old_side
     resized = LlavaForConditionalGeneration(config)
-    resized.load_state_dict(state, strict=False)  # non-persistent buffers are rebuilt
+    resized.load_state_dict(state)
     resized.generation_config = model.generation_config
     out = Path(out_dir)
     resized.save_pretrained(out)
