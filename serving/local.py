@@ -17,6 +17,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# seconds Serve waits for a new HTTP proxy before it kills it (its default: 5)
+PROXY_READY = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
+
+
 @contextmanager
 def local_serve(num_cpus: int = 4, metrics_port: int | None = None) -> Iterator[str]:
     """Local Ray + Serve on 127.0.0.1; yields the HTTP base URL, stops both after.
@@ -26,11 +30,15 @@ def local_serve(num_cpus: int = 4, metrics_port: int | None = None) -> Iterator[
     import ray
     from ray import serve
 
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "PYTHONPATH")}
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "PYTHONPATH", PROXY_READY)}
     # workers inherit this: the checkout's packages, not another install's
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), saved["PYTHONPATH"]]))
     # a local, loopback-only Ray: token authentication is for shared clusters
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    # Serve kills a proxy that is not ready in 5 s; on a loaded 2-core machine its start can
+    # take longer (CI, 2026-12-03: every test of a module failed in serve.start with the
+    # proxy "killed by ray.kill" before it ran). The controller reads this at its start.
+    os.environ.setdefault(PROXY_READY, "60")
     port = free_port()
     metrics = {}
     if metrics_port is not None:
