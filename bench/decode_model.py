@@ -122,10 +122,8 @@ def prefix_ttft_s(model, processor, prompt: dict, repeats: int) -> tuple[float, 
 def same_video_questions(model, processor, video: list, batch: int, tokens: int) -> dict:
     """Issue #24's regime (a) through the engine: ``batch`` users, each with their own
     question about the same video, decode ``tokens`` new tokens together, the video's prefix
-    warm in the prefix cache (a gaze model's; a stock model's prompts are not cached and
-    prefill whole). Returns the time to the first token of the first question (cold) and of
-    a second one (a hit for a gaze model), the batch's prefill time and its decode
-    tokens/s."""
+    warm in the prefix cache. Returns the time to the first token of the first question
+    (cold) and of a second one (a hit), the batch's prefill time and its decode tokens/s."""
     engine = Engine(
         model, processor, max_batch_size=batch, max_prefill_tokens=10**9,
         prefix_cache_bytes=2**36,

@@ -30,7 +30,8 @@ tokens, levels and modes, and asks each request its own question):
   tokens, 128 new tokens, concurrency 1/4/16/32, each request its own question. Another
   video warms each replica up; then the first request about the benchmark's video is the
   cold one and puts its prefix in the prefix cache, so every timed request of the gaze model
-  and its twin is a hit; the stock model is not prefix-cached and prefills each prompt. Targets on our 2-core CPU:
+  and its twin is a hit, and of the stock model too (stock models are prefix-cached since
+  2026-12-04; earlier runs in RESULTS.md prefilled each stock prompt). Targets on our 2-core CPU:
   gaze >= 2x the twin's tokens/s at concurrency 16, tokens/s x3 from concurrency 1 to 16, a
   hit's time to first token <= 0.1x of a cold one.
 - ``b``: long answers: 512 new tokens over an 8-frame video, concurrency 16.

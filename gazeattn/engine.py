@@ -20,8 +20,8 @@ An ``Engine`` owns a model (gaze or stock) and its processor. Each ``step()``:
 The gaze cache follows the rows (``gazeattn.cache.BatchCache``): a sequence's region
 descriptors are computed at its own prefill and move with its row, its layout is stacked
 into the batch's (``gazeattn.ops.layout.stack_rows``) at its left padding, and M-RoPE
-families keep its rotary delta. A gaze model's prompts with images or video prefill their
-visual prefix through the prefix cache (``gazeattn.prefix_cache``). Greedy output of a
+families keep its rotary delta. Prompts with images or video prefill their visual prefix
+through the prefix cache (``gazeattn.prefix_cache``), a gaze model's and a stock model's. Greedy output of a
 sequence is the same alone, in a busy batch and with or without a prefix-cache hit;
 ``generate_batch`` and ``stream_generate`` are this engine.
 
@@ -147,7 +147,7 @@ class Engine:
             chunks (a gaze model without recurrent layers).
         routing_layer: the layer whose routing is reported when a sequence asks for it.
         prefix_cache_bytes: memory for prefilled visual prefixes (``gazeattn.prefix_cache``)
-            a gaze model reuses across requests; 0 turns prefix caching off.
+            the model reuses across requests; 0 turns prefix caching off.
     """
 
     def __init__(
@@ -185,10 +185,7 @@ class Engine:
         self._offsets: list[int] = []
         self._deltas: list[torch.Tensor] = []  # [1, 1] rotary delta per row (M-RoPE)
         self.cache = self._new_cache()
-        # prefixes of gaze models only: a stock model's prefill is transformers' own
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
-        if not self.gaze:
-            self.prefix_cache = None
         # a hybrid decoder's recurrent states: a padded or a cut prefill would change them
         types = getattr(self._text_config, "layer_types", None) or ()
         self._recurrent = "linear_attention" in types
@@ -493,40 +490,75 @@ class Engine:
 
     def _prefill(self, seq: EngineSequence) -> StepOutput:
         ids, mask, vision, layout = self._inputs([seq.sample])
-        # the stock model's cache from its config: a hybrid decoder's linear-attention layers
-        # keep recurrent states (the gaze model fills in its GazeCache the same way)
-        cache = GazeCache() if self.gaze else DynamicCache(config=self.model.config)
-        extra: dict[str, Any] = {}
-        if self.gaze:
-            seq.layout = layout
-            extra = dict(
-                gaze_layout=seq.layout.to(self.device),
-                gaze_report=True,
-                gaze_selection=seq.return_routing,
-            )
-            prefix = self._cached_prefix(seq, ids, mask, vision)
-            if prefix is not None:
-                # the suffix (text only) on the prefix's cache; past the prefix's layout
-                # every position is text
+        prefix = self._cached_prefix(seq, ids, mask, vision)
+        if not self.gaze:
+            if prefix is None:
+                cache = self._empty_cache()
+                out, delta = self._stock_prefill(ids, mask, vision, cache)
+            else:
+                # the suffix (text only) on the prefix's cache, at the positions after it
                 cache, length = prefix
-                ids, vision = ids[:, length:], {}
-                extra["gaze_layout"] = cache.gaze_state.layout
-        else:
-            if self._stock_types:
-                extra["mm_token_type_ids"] = self._token_types(ids)
-            inner = getattr(self.model, "model", None)
-            if hasattr(inner, "rope_deltas"):
-                inner.rope_deltas = None
+                delta = cache.rope_deltas
+                text = torch.arange(length, ids.shape[1], device=self.device)[None]
+                out = self._prefill_forward(
+                    ids[:, length:],
+                    mask,
+                    {},
+                    cache,
+                    position_ids=self._stock_positions(text, delta),
+                )
+            return self._prefilled(seq, cache, out.logits[:, -1].float(), delta)
+        seq.layout = layout
+        extra = dict(
+            gaze_layout=seq.layout.to(self.device),
+            gaze_report=True,
+            gaze_selection=seq.return_routing,
+        )
+        cache = self._empty_cache()
+        if prefix is not None:
+            # the suffix (text only) on the prefix's cache; past the prefix's layout every
+            # position is text
+            cache, length = prefix
+            ids, vision = ids[:, length:], {}
+            extra["gaze_layout"] = cache.gaze_state.layout
         out = self._prefill_forward(ids, mask, vision, cache, **extra)
         return self._prefilled(seq, cache, out.logits[:, -1].float())
 
-    def _prefilled(self, seq: EngineSequence, cache, logits: torch.Tensor) -> StepOutput:
+    def _empty_cache(self):
+        """A one-sequence prefill's cache: the gaze model's, or the stock model's from its
+        config (a hybrid decoder's linear-attention layers keep recurrent states; the gaze
+        model fills in its GazeCache the same way)."""
+        return GazeCache() if self.gaze else DynamicCache(config=self.model.config)
+
+    def _stock_prefill(self, ids, mask, vision, cache) -> tuple[Any, torch.Tensor]:
+        """The stock model over a whole prompt (or its visual prefix) into ``cache``: its
+        output and the row's rotary delta (transformers computes M-RoPE positions itself)."""
+        extra: dict[str, Any] = {}
+        if self._stock_types:
+            extra["mm_token_type_ids"] = self._token_types(ids)
+        inner = getattr(self.model, "model", None)
+        if hasattr(inner, "rope_deltas"):
+            inner.rope_deltas = None
+        out = self._prefill_forward(ids, mask, vision, cache, **extra)
+        return out, self._delta_after_prefill(None)
+
+    def _stock_positions(self, text: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+        """A stock model's position ids of text tokens at text positions ``text`` [n, q]: the
+        M-RoPE families' three axes (text position plus the row's delta), else ``text``."""
+        if self._stock_types:
+            return (text + deltas).unsqueeze(0).expand(3, -1, -1)
+        return text
+
+    def _prefilled(
+        self, seq: EngineSequence, cache, logits: torch.Tensor, delta: torch.Tensor | None = None
+    ) -> StepOutput:
         """A sequence whose prompt is in ``cache``: its first token from the prompt's last
-        ``logits``, and it joins the batch."""
+        ``logits``, and it joins the batch (``delta``: a stock model's rotary delta)."""
         state = cache.gaze_state if self.gaze else None
         if state is not None:
             self._record([seq], state, [seq.layout])
-        delta = self._delta_after_prefill(state)
+        if delta is None:
+            delta = self._delta_after_prefill(state)
         (output,) = self._advance([seq], logits)
         if not seq.done:
             self._join(seq, cache, state, delta)
@@ -565,9 +597,14 @@ class Engine:
         if cache is not None:
             seq.cached_tokens = length
             return cache, length
-        cache = GazeCache()
-        layout = self._prefix_layout(seq).to(self.device)
-        self._prefill_forward(ids[:, :length], mask[:, :length], vision, cache, gaze_layout=layout)
+        cache = self._empty_cache()
+        ids, mask = ids[:, :length], mask[:, :length]
+        if self.gaze:
+            layout = self._prefix_layout(seq).to(self.device)
+            self._prefill_forward(ids, mask, vision, cache, gaze_layout=layout)
+        else:
+            # the entry keeps the prefix's rotary delta: a hit's suffix continues from it
+            _, cache.rope_deltas = self._stock_prefill(ids, mask, vision, cache)
         self.prefix_cache.put(key, cache, length)
         return cache, length
 
@@ -578,9 +615,11 @@ class Engine:
         if self.prefix_cache is None:
             return None
         if seq.prefix is None:
-            inner = gaze_module(self.model)
             length, digest = visual_prefix(seq.sample, self.processor)
-            settings = repr((inner.gaze_config, inner.gaze_top_k, inner.gaze_layers))
+            settings = "stock"
+            if self.gaze:
+                inner = gaze_module(self.model)
+                settings = repr((inner.gaze_config, inner.gaze_top_k, inner.gaze_layers))
             seq.prefix = (prefix_key(digest, settings) if digest else "", length)
         return seq.prefix if seq.prefix[0] else None
 
@@ -716,10 +755,7 @@ class Engine:
             )
         else:
             text = total - 1 - offsets[:, None]  # [n, 1] text position of the new token
-            deltas = torch.cat(self._deltas)
-            extra["position_ids"] = (
-                (text + deltas).unsqueeze(0).expand(3, -1, -1) if self._stock_types else text
-            )
+            extra["position_ids"] = self._stock_positions(text, torch.cat(self._deltas))
         out = self.model(
             input_ids=ids,
             attention_mask=mask,

@@ -214,7 +214,7 @@ def prepare(
             param="max_tokens",
             code="context_length_exceeded",
         )
-    if settings.prefix_cache_bytes and processor.gaze_config is not None:
+    if settings.prefix_cache_bytes:
         # the prefix's content key, hashed here (a preparing process), not on the scheduler
         visual_prefix(sample, processor)
     return Prepared(

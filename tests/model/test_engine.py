@@ -606,6 +606,30 @@ def test_prefix_cache_hits_answer_as_a_cold_prefill(family, loaded, qwen3):
     assert engine.num_running == 0 and engine.cache.rows == 0
 
 
+@pytest.mark.parametrize("family", [*FAMILIES, "qwen3-vl", "qwen3.5"])
+def test_stock_prefix_cache_hits_answer_as_a_cold_prefill(family, stock_dirs, tmp_path):
+    """A stock model caches its visual prefixes too (keys and values, a hybrid decoder's
+    recurrent states and, for M-RoPE, the rotary delta the suffix continues from): greedy
+    output with a hit, alone and in a busy batch, is the same as without the cache."""
+    from gazeattn.tiny import build_stock
+
+    path = stock_dirs.get(family) or build_stock(tmp_path / family, family=family)
+    model, processor = load_model(path)
+    _sharpen(model)
+    requests = [golden()[0], golden()[3], *_one_picture_questions()]
+    cold = [r.token_ids for r in Engine(model, processor).run(requests)]
+    assert len({tuple(t) for t in cold[-3:]}) > 1, "the questions must give different answers"
+    engine = Engine(model, processor, max_batch_size=3, prefix_cache_bytes=2**30)
+    first = engine.run(requests)
+    again = _staggered(engine, requests)
+    assert [r.token_ids for r in first] == cold == [r.token_ids for r in again]
+    assert [r.cached_tokens > 0 for r in first] == [False, False, False, True, True]
+    assert all(0 < r.cached_tokens < r.prompt_tokens for r in again)
+    stats = engine.prefix_cache.stats
+    assert stats.hits == 2 + len(requests) and stats.entries == 3
+    assert engine.num_running == 0 and engine.cache.rows == 0
+
+
 def test_a_prefix_digest_computed_before_submit_hits_as_the_engines_own(loaded):
     """A server hashes the prefix where it encodes the request (``visual_prefix`` on the
     sample): its key is the engine's, so such a prompt and one the engine hashes itself share
