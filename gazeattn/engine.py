@@ -6,8 +6,8 @@ An ``Engine`` owns a model (gaze or stock) and its processor. Each ``step()``:
 2. prefills waiting sequences while the batch has room and at most ``max_prefill_tokens``
    prompt tokens are prefilled in this step: prefill is bounded, so running sequences keep
    streaming. A prompt larger than what is left of the step's budget is prefilled in
-   chunks, one per step (chunked prefill: a gaze model without recurrent layers; other
-   models prefill it alone in a step of its own). A prefix-cache hit counts its whole
+   chunks, one per step (chunked prefill: a gaze or stock model without recurrent layers;
+   a hybrid decoder prefills it alone in a step of its own). A prefix-cache hit counts its whole
    prompt (measured: counting only its suffix let 16 hits join in one step, whose first
    tokens then all waited for the step's end; bench/RESULTS.md). Those admitted together prefill in one left-padded forward where
    that is exact (a gaze model without prefix caching or recurrent layers), else each
@@ -17,19 +17,17 @@ An ``Engine`` owns a model (gaze or stock) and its processor. Each ``step()``:
    settings (temperature, top_p, seed), stop tokens and strings, and token budget;
 4. removes the sequences that finished, at once.
 
-The gaze cache follows the rows (``gazeattn.cache.BatchCache``): a sequence's region
-descriptors are computed at its own prefill and move with its row, its layout is stacked
-into the batch's (``gazeattn.ops.layout.stack_rows``) at its left padding, and M-RoPE
-families keep its rotary delta. Prompts with images or video prefill their visual prefix
-through the prefix cache (``gazeattn.prefix_cache``), a gaze model's and a stock model's. Greedy output of a
-sequence is the same alone, in a busy batch and with or without a prefix-cache hit;
-``generate_batch`` and ``stream_generate`` are this engine.
-
-Its parts: the scheduling (admission, bounded prefill, retirement) and the model runner
-(prefill, the batch's decode forward, the gaze report) are here; the sampler
-(``gazeattn.sampler``: penalties, logit bias, greedy or sampled tokens, logprobs) and the
-detokenizer (``gazeattn.detokenizer``: text as it is decoded, except what could still
-become a stop string; stop strings never reach the output, streamed or not) are their own.
+Its parts, split as vLLM's v1 engine is: the scheduler is here (the queue, admission,
+bounded and chunked prefill, retirement); the model runner (``gazeattn.runner``) runs every
+forward (prefill alone, together or in chunks, through the prefix cache; the batch's
+decode step; the gaze report) and owns the batch's decode cache, for gaze and stock models;
+the sampler (``gazeattn.sampler``: penalties, logit bias, greedy or sampled tokens,
+logprobs) picks tokens; the detokenizer (``gazeattn.detokenizer``: text as it is decoded,
+except what could still become a stop string; stop strings never reach the output,
+streamed or not) makes text. A request's sampling settings are its ``SamplingParams``
+(``GenerationRequest.check``). Greedy output of a sequence is the same alone, in a busy
+batch and with or without a prefix-cache hit; ``generate_batch`` and ``stream_generate``
+are this engine.
 
 The engine is not thread-safe except for ``submit`` and ``cancel``, which a server calls
 from other threads than the one running ``step``. No Ray here (``serving/`` drives it).
@@ -37,37 +35,22 @@ from other threads than the one running ``step``. No Ray here (``serving/`` driv
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from transformers import DynamicCache
 
-from gazeattn.cache import BatchCache
 from gazeattn.detokenizer import Detokenizer
-from gazeattn.generation import (
-    GazeCache,
-    GenerationRequest,
-    GenerationResult,
-)
-from gazeattn.modeling import (
-    ChunkedPrefill,
-    GazeState,
-    gaze_module,
-    is_gaze_model,
-    routing_layer_of,
-)
-from gazeattn.ops.layout import GazeLayout, stack_rows
-from gazeattn.prefix_cache import PrefixCache, prefix_key, visual_prefix
+from gazeattn.generation import GenerationRequest, GenerationResult
+from gazeattn.modeling import ChunkedPrefill, routing_layer_of
+from gazeattn.ops.layout import GazeLayout
 from gazeattn.processing import GazeProcessor
+from gazeattn.runner import ModelRunner, Prefilled
 from gazeattn.sample import EncodedSample
 from gazeattn.sampler import Sampler, TokenLogprob
 
@@ -126,7 +109,7 @@ class EngineSequence:
         self.prefix: tuple[str, int] | None = None  # (key, length) of its cacheable prefix
         self.chunks: ChunkedPrefill | None = None  # its prefill, while it runs in chunks
         self.chunk_tokens = 0  # prompt tokens of its last chunk
-        self.prompt_ids: tuple | None = None  # (ids, mask) of a chunked prefill's prompt
+        self.prompt_ids: tuple | None = None  # (ids, mask, vision) of a chunked prefill's prompt
 
     @property
     def grids(self) -> list[list[int]]:
@@ -144,7 +127,7 @@ class Engine:
             again (a longer prompt is prefilled in chunks of at most this many, or alone
             where chunks are off or the model cannot run them).
         chunked_prefill: whether a prompt larger than the step's budget is prefilled in
-            chunks (a gaze model without recurrent layers).
+            chunks (a model without recurrent layers).
         routing_layer: the layer whose routing is reported when a sequence asks for it.
         prefix_cache_bytes: memory for prefilled visual prefixes (``gazeattn.prefix_cache``)
             the model reuses across requests; 0 turns prefix caching off.
@@ -167,29 +150,18 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.routing_layer = routing_layer
-        self.gaze = is_gaze_model(model)
-        self.device = next(model.parameters()).device
-        self._text_config = model.config.get_text_config(decoder=True)
-        self.num_layers = self._text_config.num_hidden_layers
+        self.runner = ModelRunner(
+            model, processor, max_rows=max_batch_size, prefix_cache_bytes=prefix_cache_bytes
+        )
+        self.gaze = self.runner.gaze
         self.stops = set(processor.stop_token_ids)
         banned = set(processor.placeholder_ids) | {processor.tokenizer.pad_token_id}
         self.sampler = Sampler(sorted(banned - {None} - self.stops))
         self.detokenizer = Detokenizer(processor)
-        self._stock_types = (
-            not self.gaze and "mm_token_type_ids" in inspect.signature(model.forward).parameters
-        )
         self._waiting: deque[EngineSequence] = deque()
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
-        self.running: list[EngineSequence] = []
-        self._offsets: list[int] = []
-        self._deltas: list[torch.Tensor] = []  # [1, 1] rotary delta per row (M-RoPE)
-        self.cache = self._new_cache()
-        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
-        # a hybrid decoder's recurrent states: a padded or a cut prefill would change them
-        types = getattr(self._text_config, "layer_types", None) or ()
-        self._recurrent = "linear_attention" in types
-        self.chunked_prefill = chunked_prefill and self.gaze and not self._recurrent
+        self.chunked_prefill = chunked_prefill and not self.runner.recurrent
         self._partial: EngineSequence | None = None  # the sequence prefilling in chunks
         self.chunks_run = 0  # prefill chunks run so far (a chunked prompt's every chunk)
 
@@ -262,6 +234,21 @@ class Engine:
     def num_running(self) -> int:
         return len(self.running)
 
+    @property
+    def running(self) -> list[EngineSequence]:
+        """The sequences decoding in the batch, in row order (the runner's rows)."""
+        return self.runner.rows
+
+    @property
+    def cache(self):
+        """The batch's decode cache (the runner's)."""
+        return self.runner.cache
+
+    @property
+    def prefix_cache(self):
+        """The prefix cache (the runner's), None when prefix caching is off."""
+        return self.runner.prefix_cache
+
     # ---- the scheduler thread
 
     def step(self, emit: Callable[[list[StepOutput]], None] | None = None) -> list[StepOutput]:
@@ -296,8 +283,7 @@ class Engine:
             self._partial = None
         for seq in seqs:
             seq.done = True
-        self.running, self._offsets, self._deltas = [], [], []
-        self.cache = self._new_cache()
+        self.runner.reset()
         return [StepOutput(sequence=s, error=error) for s in seqs if not s.cancelled]
 
     def run(self, requests: Sequence[GenerationRequest], **options) -> list[GenerationResult]:
@@ -348,50 +334,42 @@ class Engine:
             self._take()
             budget -= cost
             group.append(seq)
-        if len(group) > 1 and self._batched_prefill:
+        if len(group) > 1 and self.runner.batched_prefill:
             together = self._prefill_together(group)
             if together is not None:
                 return outputs + together
         for seq in group:
-            try:
-                outputs.append(self._prefill(seq))
-            except Exception as err:  # noqa: BLE001 - one request's failure ends only it
-                seq.done = True
-                outputs.append(StepOutput(sequence=seq, error=err))
+            outputs.append(self._prefill(seq))
         return outputs
 
     def _take(self) -> EngineSequence:
         with self._lock:
             return self._waiting.popleft()
 
+    def _prefill(self, seq: EngineSequence) -> StepOutput:
+        """Prefill one sequence alone; it samples its first token and joins the batch."""
+        try:
+            return self._joined(seq, self.runner.prefill(seq))
+        except Exception as err:  # noqa: BLE001 - one request's failure ends only it
+            seq.done = True
+            return StepOutput(sequence=seq, error=err)
+
+    def _joined(self, seq: EngineSequence, prefilled: Prefilled) -> StepOutput:
+        """A prefilled sequence's first token from its prompt's last logits; it joins the batch
+        unless that ended it."""
+        (output,) = self._advance([seq], prefilled.logits)
+        if not seq.done:
+            self.runner.join(seq, prefilled)
+        return output
+
     def _start_chunks(self, seq: EngineSequence, budget: int) -> StepOutput | None:
         """Begin the sequence's prefill in chunks and run the first (``budget`` tokens); a
         prompt whose prefix is cached prefills its short suffix now, at once. Returns the
         sequence's output when its prefill ended (or failed) in this call."""
         try:
-            plan = self._prefix_plan(seq)
-            if plan is not None and self.prefix_cache.holds(plan[0]):
+            if self.runner.prefix_held(seq):
                 return self._prefill(seq)
-            ids, mask, vision, layout = self._inputs([seq.sample])
-            seq.layout = layout
-            if plan is not None:
-                # the prefix in chunks, stored, then its text suffix, as a miss prefills it
-                self.prefix_cache.get(plan[0])  # None: counted as the miss it is
-                length = plan[1]
-                ids_c, mask_c = ids[:, :length], mask[:, :length]
-                layout_c, report = self._prefix_layout(seq), False
-            else:
-                ids_c, mask_c, layout_c, report = ids, mask, layout, True
-            seq.prompt_ids = (ids, mask)
-            seq.chunks = gaze_module(self.model).start_prefill(
-                ids_c,
-                vision,
-                attention_mask=mask_c,
-                cache=GazeCache(),
-                gaze_layout=layout_c.to(self.device),
-                gaze_report=report,
-                gaze_selection=report and seq.return_routing,
-            )
+            self.runner.start_chunks(seq)
         except Exception as err:  # noqa: BLE001 - one request's failure ends only it
             seq.done = True
             return StepOutput(sequence=seq, error=err)
@@ -401,43 +379,18 @@ class Engine:
     def _chunk(self, seq: EngineSequence, budget: int) -> StepOutput | None:
         """Run the next chunk (at most ``budget`` tokens) of the sequence's chunked prefill;
         after the last, it samples its first token and joins the batch (its output)."""
-        chunks = seq.chunks
-        seq.chunk_tokens = min(budget, chunks.remaining)
+        seq.chunk_tokens = min(budget, seq.chunks.remaining)
         try:
-            logits = chunks.run(seq.chunk_tokens)
+            prefilled = self.runner.chunk(seq, seq.chunk_tokens)
             self.chunks_run += 1
-            if logits is None:
+            if prefilled is None:
                 return None
-            self._partial, seq.chunks = None, None
-            cache = chunks.cache
-            ids, mask = seq.prompt_ids
-            seq.prompt_ids = None
-            if chunks.length < ids.shape[1]:
-                # the chunks were the cacheable prefix: store it, then prefill the suffix
-                key, length = seq.prefix
-                self.prefix_cache.put(key, cache, length)
-                out = self._prefill_forward(
-                    ids[:, length:],
-                    mask,
-                    {},
-                    cache,
-                    gaze_layout=cache.gaze_state.layout,
-                    gaze_report=True,
-                    gaze_selection=seq.return_routing,
-                )
-                logits = out.logits
-            return self._prefilled(seq, cache, logits[:, -1].float())
+            self._partial = None
+            return self._joined(seq, prefilled)
         except Exception as err:  # noqa: BLE001 - one request's failure ends only it
             self._partial, seq.chunks, seq.prompt_ids = None, None, None
             seq.done = True
             return StepOutput(sequence=seq, error=err)
-
-    @property
-    def _batched_prefill(self) -> bool:
-        """Whether sequences admitted together prefill in one left-padded forward: a gaze
-        model without prefix caching and without recurrent layers (whose states a padded
-        batch would change)."""
-        return self.gaze and self.prefix_cache is None and not self._recurrent
 
     def _prefill_together(self, group: list[EngineSequence]) -> list[StepOutput] | None:
         """Prefill ``group`` in one left-padded forward (what ``generate_batch`` asks: many
@@ -445,273 +398,25 @@ class Engine:
         forward failed (nothing has changed then: the caller prefills each alone, so a bad
         request ends alone)."""
         try:
-            ids, mask, vision, layout = self._inputs([s.sample for s in group])
-            cache = GazeCache()
-            out = self._prefill_forward(
-                ids,
-                mask,
-                vision,
-                cache,
-                gaze_layout=layout.to(self.device),
-                gaze_report=True,
-                gaze_selection=any(s.return_routing for s in group),
-            )
+            prefilled = self.runner.prefill_together(group)
         except Exception:  # noqa: BLE001 - each is prefilled alone instead
             logger.warning("a batched prefill failed; prefilling its sequences alone")
             return None
-        state = cache.gaze_state
-        for seq in group:
-            seq.layout = self.processor.layout_of([seq.sample.parts])
-        self._record(group, state, [layout] * len(group), batch=True)
-        outputs = self._advance(group, out.logits[:, -1].float())
-        total = ids.shape[1]
+        outputs = self._advance(group, torch.cat([p.logits for p in prefilled]))
         for i, seq in enumerate(group):
             if seq.done:
                 continue
-            start = total - seq.prompt_tokens  # its left padding
-            row = [(layer.keys[i : i + 1, :, start:], layer.values[i : i + 1, :, start:])
-                   for layer in cache.layers]  # fmt: skip
-            own = GazeState(
-                layout=seq.layout,
-                config=state.config,
-                descriptors={k: v[i : i + 1] for k, v in state.descriptors.items()},
-            )
-            delta = (
-                state.rope_deltas[i : i + 1].reshape(1, 1).to(self.device)
-                if state.rope_deltas is not None
-                else torch.zeros(1, 1, dtype=torch.long, device=self.device)
-            )
             try:
-                self._join(seq, SimpleNamespace(layers=row), own, delta)
+                self.runner.join(seq, prefilled[i])
             except Exception as err:  # noqa: BLE001 - as a prefill alone: it ends only this one
                 seq.done = True
                 outputs[i] = StepOutput(sequence=seq, error=err)
         return outputs
 
-    def _prefill(self, seq: EngineSequence) -> StepOutput:
-        ids, mask, vision, layout = self._inputs([seq.sample])
-        prefix = self._cached_prefix(seq, ids, mask, vision)
-        if not self.gaze:
-            if prefix is None:
-                cache = self._empty_cache()
-                out, delta = self._stock_prefill(ids, mask, vision, cache)
-            else:
-                # the suffix (text only) on the prefix's cache, at the positions after it
-                cache, length = prefix
-                delta = cache.rope_deltas
-                text = torch.arange(length, ids.shape[1], device=self.device)[None]
-                out = self._prefill_forward(
-                    ids[:, length:],
-                    mask,
-                    {},
-                    cache,
-                    position_ids=self._stock_positions(text, delta),
-                )
-            return self._prefilled(seq, cache, out.logits[:, -1].float(), delta)
-        seq.layout = layout
-        extra = dict(
-            gaze_layout=seq.layout.to(self.device),
-            gaze_report=True,
-            gaze_selection=seq.return_routing,
-        )
-        cache = self._empty_cache()
-        if prefix is not None:
-            # the suffix (text only) on the prefix's cache; past the prefix's layout every
-            # position is text
-            cache, length = prefix
-            ids, vision = ids[:, length:], {}
-            extra["gaze_layout"] = cache.gaze_state.layout
-        out = self._prefill_forward(ids, mask, vision, cache, **extra)
-        return self._prefilled(seq, cache, out.logits[:, -1].float())
-
-    def _empty_cache(self):
-        """A one-sequence prefill's cache: the gaze model's, or the stock model's from its
-        config (a hybrid decoder's linear-attention layers keep recurrent states; the gaze
-        model fills in its GazeCache the same way)."""
-        return GazeCache() if self.gaze else DynamicCache(config=self.model.config)
-
-    def _stock_prefill(self, ids, mask, vision, cache) -> tuple[Any, torch.Tensor]:
-        """The stock model over a whole prompt (or its visual prefix) into ``cache``: its
-        output and the row's rotary delta (transformers computes M-RoPE positions itself)."""
-        extra: dict[str, Any] = {}
-        if self._stock_types:
-            extra["mm_token_type_ids"] = self._token_types(ids)
-        inner = getattr(self.model, "model", None)
-        if hasattr(inner, "rope_deltas"):
-            inner.rope_deltas = None
-        out = self._prefill_forward(ids, mask, vision, cache, **extra)
-        return out, self._delta_after_prefill(None)
-
-    def _stock_positions(self, text: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
-        """A stock model's position ids of text tokens at text positions ``text`` [n, q]: the
-        M-RoPE families' three axes (text position plus the row's delta), else ``text``."""
-        if self._stock_types:
-            return (text + deltas).unsqueeze(0).expand(3, -1, -1)
-        return text
-
-    def _prefilled(
-        self, seq: EngineSequence, cache, logits: torch.Tensor, delta: torch.Tensor | None = None
-    ) -> StepOutput:
-        """A sequence whose prompt is in ``cache``: its first token from the prompt's last
-        ``logits``, and it joins the batch (``delta``: a stock model's rotary delta)."""
-        state = cache.gaze_state if self.gaze else None
-        if state is not None:
-            self._record([seq], state, [seq.layout])
-        if delta is None:
-            delta = self._delta_after_prefill(state)
-        (output,) = self._advance([seq], logits)
-        if not seq.done:
-            self._join(seq, cache, state, delta)
-        return output
-
-    def _prefill_forward(self, ids, mask, vision: dict, cache, **extra):
-        """The model over prompt tokens into ``cache`` (the last position's logits only)."""
-        return self.model(
-            input_ids=ids,
-            **vision,
-            attention_mask=mask,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-            **extra,
-        )
-
-    def _inputs(self, samples: list[EncodedSample]) -> tuple:
-        """``samples`` as one left-padded batch: ids, attention mask and pixel inputs on the
-        device, and the gaze layout."""
-        batch = self.processor.collate(samples, padding_side="left")
-        names = self.processor.rules.input_names
-        vision = {k: v.to(self.device) for k, v in batch.items() if k in names}
-        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-        return ids, mask, vision, batch["gaze_layout"]
-
-    def _cached_prefix(self, seq: EngineSequence, ids, mask, vision) -> tuple | None:
-        """(the decode cache after the sequence's visual prefix, its length): from the prefix
-        cache, or prefilled now and stored there. None when prefixes are not cached or the
-        prompt has no image or video with text after it."""
-        plan = self._prefix_plan(seq)
-        if plan is None:
-            return None
-        key, length = plan
-        cache = self.prefix_cache.get(key)
-        if cache is not None:
-            seq.cached_tokens = length
-            return cache, length
-        cache = self._empty_cache()
-        ids, mask = ids[:, :length], mask[:, :length]
-        if self.gaze:
-            layout = self._prefix_layout(seq).to(self.device)
-            self._prefill_forward(ids, mask, vision, cache, gaze_layout=layout)
-        else:
-            # the entry keeps the prefix's rotary delta: a hit's suffix continues from it
-            _, cache.rope_deltas = self._stock_prefill(ids, mask, vision, cache)
-        self.prefix_cache.put(key, cache, length)
-        return cache, length
-
-    def _prefix_plan(self, seq: EngineSequence) -> tuple[str, int] | None:
-        """(cache key, length) of the sequence's cacheable visual prefix (computed once; its
-        content digest may come computed with the sample); None when prefixes are not cached
-        or the prompt has no image or video with text after it."""
-        if self.prefix_cache is None:
-            return None
-        if seq.prefix is None:
-            length, digest = visual_prefix(seq.sample, self.processor)
-            settings = "stock"
-            if self.gaze:
-                inner = gaze_module(self.model)
-                settings = repr((inner.gaze_config, inner.gaze_top_k, inner.gaze_layers))
-            seq.prefix = (prefix_key(digest, settings) if digest else "", length)
-        return seq.prefix if seq.prefix[0] else None
-
-    def _prefix_layout(self, seq: EngineSequence) -> GazeLayout:
-        """The layout of the sequence's prefix alone (its parts up to its last medium)."""
-        media = max(i for i, p in enumerate(seq.sample.parts) if not isinstance(p, int))
-        return self.processor.layout_of([seq.sample.parts[: media + 1]])
-
-    def _token_types(self, ids: torch.Tensor) -> torch.Tensor:
-        """Stock Qwen-VL's mm_token_type_ids (text 0, image 1, video 2) from the placeholders."""
-        types = torch.zeros_like(ids, dtype=torch.int32)
-        types[ids == self.processor.image_token_id] = 1
-        if self.processor.video_token_id is not None:
-            types[ids == self.processor.video_token_id] = 2
-        return types
-
-    def _delta_after_prefill(self, state: GazeState | None) -> torch.Tensor:
-        """The row's rotary delta (M-RoPE positions minus text positions), 0 for 1-D RoPE."""
-        if state is not None and state.rope_deltas is not None:
-            return state.rope_deltas.reshape(1, 1).to(self.device)
-        inner = getattr(self.model, "model", None)
-        deltas = getattr(inner, "rope_deltas", None)
-        if deltas is not None:
-            return torch.as_tensor(deltas).reshape(1, 1).to(self.device)
-        return torch.zeros(1, 1, dtype=torch.long, device=self.device)
-
     # ---- the batch
 
-    def _new_cache(self) -> BatchCache:
-        text = self.model.config.get_text_config(decoder=True)
-        cache = BatchCache(self.num_layers, layer_types=getattr(text, "layer_types", None))
-        if self.gaze:
-            inner = gaze_module(self.model)
-            cache.gaze_state = GazeState(
-                layout=stack_rows([], [], 0, device=self.device),
-                config=inner.gaze_config,
-                layers=inner.gaze_layers,
-                summarize=False,
-            )
-        return cache
-
-    def _join(self, seq: EngineSequence, prefill, state: GazeState | None, delta) -> None:
-        grow = self.cache.insert(prefill.layers, self.max_batch_size)
-        self._offsets = [o + grow for o in self._offsets]
-        self._offsets.append(self.cache.get_seq_length() - seq.prompt_tokens)
-        self.running.append(seq)
-        self._deltas.append(delta)
-        if self.gaze:
-            batch_state = self.cache.gaze_state
-            merged = {}
-            for layer in set(batch_state.descriptors) | set(state.descriptors):
-                old = batch_state.descriptors.get(layer)
-                new = state.descriptors[layer]
-                merged[layer] = new if old is None else _cat_regions(old, new)
-            batch_state.descriptors = merged
-        self._relayout()
-
     def _retire(self) -> None:
-        """Remove finished rows: the last rows move into the freed slots; unused columns go."""
-        gone = {i for i, seq in enumerate(self.running) if seq.done or seq.cancelled}
-        if not gone:
-            return
-        survivors = len(self.running) - len(gone)
-        tail = [i for i in range(survivors, len(self.running)) if i not in gone]
-        index = [i if i not in gone else tail.pop(0) for i in range(survivors)]
-        self.cache.keep(index)
-        self.running = [self.running[i] for i in index]
-        self._offsets = [self._offsets[i] for i in index]
-        self._deltas = [self._deltas[i] for i in index]
-        if self.gaze:
-            state = self.cache.gaze_state
-            picked = torch.tensor(index, dtype=torch.long, device=self.device)
-            state.descriptors = {k: v.index_select(0, picked) for k, v in state.descriptors.items()}
-        trim = min(self._offsets, default=0)
-        self.cache.trim_left(trim)
-        self._offsets = [o - trim for o in self._offsets]
-        self._relayout()
-
-    def _relayout(self) -> None:
-        """The batch layout from every row's own layout at its offset; descriptors fitted."""
-        if not self.gaze:
-            return
-        state = self.cache.gaze_state
-        length = max(
-            (o + s.prompt_tokens for o, s in zip(self._offsets, self.running, strict=True)),
-            default=0,
-        )
-        rows = [s.layout for s in self.running]
-        state.layout = stack_rows(rows, self._offsets, length, device=self.device)
-        regions = state.layout.max_regions
-        state.descriptors = {k: _fit_regions(v, regions) for k, v in state.descriptors.items()}
-        state.rope_deltas = torch.cat(self._deltas) if self._deltas else None
+        self.runner.retire()
 
     def _drop_cancelled(self) -> None:
         with self._lock:
@@ -728,67 +433,16 @@ class Engine:
     def _decode(self) -> list[StepOutput]:
         rows = self.running
         try:
-            logits = self._forward(rows)
+            logits = self.runner.decode()
         except Exception as err:  # noqa: BLE001 - the batch step failed: every row ends
             outputs = [StepOutput(sequence=s, error=err) for s in rows]
             for seq in rows:
                 seq.done = True
-            self._retire()
-            self.cache = self._new_cache()
+            self.runner.reset()
             return outputs
         for seq in rows:
             seq.peak_batch = max(seq.peak_batch, len(rows))
         return self._advance(rows, logits)
-
-    def _forward(self, rows: list[EngineSequence]) -> torch.Tensor:
-        ids = torch.tensor([[s.tokens[-1]] for s in rows], device=self.device)
-        total = self.cache.get_seq_length() + 1
-        offsets = torch.tensor(self._offsets, device=self.device)
-        mask = (torch.arange(total, device=self.device)[None, :] >= offsets[:, None]).long()
-        extra: dict[str, Any] = {}
-        if self.gaze:
-            state = self.cache.gaze_state
-            extra = dict(
-                gaze_layout=state.layout,
-                gaze_report=True,
-                gaze_selection=any(s.return_routing for s in rows),
-            )
-        else:
-            text = total - 1 - offsets[:, None]  # [n, 1] text position of the new token
-            extra["position_ids"] = self._stock_positions(text, torch.cat(self._deltas))
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            cache=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-            **extra,
-        )
-        if self.gaze:
-            layout = self.cache.gaze_state.layout
-            self._record(rows, self.cache.gaze_state, [layout] * len(rows), batch=True)
-        return out.logits[:, -1].float()
-
-    def _record(self, rows, state: GazeState, layouts, batch: bool = False) -> None:
-        """Visual entries the step's last query attended (mean over layers and heads), and the
-        routed regions at the sequence's layer when it asked."""
-        layers = sorted(state.stats)
-        if not layers:
-            return
-        attended = torch.stack([state.stats[i].attended[:, :, -1].float().mean(1) for i in layers])
-        dense = torch.stack([state.stats[i].dense[:, -1].float() for i in layers])
-        attended, dense = attended.mean(0).tolist(), dense.mean(0).tolist()
-        for i, seq in enumerate(rows):
-            seq.attended.append(attended[i])
-            seq.dense.append(dense[i])
-            if seq.return_routing:
-                chosen = state.stats[seq.routing_layer].selected
-                row = i if batch else 0
-                seq.routing.append(
-                    []
-                    if chosen is None
-                    else _boxes(chosen[row, :, -1], layouts[i].regions.box[row])
-                )
 
     # ---- sampling, stops, text
 
@@ -846,29 +500,6 @@ class Engine:
             logprobs=seq.logprobs if seq.top_logprobs is not None else None,
             cached_tokens=seq.cached_tokens,
         )
-
-
-def _cat_regions(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """Descriptors [B, Hkv, R, D] of the batch and of a joining row, padded to the larger R."""
-    regions = max(old.shape[2], new.shape[2])
-    return torch.cat([_fit_regions(old, regions), _fit_regions(new, regions)])
-
-
-def _fit_regions(desc: torch.Tensor, regions: int) -> torch.Tensor:
-    """Descriptors cut or zero-padded to ``regions`` (padding regions are never visible)."""
-    if desc.shape[2] >= regions:
-        return desc[:, :, :regions]
-    return F.pad(desc, (0, 0, 0, regions - desc.shape[2]))
-
-
-def _boxes(selected: torch.Tensor, boxes: torch.Tensor) -> list[dict]:
-    """selected [Hr, K] region ids -> regions with the number of heads that chose each."""
-    ids, counts = torch.unique(selected[selected >= 0], return_counts=True)
-    rows = [
-        {"box": boxes[r].tolist(), "heads": int(c)}
-        for r, c in zip(ids.tolist(), counts.tolist(), strict=True)
-    ]
-    return sorted(rows, key=lambda row: -row["heads"])
 
 
 def _mean(values: list[float]) -> float:

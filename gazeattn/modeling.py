@@ -416,7 +416,7 @@ class ChunkedPrefill:
             cache=self.cache,
             use_cache=True,
             gaze_state=state,
-            **_deepstack_chunk(self.deepstack, start, end),
+            **deepstack_chunk(self.deepstack, start, end),
         )
         self.done = end
         if not final:
@@ -424,7 +424,7 @@ class ChunkedPrefill:
         return self.model.lm_head(outputs.last_hidden_state[:, -1:, :])
 
 
-def _deepstack_chunk(deepstack: dict, start: int, end: int) -> dict:
+def deepstack_chunk(deepstack: dict, start: int, end: int) -> dict:
     """The DeepStack inputs of positions [start, end) of a one-sequence prompt."""
     if not deepstack:
         return {}

@@ -7,7 +7,8 @@ screenshot share. Its key is the content, not a URL: the token ids up to there, 
 input's bytes, and the model's gaze settings (they change the prefix's hidden states). An
 entry is the decode cache after prefilling the prefix alone: every layer's keys and values
 (and a hybrid decoder's recurrent states), the region descriptors and the rotary deltas (a
-stock model's cache, a transformers ``DynamicCache``, carries its delta as ``rope_deltas``).
+stock model's entry is a transformers ``DynamicCache``; its suffix takes the whole prompt's
+positions, ``gazeattn.runner``).
 
 A prompt whose prefix is cached prefills only its suffix on a copy of the entry; one whose
 prefix is not prefills the prefix, stores it, and prefills the suffix the same way, so a

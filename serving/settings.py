@@ -100,7 +100,7 @@ class ServeSettings(BaseModel):
     max_batch_size: int = Field(16, ge=1)  # sequences decoding together in a replica
     max_prefill_tokens: int = Field(8192, ge=1)  # prompt tokens prefilled between decode steps
     # a longer prompt (a 16-frame video) prefills in chunks of at most max_prefill_tokens, one
-    # per step, so running streams keep decoding (a gaze model without recurrent layers)
+    # per step, so running streams keep decoding (a model without recurrent layers)
     chunked_prefill: bool = True
     max_pending: int = Field(64, ge=1)  # running + waiting requests; beyond: 429
     # memory for prefilled visual prefixes reused by requests with the same images or video

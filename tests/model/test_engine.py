@@ -262,14 +262,14 @@ def test_one_failing_prefill_ends_only_its_request(loaded, monkeypatch):
     good = [engine.submit(r) for r in golden()[:2]]
     bad = engine.submit(golden()[2])
 
-    prefill = engine._prefill
+    prefill = engine.runner.prefill
 
     def fail_on_bad(seq):
         if seq is bad:
             raise ValueError("broken pixels")
         return prefill(seq)
 
-    monkeypatch.setattr(engine, "_prefill", fail_on_bad)
+    monkeypatch.setattr(engine.runner, "prefill", fail_on_bad)
     forward = model.forward
 
     def fail_together(*args, **kwargs):
@@ -333,7 +333,7 @@ def test_stock_models_decode_in_the_engine_as_in_generate(family, stock_dirs):
         inputs = dict(processor(text=prompt, images=list(request.images)))
         inputs.pop("gaze_layout")
         if family.startswith("qwen"):
-            inputs["mm_token_type_ids"] = engine._token_types(inputs["input_ids"])
+            inputs["mm_token_type_ids"] = engine.runner.token_types(inputs["input_ids"])
         out = model.generate(
             **inputs,
             max_new_tokens=request.max_new_tokens,
@@ -348,7 +348,7 @@ def _recomputed(model, processor, request: GenerationRequest, tokens: list[int])
     """Greedy tokens and, per token, the last query's gaze stats and routed regions from a
     full forward over the prompt and the tokens so far (no decode cache): the reference the
     engine's cached decoding is checked against."""
-    from gazeattn.engine import _boxes
+    from gazeattn.runner import _boxes
 
     sample = processor.encode_sample(
         request.messages, images=request.images, videos=request.videos, add_generation_prompt=True
@@ -473,15 +473,15 @@ def test_a_row_that_fails_in_sampling_ends_alone(loaded, monkeypatch):
         messages=requests[1].messages, max_new_tokens=5, temperature=0.7, seed=3
     )
     seqs = [engine.submit(r) for r in requests]
-    forward = engine._forward
+    decode = engine.runner.decode
 
-    def poisoned(rows):
-        logits = forward(rows)
+    def poisoned():
+        logits, rows = decode(), engine.running
         if seqs[1] in rows:
             logits[rows.index(seqs[1])] = float("nan")
         return logits
 
-    monkeypatch.setattr(engine, "_forward", poisoned)
+    monkeypatch.setattr(engine.runner, "decode", poisoned)
     results, errors = _drain(engine)
     assert list(errors) == [seqs[1].id] and "non-finite" in str(errors[seqs[1].id])
     monkeypatch.undo()
@@ -611,22 +611,20 @@ def test_stock_prefix_cache_hits_answer_as_a_cold_prefill(family, stock_dirs, tm
     """A stock model caches its visual prefixes too (keys and values, a hybrid decoder's
     recurrent states and, for M-RoPE, the rotary delta the suffix continues from): greedy
     output with a hit, alone and in a busy batch, is the same as without the cache."""
-    from gazeattn.tiny import build_stock
-
-    path = stock_dirs.get(family) or build_stock(tmp_path / family, family=family)
-    model, processor = load_model(path)
-    _sharpen(model)
-    requests = [golden()[0], golden()[3], *_one_picture_questions()]
+    model, processor = _stock(family, stock_dirs, tmp_path)
+    requests = [*golden(), *_one_picture_questions()]  # golden()[2]: a video
     cold = [r.token_ids for r in Engine(model, processor).run(requests)]
     assert len({tuple(t) for t in cold[-3:]}) > 1, "the questions must give different answers"
     engine = Engine(model, processor, max_batch_size=3, prefix_cache_bytes=2**30)
     first = engine.run(requests)
     again = _staggered(engine, requests)
     assert [r.token_ids for r in first] == cold == [r.token_ids for r in again]
-    assert [r.cached_tokens > 0 for r in first] == [False, False, False, True, True]
-    assert all(0 < r.cached_tokens < r.prompt_tokens for r in again)
+    media = [bool(r.images or r.videos) for r in requests]
+    assert [r.cached_tokens > 0 for r in first] == [False] * len(golden()) + [False, True, True]
+    assert [r.cached_tokens > 0 for r in again] == media
+    assert all(r.cached_tokens < r.prompt_tokens for r in again)
     stats = engine.prefix_cache.stats
-    assert stats.hits == 2 + len(requests) and stats.entries == 3
+    assert stats.hits == 2 + sum(media) and stats.entries == sum(media[: len(golden())]) + 1
     assert engine.num_running == 0 and engine.cache.rows == 0
 
 
@@ -673,12 +671,28 @@ def test_prefix_cache_evicts_the_least_recent_and_never_fails(loaded):
     assert tiny.prefix_cache.stats.entries == 0 and tiny.prefix_cache.stats.hits == 0
 
 
-@pytest.mark.parametrize("family", [*FAMILIES, "qwen3-vl"])
-def test_chunked_prefill_answers_as_one_prefill(family, loaded, qwen3):
+def _stock(family: str, stock_dirs, root):
+    """A sharpened stock model of ``family`` (built under ``root`` when not in stock_dirs)."""
+    from gazeattn.tiny import build_stock
+
+    path = stock_dirs.get(family) or build_stock(root / family, family=family)
+    model, processor = load_model(path)
+    _sharpen(model)
+    return model.eval(), processor
+
+
+@pytest.mark.parametrize(
+    "family", [*FAMILIES, "qwen3-vl", "stock-llava", "stock-qwen2.5-vl", "stock-qwen3-vl"]
+)
+def test_chunked_prefill_answers_as_one_prefill(family, loaded, qwen3, stock_dirs, tmp_path):
     """A prompt prefilled in chunks of a few tokens (cut inside images, frames and text)
     answers as one prefill of it does, with and without the prefix cache, alone and in a
-    busy batch; routing reported at its prompt's end is the same too."""
-    model, processor = loaded[family] if family in loaded else qwen3[family]
+    busy batch; routing reported at its prompt's end is the same too. A stock model's
+    chunks run its decoder on transformers' own inputs of the whole prompt."""
+    if family.startswith("stock-"):
+        model, processor = _stock(family.removeprefix("stock-"), stock_dirs, tmp_path)
+    else:
+        model, processor = loaded[family] if family in loaded else qwen3[family]
     requests = [*golden(), *_one_picture_questions()]
     whole = Engine(model, processor, chunked_prefill=False).run(requests, return_routing=True)
     for cache_bytes in (0, 2**30):
@@ -693,10 +707,11 @@ def test_chunked_prefill_answers_as_one_prefill(family, loaded, qwen3):
         assert engine.num_running == 0 and engine.prefilling is None
 
 
-def test_a_long_prompt_prefills_in_chunks_between_decode_steps(loaded):
+@pytest.mark.parametrize("kind", ["gaze", "stock"])
+def test_a_long_prompt_prefills_in_chunks_between_decode_steps(kind, loaded, stock_dirs):
     """While a long video prompt prefills, a chunk per step, the running sequence gets a
     token at every step: its inter-token latency is bounded by a chunk, not the prompt."""
-    model, processor = loaded["llava"]
+    model, processor = loaded["llava"] if kind == "gaze" else _stock("llava", stock_dirs, None)
     budget = 16
     engine = Engine(model, processor, max_batch_size=4, max_prefill_tokens=budget)
     stops = {i: -100.0 for i in processor.stop_token_ids}
