@@ -145,19 +145,23 @@ class ModelRunner:
             out = self._suffix_forward(seq, ids, mask, vision, cache, length)
         elif self.gaze:
             cache = GazeCache()
-            out = self._forward_prompt(
-                ids,
-                mask,
-                vision,
-                cache,
-                gaze_layout=layout.to(self.device),
-                gaze_report=True,
-                gaze_selection=seq.return_routing,
-            )
+            out = self._gaze_prefill(ids, mask, vision, cache, layout, [seq])
         else:
             cache = self._empty_cache()
             out = self._stock_prefill(ids, mask, vision, cache)
         return self._prefilled(seq, cache, out.logits[:, -1].float())
+
+    def _gaze_prefill(self, ids, mask, vision, cache, layout: GazeLayout, rows: list):
+        """A gaze model over whole prompts of ``rows`` (reporting, routing when one asks)."""
+        return self._forward_prompt(
+            ids,
+            mask,
+            vision,
+            cache,
+            gaze_layout=layout.to(self.device),
+            gaze_report=True,
+            gaze_selection=any(s.return_routing for s in rows),
+        )
 
     def _suffix_forward(self, seq: EngineSequence, ids, mask, vision: dict, cache, length: int):
         """The prompt's text after its visual prefix (``length`` tokens) on the prefix's
@@ -208,15 +212,7 @@ class ModelRunner:
         has changed then)."""
         ids, mask, vision, layout = self._inputs([s.sample for s in group])
         cache = GazeCache()
-        out = self._forward_prompt(
-            ids,
-            mask,
-            vision,
-            cache,
-            gaze_layout=layout.to(self.device),
-            gaze_report=True,
-            gaze_selection=any(s.return_routing for s in group),
-        )
+        out = self._gaze_prefill(ids, mask, vision, cache, layout, group)
         state = cache.gaze_state
         for seq in group:
             seq.layout = self.processor.layout_of([seq.sample.parts])
