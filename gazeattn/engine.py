@@ -50,7 +50,7 @@ from gazeattn.generation import GenerationRequest, GenerationResult
 from gazeattn.modeling import ChunkedPrefill, routing_layer_of
 from gazeattn.ops.layout import GazeLayout
 from gazeattn.processing import GazeProcessor
-from gazeattn.runner import ModelRunner, Prefilled
+from gazeattn.runner import ModelRunner, Prefilled, StockChunks
 from gazeattn.sample import EncodedSample
 from gazeattn.sampler import Sampler, TokenLogprob
 
@@ -107,7 +107,7 @@ class EngineSequence:
         )
         self.layout: GazeLayout | None = None  # its own layout (one row, no padding)
         self.prefix: tuple[str, int] | None = None  # (key, length) of its cacheable prefix
-        self.chunks: ChunkedPrefill | None = None  # its prefill, while it runs in chunks
+        self.chunks: ChunkedPrefill | StockChunks | None = None  # its prefill, in chunks
         self.chunk_tokens = 0  # prompt tokens of its last chunk
         self.prompt_ids: tuple | None = None  # (ids, mask, vision) of a chunked prefill's prompt
 
