@@ -120,6 +120,66 @@ def test_dense_decode_matches_reference(case_id, seqs, side, region, n_ctx, hq, 
     torch.testing.assert_close(routed, ref, **FP32)
 
 
+@pytest.mark.parametrize("routing", ["kv_head", "query_head", "random"])
+@pytest.mark.parametrize("hq,hkv", GQA, ids=[f"gqa{a}/{b}" for a, b in GQA])
+@pytest.mark.parametrize("case_id,seqs,side,region,n_ctx", CASES, ids=[c[0] for c in CASES])
+def test_text_after_the_layout_matches_reference(
+    case_id, seqs, side, region, n_ctx, hq, hkv, routing
+):
+    """Several text queries past the layout (a prompt's text after its cached visual prefix)
+    take the decode path together: the reference's output, counts and selection."""
+    layout = _layout(seqs, side, region, n_ctx)
+    how = {"routing": "kv_head", "random_routing_seed": 3} if routing == "random" else {}
+    config = GazeConfig(
+        region_size=region, keep_ratio=0.4, num_context_tokens=n_ctx, **{"routing": routing, **how}
+    )
+    tq = 5
+    q, k, v = _inputs(layout.batch_size, hq, hkv, layout.length + tq, seed=7, tq=tq)
+    from gazeattn.ops.gaze import decode
+
+    calls = []
+    original = decode.gaze_decode
+
+    def spy(q, *args, **kwargs):
+        calls.append(q.shape[2])
+        return original(q, *args, **kwargs)
+
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr("gazeattn.ops.gaze.gaze_decode", spy)
+        out, stats = gaze_attention(q, k, v, layout, config, return_selection=True)
+    ref, ref_stats = gaze_attention_reference(q, k, v, layout, config, return_selection=True)
+    assert calls == ([tq] if layout.max_regions else [])
+    torch.testing.assert_close(out, ref, **FP32)
+    torch.testing.assert_close(stats.attended, ref_stats.attended.float())
+    torch.testing.assert_close(stats.dense.float(), ref_stats.dense.float())
+    assert torch.equal(stats.routed, ref_stats.routed)
+    if layout.max_regions:
+        k_ref = ref_stats.selected.shape[-1]
+        assert torch.equal(stats.selected[..., :k_ref], ref_stats.selected)
+
+
+@pytest.mark.parametrize(
+    "seqs,region,width",
+    [
+        ([[2, Image(4, 4), 6]], (1, 2, 2), 2),  # 2 x 2 regions of a 4-wide grid: 2 runs of 2
+        ([[3, Image(6, 6), 5]], (1, 3, 3), 3),
+        ([[4, Video(3, 4, 4), 6]], (2, 2, 2), 2),  # a run never crosses a frame
+        ([[3, Image(5, 7), 4]], (1, 3, 3), 1),  # the last column's regions are 1 token wide
+        ([[2, Image(4, 4), 6]], (1, 1, 4), 4),  # one row of 4: one run
+    ],
+)
+def test_region_runs_rebuild_every_region(seqs, region, width):
+    from gazeattn.ops.gaze.decode import region_runs
+
+    layout = _layout(seqs, "right", region, 1)
+    starts, got = region_runs(layout, "cpu")
+    assert got == width
+    tokens = layout.regions.tokens
+    rebuilt = (starts[..., None] + torch.arange(width)).flatten(-2)
+    padded = starts.repeat_interleave(width, dim=-1) < 0
+    assert torch.equal(torch.where(padded, -1, rebuilt), tokens)
+
+
 @pytest.mark.parametrize("keys", ["masked", "gathered"])
 @pytest.mark.parametrize("backend", ["reference", "dense"])
 def test_decode_reads_a_strided_cache_view(backend, keys, monkeypatch):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from gazeattn.ops.config import GazeConfig
-from gazeattn.ops.gaze.decode import can_decode, gaze_decode
+from gazeattn.ops.gaze.decode import after_layout, can_decode, gaze_decode
 from gazeattn.ops.gaze.dense import dense_attention, dense_decode
 from gazeattn.ops.gaze.launch import interpreted
 from gazeattn.ops.gaze.naive import gaze_attention_reference
@@ -73,6 +73,9 @@ def gaze_attention(
             if layout.max_regions == 0:
                 # no row has an image: nothing to route, every key is attended
                 return dense_decode(q, k, v, layout, scale=scale)
+            return gaze_decode(q, k, v, layout, config, **kwargs)
+        if after_layout(q, k, layout) and layout.max_regions:
+            # the text after a cached visual prefix: every query routes as a decode step
             return gaze_decode(q, k, v, layout, config, **kwargs)
         spans = prefill_spans(layout, k.shape[2]) if q.shape[2] == k.shape[2] else None
         if spans is not None:

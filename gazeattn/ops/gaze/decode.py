@@ -1,9 +1,12 @@
-"""Lean decode path: one text query per sequence, gathering only what it attends.
+"""Lean decode path: text queries at the end of the prompt, gathering only what they attend.
 
 A decode step reads the cached region descriptors (routing GEMV), picks the
 Top-K regions, gathers their keys/values plus the dense text/context keys, and
 attends over that small set. Nothing proportional to all visual keys is read
 when ``descriptors`` come from the cache.
+
+The same path takes several text queries past the whole layout at once (``after_layout``):
+the text of a prompt after a cached visual prefix, whose queries all see every region.
 """
 
 from __future__ import annotations
@@ -34,6 +37,12 @@ def can_decode(q: torch.Tensor, k: torch.Tensor, layout: GazeLayout) -> bool:
     return bool((layout.kinds[:, -1] == TokenKind.TEXT).all())
 
 
+def after_layout(q: torch.Tensor, k: torch.Tensor, layout: GazeLayout) -> bool:
+    """True when the queries are several, all past the layout (text that follows a cached
+    prefix): they see every region and context token of their row, as a decode step does."""
+    return q.shape[2] > 1 and k.shape[2] - q.shape[2] >= layout.length
+
+
 # a decode step over at most this many keys x routing heads attends over every key with a mask
 # (the selected regions' tokens and every text and context key) instead of gathering the
 # attended ones: below it, the gather's index bookkeeping costs more than reading all keys
@@ -51,7 +60,7 @@ def _masked_keys(k, v, kv_head, chosen, layout: GazeLayout):
     picked = F.pad(chosen, (0, 1)).gather(-1, region[:, None].expand(-1, hr, -1))
     valid = picked | base[:, None]
     if hr != k.shape[1]:
-        k, v = k.index_select(1, kv_head()), v.index_select(1, kv_head())
+        k, v = k.index_select(1, kv_head), v.index_select(1, kv_head)
     return k, v, valid
 
 
@@ -75,22 +84,71 @@ def _key_tables(layout: GazeLayout, tk: int, device) -> tuple[torch.Tensor, torc
     return base[:, :tk], region[:, :tk]
 
 
-def gather_plan(
-    layout: GazeLayout, ids: torch.Tensor, tk: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key positions a decode query reads: ids [B, Hr, K] -> positions [B, Hr, M] and validity."""
-    batch, hr, k_max = ids.shape
-    tokens = layout.regions.tokens.to(ids.device)
-    width = tokens.shape[-1]
-    # [B, Hr, K, S] token positions of every selected region
-    picked = tokens.gather(1, ids.clamp(min=0).reshape(batch, hr * k_max, 1).expand(-1, -1, width))
-    picked = picked.view(batch, hr, k_max * width)
-    picked_ok = (picked >= 0) & (ids >= 0).repeat_interleave(width, dim=-1)
-    dense_idx, dense_ok = layout.dense_index(tk)
-    dense_idx = dense_idx.to(ids.device)[:, None].expand(batch, hr, -1)
-    dense_ok = dense_ok.to(ids.device)[:, None].expand(batch, hr, -1)
-    positions = torch.cat([dense_idx, picked.clamp(min=0)], dim=-1)
-    return positions, torch.cat([dense_ok, picked_ok], dim=-1)
+def region_runs(layout: GazeLayout, device) -> tuple[torch.Tensor, int]:
+    """[B, R, N] the first position of each run of ``width`` consecutive tokens a region's
+    tokens split into (-1 for padding), and ``width``: the longest run every region of the
+    layout splits into (6 for 6 x 6 regions of a frame in raster order; 1 at worst).
+    Computed once per layout."""
+    key = ("region_runs", device)
+    if key not in layout._derived:
+        tokens = layout.regions.tokens
+        size = tokens.shape[-1]
+        for width in (w for w in range(size, 0, -1) if size % w == 0):
+            runs = tokens.view(*tokens.shape[:-1], size // width, width)
+            first = runs[..., :1]
+            whole = (first >= 0) & (runs == first + torch.arange(width)).all(-1, keepdim=True)
+            if bool((whole | (runs < 0).all(-1, keepdim=True)).all()):
+                break
+        layout._derived[key] = (first[..., 0].to(device), width)
+    return layout._derived[key]
+
+
+def _gathered_attention(qg, k, v, layout: GazeLayout, ids, heads, scale: float) -> torch.Tensor:
+    """Attention of the queries qg [B, Hr, Tq, G, D] (the last Tq of the keys) over the keys
+    they attend, gathered from k/v [B, Hkv, Tk, D]: the dense (text and context) keys one by
+    one, once for all the queries (causal), and the tokens of the regions ``ids``
+    [B, Hr, Tq, K] (-1: none) chose as runs of consecutive keys (one row of ``width`` keys
+    read per run, ``region_runs``). One softmax over both sets; returns [B, Hr, Tq, G, D]."""
+    batch, hr, tq, k_max = ids.shape
+    group, tk, dim = qg.shape[3], k.shape[2], k.shape[3]
+    starts, width = region_runs(layout, ids.device)
+    n = starts.shape[-1]
+    # [B, Hr * Tq * K * N] the first key of each run of every chosen region
+    picked = ids.clamp(min=0).reshape(batch, hr * tq * k_max, 1).expand(-1, -1, n)
+    runs = starts.gather(1, picked).view(batch, hr, tq, k_max * n)
+    run_ok = (runs >= 0) & (ids >= 0).repeat_interleave(n, dim=-1)
+    dense, dense_ok = layout.dense_index(tk)
+    dense, dense_ok = dense.to(ids.device), dense_ok.to(ids.device)
+    if tq > 1:  # [B, Tq, Md]: a text key after the query is not attended
+        q_pos = query_positions(tq, tk, ids.device)
+        dense_ok = dense_ok[:, None] & (dense[:, None] <= q_pos[None, :, None])
+    else:
+        dense_ok = dense_ok[:, None]
+    k_dense = _gather_rows(k, heads, dense[:, None].expand(batch, hr, -1))
+    v_dense = _gather_rows(v, heads, dense[:, None].expand(batch, hr, -1))
+    k_dense, v_dense = (x.view(batch, hr, -1, dim) for x in (k_dense, v_dense))
+    positions = runs.clamp(min=0).view(batch, hr, -1)
+    k_runs = _gather_rows(k, heads, positions, width).view(batch, hr, tq, -1, dim)
+    v_runs = _gather_rows(v, heads, positions, width).view(batch, hr, tq, -1, dim)
+    exact = torch.float32  # scores and softmax in fp32, as SDPA keeps them for lower precisions
+    q32 = qg.to(exact)
+    scores = torch.cat(
+        [
+            (q32.reshape(batch, hr, tq * group, dim) @ k_dense.to(exact).transpose(-1, -2)).view(
+                batch, hr, tq, group, -1
+            ),
+            q32 @ k_runs.to(exact).transpose(-1, -2),
+        ],
+        dim=-1,
+    )
+    valid = torch.cat(
+        [dense_ok[:, None].expand(-1, hr, -1, -1), run_ok.repeat_interleave(width, dim=-1)], -1
+    )
+    weights = torch.softmax(scores.mul_(scale).masked_fill_(~valid[:, :, :, None], -torch.inf), -1)
+    weights = weights.to(v.dtype)
+    split = dense.shape[-1]
+    out = weights[..., :split].reshape(batch, hr, tq * group, split) @ v_dense
+    return out.view(batch, hr, tq, group, dim) + weights[..., split:] @ v_runs
 
 
 def gaze_decode(
@@ -105,43 +163,38 @@ def gaze_decode(
     top_k: int | None = None,
     return_selection: bool = False,
 ) -> tuple[torch.Tensor, GazeStats]:
-    """Decode one text token per sequence: q [B, Hq, 1, D], k/v [B, Hkv, Tk, D] (contiguous)."""
-    batch, hq, _, dim = q.shape
+    """Decode one text token per sequence: q [B, Hq, 1, D], k/v [B, Hkv, Tk, D] (contiguous);
+    or several text queries q [B, Hq, Tq, D] that are all past the layout (``after_layout``)."""
+    batch, hq, tq, dim = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     scale = dim**-0.5 if scale is None else scale
     plan = _step_plan(layout, tk, q.device, config, top_k)
     if descriptors is None:
         descriptors = region_descriptors(k, layout)
-    scores = routing_scores(q, descriptors, config, query_positions(1, tk, q.device))
+    scores = routing_scores(q, descriptors, config, query_positions(tq, tk, q.device))
     ids, chosen = select_regions(
-        scores, plan["visible_or_all"], plan["k"], plan["k_max"], plan["k_min"]
+        scores, plan["visible_or_all"], plan["k"].expand(-1, tq), plan["k_max"], plan["k_min"]
     )
     hr = scores.shape[1]
-
-    def kv_head() -> torch.Tensor:  # the KV head of each routing head
-        return torch.arange(hr, device=q.device) // (hr // hkv)
-
-    if tk * hr <= MASKED_DECODE_KEYS:
+    heads = torch.arange(hr, device=q.device) // (hr // hkv)  # the KV head of each routing head
+    # [B, Hr, Tq, G, D]: the query heads that share each routing head's keys
+    qg = q.view(batch, hr, hq // hr, tq, dim).transpose(2, 3)
+    if tq == 1 and tk * hr <= MASKED_DECODE_KEYS:
         # few keys: every key, masked to what the query attends, costs less than the
         # gather's bookkeeping (the same keys, the same softmax)
-        kg, vg, valid = _masked_keys(k, v, kv_head, chosen[:, :, 0], layout)
+        kg, vg, valid = _masked_keys(k, v, heads, chosen[:, :, 0], layout)
+        out = F.scaled_dot_product_attention(
+            qg[:, :, 0], kg, vg, attn_mask=valid[:, :, None], scale=scale
+        )[:, :, None]
     else:
-        positions, valid = gather_plan(layout, ids[:, :, 0], tk)
-        m = positions.shape[-1]
-        heads = kv_head()
-        kg = _gather_rows(k, heads, positions).view(batch, hr, m, dim)
-        vg = _gather_rows(v, heads, positions).view(batch, hr, m, dim)
-    # [B, Hr, G, D]: the query heads that share each gathered set
-    qg = q.view(batch, hr, hq // hr, dim)
-    mask = valid[:, :, None, :]
-    out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)
-    out = out.view(batch, hq, 1, dim)
+        out = _gathered_attention(qg, k, v, layout, ids, heads, scale)
+    out = out.transpose(2, 3).reshape(batch, hq, tq, dim)
     # compute_stats' counts, from the step's shared parts: routed entries + context tokens
     attended = (chosen.to(torch.float32) @ plan["size"]).squeeze(-1) + plan["context"]
     stats = GazeStats(
         attended=attended,
-        dense=plan["dense"],
-        routed=plan["routed"],
+        dense=plan["dense"].expand(-1, tq),
+        routed=plan["routed"].expand(-1, tq),
         selected=ids if return_selection else None,
     )
     return out, stats
@@ -177,8 +230,11 @@ def _step_plan(layout: GazeLayout, tk: int, device, config: GazeConfig, top_k) -
     return layout._derived[key]
 
 
-def _gather_rows(x: torch.Tensor, kv_head: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """x[b, kv_head[h], positions[b, h, m]] as [B * Hr * M, D], read in place.
+def _gather_rows(
+    x: torch.Tensor, kv_head: torch.Tensor, positions: torch.Tensor, width: int = 1
+) -> torch.Tensor:
+    """x[b, kv_head[h], p : p + width] for every p = positions[b, h, m], as
+    [B * Hr * M, width * D], read in place (each run of ``width`` keys lies in one head).
 
     ``x`` [B, Hkv, Tk, D] may be a view into a larger cache buffer (a batch that sequences
     join and leave); its rows of D are then addressed through its strides instead of
@@ -189,9 +245,10 @@ def _gather_rows(x: torch.Tensor, kv_head: torch.Tensor, positions: torch.Tensor
     if s_d != 1 or s_t != dim or s_b % dim or s_h % dim:
         x = x.contiguous()
         s_b, s_h, s_t, _ = x.stride()
-    # [N, D] over x's storage from its first element: row r starts at element r * D
-    extent = ((batch - 1) * s_b + (x.shape[1] - 1) * s_h + (tk - 1) * s_t) // dim + 1
-    flat = x.as_strided((extent, dim), (dim, 1))
+    # [N, width * D] over x's storage from its first element: row r starts at element r * D
+    # (rows overlap when width > 1); the last one ends at x's last element
+    last = ((batch - 1) * s_b + (x.shape[1] - 1) * s_h + (tk - 1) * s_t) // dim
+    flat = x.as_strided((last + 2 - width, width * dim), (dim, 1))
     base = torch.arange(batch, device=x.device)[:, None, None] * (s_b // dim)
     rows = base + kv_head[None, :, None] * (s_h // dim) + positions * (s_t // dim)
     return flat.index_select(0, rows.reshape(-1))
