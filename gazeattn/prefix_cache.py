@@ -10,7 +10,8 @@ entry is the decode cache after prefilling the prefix alone: every layer's keys 
 stock model's entry is a transformers ``DynamicCache``; its suffix takes the whole prompt's
 positions, ``gazeattn.runner``).
 
-A prompt whose prefix is cached prefills only its suffix on a copy of the entry; one whose
+A prompt whose prefix is cached prefills only its suffix on a copy of the entry (whose keys
+and values are the entry's own tensors: ``_private_copy``); one whose
 prefix is not prefills the prefix, stores it, and prefills the suffix the same way, so a
 sequence's output is the same with and without a hit (bitwise: the same computation).
 
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from gazeattn.ops.layout import GazeLayout, TokenKind
 from gazeattn.sample import EncodedSample
@@ -76,7 +78,7 @@ class PrefixCache:
             self._entries.move_to_end(key)
             self._stats.hits += 1
             self._stats.cached_tokens += entry.length
-        return copy.deepcopy(entry.cache)
+        return _private_copy(entry.cache)
 
     def holds(self, key: str) -> bool:
         """Whether ``key`` is stored now (not counted as a lookup)."""
@@ -107,6 +109,21 @@ class PrefixCache:
         with self._lock:
             self._entries.clear()
             self._stats.bytes, self._stats.entries = 0, 0
+
+
+def _private_copy(cache):
+    """A copy of an entry's ``cache`` that a prefill may extend without changing the entry.
+
+    Its attention layers' keys and values are the entry's tensors, not copies: transformers'
+    ``DynamicLayer`` (exactly that class) extends them by concatenation into new tensors and
+    never writes the old ones, and a copy of a long video's keys is tens of MB per hit.
+    Everything else is copied: a hybrid decoder's recurrent states (updated in place), the
+    gaze state."""
+    shared = {}
+    for layer in getattr(cache, "layers", ()):
+        if type(layer) is DynamicLayer and layer.is_initialized:
+            shared[id(layer.keys)], shared[id(layer.values)] = layer.keys, layer.values
+    return copy.deepcopy(cache, shared)
 
 
 def prefix_length(layout: GazeLayout) -> int:

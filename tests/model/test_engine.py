@@ -725,3 +725,28 @@ def test_a_long_prompt_prefills_in_chunks_between_decode_steps(kind, loaded, sto
     assert long.prompt_tokens > 4 * budget
     assert chunks == -(-long.prompt_tokens // budget) == engine.chunks_run
     assert not running.done
+
+
+def test_a_prefix_hit_shares_the_entrys_keys_and_never_writes_them():
+    """A hit's cache holds the entry's key and value tensors (no copy of a long video's keys
+    per hit); extending it, as the suffix's prefill does, leaves the entry as it was."""
+    from transformers.cache_utils import DynamicCache
+
+    from gazeattn.prefix_cache import PrefixCache
+
+    gen = torch.Generator().manual_seed(3)
+    cache = DynamicCache()
+    for layer in range(2):
+        keys = torch.randn(1, 2, 5, 4, generator=gen)
+        cache.update(keys, -keys, layer)
+    store = PrefixCache(2**20)
+    store.put("p", cache, 5)
+    entry = store._entries["p"].cache
+    held = [(layer.keys.clone(), layer.values.clone()) for layer in entry.layers]
+    hit = store.get("p")
+    assert all(a.keys is b.keys for a, b in zip(hit.layers, entry.layers, strict=True))
+    for layer in range(2):
+        hit.update(torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 4), layer)
+    assert hit.get_seq_length() == 8 and entry.get_seq_length() == 5
+    for layer, (keys, values) in zip(entry.layers, held, strict=True):
+        assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
