@@ -124,12 +124,10 @@ def _gathered_attention(qg, k, v, layout: GazeLayout, ids, heads, scale: float) 
         dense_ok = dense_ok[:, None] & (dense[:, None] <= q_pos[None, :, None])
     else:
         dense_ok = dense_ok[:, None]
-    k_dense = _gather_rows(k, heads, dense[:, None].expand(batch, hr, -1))
-    v_dense = _gather_rows(v, heads, dense[:, None].expand(batch, hr, -1))
-    k_dense, v_dense = (x.view(batch, hr, -1, dim) for x in (k_dense, v_dense))
-    positions = runs.clamp(min=0).view(batch, hr, -1)
-    k_runs = _gather_rows(k, heads, positions, width).view(batch, hr, tq, -1, dim)
-    v_runs = _gather_rows(v, heads, positions, width).view(batch, hr, tq, -1, dim)
+    dense = dense[:, None].expand(batch, hr, -1)
+    k_dense = _gather_rows(k, heads, dense).view(batch, hr, -1, dim)
+    runs = runs.clamp(min=0)
+    k_runs = _gather_rows(k, heads, runs.view(batch, hr, -1), width).view(batch, hr, tq, -1, dim)
     exact = torch.float32  # scores and softmax in fp32, as SDPA keeps them for lower precisions
     q32 = qg.to(exact)
     scores = torch.cat(
@@ -145,10 +143,21 @@ def _gathered_attention(qg, k, v, layout: GazeLayout, ids, heads, scale: float) 
         [dense_ok[:, None].expand(-1, hr, -1, -1), run_ok.repeat_interleave(width, dim=-1)], -1
     )
     weights = torch.softmax(scores.mul_(scale).masked_fill_(~valid[:, :, :, None], -torch.inf), -1)
-    weights = weights.to(v.dtype)
-    split = dense.shape[-1]
-    out = weights[..., :split].reshape(batch, hr, tq * group, split) @ v_dense
-    return out.view(batch, hr, tq, group, dim) + weights[..., split:] @ v_runs
+    # the values: each query's weighted sum read from the cache in place (embedding_bag sums
+    # the rows it is given without a gathered copy of them), keys in the scores' order
+    tokens = (runs[..., None] + torch.arange(width, device=runs.device)).view(batch, hr, tq, -1)
+    attended = torch.cat([dense[:, :, None].expand(-1, -1, tq, -1), tokens], dim=-1)
+    table, rows = _row_table(v, heads, attended.view(batch, hr, -1))
+    index = rows.view(batch, hr, tq, 1, -1).expand(-1, -1, -1, group, -1).reshape(-1)
+    per_query = attended.shape[-1]
+    out = F.embedding_bag(
+        index,
+        table,
+        torch.arange(0, index.numel(), per_query, device=index.device),
+        mode="sum",
+        per_sample_weights=weights.to(v.dtype).reshape(-1),
+    )
+    return out.view(batch, hr, tq, group, dim)
 
 
 def gaze_decode(
@@ -240,15 +249,24 @@ def _gather_rows(
     join and leave); its rows of D are then addressed through its strides instead of
     copying all of it to make it contiguous.
     """
+    table, rows = _row_table(x, kv_head, positions, width)
+    return table.index_select(0, rows)
+
+
+def _row_table(
+    x: torch.Tensor, kv_head: torch.Tensor, positions: torch.Tensor, width: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x's storage as a table of rows of ``width * D`` ([N, width * D], row r starting at
+    element r * D: rows overlap when width > 1) and the row of each x[b, kv_head[h],
+    positions[b, h, m]], flat [B * Hr * M] (see ``_gather_rows``)."""
     batch, _, tk, dim = x.shape
     s_b, s_h, s_t, s_d = x.stride()
     if s_d != 1 or s_t != dim or s_b % dim or s_h % dim:
         x = x.contiguous()
         s_b, s_h, s_t, _ = x.stride()
-    # [N, width * D] over x's storage from its first element: row r starts at element r * D
-    # (rows overlap when width > 1); the last one ends at x's last element
+    # the last row ends at x's last element
     last = ((batch - 1) * s_b + (x.shape[1] - 1) * s_h + (tk - 1) * s_t) // dim
-    flat = x.as_strided((last + 2 - width, width * dim), (dim, 1))
+    table = x.as_strided((last + 2 - width, width * dim), (dim, 1))
     base = torch.arange(batch, device=x.device)[:, None, None] * (s_b // dim)
     rows = base + kv_head[None, :, None] * (s_h // dim) + positions * (s_t // dim)
-    return flat.index_select(0, rows.reshape(-1))
+    return table, rows.reshape(-1)
