@@ -120,14 +120,16 @@ def test_dense_decode_matches_reference(case_id, seqs, side, region, n_ctx, hq, 
     torch.testing.assert_close(routed, ref, **FP32)
 
 
+@pytest.mark.parametrize("chunk", [16, 2], ids=["together", "in-chunks"])
 @pytest.mark.parametrize("routing", ["kv_head", "query_head", "random"])
 @pytest.mark.parametrize("hq,hkv", GQA, ids=[f"gqa{a}/{b}" for a, b in GQA])
 @pytest.mark.parametrize("case_id,seqs,side,region,n_ctx", CASES, ids=[c[0] for c in CASES])
 def test_text_after_the_layout_matches_reference(
-    case_id, seqs, side, region, n_ctx, hq, hkv, routing
+    case_id, seqs, side, region, n_ctx, hq, hkv, routing, chunk
 ):
     """Several text queries past the layout (a prompt's text after its cached visual prefix)
-    take the decode path together: the reference's output, counts and selection."""
+    take the decode path together, or a few at a time (``AFTER_LAYOUT_QUERIES``): the
+    reference's output, counts and selection."""
     layout = _layout(seqs, side, region, n_ctx)
     how = {"routing": "kv_head", "random_routing_seed": 3} if routing == "random" else {}
     config = GazeConfig(
@@ -145,10 +147,12 @@ def test_text_after_the_layout_matches_reference(
         return original(q, *args, **kwargs)
 
     with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
-        patch.setattr("gazeattn.ops.gaze.gaze_decode", spy)
+        patch.setattr(decode, "gaze_decode", spy)
+        patch.setattr(decode, "AFTER_LAYOUT_QUERIES", chunk)
         out, stats = gaze_attention(q, k, v, layout, config, return_selection=True)
     ref, ref_stats = gaze_attention_reference(q, k, v, layout, config, return_selection=True)
-    assert calls == ([tq] if layout.max_regions else [])
+    chunks = [tq] if chunk >= tq else [2, 2, 1]
+    assert calls == (chunks if layout.max_regions else [])
     torch.testing.assert_close(out, ref, **FP32)
     torch.testing.assert_close(stats.attended, ref_stats.attended.float())
     torch.testing.assert_close(stats.dense.float(), ref_stats.dense.float())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from gazeattn.ops.config import GazeConfig
-from gazeattn.ops.gaze.decode import after_layout, can_decode, gaze_decode
+from gazeattn.ops.gaze.decode import after_layout, can_decode, gaze_after_layout, gaze_decode
 from gazeattn.ops.gaze.dense import dense_attention, dense_decode
 from gazeattn.ops.gaze.launch import interpreted
 from gazeattn.ops.gaze.naive import gaze_attention_reference
@@ -76,7 +76,7 @@ def gaze_attention(
             return gaze_decode(q, k, v, layout, config, **kwargs)
         if after_layout(q, k, layout) and layout.max_regions:
             # the text after a cached visual prefix: every query routes as a decode step
-            return gaze_decode(q, k, v, layout, config, **kwargs)
+            return gaze_after_layout(q, k, v, layout, config, **kwargs)
         spans = prefill_spans(layout, k.shape[2]) if q.shape[2] == k.shape[2] else None
         if spans is not None:
             return gaze_prefill(q, k, v, layout, config, spans, **kwargs)

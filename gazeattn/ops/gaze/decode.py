@@ -43,6 +43,36 @@ def after_layout(q: torch.Tensor, k: torch.Tensor, layout: GazeLayout) -> bool:
     return q.shape[2] > 1 and k.shape[2] - q.shape[2] >= layout.length
 
 
+# text queries past the layout go through the decode path this many at a time: each query
+# gathers its own regions' keys ([B, Hr, Tq, K * S, D]), so a long text after an image is
+# bounded in memory (16 queries of a 16-frame video at keep 0.16: about 13 MB per row)
+AFTER_LAYOUT_QUERIES = 16
+
+
+def gaze_after_layout(q, k, v, layout: GazeLayout, config: GazeConfig, **kwargs):
+    """Text queries q [B, Hq, Tq, D] all past the layout (``after_layout``) through the
+    decode path, ``AFTER_LAYOUT_QUERIES`` at a time (each against the keys up to its last)."""
+    tq, tk = q.shape[2], k.shape[2]
+    outs, stats = [], []
+    for start in range(0, tq, AFTER_LAYOUT_QUERIES):
+        end = min(start + AFTER_LAYOUT_QUERIES, tq)
+        keys = tk - (tq - end)
+        out, part = gaze_decode(
+            q[:, :, start:end], k[:, :, :keys], v[:, :, :keys], layout, config, **kwargs
+        )
+        outs.append(out)
+        stats.append(part)
+    if len(outs) == 1:
+        return outs[0], stats[0]
+    selected = [p.selected for p in stats]
+    return torch.cat(outs, dim=2), GazeStats(
+        attended=torch.cat([p.attended for p in stats], dim=-1),
+        dense=torch.cat([p.dense for p in stats], dim=-1),
+        routed=torch.cat([p.routed for p in stats], dim=-1),
+        selected=None if selected[0] is None else torch.cat(selected, dim=2),
+    )
+
+
 # a decode step over at most this many keys x routing heads attends over every key with a mask
 # (the selected regions' tokens and every text and context key) instead of gathering the
 # attended ones: below it, the gather's index bookkeeping costs more than reading all keys
