@@ -135,10 +135,11 @@ def region_runs(layout: GazeLayout, device) -> tuple[torch.Tensor, int]:
 
 def _gathered_attention(qg, k, v, layout: GazeLayout, ids, heads, scale: float) -> torch.Tensor:
     """Attention of the queries qg [B, Hr, Tq, G, D] (the last Tq of the keys) over the keys
-    they attend, gathered from k/v [B, Hkv, Tk, D]: the dense (text and context) keys one by
-    one, once for all the queries (causal), and the tokens of the regions ``ids``
-    [B, Hr, Tq, K] (-1: none) chose as runs of consecutive keys (one row of ``width`` keys
-    read per run, ``region_runs``). One softmax over both sets; returns [B, Hr, Tq, G, D]."""
+    they attend in k/v [B, Hkv, Tk, D]: the dense (text and context) keys, gathered one by
+    one once for all the queries (causal), and the tokens of the regions ``ids``
+    [B, Hr, Tq, K] (-1: none) chose, gathered as runs of consecutive keys (one row of
+    ``width`` keys per run, ``region_runs``). One softmax over both sets; the values are
+    summed where they lie. Returns [B, Hr, Tq, G, D]."""
     batch, hr, tq, k_max = ids.shape
     group, tk, dim = qg.shape[3], k.shape[2], k.shape[3]
     starts, width = region_runs(layout, ids.device)
