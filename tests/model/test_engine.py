@@ -750,3 +750,18 @@ def test_a_prefix_hit_shares_the_entrys_keys_and_never_writes_them():
     assert hit.get_seq_length() == 8 and entry.get_seq_length() == 5
     for layer, (keys, values) in zip(entry.layers, held, strict=True):
         assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+
+
+def test_a_cpu_batch_cache_reserves_its_rows_at_the_first_join(monkeypatch):
+    """On CPU the first buffer holds every row the batch may have (no copy to grow it later),
+    unless that is more than ``CPU_RESERVE_BYTES``: then it starts at 4 rows and grows."""
+    import gazeattn.cache as cache_module
+
+    keys = torch.zeros(1, 2, 10, 4)
+    roomy = BatchCache(num_layers=1)
+    roomy.insert([(keys, keys)], max_rows=16)
+    assert roomy.layers[0].kbuf.shape[0] == 16
+    monkeypatch.setattr(cache_module, "CPU_RESERVE_BYTES", 1)
+    tight = BatchCache(num_layers=1)
+    tight.insert([(keys, keys)], max_rows=16)
+    assert tight.layers[0].kbuf.shape[0] == 4
