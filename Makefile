@@ -25,6 +25,9 @@ $(STAMP): pyproject.toml $(LOCK) $(DEV_LOCK)
 	@echo "building DeepSpeed's CPU shared-memory op once (~30 s; ~/.cache/torch_extensions)"
 	-$(PY) -c "from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder; \
 		ShareMemCommBuilder().load(verbose=False)"
+	@echo "building gazeattn's CPU decode kernel once (~40 s; ~/.cache/torch_extensions)"
+	-$(PY) -c "from gazeattn.ops.gaze.cpu_kernel import cpu_kernel; \
+		assert cpu_kernel() is not None, 'not built: the torch path serves'"
 	touch $(STAMP)
 
 # recompute the lock files from pyproject.toml: a new or changed dependency gets pinned, the

@@ -31,6 +31,7 @@ from transformers import DynamicCache
 from gazeattn.cache import BatchCache
 from gazeattn.generation import GazeCache
 from gazeattn.modeling import GazeState, deepstack_chunk, gaze_module, is_gaze_model
+from gazeattn.ops.gaze.cpu_kernel import cpu_kernel
 from gazeattn.ops.layout import GazeLayout, stack_rows
 from gazeattn.prefix_cache import PrefixCache, prefix_key, visual_prefix
 from gazeattn.processing import GazeProcessor
@@ -126,6 +127,8 @@ class ModelRunner:
         self._offsets: list[int] = []  # each row's left padding in the batch cache
         self._deltas: list[torch.Tensor] = []  # [1, 1] rotary delta per row (M-RoPE)
         self.cache = self._new_cache()
+        if self.gaze and self.device.type == "cpu":
+            cpu_kernel()  # built (or found built) now, not at the first decode step
 
     def reset(self) -> None:
         """An empty batch (after a step that leaves the batch unknown)."""

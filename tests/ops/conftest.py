@@ -36,3 +36,16 @@ def nan_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", _nan_filled(torch.empty))
     monkeypatch.setattr(torch, "empty_like", _nan_filled(torch.empty_like))
     monkeypatch.setattr(torch.Tensor, "new_empty", _nan_filled(torch.Tensor.new_empty))
+
+
+@pytest.fixture(params=["cpu-kernel", "torch"])
+def gather_path(request, monkeypatch):
+    """Both ways the gathered decode attention runs on CPU: the C++ kernel
+    (``gazeattn.ops.gaze.cpu_kernel``, which must build on this machine: a test of it never
+    passes on the torch path instead) and the torch ops it replaces."""
+    from gazeattn.ops.gaze.cpu_kernel import SWITCH, cpu_kernel
+
+    monkeypatch.setenv(SWITCH, "1" if request.param == "cpu-kernel" else "0")
+    if request.param == "cpu-kernel":
+        assert cpu_kernel() is not None, "the CPU decode kernel did not build"
+    return request.param

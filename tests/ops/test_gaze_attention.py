@@ -109,13 +109,18 @@ ROUTINGS = {"kv_head": {"routing": "kv_head"}, "query_head": {"routing": "query_
             "random": {"routing": "kv_head", "random_routing_seed": 5}}  # fmt: skip
 
 
-@pytest.fixture(params=["masked", "gathered"])
+@pytest.fixture(params=["masked", "gathered-cpu-kernel", "gathered-torch"])
 def decode_path(request, monkeypatch):
-    """Both ways the lean decode reads its keys: all of them masked (few keys) or the
-    attended ones gathered (many keys)."""
+    """Every way the lean decode reads its keys: all of them masked (few keys) or the
+    attended ones gathered (many keys), in the CPU kernel or in torch ops."""
     from gazeattn.ops.gaze import decode
+    from gazeattn.ops.gaze.cpu_kernel import SWITCH, cpu_kernel
 
-    monkeypatch.setattr(decode, "MASKED_DECODE_KEYS", 10**9 if request.param == "masked" else 0)
+    masked = request.param == "masked"
+    monkeypatch.setattr(decode, "MASKED_DECODE_KEYS", 10**9 if masked else 0)
+    monkeypatch.setenv(SWITCH, "1" if request.param == "gathered-cpu-kernel" else "0")
+    if request.param == "gathered-cpu-kernel":
+        assert cpu_kernel() is not None, "the CPU decode kernel did not build"
     return request.param
 
 
@@ -246,6 +251,23 @@ def test_low_precision_inputs_follow_fp32(dtype):
     ref, _ = gaze_attention(q, k, v, layout, config)
     out, _ = gaze_attention(q.to(dtype), k.to(dtype), v.to(dtype), layout, config)
     assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_decode_follows_fp32(dtype, decode_path):
+    """A decode step over a bf16 / fp16 cache (scores and softmax in fp32) on every path."""
+    layout = build_layout([[3, Image(12, 12), 4]], num_context_tokens=2)
+    config = GazeConfig(top_k=2, num_context_tokens=2)
+    q, k, v = (x.to(dtype) for x in _inputs(layout, 4, 2, dim=16, seed=3))
+    q = q[:, :, -1:]
+    with torch.no_grad():
+        ref, ref_stats = gaze_attention_reference(
+            q.float(), k.float(), v.float(), layout, config, return_selection=True
+        )
+        out, stats = gaze_attention(q, k, v, layout, config, return_selection=True)
+    assert out.dtype == dtype
+    torch.testing.assert_close(stats.selected, ref_stats.selected)
     torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
 
 

@@ -125,7 +125,7 @@ def test_dense_decode_matches_reference(case_id, seqs, side, region, n_ctx, hq, 
 @pytest.mark.parametrize("hq,hkv", GQA, ids=[f"gqa{a}/{b}" for a, b in GQA])
 @pytest.mark.parametrize("case_id,seqs,side,region,n_ctx", CASES, ids=[c[0] for c in CASES])
 def test_text_after_the_layout_matches_reference(
-    case_id, seqs, side, region, n_ctx, hq, hkv, routing, chunk
+    case_id, seqs, side, region, n_ctx, hq, hkv, routing, chunk, gather_path
 ):
     """Several text queries past the layout (a prompt's text after its cached visual prefix)
     take the decode path together, or a few at a time (``AFTER_LAYOUT_QUERIES``): the
@@ -186,7 +186,7 @@ def test_region_runs_rebuild_every_region(seqs, region, width):
 
 @pytest.mark.parametrize("keys", ["masked", "gathered"])
 @pytest.mark.parametrize("backend", ["reference", "dense"])
-def test_decode_reads_a_strided_cache_view(backend, keys, monkeypatch):
+def test_decode_reads_a_strided_cache_view(backend, keys, gather_path, monkeypatch):
     """k/v as a view into a larger buffer (rows and positions beyond them) decode as contiguous."""
     layout = _layout(
         [[2, Image(4, 4), 6], [5, Image(4, 4), 1, Image(3, 5), 2]], "left", (1, 2, 2), 1

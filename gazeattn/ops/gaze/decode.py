@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from gazeattn.ops.config import GazeConfig
+from gazeattn.ops.gaze.cpu_kernel import cpu_kernel
 from gazeattn.ops.gaze.stats import GazeStats, compute_stats, context_before
 from gazeattn.ops.layout import GazeLayout, TokenKind
 from gazeattn.ops.routing import (
@@ -156,8 +157,13 @@ def _gathered_attention(qg, k, v, layout: GazeLayout, ids, heads, scale: float) 
     else:
         dense_ok = dense_ok[:, None]
     dense = dense[:, None].expand(batch, hr, -1)
-    k_dense = _gather_rows(k, heads, dense).view(batch, hr, -1, dim)
     runs = runs.clamp(min=0)
+    kernel = cpu_kernel() if qg.device.type == "cpu" and k.stride() == v.stride() else None
+    if kernel is not None:
+        return _kernel_attention(
+            kernel, qg, k, v, heads, dense, dense_ok, runs, run_ok, width, scale
+        )
+    k_dense = _gather_rows(k, heads, dense).view(batch, hr, -1, dim)
     k_runs = _gather_rows(k, heads, runs.view(batch, hr, -1), width).view(batch, hr, tq, -1, dim)
     exact = torch.float32  # scores and softmax in fp32, as SDPA keeps them for lower precisions
     q32 = qg.to(exact)
@@ -189,6 +195,29 @@ def _gathered_attention(qg, k, v, layout: GazeLayout, ids, heads, scale: float) 
         per_sample_weights=weights.to(v.dtype).reshape(-1),
     )
     return out.view(batch, hr, tq, group, dim)
+
+
+def _kernel_attention(kernel, qg, k, v, heads, dense, dense_ok, runs, run_ok, width, scale):
+    """``_gathered_attention``'s keys, softmax and values in the CPU kernel (``cpu_kernel``):
+    each attended key and value row read once, in place. ``dense`` [B, Hr, Md] and ``runs``
+    [B, Hr, Tq, N] are key positions, ``dense_ok`` [B, 1 or Tq, Md] and ``run_ok`` their
+    validity; k and v share strides, so their rows share numbers."""
+    batch, hr, tq = runs.shape[:3]
+    k_table, dense_rows = _row_table(k, heads, dense)
+    _, run_rows = _row_table(k, heads, runs.reshape(batch, hr, -1))
+    v_table, _ = _row_table(v, heads, dense[:, :, :0])
+    out = kernel.gathered_attention(
+        qg.to(torch.float32).contiguous(),
+        k_table,
+        v_table,
+        dense_rows.view(batch, hr, -1),
+        dense_ok.contiguous(),
+        run_rows.view(batch, hr, tq, -1),
+        run_ok.contiguous(),
+        width,
+        scale,
+    )
+    return out.to(v.dtype)
 
 
 def gaze_decode(
