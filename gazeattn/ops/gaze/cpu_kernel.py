@@ -54,7 +54,9 @@ def _build():
         capability = torch.backends.cpu.get_cpu_capability()
         # fast-math: the exponentials of the softmax vectorize (the kernel reads no inf or NaN:
         # it scores only the keys a query attends)
-        flags = ["-O3", "-fopenmp-simd", "-ffast-math", *VECTOR_FLAGS.get(capability, [])]
+        # OpenMP: at::parallel_for splits the queries over torch's threads (the extension
+        # links libgomp.so.1, which resolves to the one torch has loaded)
+        flags = ["-O3", "-fopenmp", "-ffast-math", *VECTOR_FLAGS.get(capability, [])]
         # the builder runs ninja from PATH: pip's ninja lies beside this interpreter in a venv
         # that was not activated
         path = os.environ.get("PATH", "")
@@ -64,6 +66,7 @@ def _build():
                 name=f"gazeattn_gathered_attention_{capability.lower()}",
                 sources=[str(SOURCE)],
                 extra_cflags=flags,
+                extra_ldflags=["-fopenmp"],
                 verbose=False,
             )
         finally:
