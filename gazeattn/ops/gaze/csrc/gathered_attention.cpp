@@ -34,7 +34,7 @@ inline const float* as_float(const scalar_t* row, int64_t dim, std::vector<float
 
 // rows ahead of the one being read whose cache lines are fetched meanwhile: the rows are
 // scattered (one run of a few keys per region), so without it each row waits on memory
-constexpr int64_t kAhead = 8;
+constexpr int64_t kAhead = 16;
 
 template <typename scalar_t>
 inline void prefetch_row(const scalar_t* row, int64_t bytes) {
