@@ -251,3 +251,30 @@ def test_stack_rows_equals_a_left_padded_batch():
     assert torch.equal(longer.kinds[:, 1 : batch.length + 1], batch.kinds)
     with pytest.raises(ValueError, match="exceeds"):
         stack_rows(rows, offsets, batch.length - 1)
+
+
+def test_a_cpu_kernel_that_cannot_be_built_leaves_the_torch_path(monkeypatch, caplog):
+    """No compiler (the builder raises): one warning, then the torch ops decode, as exactly."""
+    import torch.utils.cpp_extension
+
+    from gazeattn.ops.gaze import cpu_kernel as kernel_module
+    from gazeattn.ops.gaze import decode
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no g++ here")
+
+    layout = _layout([[2, Image(4, 4), 6]], "right", (1, 2, 2), 1)
+    config = GazeConfig(region_size=(1, 2, 2), keep_ratio=0.5, num_context_tokens=1)
+    q, k, v = _inputs(1, 4, 2, layout.length + 2, seed=4, tq=1)
+    monkeypatch.setattr(decode, "MASKED_DECODE_KEYS", 0)
+    monkeypatch.setattr(kernel_module, "_built", [])
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    monkeypatch.setenv(kernel_module.SWITCH, "1")
+    with caplog.at_level("WARNING", logger=kernel_module.__name__), torch.no_grad():
+        assert kernel_module.cpu_kernel() is None
+        out, _ = gaze_attention(q, k, v, layout, config)
+        kernel_module.cpu_kernel()
+    assert [r.message for r in caplog.records if "no g++ here" in r.message] != []
+    assert len(caplog.records) == 1  # warned once, not at every call
+    ref, _ = gaze_attention_reference(q, k, v, layout, config)
+    torch.testing.assert_close(out, ref, **FP32)

@@ -3,7 +3,9 @@
 A decode step reads the cached region descriptors (routing GEMV), picks the
 Top-K regions, gathers their keys/values plus the dense text/context keys, and
 attends over that small set. Nothing proportional to all visual keys is read
-when ``descriptors`` come from the cache.
+when ``descriptors`` come from the cache. On CPU the keys, softmax and values of the
+gathered set run in one C++ loop that reads each attended row once, in place
+(``cpu_kernel``); the torch ops below do the same where it is not built.
 
 The same path takes several text queries past the whole layout at once (``after_layout``):
 the text of a prompt after a cached visual prefix, whose queries all see every region.
