@@ -278,3 +278,17 @@ def test_a_cpu_kernel_that_cannot_be_built_leaves_the_torch_path(monkeypatch, ca
     assert len(caplog.records) == 1  # warned once, not at every call
     ref, _ = gaze_attention_reference(q, k, v, layout, config)
     torch.testing.assert_close(out, ref, **FP32)
+
+
+def test_a_gathered_decode_that_records_gradients_takes_the_torch_path(gather_path, monkeypatch):
+    """The CPU kernel has no backward: with gradients on, the gathered decode still has them."""
+    from gazeattn.ops.gaze import decode
+
+    layout = _layout([[2, Image(4, 4), 6]], "right", (1, 2, 2), 1)
+    config = GazeConfig(region_size=(1, 2, 2), keep_ratio=0.5, num_context_tokens=1)
+    q, k, v = _inputs(1, 4, 2, layout.length + 2, seed=5, tq=1)
+    monkeypatch.setattr(decode, "MASKED_DECODE_KEYS", 0)
+    q.requires_grad_(True)
+    out, _ = decode.gaze_decode(q, k, v, layout, config)
+    out.sum().backward()
+    assert q.grad is not None and bool(q.grad.abs().sum() > 0)

@@ -52,8 +52,8 @@ def _build():
         from torch.utils.cpp_extension import load
 
         capability = torch.backends.cpu.get_cpu_capability()
-        # fast-math: the exponentials of the softmax vectorize (the kernel reads no inf or NaN:
-        # it scores only the keys a query attends)
+        # fast-math: the exponentials of the softmax vectorize (no -inf mask to keep exact:
+        # the kernel scores only the keys a query attends)
         # OpenMP: at::parallel_for splits the queries over torch's threads (the extension
         # links libgomp.so.1, which resolves to the one torch has loaded)
         flags = ["-O3", "-fopenmp", "-ffast-math", *VECTOR_FLAGS.get(capability, [])]

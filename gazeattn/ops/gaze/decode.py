@@ -160,7 +160,10 @@ def _gathered_attention(qg, k, v, layout: GazeLayout, ids, heads, scale: float) 
         dense_ok = dense_ok[:, None]
     dense = dense[:, None].expand(batch, hr, -1)
     runs = runs.clamp(min=0)
-    kernel = cpu_kernel() if qg.device.type == "cpu" and k.stride() == v.stride() else None
+    # the kernel has no backward: a call that records gradients takes the torch ops
+    graph = torch.is_grad_enabled() and any(t.requires_grad for t in (qg, k, v))
+    in_place = qg.device.type == "cpu" and k.stride() == v.stride() and not graph
+    kernel = cpu_kernel() if in_place else None
     if kernel is not None:
         return _kernel_attention(
             kernel, qg, k, v, heads, dense, dense_ok, runs, run_ok, width, scale
