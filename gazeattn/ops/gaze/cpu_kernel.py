@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import threading
+from hashlib import blake2b
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,9 @@ def cpu_kernel():
 
 
 # the vector instructions the build may use, by what torch found the CPU can run: a build
-# is named after them, so a cache shared by machines never loads one their CPU lacks
+# is named after them, so a cache shared by machines never loads one their CPU lacks, and
+# after the torch it compiles against, so two environments sharing the cache (a checkout's
+# venv, a fresh one) keep their own builds instead of rebuilding over each other's library
 VECTOR_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
@@ -52,6 +55,10 @@ def _build():
         from torch.utils.cpp_extension import load
 
         capability = torch.backends.cpu.get_cpu_capability()
+        install = blake2b(
+            f"{Path(torch.__file__).parent}|{torch.__version__}".encode(), digest_size=4
+        )
+        name = f"gazeattn_gathered_attention_{capability.lower()}_{install.hexdigest()}"
         # fast-math: the exponentials of the softmax vectorize (no -inf mask to keep exact:
         # the kernel scores only the keys a query attends)
         # OpenMP: at::parallel_for splits the queries over torch's threads (the extension
@@ -63,7 +70,7 @@ def _build():
         os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])
         try:
             return load(
-                name=f"gazeattn_gathered_attention_{capability.lower()}",
+                name=name,
                 sources=[str(SOURCE)],
                 extra_cflags=flags,
                 extra_ldflags=["-fopenmp"],
