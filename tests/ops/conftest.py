@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from gazeattn.ops.gaze.launch import interpreted
+from tests.ops.kernel_paths import use_cpu_kernel
 
 # tests that call the Triton backend on CPU tensors, i.e. under the interpreter
 INTERPRETER_TESTS = ("test_triton_gaze.py", "test_triton_decode.py")
@@ -40,12 +41,6 @@ def nan_empty(monkeypatch):
 
 @pytest.fixture(params=["cpu-kernel", "torch"])
 def gather_path(request, monkeypatch):
-    """Both ways the gathered decode attention runs on CPU: the C++ kernel
-    (``gazeattn.ops.gaze.cpu_kernel``, which must build on this machine: a test of it never
-    passes on the torch path instead) and the torch ops it replaces."""
-    from gazeattn.ops.gaze.cpu_kernel import SWITCH, cpu_kernel
-
-    monkeypatch.setenv(SWITCH, "1" if request.param == "cpu-kernel" else "0")
-    if request.param == "cpu-kernel":
-        assert cpu_kernel() is not None, "the CPU decode kernel did not build"
+    """Both ways the gathered decode attention runs on CPU (``use_cpu_kernel``)."""
+    use_cpu_kernel(monkeypatch, request.param == "cpu-kernel")
     return request.param

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from gazeattn.ops import GazeConfig, Image, Video, build_layout, gaze_attention
 from gazeattn.ops.gaze.decode import gaze_decode
 from gazeattn.ops.gaze.naive import gaze_attention_reference
+from tests.ops.kernel_paths import use_cpu_kernel
 from tests.ops.loop_reference import ctx_count, dense_visual, lay_tokens, loop_attention
 
 FP32 = dict(atol=2e-5, rtol=2e-5)
@@ -114,13 +115,10 @@ def decode_path(request, monkeypatch):
     """Every way the lean decode reads its keys: all of them masked (few keys) or the
     attended ones gathered (many keys), in the CPU kernel or in torch ops."""
     from gazeattn.ops.gaze import decode
-    from gazeattn.ops.gaze.cpu_kernel import SWITCH, cpu_kernel
 
     masked = request.param == "masked"
     monkeypatch.setattr(decode, "MASKED_DECODE_KEYS", 10**9 if masked else 0)
-    monkeypatch.setenv(SWITCH, "1" if request.param == "gathered-cpu-kernel" else "0")
-    if request.param == "gathered-cpu-kernel":
-        assert cpu_kernel() is not None, "the CPU decode kernel did not build"
+    use_cpu_kernel(monkeypatch, request.param == "gathered-cpu-kernel")
     return request.param
 
 
