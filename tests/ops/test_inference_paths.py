@@ -11,6 +11,7 @@ from gazeattn.ops.gaze.dense import dense_decode
 from gazeattn.ops.gaze.naive import gaze_attention_reference
 from gazeattn.ops.gaze.prefill import gaze_prefill, prefill_spans
 from gazeattn.ops.layout import compact, stack_rows
+from tests.ops.kernel_paths import use_cpu_kernel
 
 FP32 = dict(atol=2e-5, rtol=2e-5)
 
@@ -292,3 +293,45 @@ def test_a_gathered_decode_that_records_gradients_takes_the_torch_path(gather_pa
     out, _ = decode.gaze_decode(q, k, v, layout, config)
     out.sum().backward()
     assert q.grad is not None and bool(q.grad.abs().sum() > 0)
+
+
+def test_the_cpu_kernel_runs_without_the_gil(monkeypatch):
+    """While one thread is in the kernel, another runs Python (a serving replica's event loop
+    relays tokens while its scheduler thread decodes): the main thread's timestamps have no
+    gap as long as the call."""
+    import threading
+    import time
+
+    use_cpu_kernel(monkeypatch, True)
+    from gazeattn.ops.gaze.cpu_kernel import cpu_kernel
+
+    rows, dim, tq, keys = 8192, 64, 1024, 4096
+    table = torch.randn(rows, dim)
+    q = torch.randn(1, 1, tq, 4, dim)
+    dense = torch.arange(keys).view(1, 1, keys)
+    dense_ok = torch.ones(1, 1, keys, dtype=torch.bool)
+    runs = torch.zeros(1, 1, tq, 1, dtype=torch.int64)
+    runs_ok = torch.zeros(1, 1, tq, 1, dtype=torch.bool)
+    window = {}
+
+    def call():
+        window["start"] = time.perf_counter()
+        cpu_kernel().gathered_attention(q, table, table, dense, dense_ok, runs, runs_ok, 1, 0.125)
+        window["end"] = time.perf_counter()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the kernel's OpenMP team leaves a core to this thread
+    try:
+        worker = threading.Thread(target=call)
+        stamps = []
+        worker.start()
+        while worker.is_alive():
+            stamps.append(time.perf_counter())
+        worker.join()
+    finally:
+        torch.set_num_threads(threads)
+    start, end = window["start"], window["end"]
+    inside = [start, *(t for t in stamps if start < t < end), end]
+    longest = max(b - a for a, b in zip(inside, inside[1:], strict=False))
+    # holding the GIL, the call would leave one gap as long as itself
+    assert longest < 0.5 * (end - start), (longest, end - start)

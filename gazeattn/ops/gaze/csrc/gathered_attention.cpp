@@ -158,6 +158,8 @@ torch::Tensor gathered_attention(torch::Tensor q, torch::Tensor k, torch::Tensor
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // without the GIL: the serving replica's event loop relays tokens meanwhile
   m.def("gathered_attention", &gathered_attention,
-        "gaze decode attention over gathered dense rows and region runs, in place (CPU)");
+        "gaze decode attention over gathered dense rows and region runs, in place (CPU)",
+        py::call_guard<py::gil_scoped_release>());
 }
