@@ -140,18 +140,31 @@ def visual_prefix(sample: EncodedSample, processor) -> tuple[int, str]:
 
     Hashing every frame's pixels is tens of milliseconds for a long video: it is computed
     once and kept on the sample (``sample.prefix``), so a server computes it where it encodes
-    the request, not on the engine's scheduler thread."""
+    the request, not on the engine's scheduler thread. A processor with a media cache
+    (``gazeattn.media_cache``, a server's preparing process) computes it once per prefix ids
+    and media content: the same pixel inputs (its media's keys say so), the same digest."""
     if sample.prefix is None:
         length = prefix_length(processor.layout_of([sample.parts]))
         digest = ""
         if 0 < length < len(sample):
-            content = hashlib.blake2b(digest_size=20)
-            content.update(np.ascontiguousarray(sample.input_ids[:length], np.int64).tobytes())
-            for name in sorted(sample.vision):
-                array = np.ascontiguousarray(sample.vision[name])
-                content.update(f"{name}:{array.dtype}:{array.shape}".encode())
-                content.update(array.tobytes())
-            digest = content.hexdigest()
+            ids = np.ascontiguousarray(sample.input_ids[:length], np.int64).tobytes()
+
+            def compute() -> str:
+                content = hashlib.blake2b(digest_size=20)
+                content.update(ids)
+                for name in sorted(sample.vision):
+                    array = np.ascontiguousarray(sample.vision[name])
+                    content.update(f"{name}:{array.dtype}:{array.shape}".encode())
+                    content.update(array.tobytes())
+                return content.hexdigest()
+
+            media = getattr(processor, "media_cache", None)
+            if media is not None and sample.media_keys is not None:
+                # the same ids and media (by content): the same pixel inputs, hashed once
+                key = (hashlib.blake2b(ids, digest_size=20).hexdigest(), sample.media_keys)
+                digest = media.prefix_digest(key, compute)
+            else:
+                digest = compute()
         sample.prefix = (length, digest)
     return sample.prefix
 

@@ -22,17 +22,22 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image as PILImage
 from transformers import BatchFeature, ProcessorMixin
 
+from gazeattn.media_cache import MediaCache, media_key
 from gazeattn.ops import GazeConfig, GazeLayout, build_layout
 from gazeattn.ops.layout import Part
 from gazeattn.sample import IGNORE, EncodedSample
+
+if TYPE_CHECKING:
+    from gazeattn.families.media import Media
 
 CONTEXT_TOKEN = "<|gaze_ctx|>"
 
@@ -136,6 +141,8 @@ class GazeProcessor(ProcessorMixin):
         self.image_token = self.rules.image_token
         self.video_token = self.rules.video_token
         self.stop_tokens = list(stop_tokens or [tokenizer.eos_token])
+        # processed media by content (gazeattn.media_cache), where a server sets one
+        self.media_cache: MediaCache | None = None
         self._check_tokens()
 
     # ---- settings
@@ -219,6 +226,7 @@ class GazeProcessor(ProcessorMixin):
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
         out.pop("rules", None)
+        out.pop("media_cache", None)
         out["gaze_config"] = self.gaze_config.to_dict() if self.gaze_config else None
         out["visual_budget"] = self.visual_budget.to_dict()
         return out
@@ -326,15 +334,16 @@ class GazeProcessor(ProcessorMixin):
         if len(images) + sum(len(v.frames) for v in videos) > self.max_media:
             raise ProcessorInputError(f"more than {self.max_media} images and frames")
         image_iter, video_iter = iter(images), iter(videos)
-        expanded, plan, vision = [], [], []
+        expanded, plan, vision, keys = [], [], [], []
         shift = []  # (position in text, growth so far) at the end of each marker
         pos = growth = 0
         for piece in pieces:
             if piece in (self.image_token, self.video_token):
                 if piece == self.image_token:
-                    media = self.rules.process_image(next(image_iter), self.visual_budget)
+                    media, key = self._process(next(image_iter), video=False)
                 else:
-                    media = self.rules.process_clip(next(video_iter), self.visual_budget)
+                    media, key = self._process(next(video_iter), video=True)
+                keys.append(key)
                 replacement = media.text(self.context_token, self.num_context_tokens)
                 plan.append(media)
                 vision.append(media.arrays)
@@ -373,7 +382,22 @@ class GazeProcessor(ProcessorMixin):
             labels=np.asarray(labels, np.int64),
             vision=_merge_arrays(vision),
             parts=parts,
+            media_keys=tuple(keys) if self.media_cache is not None else None,
         )
+
+    def _process(self, item, *, video: bool) -> tuple[Media, str | None]:
+        """One prepared image (or ``Clip``) through the family's processing, and its content
+        key: through the media cache where this processor has one (else the key is None)."""
+        budget = self.visual_budget
+        if video:
+            process = partial(self.rules.process_clip, item, budget)
+        else:
+            process = partial(self.rules.process_image, item, budget)
+        if self.media_cache is None:
+            return process(), None
+        frames, timing = (list(item.frames), (item.fps, item.indices)) if video else ([item], ())
+        key = media_key("video" if video else "image", frames, budget, timing)
+        return self.media_cache.media(key, process), key
 
     def _parts(self, ids: list[int], plan: list) -> list[Part]:
         """Walk the ids along the expansion plan: text runs, then each media item's tokens."""

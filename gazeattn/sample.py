@@ -39,6 +39,9 @@ class EncodedSample:
     # (length, content digest) of its cacheable visual prefix, once computed
     # (``gazeattn.prefix_cache.visual_prefix``; a server computes it where it encodes)
     prefix: tuple[int, str] | None = None
+    # each media item's content digest (``gazeattn.media_cache.media_key``), where the
+    # processor that encoded it had a media cache
+    media_keys: tuple[str, ...] | None = None
 
     def __post_init__(self):
         if len(self.labels) != len(self.input_ids):

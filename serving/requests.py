@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass
 
 from gazeattn.generation import GenerationRequest, InvalidRequest, SamplingParams
+from gazeattn.media_cache import MediaCache
 from gazeattn.prefix_cache import visual_prefix
 from gazeattn.processing import GazeProcessor, ProcessorInputError, SequenceTooLong
 from gazeattn.sample import EncodedSample
@@ -268,7 +269,9 @@ class Preparer:
     the GIL: in the replica's process it starved the decode loop (22 -> 0.3 steps/s while a
     400-turn prompt was encoded). In other processes it cannot; and the pool bounds how many
     requests are prepared at once. A worker that dies (out of memory) fails the requests it
-    held and the pool is started again.
+    held and the pool is started again. Each worker keeps the images and videos it processed
+    (``settings.media_cache_bytes``, ``gazeattn.media_cache``): a request about a picture or
+    video seen before skips their processing and the hash of their pixels.
     """
 
     def __init__(
@@ -308,9 +311,11 @@ class Preparer:
 _WORKER: tuple | None = None  # a Preparer worker's (settings, processor, model, layers)
 
 
-def _init_worker(*args) -> None:
+def _init_worker(settings: ServeSettings, processor: GazeProcessor, *rest) -> None:
     global _WORKER
-    _WORKER = args
+    if settings.media_cache_bytes:
+        processor.media_cache = MediaCache(settings.media_cache_bytes)
+    _WORKER = (settings, processor, *rest)
 
 
 def _prepare_in_worker(body: ChatCompletionRequest) -> Prepared:

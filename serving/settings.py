@@ -108,6 +108,9 @@ class ServeSettings(BaseModel):
     prefix_cache_bytes: int = Field(2**30, ge=0)
     # processes that validate requests (decode images, encode prompts) beside the decode loop
     prepare_workers: int = Field(2, ge=1)
+    # memory of each of them for processed images and videos reused by later requests with the
+    # same pixels (gazeattn.media_cache, least recently used out first); 0 turns it off
+    media_cache_bytes: int = Field(2**28, ge=0)
     routing_layer: int = -1
 
     @model_validator(mode="after")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
@@ -249,6 +250,34 @@ def test_prepare_checks_and_converts(model_dir):
         run(messages=user(*[image_part(data_url(image_bytes(0)))] * 3))
     with pytest.raises(BadRequest, match="gaze_layer"):
         run(gaze_layer=-3)
+
+
+def test_a_preparing_process_keeps_the_media_it_processed(model_dir, monkeypatch):
+    """A request about a picture seen before (another question) skips its processing, and
+    encodes and hashes as the first; media_cache_bytes=0 keeps nothing."""
+    from serving import requests
+    from serving.requests import _init_worker, _prepare_in_worker
+
+    _, processor = load_model(model_dir)
+    settings = ServeSettings(model=str(model_dir), max_images=2, max_tokens_limit=16)
+    image = image_part(data_url(image_bytes(2)))
+
+    def body(question: str) -> ChatCompletionRequest:
+        messages = [{"role": "user", "content": [image, {"type": "text", "text": question}]}]
+        return ChatCompletionRequest.model_validate({"model": "m", "messages": messages})
+
+    monkeypatch.setattr(requests, "_WORKER", None)
+    _init_worker(settings, processor, "m", 2)
+    first, second = _prepare_in_worker(body("what?")), _prepare_in_worker(body("and now?"))
+    stats = processor.media_cache.stats
+    assert (stats.misses, stats.hits, stats.entries) == (1, 1, 1)
+    assert first.sample.prefix == second.sample.prefix and first.sample.prefix[1]
+    for name, array in first.sample.vision.items():
+        assert np.array_equal(array, second.sample.vision[name])
+    _, plain = load_model(model_dir)
+    _init_worker(settings.model_copy(update={"media_cache_bytes": 0}), plain, "m", 2)
+    assert plain.media_cache is None
+    assert _prepare_in_worker(body("what?")).sample.prefix == first.sample.prefix
 
 
 def test_body_parsing_errors():
