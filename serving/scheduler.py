@@ -100,8 +100,7 @@ class Scheduler:
             logger.critical("the scheduler loop died; the replica is unhealthy", exc_info=err)
             with self._open_lock:
                 streams, self._open = list(self._open), set()
-            for stream in streams:
-                self._put(stream, StepOutput(sequence=stream.sequence, error=err))
+            self._deliver([(s, StepOutput(sequence=s.sequence, error=err)) for s in streams])
 
     def _loop(self) -> None:
         while not self._closed.is_set():
@@ -119,18 +118,32 @@ class Scheduler:
                     logger.exception("recording engine metrics failed")
 
     def _dispatch(self, outputs: list[StepOutput]) -> None:
+        items = []
         for out in outputs:
             stream: RequestStream = out.sequence.tag
             if out.finished:
                 with self._open_lock:
                     self._open.discard(stream)
-            self._put(stream, out)
+            items.append((stream, out))
+        self._deliver(items)
 
     @staticmethod
-    def _put(stream: RequestStream, out: StepOutput) -> None:
-        try:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
-        except RuntimeError:
-            # the request's event loop is closed (the replica is shutting down)
-            if out.sequence is not None:
-                out.sequence.cancelled = True
+    def _deliver(items: list[tuple[RequestStream, StepOutput]]) -> None:
+        """Each output into its stream's queue: one wake-up of each event loop per step, not
+        one per stream (16 streams, 16 wake-ups a step before)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for stream, out in items:
+            by_loop.setdefault(stream.loop, []).append((stream, out))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:
+                # the requests' event loop is closed (the replica is shutting down)
+                for _, out in batch:
+                    if out.sequence is not None:
+                        out.sequence.cancelled = True
+
+
+def _put_all(batch: list[tuple[RequestStream, StepOutput]]) -> None:
+    for stream, out in batch:
+        stream.queue.put_nowait(out)

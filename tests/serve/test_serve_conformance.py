@@ -214,6 +214,50 @@ def test_the_scheduler_streams_cancels_and_survives_a_broken_step(tiny, monkeypa
         scheduler.close()
 
 
+def test_a_step_wakes_the_event_loop_once_for_all_its_streams(tiny, monkeypatch):
+    """The scheduler thread hands a step's outputs to the event loop in one call, not one per
+    stream; every output reaches its own stream, in order."""
+    from serving import scheduler as scheduler_module
+
+    _, model, processor = tiny
+    engine = Engine(model, processor, max_batch_size=4)
+    alone = engine.run([_item(6).generation])[0].token_ids
+    steps, handed = [0], []
+    step = engine.step
+
+    def counted(*args, **kwargs):
+        steps[0] += 1
+        return step(*args, **kwargs)
+
+    put_all = scheduler_module._put_all
+
+    def recorded(batch):
+        handed.append(len(batch))
+        assert len({id(stream) for stream, _ in batch}) == len(batch)
+        put_all(batch)
+
+    monkeypatch.setattr(engine, "step", counted)
+    monkeypatch.setattr(scheduler_module, "_put_all", recorded)
+    scheduler = Scheduler(engine)
+
+    async def collect(stream):
+        return [out async for out in stream]
+
+    async def main():
+        streams = [scheduler.submit(_item(6)) for _ in range(3)]
+        return await asyncio.gather(*(collect(s) for s in streams))
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        scheduler.close()
+    for outs in results:
+        assert outs[-1].result.token_ids == alone
+    assert sum(handed) == sum(len(outs) for outs in results)
+    # at most one hand-over per phase of a step (its joins' first tokens, its decode)
+    assert len(handed) <= 2 * steps[0] and max(handed) == 3
+
+
 def test_a_dead_scheduler_loop_fails_its_requests_and_the_health_check(tiny, monkeypatch):
     """``abort`` failing after a failed step (a sticky CUDA error) ends the loop: the open
     requests end with the error instead of hanging, new ones are refused, and the replica's
