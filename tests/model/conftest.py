@@ -36,6 +36,21 @@ def gaze_dir(gaze_dirs):
     return gaze_dirs["llava"]
 
 
+@pytest.fixture(scope="session")
+def family_processors(tmp_path_factory):
+    """family -> the processor of a tiny gaze checkpoint, for every family ``gazeattn.tiny``
+    builds (keep_ratio 0.3, 2 context tokens). Shared: a test that changes one restores it."""
+    from gazeattn.processing import GazeProcessor
+    from gazeattn.tiny import FAMILIES as ALL
+
+    root = tmp_path_factory.mktemp("processors")
+    config = GazeConfig(keep_ratio=0.3, num_context_tokens=2)
+    return {
+        f: GazeProcessor.from_pretrained(str(build_tiny(root / f, family=f, gaze_config=config)))
+        for f in ALL
+    }
+
+
 def random_image(seed: int, size=(40, 56)) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
 

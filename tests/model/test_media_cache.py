@@ -9,21 +9,10 @@ import pytest
 from PIL import Image
 
 from gazeattn.media_cache import MediaCache, media_key
-from gazeattn.ops import GazeConfig
 from gazeattn.prefix_cache import visual_prefix
 from gazeattn.processing import GazeProcessor
-from gazeattn.tiny import FAMILIES, build_tiny
+from gazeattn.tiny import FAMILIES
 from gazeattn.video import Clip
-
-
-@pytest.fixture(scope="module")
-def processors(tmp_path_factory):
-    root = tmp_path_factory.mktemp("media-cache")
-    config = GazeConfig(keep_ratio=0.3, num_context_tokens=1)
-    return {
-        f: GazeProcessor.from_pretrained(str(build_tiny(root / f, family=f, gaze_config=config)))
-        for f in FAMILIES
-    }
 
 
 def _noise(seed: int, width: int = 40, height: int = 32) -> Image.Image:
@@ -51,8 +40,8 @@ def _assert_same(a, b) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_cached_item_encodes_as_processing_it_does(processors, family):
-    processor = processors[family]
+def test_a_cached_item_encodes_as_processing_it_does(family_processors, family):
+    processor = family_processors[family]
     image, video = _noise(0), Clip(frames=[_noise(1), _noise(2)], fps=2.0, indices=(0, 1))
     try:
         plain = _encode(processor, image, video)
@@ -77,8 +66,8 @@ def test_a_cached_item_encodes_as_processing_it_does(processors, family):
         processor.media_cache = None
 
 
-def test_other_content_is_another_item(processors):
-    processor = processors["llava"]
+def test_other_content_is_another_item(family_processors):
+    processor = family_processors["llava"]
     image = _noise(3)
     budget = processor.visual_budget
     key = media_key("image", [image], budget)
@@ -96,8 +85,8 @@ def test_other_content_is_another_item(processors):
     assert media_key("video", frames, budget, (2.0, (0, 1))) == at
 
 
-def test_the_cache_keeps_to_its_budget(processors):
-    processor = processors["llava"]
+def test_the_cache_keeps_to_its_budget(family_processors):
+    processor = family_processors["llava"]
     size = _encode(processor, _noise(6), [_noise(7)]).vision["pixel_values"][:1].nbytes
     processor.media_cache = cache = MediaCache(int(2.5 * size))  # two single images fit
     try:
@@ -120,8 +109,8 @@ def test_the_cache_keeps_to_its_budget(processors):
         processor.media_cache = None
 
 
-def test_a_processor_with_a_cache_saves_as_without(processors, tmp_path):
-    processor = processors["llava"]
+def test_a_processor_with_a_cache_saves_as_without(family_processors, tmp_path):
+    processor = family_processors["llava"]
     processor.media_cache = MediaCache(2**20)
     try:
         assert "media_cache" not in processor.to_dict()
