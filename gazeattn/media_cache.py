@@ -25,8 +25,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
-
 
 @dataclass(kw_only=True)
 class MediaCacheStats:
@@ -42,8 +40,7 @@ class MediaCache:
             raise ValueError("max_bytes must be >= 0")
         self.max_bytes = max_bytes
         self.stats = MediaCacheStats()
-        self._media: OrderedDict[str, object] = OrderedDict()
-        self._sizes: dict[str, int] = {}
+        self._media: OrderedDict[str, tuple[object, int]] = OrderedDict()  # (item, bytes)
         self._digests: OrderedDict[tuple, str] = OrderedDict()
 
     def media(self, key: str, process: Callable[[], object]):
@@ -52,15 +49,15 @@ class MediaCache:
         if found is not None:
             self._media.move_to_end(key)
             self.stats.hits += 1
-            return found
+            return found[0]
         self.stats.misses += 1
         media = process()
         size = sum(a.nbytes for a in media.arrays.values())
         if size <= self.max_bytes:
             while self.stats.bytes + size > self.max_bytes:
-                old, _ = self._media.popitem(last=False)
-                self.stats.bytes -= self._sizes.pop(old)
-            self._media[key], self._sizes[key] = media, size
+                _, (_, evicted) = self._media.popitem(last=False)
+                self.stats.bytes -= evicted
+            self._media[key] = (media, size)
             self.stats.bytes += size
         self.stats.entries = len(self._media)
         return media
@@ -83,7 +80,6 @@ def media_key(kind: str, frames: list, budget, timing: tuple = ()) -> str:
     content = hashlib.blake2b(digest_size=20)
     content.update(f"{kind}|{budget!r}|{timing!r}|{len(frames)}".encode())
     for frame in frames:
-        pixels = np.asarray(frame)
-        content.update(f"|{frame.mode}:{pixels.shape}".encode())
-        content.update(np.ascontiguousarray(pixels).tobytes())
+        content.update(f"|{frame.mode}:{frame.size}".encode())
+        content.update(frame.tobytes())
     return content.hexdigest()

@@ -155,7 +155,7 @@ def visual_prefix(sample: EncodedSample, processor) -> tuple[int, str]:
                 for name in sorted(sample.vision):
                     array = np.ascontiguousarray(sample.vision[name])
                     content.update(f"{name}:{array.dtype}:{array.shape}".encode())
-                    content.update(array.tobytes())
+                    content.update(array)  # its buffer, as tobytes() would give it, uncopied
                 return content.hexdigest()
 
             media = getattr(processor, "media_cache", None)
