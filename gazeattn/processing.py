@@ -134,6 +134,7 @@ class GazeProcessor(ProcessorMixin):
         self.visual_budget = _as_budget(visual_budget)
         self.max_length = max_length
         self.max_media = max_media
+        image_processor = pil_backend(image_processor)
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
         if self.chat_template is None:
             self.chat_template = getattr(tokenizer, "chat_template", None)
@@ -764,6 +765,29 @@ def _as_gaze_config(value) -> GazeConfig | None:
     if value is None or isinstance(value, GazeConfig):
         return value
     return GazeConfig.from_dict(value)
+
+
+def pil_backend(image_processor):
+    """``image_processor`` on transformers' PIL backend (its ``...Pil`` class, same settings).
+
+    Where torchvision is installed (GPU machines), transformers picks the torchvision backend
+    of CLIP's, SigLIP's and Qwen-VL's processors; without it (our CPU machines), the PIL one.
+    The two resize differently, and the families' media rules call the processor's own
+    methods on numpy arrays, which only the PIL backend takes: the first GPU run failed there
+    (bench/RESULTS.md). So every machine processes images as training did, with PIL."""
+    from transformers.image_processing_backends import PilBackend
+
+    if image_processor is None or isinstance(image_processor, PilBackend):
+        return image_processor
+    import transformers
+
+    pil = getattr(transformers, f"{type(image_processor).__name__}Pil", None)
+    if pil is None:
+        raise ProcessorInputError(
+            f"{type(image_processor).__name__} has no PIL backend in this transformers; "
+            "gazeattn processes images with the PIL backend"
+        )
+    return pil.from_dict(image_processor.to_dict())
 
 
 def _as_budget(value) -> VisualBudget:

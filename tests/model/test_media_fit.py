@@ -56,3 +56,23 @@ def test_fitted_video_frames_encode_as_the_originals(family_processors, family):
     mixed = [_noise(1, 300, 180), _noise(2, 200, 180)]
     if family.startswith("qwen3"):
         assert processor.fit_video(mixed) == mixed
+
+
+def test_a_processor_of_another_backend_is_taken_on_pil(family_processors):
+    """Where torchvision is installed, transformers loads its backend of the families' image
+    processors; gazeattn takes the PIL backend's class with the same settings (the media
+    rules hand it numpy arrays, and every machine then resizes as training did)."""
+    from transformers.image_processing_utils import BaseImageProcessor
+
+    from gazeattn.processing import ProcessorInputError, pil_backend
+
+    for processor in family_processors.values():
+        ours = processor.image_processor
+        settings = {k: v for k, v in ours.to_dict().items() if k != "image_processor_type"}
+        # a processor of another backend, named as transformers names the torchvision one
+        other = type(type(ours).__name__.removesuffix("Pil"), (BaseImageProcessor,), {})
+        taken = pil_backend(other(**settings))
+        assert type(taken) is type(ours) and taken.to_dict() == ours.to_dict()
+        assert pil_backend(ours) is ours
+    with pytest.raises(ProcessorInputError, match="no PIL backend"):
+        pil_backend(type("NoSuchImageProcessor", (BaseImageProcessor,), {})())
