@@ -234,7 +234,9 @@ def gpu_tests(step: Step, timeout: int, rehearse: bool) -> None:
         return
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/ops", "-q", "-p", "no:cacheprovider"]
     cmd += ["--collect-only"] if rehearse else ["-rfE"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # this checkout first, then what the caller put on the path (packages carried there)
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path)
     proc = subprocess.run(
         cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
