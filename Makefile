@@ -68,7 +68,7 @@ bench: setup
 	$(PY) bench/attention_gpu.py
 	$(PY) bench/decode_model.py
 
-# the prepared GPU run (bench/gpu_check.py, about 8 minutes): the gpu tests, the attention
+# the prepared GPU run (bench/gpu_check.py, more than 10 minutes on an H200): the gpu tests, the attention
 # benchmark and a 3B-shaped model; runs with the machine's own Python when there is no .venv
 gpu-check:
 	PYTHONPATH=. $(if $(wildcard $(PY)),$(PY),python3) bench/gpu_check.py $(GPU_CHECK_ARGS)

@@ -1,6 +1,8 @@
 """One prepared GPU run (issue #15): ``make gpu-check``, i.e. ``PYTHONPATH=. python bench/gpu_check.py``.
 
-On a fresh GPU machine with only this repository and no network, in about 8 minutes:
+On a fresh GPU machine with only this repository and no network, in more than 10 minutes
+(the first run, an H200 on 2026-12-04: 1.5 minutes to the model step, which had not
+finished its batch 32 after 6.5 more):
 
 1. the environment: the GPU found (whatever it is), its compute capability and per-block
    shared memory, the library versions, the launch configurations the kernels pick on it,
