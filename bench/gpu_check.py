@@ -447,8 +447,8 @@ def model_markdown(res: dict, sizes: Sizes) -> str:
         f"{sizes.intermediate}, vocabulary {sizes.vocab}), converted by `load_model` (keep "
         f"16%) and run by the serving engine. Regime (a): each user asks their own question "
         f"about one video of {sizes.model_frames} frames ({res['prompt_tokens']} prompt "
-        f"tokens), {sizes.decode_tokens} new tokens; the video's prefix is cached for the gaze "
-        "model and its twin (the stock model prefills each prompt).",
+        f"tokens), {sizes.decode_tokens} new tokens; the video's prefix is cached for all "
+        "three (the engine caches a stock model's prefix too).",
         "",
         "| batch | " + " | ".join(f"{m} decode tok/s" for m in modes)
         + " | gaze vs twin | gaze vs stock | gaze TTFT cold / hit s |",
