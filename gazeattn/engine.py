@@ -49,6 +49,7 @@ from gazeattn.detokenizer import Detokenizer
 from gazeattn.generation import GenerationRequest, GenerationResult
 from gazeattn.modeling import ChunkedPrefill, routing_layer_of
 from gazeattn.ops.layout import GazeLayout
+from gazeattn.prefix_cache import CachedPrefixes, PrefixHold
 from gazeattn.processing import GazeProcessor
 from gazeattn.runner import ModelRunner, Prefilled, StockChunks
 from gazeattn.sample import EncodedSample
@@ -107,6 +108,8 @@ class EngineSequence:
         )
         self.layout: GazeLayout | None = None  # its own layout (one row, no padding)
         self.prefix: tuple[str, int] | None = None  # (key, length) of its cacheable prefix
+        # its prefix's entry, held until its prefill (a sample without its pixel inputs)
+        self.held_prefix: PrefixHold | None = options["prefix_hold"]
         self.chunks: ChunkedPrefill | StockChunks | None = None  # its prefill, in chunks
         self.chunk_tokens = 0  # prompt tokens of its last chunk
         self.prompt_ids: tuple | None = None  # (ids, mask, vision) of a chunked prefill's prompt
@@ -175,13 +178,17 @@ class Engine:
         return_routing: bool = False,
         routing_layer: int | None = None,
         tag: Any = None,
+        prefix_hold: PrefixHold | None = None,
     ) -> EngineSequence:
         """Queue a request (it samples as its ``SamplingParams`` say); ``sample`` is its
         ``processor.encode_sample`` (encoded here when not given). Raises InvalidRequest /
         ProcessorInputError for a request that cannot run. ``return_routing`` reports the
         regions routed at ``routing_layer``; ``tag``: anything the caller wants back on the
-        sequence (``seq.tag``)."""
+        sequence (``seq.tag``). A sample without its pixel inputs (``without_pixels``) comes
+        with ``prefix_hold``, ``hold_prefix``'s hold on its cached prefix."""
         request.check(self.model.get_output_embeddings().weight.shape[0])
+        if sample is not None and sample.pixels_dropped and prefix_hold is None:
+            raise ValueError("a sample without its pixel inputs needs a prefix_hold")
         if sample is None:
             sample = self.processor.encode_sample(
                 request.messages,
@@ -192,13 +199,25 @@ class Engine:
         layer = self.routing_layer if routing_layer is None else routing_layer
         if return_routing and self.gaze:
             layer = routing_layer_of(self.model, layer)
-        options = dict(return_routing=return_routing, routing_layer=layer)
+        options = dict(return_routing=return_routing, routing_layer=layer, prefix_hold=prefix_hold)
         seq = EngineSequence(request, sample, options)
         seq.tag = tag
         with self._work:
             self._waiting.append(seq)
             self._work.notify_all()
         return seq
+
+    def cached_prefixes(self) -> CachedPrefixes:
+        """The visual prefixes cached now: a server's preparer leaves out the pixel inputs of
+        a prompt whose prefix is among them."""
+        cache = self.runner.prefix_cache
+        keys = frozenset() if cache is None else cache.keys()
+        return CachedPrefixes(settings=self.runner.prefix_settings, keys=keys)
+
+    def hold_prefix(self, sample: EncodedSample) -> PrefixHold | None:
+        """A hold on the cached entry of the sample's visual prefix for ``submit`` (None when
+        it is not cached): its prefill takes that entry even if it is evicted meanwhile."""
+        return self.runner.hold_prefix(sample)
 
     def cancel(self, seq: EngineSequence) -> None:
         """Stop a sequence (its client went away): its slot is freed at the next step."""

@@ -18,7 +18,13 @@ sequence's output is the same with and without a hit (bitwise: the same computat
 The cache holds at most ``budget_bytes`` (least recently used entries go first). A running
 sequence never holds an entry: its prefill copies the entry into the batch, so eviction
 cannot reach it. A prefix larger than the whole budget is not stored (served uncached).
-Used from the engine's scheduler thread only; ``stats`` may be read from any thread.
+
+A server leaves a prompt's pixel inputs out when its prefix is cached (a prefill on the
+prefix never reads them; a long video's are tens of MB to move between processes). Such a
+sequence holds its entry (``hold``) from then until its prefill, which takes the held entry
+when an eviction has removed it from the cache meanwhile: for that while an evicted entry
+may outlive the budget. Stored and evicted on the engine's scheduler thread; ``hold``,
+``keys`` and ``stats`` may be called from any thread.
 """
 
 from __future__ import annotations
@@ -54,6 +60,27 @@ class _Entry:
     bytes: int
 
 
+@dataclass(frozen=True)
+class CachedPrefixes:
+    """The keys an engine's prefix cache holds at one moment and the model settings they
+    hash (``prefix_key``): whether a prompt's prefix is among them, where it was encoded."""
+
+    settings: str
+    keys: frozenset[str]
+
+    def __contains__(self, digest: str) -> bool:
+        """Whether the prefix of content ``digest`` (``visual_prefix``) is among them."""
+        return bool(digest) and prefix_key(digest, self.settings) in self.keys
+
+
+@dataclass(frozen=True)
+class PrefixHold:
+    """An entry held by a sequence until its prefill (``PrefixCache.hold``)."""
+
+    key: str
+    entry: _Entry
+
+
 class PrefixCache:
     def __init__(self, budget_bytes: int):
         if budget_bytes < 0:
@@ -68,17 +95,37 @@ class PrefixCache:
         with self._lock:
             return copy.copy(self._stats)
 
-    def get(self, key: str):
-        """A private copy of the cache stored under ``key`` (None on a miss), counted."""
+    def get(self, key: str, held: PrefixHold | None = None):
+        """A private copy of the cache stored under ``key`` (None on a miss), counted; from
+        ``held`` (``hold``'s) when the entry was evicted since."""
         with self._lock:
             entry = self._entries.get(key)
+            if entry is None and held is not None and held.key == key:
+                entry = held.entry
             if entry is None:
                 self._stats.misses += 1
                 return None
-            self._entries.move_to_end(key)
+            if key in self._entries:
+                self._entries.move_to_end(key)
             self._stats.hits += 1
             self._stats.cached_tokens += entry.length
         return _private_copy(entry.cache)
+
+    def hold(self, key: str) -> PrefixHold | None:
+        """A reference to the entry under ``key`` that an eviction cannot take (None when
+        there is none): for ``get`` at the prefill of a sequence without its pixel inputs.
+        Not counted as a lookup; the entry becomes the most recently used."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            self._entries.move_to_end(key)
+        return PrefixHold(key=key, entry=entry)
+
+    def keys(self) -> frozenset[str]:
+        """The keys stored now."""
+        with self._lock:
+            return frozenset(self._entries)
 
     def holds(self, key: str) -> bool:
         """Whether ``key`` is stored now (not counted as a lookup)."""
@@ -144,6 +191,8 @@ def visual_prefix(sample: EncodedSample, processor) -> tuple[int, str]:
     (``gazeattn.media_cache``, a server's preparing process) computes it once per prefix ids
     and media content: the same pixel inputs (its media's keys say so), the same digest."""
     if sample.prefix is None:
+        if sample.pixels_dropped:
+            raise ValueError("a sample without its pixel inputs has no prefix digest of its own")
         length = prefix_length(processor.layout_of([sample.parts]))
         digest = ""
         if 0 < length < len(sample):

@@ -33,7 +33,7 @@ from gazeattn.generation import GazeCache
 from gazeattn.modeling import GazeState, deepstack_chunk, gaze_module, is_gaze_model
 from gazeattn.ops.gaze.cpu_kernel import cpu_kernel
 from gazeattn.ops.layout import GazeLayout, stack_rows
-from gazeattn.prefix_cache import PrefixCache, prefix_key, visual_prefix
+from gazeattn.prefix_cache import PrefixCache, PrefixHold, prefix_key, visual_prefix
 from gazeattn.processing import GazeProcessor
 from gazeattn.sample import EncodedSample
 
@@ -123,6 +123,11 @@ class ModelRunner:
             not self.gaze and "mm_token_type_ids" in inspect.signature(model.forward).parameters
         )
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
+        # what besides its content a prefix's hidden states depend on (``prefix_key``)
+        self.prefix_settings = "stock"
+        if self.gaze:
+            inner = gaze_module(model)
+            self.prefix_settings = repr((inner.gaze_config, inner.gaze_top_k, inner.gaze_layers))
         self.rows: list[EngineSequence] = []
         self._offsets: list[int] = []  # each row's left padding in the batch cache
         self._deltas: list[torch.Tensor] = []  # [1, 1] rotary delta per row (M-RoPE)
@@ -244,7 +249,9 @@ class ModelRunner:
     def prefix_held(self, seq: EngineSequence) -> bool:
         """Whether the sequence's visual prefix is in the prefix cache now."""
         plan = self._prefix_plan(seq)
-        return plan is not None and self.prefix_cache.holds(plan[0])
+        return plan is not None and (
+            seq.held_prefix is not None or self.prefix_cache.holds(plan[0])
+        )
 
     def start_chunks(self, seq: EngineSequence) -> None:
         """Begin the sequence's prefill in chunks (a model without recurrent layers): the
@@ -394,13 +401,19 @@ class ModelRunner:
         cache, or prefilled now and stored there. None when prefixes are not cached or the
         prompt has no image or video with text after it."""
         plan = self._prefix_plan(seq)
+        held, seq.held_prefix = seq.held_prefix, None
+        cache = None if plan is None else self.prefix_cache.get(plan[0], held)
+        if cache is not None:
+            seq.cached_tokens = plan[1]
+            return cache, plan[1]
+        if seq.sample.pixels_dropped:
+            raise RuntimeError(
+                "the prompt came without its pixel inputs, and its visual prefix is neither "
+                "cached nor held (Engine.submit's prefix_hold)"
+            )
         if plan is None:
             return None
         key, length = plan
-        cache = self.prefix_cache.get(key)
-        if cache is not None:
-            seq.cached_tokens = length
-            return cache, length
         cache = self._empty_cache()
         ids, mask = ids[:, :length], mask[:, :length]
         if self.gaze:
@@ -419,12 +432,16 @@ class ModelRunner:
             return None
         if seq.prefix is None:
             length, digest = visual_prefix(seq.sample, self.processor)
-            settings = "stock"
-            if self.gaze:
-                inner = gaze_module(self.model)
-                settings = repr((inner.gaze_config, inner.gaze_top_k, inner.gaze_layers))
-            seq.prefix = (prefix_key(digest, settings) if digest else "", length)
+            seq.prefix = (prefix_key(digest, self.prefix_settings) if digest else "", length)
         return seq.prefix if seq.prefix[0] else None
+
+    def hold_prefix(self, sample: EncodedSample) -> PrefixHold | None:
+        """A hold on the entry of the sample's visual prefix (``PrefixCache.hold``), None
+        when it is not cached (or prefixes are not)."""
+        if self.prefix_cache is None:
+            return None
+        _, digest = visual_prefix(sample, self.processor)
+        return self.prefix_cache.hold(prefix_key(digest, self.prefix_settings)) if digest else None
 
     def _prefix_layout(self, seq: EngineSequence) -> GazeLayout:
         """The layout of the sequence's prefix alone (its parts up to its last medium)."""

@@ -42,6 +42,9 @@ class EncodedSample:
     # each media item's content digest (``gazeattn.media_cache.media_key``), where the
     # processor that encoded it had a media cache
     media_keys: tuple[str, ...] | None = None
+    # its pixel inputs were left out (``without_pixels``): it prefills only on its cached
+    # visual prefix, which never reads them
+    pixels_dropped: bool = False
 
     def __post_init__(self):
         if len(self.labels) != len(self.input_ids):
@@ -58,6 +61,13 @@ class EncodedSample:
     @property
     def media(self) -> list[Image | Video]:
         return [p for p in self.parts if not isinstance(p, int)]
+
+    def without_pixels(self, names: tuple[str, ...]) -> EncodedSample:
+        """This sample without its pixel inputs ``names`` (``MediaRules.pixel_names``; their
+        grids stay): what a server sends to its engine when the prompt's visual prefix is
+        cached, as a prefill on that prefix reads none of them."""
+        vision = {k: v for k, v in self.vision.items() if k not in names}
+        return replace(self, vision=vision, pixels_dropped=True)
 
     def followed_by(self, tokens: list[int]) -> EncodedSample:
         """This sample with ``tokens`` of text after it (e.g. generated ones), not learned."""

@@ -372,13 +372,27 @@ class GazeChat:
             raise ServerError(f"internal server error (request id {rid})") from None
 
     async def prepare(self, body: ChatCompletionRequest) -> Prepared:
-        """``serving.requests.prepare`` in the replica's preparer. The request counts as
-        pending from now until its preparation ends: a client that leaves meanwhile cancels
-        only its wait (a preparation that has not started is dropped at once)."""
+        """``serving.requests.prepare`` in the replica's preparer. A prompt whose visual
+        prefix the engine has cached comes back without its pixel inputs (a long video's are
+        tens of MB through the preparer's pipe, which its prefill never reads) and holds the
+        prefix's entry until its prefill; one whose entry was evicted in the meantime is
+        prepared again with them. The request counts as pending from now until its
+        preparation ends: a client that leaves meanwhile cancels only its wait (a preparation
+        that has not started is dropped at once)."""
+        prepared = await self._prepare(body, self.engine.cached_prefixes())
+        if prepared.sample.pixels_dropped:
+            self.metrics.pixels_skipped.inc()
+            prepared.prefix_hold = self.engine.hold_prefix(prepared.sample)
+            if prepared.prefix_hold is None:
+                self.metrics.prepared_again.inc()
+                prepared = await self._prepare(body, None)
+        return prepared
+
+    async def _prepare(self, body: ChatCompletionRequest, cached) -> Prepared:
         with self._preparing_lock:
             self.preparing += 1
         try:
-            future = self.preparer.submit(body)
+            future = self.preparer.submit(body, cached)
         except BaseException:
             self._prepared(None)
             raise

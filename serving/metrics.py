@@ -70,6 +70,15 @@ class ServeMetrics:
         self.prefix_entries = metrics.Gauge(
             "gazeattn_prefix_cache_entries", description="Prefilled prefixes held."
         )
+        self.pixels_skipped = metrics.Counter(
+            "gazeattn_prefix_pixels_skipped_total",
+            description="Requests prepared without their pixel inputs (their prefix cached).",
+        )
+        self.prepared_again = metrics.Counter(
+            "gazeattn_prefix_prepared_again_total",
+            description="Of those, requests prepared again with their pixels (their prefix "
+            "was evicted before the engine could hold it).",
+        )
         self.chunks = metrics.Counter(
             "gazeattn_prefill_chunks_total",
             description="Chunks of prompts prefilled in chunks (one per engine step).",

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from gazeattn.generation import GenerationRequest, InvalidRequest, SamplingParams
 from gazeattn.media_cache import MediaCache
-from gazeattn.prefix_cache import visual_prefix
+from gazeattn.prefix_cache import CachedPrefixes, PrefixHold, visual_prefix
 from gazeattn.processing import GazeProcessor, ProcessorInputError, SequenceTooLong
 from gazeattn.sample import EncodedSample
 from serving.errors import BadRequest, NotFound
@@ -40,10 +40,17 @@ class Prepared:
     layer: int
     prompt_tokens: int
     user: str | None = None
+    # the engine's hold on the prompt's cached prefix, where its pixel inputs were left out
+    prefix_hold: PrefixHold | None = None
 
     def engine_options(self) -> dict:
         """The keyword arguments of ``gazeattn.engine.Engine.submit``."""
-        return dict(sample=self.sample, return_routing=self.gaze, routing_layer=self.layer)
+        return dict(
+            sample=self.sample,
+            return_routing=self.gaze,
+            routing_layer=self.layer,
+            prefix_hold=self.prefix_hold,
+        )
 
 
 def refuse_unsupported(body: ChatCompletionRequest) -> None:
@@ -164,8 +171,11 @@ def prepare(
     processor: GazeProcessor,
     model_name: str,
     num_layers: int,
+    cached: CachedPrefixes | None = None,
 ) -> Prepared:
-    """Validate, decode the images and count the prompt tokens (CPU work: run it off the loop)."""
+    """Validate, decode the images and count the prompt tokens (CPU work: run it off the loop).
+    A prompt whose visual prefix is among the engine's ``cached`` prefixes comes without its
+    pixel inputs (``EncodedSample.without_pixels``): its prefill reads none of them."""
     max_new = check_options(body, settings, model_name)
     params = sampling(body, max_new, len(processor.tokenizer))
     layer = settings.routing_layer if body.gaze_layer is None else body.gaze_layer
@@ -217,7 +227,9 @@ def prepare(
         )
     if settings.prefix_cache_bytes:
         # the prefix's content key, hashed here (a preparing process), not on the scheduler
-        visual_prefix(sample, processor)
+        _, digest = visual_prefix(sample, processor)
+        if cached is not None and digest in cached:
+            sample = sample.without_pixels(processor.rules.pixel_names)
     return Prepared(
         generation=generation,
         sample=sample,
@@ -271,7 +283,9 @@ class Preparer:
     requests are prepared at once. A worker that dies (out of memory) fails the requests it
     held and the pool is started again. Each worker keeps the images and videos it processed
     (``settings.media_cache_bytes``, ``gazeattn.media_cache``): a request about a picture or
-    video seen before skips their processing and the hash of their pixels.
+    video seen before skips their processing and the hash of their pixels. A request whose
+    visual prefix the engine has cached comes back without its pixel inputs (``prepare``'s
+    ``cached``).
     """
 
     def __init__(
@@ -295,14 +309,17 @@ class Preparer:
             initargs=self._args,
         )
 
-    def submit(self, body: ChatCompletionRequest) -> concurrent.futures.Future:
+    def submit(
+        self, body: ChatCompletionRequest, cached: CachedPrefixes | None = None
+    ) -> concurrent.futures.Future:
+        """``prepare(body, ..., cached)`` in a worker; its future."""
         with self._lock:
             try:
-                return self._pool.submit(_prepare_in_worker, body)
+                return self._pool.submit(_prepare_in_worker, body, cached)
             except concurrent.futures.process.BrokenProcessPool:
                 self._pool.shutdown(wait=False, cancel_futures=True)
                 self._pool = self._start()
-                return self._pool.submit(_prepare_in_worker, body)
+                return self._pool.submit(_prepare_in_worker, body, cached)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -318,5 +335,7 @@ def _init_worker(settings: ServeSettings, processor: GazeProcessor, *rest) -> No
     _WORKER = (settings, processor, *rest)
 
 
-def _prepare_in_worker(body: ChatCompletionRequest) -> Prepared:
-    return prepare(body, *_WORKER)
+def _prepare_in_worker(
+    body: ChatCompletionRequest, cached: CachedPrefixes | None = None
+) -> Prepared:
+    return prepare(body, *_WORKER, cached)

@@ -79,6 +79,12 @@ class MediaRules:
         self.image_token = image_token or self.image_marker
         self.video_token = self.video_marker
 
+    @property
+    def pixel_names(self) -> tuple[str, ...]:
+        """The input names that hold pixels (the rest are their grids and timings): what a
+        prefill on a cached visual prefix never reads."""
+        return tuple(n for n in self.input_names if n.startswith("pixel_values"))
+
     @classmethod
     def vision_settings(cls, config, processor_settings: dict, video_settings: dict) -> dict:
         raise NotImplementedError

@@ -30,7 +30,8 @@ from gazeattn.generation import (
 )
 from gazeattn.model import load_model
 from gazeattn.ops import GazeConfig
-from gazeattn.prefix_cache import visual_prefix
+from gazeattn.prefix_cache import CachedPrefixes, visual_prefix
+from gazeattn.sample import EncodedSample
 from tests.model.conftest import image_chat, random_image, video_chat
 
 FAMILIES = ("llava", "qwen2.5-vl")
@@ -643,6 +644,54 @@ def test_a_prefix_digest_computed_before_submit_hits_as_the_engines_own(loaded):
     assert sample.followed_by([1, 2]).prefix is None
     assert sample.truncated_to(len(sample) - 1).prefix is None
     assert visual_prefix(sample.followed_by([1, 2]), processor) == (length, digest)
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "stock-qwen2.5-vl"])
+def test_a_prompt_without_its_pixels_prefills_on_its_held_prefix(
+    family, loaded, stock_dirs, tmp_path
+):
+    """A server leaves out the pixel inputs of a prompt whose prefix is cached and holds the
+    entry (``cached_prefixes``, ``without_pixels``, ``hold_prefix``): it answers as a cold
+    prefill does, also when the entry is evicted before its prefill. Such a sample without a
+    hold is refused; one whose prefix is not cached gets none."""
+    if family.startswith("stock-"):
+        model, processor = _stock(family.removeprefix("stock-"), stock_dirs, tmp_path)
+    else:
+        model, processor = loaded[family]
+    first, second, third = _one_picture_questions(24)
+    cold = [r.token_ids for r in Engine(model, processor).run([second, third])]
+    engine = Engine(model, processor, prefix_cache_bytes=2**30)
+    engine.run([first])
+    whole, bare = _bare(second, processor)
+    assert bare.prefix == whole.prefix and bare.prefix[1] in engine.cached_prefixes()
+    pixels = set(processor.rules.pixel_names)  # the grids stay
+    assert pixels & set(whole.vision) and set(bare.vision) == set(whole.vision) - pixels
+    with pytest.raises(ValueError, match="prefix_hold"):
+        engine.submit(second, sample=bare)
+    (held,) = engine.run([second], sample=bare, prefix_hold=engine.hold_prefix(bare))
+    _, bare = _bare(third, processor)
+    hold = engine.hold_prefix(bare)
+    engine.prefix_cache.clear()  # evicted between the hold and the prefill
+    assert not engine.cached_prefixes().keys and engine.hold_prefix(bare) is None
+    (evicted,) = engine.run([third], sample=bare, prefix_hold=hold)
+    assert [held.token_ids, evicted.token_ids] == cold
+    assert held.cached_tokens == evicted.cached_tokens == bare.prefix[0] > 0
+    # the keys are the engine's: the same digest under other settings is not among them
+    engine.run([first])
+    assert bare.prefix[1] in engine.cached_prefixes()
+    other = CachedPrefixes(settings="other", keys=engine.cached_prefixes().keys)
+    assert bare.prefix[1] not in other
+    with pytest.raises(ValueError, match="pixel inputs"):
+        visual_prefix(bare.followed_by([1]), processor)
+
+
+def _bare(request: GenerationRequest, processor) -> tuple[EncodedSample, EncodedSample]:
+    """``request``'s encoded prompt, its prefix hashed, and the same without its pixels."""
+    sample = processor.encode_sample(
+        request.messages, images=request.images, add_generation_prompt=True
+    )
+    visual_prefix(sample, processor)
+    return sample, sample.without_pixels(processor.rules.pixel_names)
 
 
 def test_prefix_cache_evicts_the_least_recent_and_never_fails(loaded):

@@ -380,3 +380,78 @@ def test_only_errors_that_name_the_request_are_client_errors():
     assert client_error(ProcessorInputError("media tokens in text")).status == 400
     too_large = TooLarge("image too large", param="messages.0")
     assert client_error(too_large) is too_large
+
+
+def test_a_question_about_a_cached_prefix_comes_without_its_pixels(model_dir):
+    """The replica's preparation (``GazeChat.prepare``): a request whose visual prefix the
+    engine has cached comes without its pixel inputs, holds the entry and answers as it would
+    with them; one whose entry is evicted before the engine holds it is prepared again with
+    them (and counted). A preparing process told of no cached prefix leaves nothing out."""
+    import asyncio
+    import concurrent.futures
+    import threading
+    from types import SimpleNamespace
+
+    from gazeattn.engine import Engine
+    from serving.app import GazeChat
+    from serving.requests import prepare
+
+    model, processor = load_model(model_dir)
+    settings = ServeSettings(model=str(model_dir), max_tokens_limit=16)
+    engine = Engine(model.eval(), processor, prefix_cache_bytes=2**30)
+    evict: list[bool] = []  # the next preparation ends after an eviction of every prefix
+    told: list = []  # what each preparation was told of the engine's cached prefixes
+
+    def submit(body, cached=None) -> concurrent.futures.Future:  # the Preparer, in this process
+        told.append(cached)
+        future = concurrent.futures.Future()
+        future.set_result(prepare(body, settings, processor, "m", 2, cached))
+        if evict:
+            evict.pop()
+            engine.prefix_cache.clear()
+        return future
+
+    counted = {"pixels_skipped": 0, "prepared_again": 0}
+    chat = object.__new__(GazeChat.func_or_class)
+    chat.engine, chat.preparer = engine, SimpleNamespace(submit=submit)
+    chat.metrics = SimpleNamespace(
+        **{name: SimpleNamespace(inc=lambda n=name: counted.update({n: counted[n] + 1}))
+           for name in counted}
+    )  # fmt: skip
+    chat.preparing, chat._preparing_lock = 0, threading.Lock()
+    image = image_part(data_url(image_bytes(3)))
+
+    def body(question: str) -> ChatCompletionRequest:
+        data = {"model": "m", "messages": user(image, text=question), "max_tokens": 6}
+        data["temperature"] = 0  # greedy
+        return ChatCompletionRequest.model_validate(data)
+
+    def answer(prepared, on=engine) -> tuple[list[int], int]:
+        """(greedy tokens, cached prompt tokens) of the prepared request on engine ``on``."""
+        seq = on.submit(prepared.generation, **prepared.engine_options())
+        while not seq.done:
+            on.step()
+        return seq.tokens, seq.cached_tokens
+
+    # the same requests with their pixels, on an engine of its own
+    whole = Engine(model, processor, prefix_cache_bytes=2**30)
+    first = asyncio.run(chat.prepare(body("what?")))
+    assert not first.sample.pixels_dropped and first.prefix_hold is None
+    assert answer(first) == answer(first, whole) and not told[-1].keys  # nothing cached yet
+    second = asyncio.run(chat.prepare(body("and now?")))
+    assert second.sample.pixels_dropped and second.prefix_hold is not None
+    assert not set(processor.rules.pixel_names) & set(second.sample.vision)
+    assert second.sample.prefix[1] in told[-1]
+    with_pixels = prepare(body("and now?"), settings, processor, "m", 2)
+    got = answer(second)
+    assert got == answer(with_pixels, whole) and got[1] == second.sample.prefix[0]
+    assert counted == {"pixels_skipped": 1, "prepared_again": 0}
+    evict.append(True)
+    third = asyncio.run(chat.prepare(body("and then?")))
+    assert told[-2].keys and told[-1] is None  # again, told of nothing
+    assert not third.sample.pixels_dropped and third.prefix_hold is None
+    assert counted == {"pixels_skipped": 2, "prepared_again": 1}
+    whole.prefix_cache.clear()
+    got = answer(third)
+    assert got == answer(third, whole) and got[1] == 0  # a miss: its prefix prefilled again
+    assert chat.preparing == 0
