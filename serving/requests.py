@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
+import os
 import threading
 from dataclasses import dataclass
 
@@ -286,6 +287,11 @@ class Preparer:
     video seen before skips their processing and the hash of their pixels. A request whose
     visual prefix the engine has cached comes back without its pixel inputs (``prepare``'s
     ``cached``).
+
+    Every worker is started with the pool (``pids``), not when requests first find none idle
+    (what ``ProcessPoolExecutor`` does with spawned processes): a worker's start imports torch
+    and transformers and loads the processor, seconds of CPU that otherwise fell on the
+    replica's first burst of concurrent requests, beside its decode loop.
     """
 
     def __init__(
@@ -299,15 +305,23 @@ class Preparer:
         self._args = (settings, processor, model_name, num_layers)
         self._workers = workers
         self._lock = threading.Lock()
-        self._pool = self._start()
+        self._pool, started = self._start()
+        self.pids = [future.result(timeout=STARTUP_TIMEOUT_S) for future in started]
 
-    def _start(self) -> concurrent.futures.ProcessPoolExecutor:
-        return concurrent.futures.ProcessPoolExecutor(
+    def _start(
+        self,
+    ) -> tuple[concurrent.futures.ProcessPoolExecutor, list[concurrent.futures.Future]]:
+        """A new pool and a future per worker, done (its pid) once every worker has started."""
+        context = multiprocessing.get_context("spawn")
+        # each start task waits for the others: one per worker, so all of them spawn now
+        started = context.Barrier(self._workers)
+        pool = concurrent.futures.ProcessPoolExecutor(
             self._workers,
-            mp_context=multiprocessing.get_context("spawn"),
+            mp_context=context,
             initializer=_init_worker,
-            initargs=self._args,
+            initargs=(*self._args, started),
         )
+        return pool, [pool.submit(_started) for _ in range(self._workers)]
 
     def submit(
         self, body: ChatCompletionRequest, cached: CachedPrefixes | None = None
@@ -318,7 +332,7 @@ class Preparer:
                 return self._pool.submit(_prepare_in_worker, body, cached)
             except concurrent.futures.process.BrokenProcessPool:
                 self._pool.shutdown(wait=False, cancel_futures=True)
-                self._pool = self._start()
+                self._pool, _ = self._start()  # not waited for: this is the event loop
                 return self._pool.submit(_prepare_in_worker, body, cached)
 
     def close(self) -> None:
@@ -326,13 +340,28 @@ class Preparer:
 
 
 _WORKER: tuple | None = None  # a Preparer worker's (settings, processor, model, layers)
+_STARTED = None  # the Barrier of its pool's workers' start
+STARTUP_TIMEOUT_S = 600  # for every worker of a pool to start (imports, the processor)
 
 
-def _init_worker(settings: ServeSettings, processor: GazeProcessor, *rest) -> None:
-    global _WORKER
+def _init_worker(
+    settings: ServeSettings,
+    processor: GazeProcessor,
+    model_name: str,
+    num_layers: int,
+    started=None,
+) -> None:
+    global _WORKER, _STARTED
     if settings.media_cache_bytes:
         processor.media_cache = MediaCache(settings.media_cache_bytes)
-    _WORKER = (settings, processor, *rest)
+    _WORKER = (settings, processor, model_name, num_layers)
+    _STARTED = started
+
+
+def _started() -> int:
+    """A worker's start task: returns its pid once every worker of the pool has started."""
+    _STARTED.wait(timeout=STARTUP_TIMEOUT_S)
+    return os.getpid()
 
 
 def _prepare_in_worker(

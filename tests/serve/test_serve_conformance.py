@@ -303,17 +303,20 @@ def test_a_dead_scheduler_loop_fails_its_requests_and_the_health_check(tiny, mon
 
 def test_requests_are_prepared_in_other_processes(tiny):
     """The preparer's workers are processes of their own (a long prompt's encoding there
-    cannot hold the decode loop's GIL) and prepare exactly what ``prepare`` does here,
-    client errors included."""
+    cannot hold the decode loop's GIL), all started with it (not at the first requests that
+    find none idle), and prepare exactly what ``prepare`` does here, client errors included."""
+    import concurrent.futures
     import os
+    import signal
 
     from serving.requests import Preparer
 
     path, _, processor = tiny
     settings = ServeSettings(model=str(path), max_tokens_limit=16)
-    preparer = Preparer(settings, processor, "m", 2, workers=1)
+    preparer = Preparer(settings, processor, "m", 2, workers=2)
     try:
-        assert preparer._pool.submit(os.getpid).result(timeout=120) != os.getpid()
+        assert len(set(preparer.pids)) == 2 and os.getpid() not in preparer.pids
+        assert preparer._pool.submit(os.getpid).result(timeout=120) in preparer.pids
         data = {"model": "m", "messages": user(image_part(data_url(image_bytes(2))))}
         body = ChatCompletionRequest.model_validate(data | {"max_tokens": 3})
         there = preparer.submit(body).result(timeout=120)
@@ -326,5 +329,14 @@ def test_requests_are_prepared_in_other_processes(tiny):
         with pytest.raises(BadRequest, match="limit of 16") as err:
             preparer.submit(too_many).result(timeout=60)
         assert err.value.param == "max_tokens"
+        # a worker that dies (out of memory) breaks the pool: a new one serves what follows
+        os.kill(preparer.pids[0], signal.SIGKILL)
+        for _ in range(3):
+            try:
+                again = preparer.submit(body).result(timeout=120)
+                break
+            except concurrent.futures.process.BrokenProcessPool:
+                continue  # submitted before the pool knew: failed, as the requests it held
+        assert again.sample.input_ids.tolist() == here.sample.input_ids.tolist()
     finally:
         preparer.close()
