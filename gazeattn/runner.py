@@ -247,7 +247,8 @@ class ModelRunner:
         return prefilled
 
     def prefix_held(self, seq: EngineSequence) -> bool:
-        """Whether the sequence's visual prefix is in the prefix cache now."""
+        """Whether the sequence's visual prefix is in the prefix cache now, or held for it
+        (``Engine.submit``'s ``prefix_hold``)."""
         plan = self._prefix_plan(seq)
         return plan is not None and (
             seq.held_prefix is not None or self.prefix_cache.holds(plan[0])
@@ -398,8 +399,10 @@ class ModelRunner:
 
     def _cached_prefix(self, seq: EngineSequence, ids, mask, vision) -> tuple | None:
         """(the decode cache after the sequence's visual prefix, its length): from the prefix
-        cache, or prefilled now and stored there. None when prefixes are not cached or the
-        prompt has no image or video with text after it."""
+        cache (or the entry the sequence holds, when it was evicted since), or prefilled now
+        and stored there. None when prefixes are not cached or the prompt has no image or
+        video with text after it. Raises for a prompt without its pixel inputs whose prefix
+        is neither cached nor held."""
         plan = self._prefix_plan(seq)
         held, seq.held_prefix = seq.held_prefix, None
         cache = None if plan is None else self.prefix_cache.get(plan[0], held)
