@@ -210,9 +210,10 @@ def _kernel_attention(kernel, qg, k, v, heads, dense, dense_ok, runs, run_ok, wi
     [B, Hr, Tq, N] are key positions, ``dense_ok`` [B, 1 or Tq, Md] and ``run_ok`` their
     validity; k and v share strides, so their rows share numbers."""
     batch, hr, tq = runs.shape[:3]
-    k_table, dense_rows = _row_table(k, heads, dense)
-    _, run_rows = _row_table(k, heads, runs.reshape(batch, hr, -1))
-    v_table, _ = _row_table(v, heads, dense[:, :, :0])
+    # k and v share strides (made contiguous alike where they must be): one row number each
+    (k_table, steps), (v_table, _) = _table(k), _table(v)
+    dense_rows = _rows(steps, heads, dense)
+    run_rows = _rows(steps, heads, runs.reshape(batch, hr, -1))
     out = kernel.gathered_attention(
         qg.to(torch.float32).contiguous(),
         k_table,
@@ -326,6 +327,13 @@ def _row_table(
     """x's storage as a table of rows of ``width * D`` ([N, width * D], row r starting at
     element r * D: rows overlap when width > 1) and the row of each x[b, kv_head[h],
     positions[b, h, m]], flat [B * Hr * M] (see ``_gather_rows``)."""
+    table, steps = _table(x, width)
+    return table, _rows(steps, kv_head, positions).reshape(-1)
+
+
+def _table(x: torch.Tensor, width: int = 1) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """x [B, H, Tk, D]'s storage as a table of rows of ``width * D`` (``_row_table``) and the
+    rows one step of its batch, head and position dimensions moves by (``_rows``)."""
     batch, _, tk, dim = x.shape
     s_b, s_h, s_t, s_d = x.stride()
     if s_d != 1 or s_t != dim or s_b % dim or s_h % dim:
@@ -334,6 +342,11 @@ def _row_table(
     # the last row ends at x's last element
     last = ((batch - 1) * s_b + (x.shape[1] - 1) * s_h + (tk - 1) * s_t) // dim
     table = x.as_strided((last + 2 - width, width * dim), (dim, 1))
-    base = torch.arange(batch, device=x.device)[:, None, None] * (s_b // dim)
-    rows = base + kv_head[None, :, None] * (s_h // dim) + positions * (s_t // dim)
-    return table, rows.reshape(-1)
+    return table, (s_b // dim, s_h // dim, s_t // dim)
+
+
+def _rows(steps: tuple[int, int, int], kv_head: torch.Tensor, positions: torch.Tensor):
+    """[B, Hr, M] the table row (``_table``'s ``steps``) of x[b, kv_head[h], positions[b, h, m]]."""
+    per_batch, per_head, per_position = steps
+    base = torch.arange(positions.shape[0], device=positions.device)[:, None, None] * per_batch
+    return base + kv_head[None, :, None] * per_head + positions * per_position
