@@ -646,9 +646,11 @@ def test_a_prefix_digest_computed_before_submit_hits_as_the_engines_own(loaded):
     assert visual_prefix(sample.followed_by([1, 2]), processor) == (length, digest)
 
 
-@pytest.mark.parametrize("family", [*FAMILIES, "stock-qwen2.5-vl"])
+@pytest.mark.parametrize(
+    "family", [*FAMILIES, "qwen3-vl", "qwen3.5", "stock-qwen2.5-vl", "stock-qwen3-vl"]
+)
 def test_a_prompt_without_its_pixels_prefills_on_its_held_prefix(
-    family, loaded, stock_dirs, tmp_path
+    family, loaded, qwen3, stock_dirs, tmp_path
 ):
     """A server leaves out the pixel inputs of a prompt whose prefix is cached and holds the
     entry (``cached_prefixes``, ``without_pixels``, ``hold_prefix``): it answers as a cold
@@ -657,7 +659,7 @@ def test_a_prompt_without_its_pixels_prefills_on_its_held_prefix(
     if family.startswith("stock-"):
         model, processor = _stock(family.removeprefix("stock-"), stock_dirs, tmp_path)
     else:
-        model, processor = loaded[family]
+        model, processor = loaded[family] if family in loaded else qwen3[family]
     first, second, third = _one_picture_questions(24)
     cold = [r.token_ids for r in Engine(model, processor).run([second, third])]
     engine = Engine(model, processor, prefix_cache_bytes=2**30)
