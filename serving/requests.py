@@ -288,10 +288,11 @@ class Preparer:
     visual prefix the engine has cached comes back without its pixel inputs (``prepare``'s
     ``cached``).
 
-    Every worker is started with the pool (``pids``), not when requests first find none idle
+    Every worker is started with the pool, not when requests first find none idle
     (what ``ProcessPoolExecutor`` does with spawned processes): a worker's start imports torch
     and transformers and loads the processor, seconds of CPU that otherwise fell on the
-    replica's first burst of concurrent requests, beside its decode loop.
+    replica's first burst of concurrent requests, beside its decode loop. ``pids``: the first
+    pool's workers (a pool started again after a worker died is not waited for).
     """
 
     def __init__(
