@@ -434,17 +434,21 @@ class ModelRunner:
         if self.prefix_cache is None:
             return None
         if seq.prefix is None:
-            length, digest = visual_prefix(seq.sample, self.processor)
-            seq.prefix = (prefix_key(digest, self.prefix_settings) if digest else "", length)
+            seq.prefix = self._prefix_of(seq.sample)
         return seq.prefix if seq.prefix[0] else None
+
+    def _prefix_of(self, sample: EncodedSample) -> tuple[str, int]:
+        """(cache key, length) of the sample's visual prefix; the key is "" without one."""
+        length, digest = visual_prefix(sample, self.processor)
+        return (prefix_key(digest, self.prefix_settings) if digest else "", length)
 
     def hold_prefix(self, sample: EncodedSample) -> PrefixHold | None:
         """A hold on the entry of the sample's visual prefix (``PrefixCache.hold``), None
         when it is not cached (or prefixes are not)."""
         if self.prefix_cache is None:
             return None
-        _, digest = visual_prefix(sample, self.processor)
-        return self.prefix_cache.hold(prefix_key(digest, self.prefix_settings)) if digest else None
+        key, _ = self._prefix_of(sample)
+        return self.prefix_cache.hold(key) if key else None
 
     def _prefix_layout(self, seq: EngineSequence) -> GazeLayout:
         """The layout of the sequence's prefix alone (its parts up to its last medium)."""

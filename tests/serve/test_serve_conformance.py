@@ -337,6 +337,8 @@ def test_requests_are_prepared_in_other_processes(tiny):
                 break
             except concurrent.futures.process.BrokenProcessPool:
                 continue  # submitted before the pool knew: failed, as the requests it held
+        else:
+            pytest.fail("no request was served after a worker died")
         assert again.sample.input_ids.tolist() == here.sample.input_ids.tolist()
     finally:
         preparer.close()

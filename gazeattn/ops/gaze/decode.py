@@ -80,8 +80,8 @@ def gaze_after_layout(q, k, v, layout: GazeLayout, config: GazeConfig, **kwargs)
 # (the selected regions' tokens and every text and context key) instead of gathering the
 # attended ones: below it, the gather's index bookkeeping costs more than reading all keys
 # (bench/decode_model.py, the small size: 83 keys x 2 heads). Measured with the CPU kernel
-# (2026-12-04, bench/RESULTS.md): a 576-token image's step (595 keys x 2 heads) gathered took
-# 0.80-0.94x its twin's at 8 and 16 rows, masked 1.01-1.14x; at 4096 it was masked.
+# (2026-12-04, bench/RESULTS.md, two runs): a 576-token image's step (595 keys x 2 heads)
+# gathered took 0.79-1.06x its twin's at 8 and 16 rows, masked 1.01-1.14x (at 4096, masked).
 MASKED_DECODE_KEYS = 1024
 
 
