@@ -110,15 +110,16 @@ ROUTINGS = {"kv_head": {"routing": "kv_head"}, "query_head": {"routing": "query_
             "random": {"routing": "kv_head", "random_routing_seed": 5}}  # fmt: skip
 
 
-@pytest.fixture(params=["masked", "gathered-cpu-kernel", "gathered-torch"])
+@pytest.fixture(params=["masked", "cpu-kernel", "gathered-torch"])
 def decode_path(request, monkeypatch):
-    """Every way the lean decode reads its keys: all of them masked (few keys) or the
-    attended ones gathered (many keys), in the CPU kernel or in torch ops."""
+    """Every way the lean decode runs: in the CPU kernel (a step's selection and attention in
+    one call), or in torch ops with every key masked (few keys) or the attended ones
+    gathered (many keys)."""
     from gazeattn.ops.gaze import decode
 
     masked = request.param == "masked"
     monkeypatch.setattr(decode, "MASKED_DECODE_KEYS", 10**9 if masked else 0)
-    use_cpu_kernel(monkeypatch, request.param == "gathered-cpu-kernel")
+    use_cpu_kernel(monkeypatch, request.param == "cpu-kernel")
     return request.param
 
 

@@ -254,6 +254,64 @@ def test_stack_rows_equals_a_left_padded_batch():
         stack_rows(rows, offsets, batch.length - 1)
 
 
+KERNEL_STEPS = {
+    # every region scores the same (equal keys): the ranks are the region ids
+    "ties": dict(seqs=[[2, Image(4, 4), 6]], config=dict(top_k=3), equal_keys=True),
+    # a text-only row (no region, budget 0), rows with other region counts (padding regions
+    # are invisible) and other budgets
+    "mixed-batch": dict(
+        seqs=[[2, Image(4, 4), 6], [5, Image(4, 4), 1, Image(3, 5), 2], [7]],
+        config=dict(keep_ratio=0.4),
+    ),
+    "query-head": dict(seqs=[[3, Video(2, 4, 4), 2]], config=dict(top_k=2, routing="query_head")),
+    "random": dict(seqs=[[3, Video(2, 4, 4), 2]], config=dict(top_k=2, random_routing_seed=9)),
+    "bf16-cache": dict(seqs=[[3, Video(2, 4, 4), 2]], config=dict(top_k=2), dtype=torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("past", [0, 5], ids=["last-prompt-token", "past-the-layout"])
+@pytest.mark.parametrize("case", list(KERNEL_STEPS))
+def test_the_kernel_decode_step_equals_the_torch_path(case, past, monkeypatch):
+    """The kernel's Top-K ranks as ``select_regions`` (ties to the lower id), attends the same
+    keys and counts the same entries as the torch ops' gathered path."""
+    from gazeattn.ops.gaze import decode
+
+    spec = KERNEL_STEPS[case]
+    layout = _layout(spec["seqs"], "left", (1, 2, 2), 1)
+    config = GazeConfig(region_size=(1, 2, 2), num_context_tokens=1, **spec["config"])
+    dtype = spec.get("dtype", torch.float32)
+    q, k, v = _inputs(layout.batch_size, 4, 2, layout.length + past, seed=11, tq=1)
+    if spec.get("equal_keys"):
+        k = torch.ones_like(k)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    monkeypatch.setattr(decode, "MASKED_DECODE_KEYS", 0)
+    runs = {}
+    for path in ("torch", "kernel"):
+        use_cpu_kernel(monkeypatch, path == "kernel")
+        calls = []
+        monkeypatch.setattr(decode, "_kernel_decode", _counted(decode._kernel_decode, calls))
+        with torch.no_grad():
+            runs[path] = decode.gaze_decode(q, k, v, layout, config, return_selection=True)
+        assert len(calls) == (path == "kernel")
+        monkeypatch.undo()
+    (want, want_stats), (got, got_stats) = runs["torch"], runs["kernel"]
+    assert torch.equal(got_stats.selected, want_stats.selected)
+    assert torch.equal(got_stats.attended, want_stats.attended)
+    assert got.dtype == dtype
+    tolerance = FP32 if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(got, want, **tolerance)
+    if spec.get("equal_keys"):
+        assert (got_stats.selected == torch.arange(3)).all()
+
+
+def _counted(fn, calls: list):
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+
+    return counted
+
+
 def test_a_cpu_kernel_that_cannot_be_built_leaves_the_torch_path(monkeypatch, caplog):
     """No compiler (the builder raises): one warning, then the torch ops decode, as exactly."""
     import torch.utils.cpp_extension

@@ -3,9 +3,10 @@
 A decode step reads the cached region descriptors (routing GEMV), picks the
 Top-K regions, gathers their keys/values plus the dense text/context keys, and
 attends over that small set. Nothing proportional to all visual keys is read
-when ``descriptors`` come from the cache. On CPU the keys, softmax and values of the
-gathered set run in one C++ loop that reads each attended row once, in place
-(``cpu_kernel``); the torch ops below do the same where it is not built.
+when ``descriptors`` come from the cache. On CPU, after the routing scores, a step runs in
+one C++ call (``cpu_kernel``'s ``decode_step``): the Top-K, then the keys, softmax and values
+of the attended rows, each read once, in place. The torch ops below do the same where the
+kernel is not built (and for several queries past the layout, the kernel's other loop).
 
 The same path takes several text queries past the whole layout at once (``after_layout``):
 the text of a prompt after a cached visual prefix, whose queries all see every region.
@@ -76,12 +77,11 @@ def gaze_after_layout(q, k, v, layout: GazeLayout, config: GazeConfig, **kwargs)
     )
 
 
-# a decode step over at most this many keys x routing heads attends over every key with a mask
-# (the selected regions' tokens and every text and context key) instead of gathering the
-# attended ones: below it, the gather's index bookkeeping costs more than reading all keys
-# (bench/decode_model.py, the small size: 83 keys x 2 heads). Measured with the CPU kernel
-# (2026-12-04, bench/RESULTS.md, two runs): a 576-token image's step (595 keys x 2 heads)
-# gathered took 0.79-1.06x its twin's at 8 and 16 rows, masked 1.01-1.14x (at 4096, masked).
+# without the CPU kernel, a decode step over at most this many keys x routing heads attends
+# over every key with a mask (the selected regions' tokens and every text and context key)
+# instead of gathering the attended ones: below it, the gather's index bookkeeping in torch
+# ops costs more than reading all keys (bench/decode_model.py, the small size: 83 keys x 2
+# heads). Where the kernel is built, every decode step takes it (``_kernel_decode``).
 MASKED_DECODE_KEYS = 1024
 
 
@@ -134,7 +134,7 @@ def region_runs(layout: GazeLayout, device) -> tuple[torch.Tensor, int]:
             whole = (first >= 0) & (runs == first + torch.arange(width)).all(-1, keepdim=True)
             if bool((whole | (runs < 0).all(-1, keepdim=True)).all()):
                 break
-        layout._derived[key] = (first[..., 0].to(device), width)
+        layout._derived[key] = (first[..., 0].to(device, torch.int64).contiguous(), width)
     return layout._derived[key]
 
 
@@ -162,10 +162,7 @@ def _gathered_attention(qg, k, v, layout: GazeLayout, ids, heads, scale: float) 
         dense_ok = dense_ok[:, None]
     dense = dense[:, None].expand(batch, hr, -1)
     runs = runs.clamp(min=0)
-    # the kernel has no backward: a call that records gradients takes the torch ops
-    graph = torch.is_grad_enabled() and any(t.requires_grad for t in (qg, k, v))
-    in_place = qg.device.type == "cpu" and k.stride() == v.stride() and not graph
-    kernel = cpu_kernel() if in_place else None
+    kernel = _usable_kernel(qg, k, v)
     if kernel is not None:
         return _kernel_attention(
             kernel, qg, k, v, heads, dense, dense_ok, runs, run_ok, width, scale
@@ -202,6 +199,62 @@ def _gathered_attention(qg, k, v, layout: GazeLayout, ids, heads, scale: float) 
         per_sample_weights=weights.to(v.dtype).reshape(-1),
     )
     return out.view(batch, hr, tq, group, dim)
+
+
+def _usable_kernel(q, k, v):
+    """The CPU kernel (``cpu_kernel``) where it may serve this call, else None: CPU tensors,
+    k and v with one layout (their rows share numbers) and no gradient recorded (the kernel
+    has no backward)."""
+    graph = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if q.device.type != "cpu" or k.stride() != v.stride() or graph:
+        return None
+    return cpu_kernel()
+
+
+def _kernel_decode(kernel, q, scores, k, v, layout: GazeLayout, plan: dict, scale: float):
+    """One query per row (q [B, Hq, 1, D]) in one kernel call from its routing scores
+    [B, Hr, 1, R] on: the Top-K regions of each row and head, ranked as ``select_regions``
+    ranks them, and the attention over them and the dense keys (``_gathered_attention``'s
+    keys, in its order), read from k/v [B, Hkv, Tk, D] in place. Returns out [B, Hq, 1, D],
+    ids [B, Hr, 1, K] and the visual entries attended [B, Hr, 1] (``GazeStats.attended``)."""
+    batch, hq, _, dim = q.shape
+    if plan["visible_or_all"] is not None:
+        scores = scores.masked_fill(~plan["visible_or_all"][:, None], -torch.inf)
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        k, v = k.contiguous(), v.contiguous()
+    dense, dense_ok, tail = _kernel_dense(layout, k.shape[2], q.device)
+    starts, width = region_runs(layout, q.device)
+    out, ids, attended = kernel.decode_step(
+        q.reshape(batch, hq, dim).to(torch.float32).contiguous(),
+        k,
+        v,
+        scores.reshape(batch, scores.shape[1], -1).contiguous(),
+        plan["budget"],
+        plan["k_max"],
+        dense,
+        dense_ok,
+        tail,
+        k.shape[2],
+        starts,
+        width,
+        plan["sizes"],
+        plan["context_rows"],
+        scale,
+    )
+    return out.to(v.dtype), ids, attended
+
+
+def _kernel_dense(layout: GazeLayout, tk: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The dense keys of ``tk`` for ``decode_step``: [B, Md] positions (int64) and their
+    validity, and the first position of the text past the layout (every position from it to
+    ``tk`` is attended: not listed, so nothing is rebuilt as the keys grow)."""
+    within = min(tk, layout.length)
+    key = ("kernel_dense", within, device)
+    if key not in layout._derived:
+        dense, ok = layout.dense_index(within)
+        dense = dense.to(device=device, dtype=torch.int64).contiguous()
+        layout._derived[key] = (dense, ok.to(device).contiguous())
+    return (*layout._derived[key], within)
 
 
 def _kernel_attention(kernel, qg, k, v, heads, dense, dense_ok, runs, run_ok, width, scale):
@@ -249,13 +302,18 @@ def gaze_decode(
     if descriptors is None:
         descriptors = region_descriptors(k, layout)
     scores = routing_scores(q, descriptors, config, query_positions(tq, tk, q.device))
+    kernel = _usable_kernel(q, k, v) if tq == 1 else None
+    if kernel is not None:
+        # one query per row: the selection and the attention in one kernel call
+        out, ids, attended = _kernel_decode(kernel, q, scores, k, v, layout, plan, scale)
+        return out, _decode_stats(plan, attended, ids if return_selection else None, tq)
+    hr = scores.shape[1]
+    # [B, Hr, Tq, G, D]: the query heads that share each routing head's keys
+    qg = q.view(batch, hr, hq // hr, tq, dim).transpose(2, 3)
     ids, chosen = select_regions(
         scores, plan["visible_or_all"], plan["k"].expand(-1, tq), plan["k_max"], plan["k_min"]
     )
-    hr = scores.shape[1]
     heads = torch.arange(hr, device=q.device) // (hr // hkv)  # the KV head of each routing head
-    # [B, Hr, Tq, G, D]: the query heads that share each routing head's keys
-    qg = q.view(batch, hr, hq // hr, tq, dim).transpose(2, 3)
     if tq == 1 and tk * hr <= MASKED_DECODE_KEYS:
         # few keys: every key, masked to what the query attends, costs less than the
         # gather's bookkeeping (the same keys, the same softmax)
@@ -266,15 +324,20 @@ def gaze_decode(
     else:
         out = _gathered_attention(qg, k, v, layout, ids, heads, scale)
     out = out.transpose(2, 3).reshape(batch, hq, tq, dim)
-    # compute_stats' counts, from the step's shared parts: routed entries + context tokens
+    # compute_stats' counts from the step's shared parts: the tokens of the regions each
+    # query chose plus the context tokens before it
     attended = (chosen.to(torch.float32) @ plan["size"]).squeeze(-1) + plan["context"]
-    stats = GazeStats(
+    return out, _decode_stats(plan, attended, ids if return_selection else None, tq)
+
+
+def _decode_stats(plan: dict, attended: torch.Tensor, selected, tq: int) -> GazeStats:
+    """The step's stats: ``attended`` [B, Hr, Tq] and the plan's dense counts."""
+    return GazeStats(
         attended=attended,
         dense=plan["dense"].expand(-1, tq),
         routed=plan["routed"].expand(-1, tq),
-        selected=ids if return_selection else None,
+        selected=selected,
     )
-    return out, stats
 
 
 def _step_plan(layout: GazeLayout, tk: int, device, config: GazeConfig, top_k) -> dict:
@@ -288,21 +351,24 @@ def _step_plan(layout: GazeLayout, tk: int, device, config: GazeConfig, top_k) -
         every = decode_route(layout, tk, device)
         q_pos, visible = every.q_pos, every.visible
         base = compute_stats(layout, every)
-        size = layout.regions.size.to(device=device, dtype=torch.float32)[:, None, :, None]
+        sizes = layout.regions.size.to(device=device, dtype=torch.float32).contiguous()
         dense = base.dense  # [B, 1]: every visible region and context token
         k = budgets(config, visible.sum(-1), top_k)
         plan = {
             "k": k,
+            "budget": k.reshape(-1).contiguous(),  # [B]: the kernel's (one query per row)
             "k_max": int(k.max()) if k.numel() else 0,
             "k_min": int(k.min()) if k.numel() else 0,
             # None when every region is visible: nothing to mask
             "visible_or_all": None if bool(visible.all()) else visible,
-            "size": size,
+            "size": sizes[:, None, :, None],
+            "sizes": sizes,
             "dense": dense,
             "routed": base.routed,
             # the context tokens before the query, attended whatever the routing picks
             "context": context_before(layout, q_pos, device)[:, None, :],
         }
+        plan["context_rows"] = plan["context"].reshape(-1).to(torch.float32)  # the kernel's
         layout._keep_latest(key, plan)
     return layout._derived[key]
 
