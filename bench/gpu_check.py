@@ -21,7 +21,9 @@ finished its batch 32 after 6.5 more):
    gaze attention, keep 16%), beside its dense twin and the stock model on SDPA, all
    through the serving engine in issue #24's regime (a): users each asking their own
    question about one video of 32 frames (16 x 576 visual tokens), 128 new tokens, the
-   video's prefix warm in the prefix cache, at batch 1/8/32; then training steps
+   video's prefix warm in the prefix cache and the video processed once (a media cache, as a
+   server's preparing process keeps it; the first run processed it for every request, which
+   takes 0.8-1.4 s on our 2-core CPU), at batch 1/8/32; then training steps
    (forward, backward, AdamW) of the gaze and the stock model;
 
 and writes bench/results/gpu_check.json, bench/results/attention_gpu.json and

@@ -120,5 +120,8 @@ def test_the_gpu_checks_model_step_rehearses_on_the_cpu(tmp_path):
     for row in model["regime_a"]:
         for mode in ("gaze", "dense twin", "stock"):
             assert row[mode]["decode_tokens_per_s"] > 0, row
+            # the video processed once, for the first question: the second and the batch's
+            # reuse it, as in a server's preparing process
+            assert row[mode]["media_cache_hits"] == row["batch"] + 1, row
     assert {"gaze", "stock"} == set(model["train"])
     assert "gaze vs twin" in (tmp_path / "gpu_check.md").read_text()
