@@ -116,6 +116,33 @@ def test_decode_through_gaze_attention():
     assert stats.attended_mean() == pytest.approx(ref_stats.attended[..., -1].float().mean().item())
 
 
+def test_a_decode_step_waits_on_no_device_value():
+    """Past a step's first layer the decode call reads no tensor value on the host (no
+    ``.item()``, ``int(t)``, ``bool(t)``): on a GPU such a read waits for all queued work, once
+    per layer. Seen in the ATen ops the call dispatches (here with the interpreted kernels)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.reads = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.item):
+                self.reads.append(func)
+            return func(*args, **(kwargs or {}))
+
+    layout = build_layout(VARIABLE, padding_side="left", num_context_tokens=2)
+    config = GazeConfig(keep_ratio=0.3, num_context_tokens=2)
+    q, k, v = _inputs(3, 4, 2, layout.length + 2, 32, torch.float32, seed=4)
+    desc = region_descriptors(k[:, :, : layout.length], layout)
+    with torch.no_grad():
+        gaze_decode_triton(q[:, :, -1:], k, v, layout, config, descriptors=desc)  # first layer
+        with HostReads() as seen:
+            gaze_decode_triton(q[:, :, -1:], k, v, layout, config, descriptors=desc)
+    assert seen.reads == []
+
+
 def test_text_only_batch():
     layout = build_layout([[9], [4]], padding_side="left")
     config = GazeConfig(keep_ratio=0.3)

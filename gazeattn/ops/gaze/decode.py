@@ -298,7 +298,7 @@ def gaze_decode(
     batch, hq, tq, dim = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     scale = dim**-0.5 if scale is None else scale
-    plan = _step_plan(layout, tk, q.device, config, top_k)
+    plan = step_plan(layout, tk, q.device, config, top_k)
     if descriptors is None:
         descriptors = region_descriptors(k, layout)
     scores = routing_scores(q, descriptors, config, query_positions(tq, tk, q.device))
@@ -306,7 +306,7 @@ def gaze_decode(
     if kernel is not None:
         # one query per row: the selection and the attention in one kernel call
         out, ids, attended = _kernel_decode(kernel, q, scores, k, v, layout, plan, scale)
-        return out, _decode_stats(plan, attended, ids if return_selection else None, tq)
+        return out, _plan_stats(plan, attended, ids if return_selection else None, tq)
     hr = scores.shape[1]
     # [B, Hr, Tq, G, D]: the query heads that share each routing head's keys
     qg = q.view(batch, hr, hq // hr, tq, dim).transpose(2, 3)
@@ -324,13 +324,17 @@ def gaze_decode(
     else:
         out = _gathered_attention(qg, k, v, layout, ids, heads, scale)
     out = out.transpose(2, 3).reshape(batch, hq, tq, dim)
-    # compute_stats' counts from the step's shared parts: the tokens of the regions each
-    # query chose plus the context tokens before it
+    return out, chosen_stats(plan, chosen, ids if return_selection else None)
+
+
+def chosen_stats(plan: dict, chosen: torch.Tensor, selected=None) -> GazeStats:
+    """``compute_stats``' counts from the step's plan (``step_plan``) and the regions each
+    query chose (``chosen`` [B, Hr, Tq, R]): their tokens plus the context tokens before it."""
     attended = (chosen.to(torch.float32) @ plan["size"]).squeeze(-1) + plan["context"]
-    return out, _decode_stats(plan, attended, ids if return_selection else None, tq)
+    return _plan_stats(plan, attended, selected, chosen.shape[2])
 
 
-def _decode_stats(plan: dict, attended: torch.Tensor, selected, tq: int) -> GazeStats:
+def _plan_stats(plan: dict, attended: torch.Tensor, selected, tq: int) -> GazeStats:
     """The step's stats: ``attended`` [B, Hr, Tq] and the plan's dense counts."""
     return GazeStats(
         attended=attended,
@@ -340,7 +344,7 @@ def _decode_stats(plan: dict, attended: torch.Tensor, selected, tq: int) -> Gaze
     )
 
 
-def _step_plan(layout: GazeLayout, tk: int, device, config: GazeConfig, top_k) -> dict:
+def step_plan(layout: GazeLayout, tk: int, device, config: GazeConfig, top_k) -> dict:
     """What every layer of one decode step shares (the query, the regions it sees, its K,
     the dense counts): computed at the first layer, not at each.
 

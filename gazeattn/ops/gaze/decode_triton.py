@@ -1,7 +1,9 @@
 """Split-K Triton decode: one text query per sequence against the gaze KV cache.
 
-Routing is ``gazeattn.ops.routing.route`` over the cached descriptors (the
-reference's exact selection). Each sequence's key list is virtual: its dense
+Routing is the lean decode path's (``gazeattn.ops.gaze.decode``): the step's plan (the
+regions a query sees, its K, the dense counts: once per layout, not per layer) and the
+routing scores over the cached descriptors, ranked by ``select_regions`` (the reference's
+exact selection), with no host sync. Each sequence's key list is virtual: its dense
 text/context positions followed by the tokens of its selected regions (slot
 ``j`` of the routed part is token ``j % S`` of the ``j // S``-th selected
 region). The list is cut into ``num_splits`` chunks, one program per (sequence,
@@ -24,6 +26,7 @@ import triton.language as tl
 
 from gazeattn.ops.config import GazeConfig
 from gazeattn.ops.gaze.common import LOG2E, softmax_tile
+from gazeattn.ops.gaze.decode import chosen_stats, step_plan
 from gazeattn.ops.gaze.launch import (
     MAX_SPLITS,
     DecodeLaunch,
@@ -31,9 +34,9 @@ from gazeattn.ops.gaze.launch import (
     decode_splits,
     device_spec,
 )
-from gazeattn.ops.gaze.stats import GazeStats, compute_stats
+from gazeattn.ops.gaze.stats import GazeStats
 from gazeattn.ops.layout import GazeLayout
-from gazeattn.ops.routing import route
+from gazeattn.ops.routing import query_positions, region_descriptors, routing_scores, select_regions
 
 # fmt: off
 
@@ -185,13 +188,18 @@ def decode_tables(
     layout: GazeLayout, tk: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dense_idx [B, N] int32 (at least one column), dense_cnt [B] int32 and the region token
-    table [B, R, S] int32 the decode kernel reads for ``tk`` cached keys."""
-    dense_idx, dense_ok = layout.dense_index(tk)
-    dense_cnt = dense_ok.sum(-1).to(device=device, dtype=torch.int32)
-    dense_idx = dense_idx.to(device=device, dtype=torch.int32).contiguous()
-    if not dense_idx.numel():
-        dense_idx = torch.zeros(layout.batch_size, 1, dtype=torch.int32, device=device)
-    return dense_idx, dense_cnt, layout.regions.tokens.to(device=device, dtype=torch.int32)
+    table [B, R, S] int32 the decode kernel reads for ``tk`` cached keys: made at a step's
+    first layer, kept on the layout for the others (the latest ``tk`` past the layout)."""
+    key = ("triton_decode_tables", tk, device)
+    if key not in layout._derived:
+        dense_idx, dense_ok = layout.dense_index(tk)
+        dense_cnt = dense_ok.sum(-1).to(device=device, dtype=torch.int32)
+        dense_idx = dense_idx.to(device=device, dtype=torch.int32).contiguous()
+        if not dense_idx.numel():
+            dense_idx = torch.zeros(layout.batch_size, 1, dtype=torch.int32, device=device)
+        tokens = layout.regions.tokens.to(device=device, dtype=torch.int32)
+        layout._keep_latest(key, (dense_idx, dense_cnt, tokens))
+    return layout._derived[key]
 
 
 def decode_config(
@@ -245,11 +253,16 @@ def gaze_decode_triton(
     layout = layout.to(q.device)
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
-    routed = route(q, k, layout, config, descriptors=descriptors, top_k=top_k)
-    ids = routed.ids[:, :, 0]
-    dense_idx, dense_cnt, tokens = decode_tables(layout, tk, q.device)
-    lc, splits = decode_config(q, ids, dense_idx.shape[1], tokens.shape[2])
-    out = gaze_decode_fwd(
-        q, k, v, dense_idx, dense_cnt, ids, tokens, scale, lc, num_splits or splits
+    plan = step_plan(layout, tk, q.device, config, top_k)
+    if descriptors is None:
+        descriptors = region_descriptors(k, layout)
+    scores = routing_scores(q, descriptors, config, query_positions(1, tk, q.device))
+    ids, chosen = select_regions(
+        scores, plan["visible_or_all"], plan["k"], plan["k_max"], plan["k_min"]
     )
-    return out, compute_stats(layout, routed, return_selection)
+    dense_idx, dense_cnt, tokens = decode_tables(layout, tk, q.device)
+    lc, splits = decode_config(q, ids[:, :, 0], dense_idx.shape[1], tokens.shape[2])
+    out = gaze_decode_fwd(
+        q, k, v, dense_idx, dense_cnt, ids[:, :, 0], tokens, scale, lc, num_splits or splits
+    )
+    return out, chosen_stats(plan, chosen, ids if return_selection else None)
