@@ -783,7 +783,9 @@ def pil_backend(image_processor):
 
     pil = getattr(transformers, f"{type(image_processor).__name__}Pil", None)
     if pil is None:
-        raise ProcessorInputError(
+        # a checkpoint this install cannot process, found when the processor is built: not a
+        # request's input error (ProcessorInputError, which a server answers with a 400)
+        raise ValueError(
             f"{type(image_processor).__name__} has no PIL backend in this transformers; "
             "gazeattn processes images with the PIL backend"
         )

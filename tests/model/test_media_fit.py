@@ -74,5 +74,7 @@ def test_a_processor_of_another_backend_is_taken_on_pil(family_processors):
         taken = pil_backend(other(**settings))
         assert type(taken) is type(ours) and taken.to_dict() == ours.to_dict()
         assert pil_backend(ours) is ours
-    with pytest.raises(ProcessorInputError, match="no PIL backend"):
+    with pytest.raises(ValueError, match="no PIL backend") as raised:
         pil_backend(type("NoSuchImageProcessor", (BaseImageProcessor,), {})())
+    # a load-time configuration error, not a request's input error (a server's 400)
+    assert not isinstance(raised.value, ProcessorInputError)
