@@ -397,7 +397,9 @@ class GazeChat:
             self._prepared(None)
             raise
         future.add_done_callback(self._prepared)
-        return await asyncio.wrap_future(future)
+        prepared = await asyncio.wrap_future(future)
+        self.metrics.media(hits=prepared.media_hits, misses=prepared.media_misses)
+        return prepared
 
     def _prepared(self, _future) -> None:
         with self._preparing_lock:

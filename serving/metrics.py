@@ -79,6 +79,16 @@ class ServeMetrics:
             description="Of those, requests prepared again with their pixels (their prefix "
             "was evicted before the engine could hold it).",
         )
+        self.media_hits = metrics.Counter(
+            "gazeattn_media_cache_hits_total",
+            description="Images and videos a preparing process found already processed "
+            "(its media cache).",
+        )
+        self.media_misses = metrics.Counter(
+            "gazeattn_media_cache_misses_total",
+            description="Images and videos a preparing process processed (not in its media "
+            "cache, or with none).",
+        )
         self.chunks = metrics.Counter(
             "gazeattn_prefill_chunks_total",
             description="Chunks of prompts prefilled in chunks (one per engine step).",
@@ -101,6 +111,12 @@ class ServeMetrics:
             self.prefix_hit_rate.set(stats.hits / lookups if lookups else 0.0)
             self.prefix_bytes.set(stats.bytes)
             self.prefix_entries.set(stats.entries)
+
+    def media(self, *, hits: int, misses: int) -> None:
+        """What a request's preparation found in its process's media cache."""
+        for counter, value in ((self.media_hits, hits), (self.media_misses, misses)):
+            if value > 0:
+                counter.inc(float(value))
 
     def finished(
         self, *, prompt: int, cached: int, generated: int, attended: float, dense: float

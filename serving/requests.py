@@ -43,6 +43,10 @@ class Prepared:
     user: str | None = None
     # the engine's hold on the prompt's cached prefix, where its pixel inputs were left out
     prefix_hold: PrefixHold | None = None
+    # its images and videos found processed in the preparing process's media cache, and
+    # processed (all of them where the process has no cache)
+    media_hits: int = 0
+    media_misses: int = 0
 
     def engine_options(self) -> dict:
         """The keyword arguments of ``gazeattn.engine.Engine.submit``."""
@@ -200,6 +204,8 @@ def prepare(
         messages.append({"role": role, "content": content or ""})
     generation = GenerationRequest(messages=messages, images=images, videos=videos, **vars(params))
     limit = settings.max_prompt_tokens or processor.max_length
+    media = processor.media_cache
+    seen = (media.stats.hits, media.stats.misses) if media is not None else (0, 0)
     try:
         sample = processor.encode_sample(
             messages, images=images, videos=videos, add_generation_prompt=True
@@ -231,12 +237,19 @@ def prepare(
         _, digest = visual_prefix(sample, processor)
         if cached is not None and digest in cached:
             sample = sample.without_pixels(processor.rules.pixel_names)
+    hits, misses = (
+        (media.stats.hits - seen[0], media.stats.misses - seen[1])
+        if media is not None
+        else (0, len(images) + len(videos))
+    )
     return Prepared(
         generation=generation,
         sample=sample,
         gaze=body.gaze,
         layer=layer,
         prompt_tokens=prompt_tokens,
+        media_hits=hits,
+        media_misses=misses,
         user=body.user or body.safety_identifier,
     )
 

@@ -261,6 +261,8 @@ def test_metrics_are_on_the_ray_metrics_endpoint(served):
         ("gazeattn_prefix_cache_hit_rate", "replica="),
         ("gazeattn_prefix_cache_bytes", "replica="),
         ("gazeattn_prefix_cache_entries", "replica="),
+        # the first request's image was processed in a preparing process
+        ("gazeattn_media_cache_misses_total", "deployment="),
     ]
     for name, label in names:
         found = wait_for(lambda n=name, t=label: _metric(metrics_url, n, t) is not None, 30)

@@ -271,13 +271,18 @@ def test_a_preparing_process_keeps_the_media_it_processed(model_dir, monkeypatch
     first, second = _prepare_in_worker(body("what?")), _prepare_in_worker(body("and now?"))
     stats = processor.media_cache.stats
     assert (stats.misses, stats.hits, stats.entries) == (1, 1, 1)
+    # what each request reports (the replica's gazeattn_media_cache_* counters)
+    assert (first.media_hits, first.media_misses) == (0, 1)
+    assert (second.media_hits, second.media_misses) == (1, 0)
     assert first.sample.prefix == second.sample.prefix and first.sample.prefix[1]
     for name, array in first.sample.vision.items():
         assert np.array_equal(array, second.sample.vision[name])
     _, plain = load_model(model_dir)
     _init_worker(settings.model_copy(update={"media_cache_bytes": 0}), plain, "m", 2)
     assert plain.media_cache is None
-    assert _prepare_in_worker(body("what?")).sample.prefix == first.sample.prefix
+    uncached = _prepare_in_worker(body("what?"))
+    assert uncached.sample.prefix == first.sample.prefix
+    assert (uncached.media_hits, uncached.media_misses) == (0, 1)
 
 
 def test_body_parsing_errors():
@@ -414,9 +419,11 @@ def test_a_question_about_a_cached_prefix_comes_without_its_pixels(model_dir):
     counted = {"pixels_skipped": 0, "prepared_again": 0}
     chat = object.__new__(GazeChat.func_or_class)
     chat.engine, chat.preparer = engine, SimpleNamespace(submit=submit)
+    media_seen: list[dict] = []  # what each preparation reported of the media cache
     chat.metrics = SimpleNamespace(
         **{name: SimpleNamespace(inc=lambda n=name: counted.update({n: counted[n] + 1}))
-           for name in counted}
+           for name in counted},
+        media=lambda **seen: media_seen.append(seen),
     )  # fmt: skip
     chat.preparing, chat._preparing_lock = 0, threading.Lock()
     image = image_part(data_url(image_bytes(3)))
@@ -446,6 +453,8 @@ def test_a_question_about_a_cached_prefix_comes_without_its_pixels(model_dir):
     got = answer(second)
     assert got == answer(with_pixels, whole) and got[1] == second.sample.prefix[0]
     assert counted == {"pixels_skipped": 1, "prepared_again": 0}
+    # this process has no media cache: each preparation processed its image
+    assert media_seen == [{"hits": 0, "misses": 1}] * 2
     evict.append(True)
     third = asyncio.run(chat.prepare(body("and then?")))
     assert told[-2].keys and told[-1] is None  # again, told of nothing
