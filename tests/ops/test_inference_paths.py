@@ -353,16 +353,8 @@ def test_a_gathered_decode_that_records_gradients_takes_the_torch_path(gather_pa
     assert q.grad is not None and bool(q.grad.abs().sum() > 0)
 
 
-def test_the_cpu_kernel_runs_without_the_gil(monkeypatch):
-    """While one thread is in the kernel, another runs Python (a serving replica's event loop
-    relays tokens while its scheduler thread decodes): the main thread's timestamps have no
-    gap as long as the call."""
-    import threading
-    import time
-
-    use_cpu_kernel(monkeypatch, True)
-    from gazeattn.ops.gaze.cpu_kernel import cpu_kernel
-
+def _long_gathered_attention(kernel):
+    """A call of the kernel's loop for several queries that runs a while (4M key reads)."""
     rows, dim, tq, keys = 8192, 64, 1024, 4096
     table = torch.randn(rows, dim)
     q = torch.randn(1, 1, tq, 4, dim)
@@ -370,11 +362,44 @@ def test_the_cpu_kernel_runs_without_the_gil(monkeypatch):
     dense_ok = torch.ones(1, 1, keys, dtype=torch.bool)
     runs = torch.zeros(1, 1, tq, 1, dtype=torch.int64)
     runs_ok = torch.zeros(1, 1, tq, 1, dtype=torch.bool)
+    return lambda: kernel.gathered_attention(
+        q, table, table, dense, dense_ok, runs, runs_ok, 1, 0.125
+    )
+
+
+def _long_decode_step(kernel):
+    """A decode step that runs a while: 64 rows, each attending one key 65536 times."""
+    batch, dim, keys = 64, 64, 65536
+    q = torch.randn(batch, 4, dim)
+    k = torch.randn(batch, 1, 8, dim)
+    scores = torch.zeros(batch, 1, 1)
+    budget = torch.zeros(batch, dtype=torch.int64)
+    dense = torch.zeros(batch, keys, dtype=torch.int64)
+    dense_ok = torch.ones(batch, keys, dtype=torch.bool)
+    starts = torch.full((batch, 1, 1), -1, dtype=torch.int64)
+    sizes, context = torch.zeros(batch, 1), torch.zeros(batch)
+    return lambda: kernel.decode_step(
+        q, k, k, scores, budget, 0, dense, dense_ok, 8, 8, starts, 1, sizes, context, 0.125
+    )
+
+
+@pytest.mark.parametrize("entry", [_long_gathered_attention, _long_decode_step])
+def test_the_cpu_kernel_runs_without_the_gil(entry, monkeypatch):
+    """While one thread is in the kernel, another runs Python (a serving replica's event loop
+    relays tokens while its scheduler thread decodes): the main thread's timestamps have no
+    gap as long as the call, for each of the kernel's entry points."""
+    import threading
+    import time
+
+    use_cpu_kernel(monkeypatch, True)
+    from gazeattn.ops.gaze.cpu_kernel import cpu_kernel
+
+    run = entry(cpu_kernel())
     window = {}
 
     def call():
         window["start"] = time.perf_counter()
-        cpu_kernel().gathered_attention(q, table, table, dense, dense_ok, runs, runs_ok, 1, 0.125)
+        run()
         window["end"] = time.perf_counter()
 
     threads = torch.get_num_threads()
